@@ -1,0 +1,183 @@
+//! A registered service instance: what `/services/<service>/<id>` holds.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Address;
+
+/// Weight given to an instance that does not name one (HAProxy's default).
+pub const DEFAULT_WEIGHT: u16 = 1;
+/// The largest weight, as in HAProxy.
+pub const MAX_WEIGHT: u16 = 256;
+
+/// One instance of a service, as a registry announced it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub service: String,
+    pub id: String,
+    pub address: Address,
+    /// 0..=256; 0 takes no new traffic.
+    pub weight: u16,
+    pub state: AdminState,
+    pub tags: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+    pub check: Option<CheckSpec>,
+}
+
+impl Registration {
+    /// An instance with default weight, ready, no tags and no check.
+    pub fn new(service: impl Into<String>, id: impl Into<String>, address: Address) -> Self {
+        Registration {
+            service: service.into(),
+            id: id.into(),
+            address,
+            weight: DEFAULT_WEIGHT,
+            state: AdminState::Ready,
+            tags: Vec::new(),
+            meta: BTreeMap::new(),
+            check: None,
+        }
+    }
+}
+
+/// The administrative state of an endpoint, with HAProxy's meaning.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// Takes traffic.
+    #[default]
+    Ready,
+    /// Takes no new requests (except sticky sessions bound to it); in-flight
+    /// requests finish.
+    Drain,
+    /// Takes no traffic at all.
+    Maint,
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        }
+    }
+}
+
+impl fmt::Display for AdminState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for AdminState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ready" => Ok(AdminState::Ready),
+            "drain" => Ok(AdminState::Drain),
+            "maint" => Ok(AdminState::Maint),
+            other => Err(format!(
+                "unknown state {other:?}: expected ready, drain or maint"
+            )),
+        }
+    }
+}
+
+/// An active health check carried by a registration or a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSpec {
+    /// HTTP path to request; absent means a TCP connect check.
+    #[serde(default)]
+    pub http: Option<String>,
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Host header for HTTP checks.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Accepted status range, inclusive.
+    #[serde(default = "default_status")]
+    pub expect_status: (u16, u16),
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive passes that bring a down endpoint up.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take an up endpoint down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+impl CheckSpec {
+    /// Checks the values serde cannot: a path that is a path, a status range
+    /// that is a range, timings and thresholds that can ever fire.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(path) = &self.http {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "check.http {path:?} must be a path starting with '/', e.g. \"/healthz\""
+                ));
+            }
+        }
+        if self.method.is_empty() || !self.method.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(format!(
+                "check.method {:?} is not an HTTP method: expected e.g. GET or HEAD",
+                self.method
+            ));
+        }
+        let (lo, hi) = self.expect_status;
+        if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+            return Err(format!(
+                "check.expect_status [{lo}, {hi}] is not a status range: expected [low, high] within 100..=599, e.g. [200, 399]"
+            ));
+        }
+        if self.interval.is_zero() {
+            return Err("check.interval is 0: expected a duration such as \"2s\"".to_string());
+        }
+        if self.timeout.is_zero() {
+            return Err("check.timeout is 0: expected a duration such as \"1s\"".to_string());
+        }
+        if self.rise == 0 || self.fall == 0 {
+            return Err(format!(
+                "check.rise ({}) and check.fall ({}) must be at least 1",
+                self.rise, self.fall
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_method() -> String {
+    "GET".to_string()
+}
+fn default_status() -> (u16, u16) {
+    (200, 399)
+}
+fn default_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+/// A fleet-wide operator override: `/pointsman/overrides/<service>/<id>`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Override {
+    #[serde(default)]
+    pub state: Option<AdminState>,
+    #[serde(default)]
+    pub weight: Option<u16>,
+}

@@ -1,0 +1,354 @@
+//! Step 4b of the flow: picking an endpoint of a service.
+//!
+//! Every balancer is built once per service when a table is built, and picks
+//! per request without a lock: per-request state is a single atomic cursor.
+//! Endpoints that do not accept traffic (drain, maint, down, weight 0) are
+//! skipped at pick time, so a health flip needs no rebuild.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crate::config::BalanceAlgorithm;
+use crate::routing::Endpoint;
+
+/// Schedules longer than this are scaled down (weights keep their ratio).
+const MAX_SCHEDULE: u64 = 1 << 16;
+/// Ring points per unit of weight for `source`.
+const POINTS_PER_WEIGHT: u32 = 64;
+/// Weight units counted towards ring points; higher weights are capped.
+const MAX_WEIGHT_POINTS: u32 = 64;
+
+/// What a balancer may look at in a request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PickContext<'a> {
+    pub client_ip: Option<IpAddr>,
+    /// The value of this service's sticky cookie, if the request carries it.
+    pub sticky: Option<&'a str>,
+    /// An endpoint to avoid (a retry after it failed).
+    pub avoid: Option<usize>,
+}
+
+/// A pick: the endpoint's index and whether a sticky cookie must be set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pick {
+    pub index: usize,
+    pub set_cookie: bool,
+}
+
+#[derive(Debug)]
+pub enum Balancer {
+    RoundRobin(Schedule),
+    LeastConn {
+        cursor: AtomicUsize,
+    },
+    Random {
+        cumulative: Vec<u64>,
+    },
+    Source {
+        ring: Vec<(u64, u32)>,
+    },
+    Cookie {
+        by_value: HashMap<Arc<str>, usize>,
+        fallback: Schedule,
+    },
+}
+
+impl Balancer {
+    /// Builds the balancer for endpoints with their current effective weights.
+    pub fn build(algorithm: BalanceAlgorithm, endpoints: &[Endpoint]) -> Balancer {
+        let weights: Vec<u32> = endpoints.iter().map(|e| e.live.weight()).collect();
+        match algorithm {
+            BalanceAlgorithm::Roundrobin => Balancer::RoundRobin(Schedule::smooth(&weights)),
+            BalanceAlgorithm::Leastconn => Balancer::LeastConn {
+                cursor: AtomicUsize::new(0),
+            },
+            BalanceAlgorithm::Random => {
+                let mut total = 0u64;
+                let cumulative = weights
+                    .iter()
+                    .map(|w| {
+                        total += u64::from(*w);
+                        total
+                    })
+                    .collect();
+                Balancer::Random { cumulative }
+            }
+            BalanceAlgorithm::Source => Balancer::Source {
+                ring: build_ring(endpoints, &weights),
+            },
+            BalanceAlgorithm::Cookie => Balancer::Cookie {
+                by_value: endpoints
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (e.cookie.clone(), i))
+                    .collect(),
+                fallback: Schedule::smooth(&weights),
+            },
+        }
+    }
+
+    /// Picks an endpoint that accepts traffic, or `None` if none does.
+    pub fn pick(&self, endpoints: &[Endpoint], ctx: &PickContext<'_>) -> Option<Pick> {
+        let ok = |i: usize| Some(i) != ctx.avoid && endpoints[i].live.accepts_new();
+        let index = match self {
+            Balancer::RoundRobin(s) => s.next(ok),
+            Balancer::LeastConn { cursor } => least_loaded(endpoints, cursor, ok),
+            Balancer::Random { cumulative } => two_choices(endpoints, cumulative, ok),
+            Balancer::Source { ring } => {
+                let key = ctx.client_ip.map(hash_ip).unwrap_or(0);
+                ring_lookup(ring, key, ok)
+            }
+            Balancer::Cookie { by_value, fallback } => {
+                if let Some(&i) = ctx.sticky.and_then(|v| by_value.get(v)) {
+                    if Some(i) != ctx.avoid && endpoints[i].live.accepts_sticky() {
+                        return Some(Pick {
+                            index: i,
+                            set_cookie: false,
+                        });
+                    }
+                }
+                return fallback.next(ok).map(|index| Pick {
+                    index,
+                    set_cookie: true,
+                });
+            }
+        };
+        // The fast path found nobody (e.g. all of a probe window is down):
+        // a plain scan decides for sure.
+        index
+            .or_else(|| (0..endpoints.len()).find(|&i| ok(i)))
+            .or_else(|| {
+                // Only the avoided endpoint is left: use it rather than fail.
+                ctx.avoid
+                    .filter(|&i| i < endpoints.len() && endpoints[i].live.accepts_new())
+            })
+            .map(|index| Pick {
+                index,
+                set_cookie: false,
+            })
+    }
+}
+
+/// A precomputed smooth weighted round-robin order (nginx's algorithm), walked
+/// by an atomic cursor.
+#[derive(Debug)]
+pub struct Schedule {
+    order: Vec<u32>,
+    cursor: AtomicUsize,
+}
+
+impl Schedule {
+    pub fn smooth(weights: &[u32]) -> Schedule {
+        let weights = scale(weights);
+        let total: i64 = weights.iter().map(|w| i64::from(*w)).sum();
+        let mut current = vec![0i64; weights.len()];
+        let mut order = Vec::with_capacity(total as usize);
+        for _ in 0..total {
+            let mut best = 0;
+            for (i, w) in weights.iter().enumerate() {
+                current[i] += i64::from(*w);
+                if current[i] > current[best] {
+                    best = i;
+                }
+            }
+            current[best] -= total;
+            order.push(best as u32);
+        }
+        // Start each proxy replica at a different place so a fleet does not
+        // send its first requests to the same endpoint.
+        let start = if order.is_empty() {
+            0
+        } else {
+            fastrand::usize(..order.len())
+        };
+        Schedule {
+            order,
+            cursor: AtomicUsize::new(start),
+        }
+    }
+
+    fn next(&self, ok: impl Fn(usize) -> bool) -> Option<usize> {
+        let n = self.order.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.cursor.fetch_add(1, Relaxed);
+        (0..n.min(64))
+            .map(|k| self.order[(start + k) % n] as usize)
+            .find(|&i| ok(i))
+    }
+}
+
+/// Divides weights by their gcd and caps the schedule length.
+fn scale(weights: &[u32]) -> Vec<u32> {
+    let g = weights
+        .iter()
+        .filter(|w| **w > 0)
+        .fold(0u32, |g, w| gcd(g, *w))
+        .max(1);
+    let mut out: Vec<u32> = weights.iter().map(|w| w / g).collect();
+    let total: u64 = out.iter().map(|w| u64::from(*w)).sum();
+    if total > MAX_SCHEDULE {
+        for w in &mut out {
+            if *w > 0 {
+                *w = ((u64::from(*w) * MAX_SCHEDULE / total) as u32).max(1);
+            }
+        }
+    }
+    out
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Fewest in-flight requests per unit of weight; ties go round robin.
+fn least_loaded(
+    endpoints: &[Endpoint],
+    cursor: &AtomicUsize,
+    ok: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let n = endpoints.len();
+    if n == 0 {
+        return None;
+    }
+    let start = cursor.fetch_add(1, Relaxed);
+    let mut best: Option<(usize, u64, u64)> = None;
+    for k in 0..n {
+        let i = (start + k) % n;
+        if !ok(i) {
+            continue;
+        }
+        let live = &endpoints[i].live;
+        let (load, weight) = (u64::from(live.in_flight()), u64::from(live.weight().max(1)));
+        // load/weight < best_load/best_weight, without division.
+        if best.is_none_or(|(_, bl, bw)| load * bw < bl * weight) {
+            best = Some((i, load, weight));
+        }
+    }
+    best.map(|(i, _, _)| i)
+}
+
+/// Two weighted random candidates; the less loaded one wins.
+fn two_choices(
+    endpoints: &[Endpoint],
+    cumulative: &[u64],
+    ok: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let total = *cumulative.last()?;
+    if total == 0 {
+        return None;
+    }
+    let draw = || {
+        let r = fastrand::u64(..total);
+        cumulative.partition_point(|&c| c <= r)
+    };
+    let mut pick = None;
+    for _ in 0..4 {
+        let (a, b) = (draw(), draw());
+        let load = |i: usize| {
+            let live = &endpoints[i].live;
+            (u64::from(live.in_flight()), u64::from(live.weight().max(1)))
+        };
+        pick = match (ok(a), ok(b)) {
+            (true, true) => {
+                let ((la, wa), (lb, wb)) = (load(a), load(b));
+                Some(if lb * wa < la * wb { b } else { a })
+            }
+            (true, false) => Some(a),
+            (false, true) => Some(b),
+            (false, false) => None,
+        };
+        if pick.is_some() {
+            break;
+        }
+    }
+    pick
+}
+
+fn build_ring(endpoints: &[Endpoint], weights: &[u32]) -> Vec<(u64, u32)> {
+    let mut ring = Vec::new();
+    for (i, (e, w)) in endpoints.iter().zip(weights).enumerate() {
+        let points = (*w).min(MAX_WEIGHT_POINTS) * POINTS_PER_WEIGHT;
+        for p in 0..points {
+            // Points depend only on the endpoint's id, so when one endpoint
+            // leaves, only the keys that were on its points move.
+            ring.push((hash_bytes(e.id.as_bytes(), u64::from(p)), i as u32));
+        }
+    }
+    ring.sort_unstable();
+    ring
+}
+
+fn ring_lookup(ring: &[(u64, u32)], key: u64, ok: impl Fn(usize) -> bool) -> Option<usize> {
+    if ring.is_empty() {
+        return None;
+    }
+    let start = ring.partition_point(|(h, _)| *h < key);
+    (0..ring.len())
+        .map(|k| ring[(start + k) % ring.len()].1 as usize)
+        .find(|&i| ok(i))
+}
+
+fn hash_ip(ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(v4) => hash_bytes(&v4.octets(), 0),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => hash_bytes(&v4.octets(), 0),
+            None => hash_bytes(&v6.octets(), 0),
+        },
+    }
+}
+
+/// FNV-1a with a splitmix64 finish: stable across processes and versions,
+/// so every proxy replica maps a client to the same endpoint.
+fn hash_bytes(bytes: &[u8], seed: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// The cookie value that binds a client to an endpoint: its id when that is
+/// a valid cookie value, a stable hash of it otherwise.
+pub fn cookie_value(id: &str) -> String {
+    let plain = !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b',' | b';' | b'\\'));
+    if plain {
+        id.to_string()
+    } else {
+        format!("h{:016x}", hash_bytes(id.as_bytes(), 0))
+    }
+}
+
+/// Weighted choice among a split's arms.
+pub fn pick_split<T>(arms: &[(T, u32)], total: u32) -> Option<&T> {
+    if total == 0 {
+        return None;
+    }
+    let mut r = fastrand::u32(..total);
+    for (t, w) in arms {
+        if r < *w {
+            return Some(t);
+        }
+        r -= w;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;

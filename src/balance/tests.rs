@@ -1,0 +1,192 @@
+use super::*;
+use crate::endpoint::EndpointState;
+use crate::routing::Endpoint;
+use pointsman_discovery::{Address, AdminState};
+
+fn endpoints(weights: &[u32]) -> Vec<Endpoint> {
+    weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let live = Arc::new(EndpointState::default());
+            live.set_weight(*w);
+            Endpoint::new(
+                format!("e{i}").into(),
+                Address::new("127.0.0.1", 10_000 + i as u16),
+                live,
+            )
+            .expect("valid endpoint")
+        })
+        .collect()
+}
+
+fn counts(b: &Balancer, eps: &[Endpoint], n: usize, ctx: PickContext<'_>) -> Vec<usize> {
+    let mut c = vec![0; eps.len()];
+    for _ in 0..n {
+        c[b.pick(eps, &ctx).expect("a pick").index] += 1;
+    }
+    c
+}
+
+#[test]
+fn smooth_round_robin_follows_weights_and_interleaves() {
+    let eps = endpoints(&[5, 1, 1]);
+    let b = Balancer::build(BalanceAlgorithm::Roundrobin, &eps);
+    assert_eq!(
+        counts(&b, &eps, 700, PickContext::default()),
+        vec![500, 100, 100]
+    );
+    // Smooth: the heavy endpoint never gets more than 3 in a row in a cycle of 7.
+    let Balancer::RoundRobin(s) = &b else {
+        unreachable!()
+    };
+    let o = &s.order;
+    assert_eq!(o.len(), 7);
+    assert!(o.windows(4).all(|w| !w.iter().all(|i| *i == 0)), "{o:?}");
+}
+
+#[test]
+fn weight_zero_and_drain_take_no_new_traffic() {
+    let eps = endpoints(&[1, 0, 1]);
+    eps[2].live.set_admin_state(AdminState::Drain);
+    let b = Balancer::build(BalanceAlgorithm::Roundrobin, &eps);
+    assert_eq!(counts(&b, &eps, 30, PickContext::default()), vec![30, 0, 0]);
+    eps[0].live.set_admin_state(AdminState::Maint);
+    assert!(b.pick(&eps, &PickContext::default()).is_none());
+}
+
+#[test]
+fn avoid_prefers_another_endpoint_but_falls_back() {
+    let eps = endpoints(&[1, 1]);
+    let b = Balancer::build(BalanceAlgorithm::Roundrobin, &eps);
+    for _ in 0..10 {
+        let ctx = PickContext {
+            avoid: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(b.pick(&eps, &ctx).map(|p| p.index), Some(1));
+    }
+    eps[1].live.set_healthy(false);
+    let ctx = PickContext {
+        avoid: Some(0),
+        ..Default::default()
+    };
+    assert_eq!(b.pick(&eps, &ctx).map(|p| p.index), Some(0));
+}
+
+#[test]
+fn leastconn_prefers_fewest_in_flight_per_weight() {
+    let eps = endpoints(&[1, 1, 2]);
+    let b = Balancer::build(BalanceAlgorithm::Leastconn, &eps);
+    let _g0 = eps[0].live.start_request();
+    let _g2 = eps[2].live.start_request();
+    // e1 has 0 in flight.
+    assert_eq!(
+        b.pick(&eps, &PickContext::default()).map(|p| p.index),
+        Some(1)
+    );
+    let _g1 = eps[1].live.start_request();
+    // e0: 1/1, e1: 1/1, e2: 1/2 -> e2.
+    assert_eq!(
+        b.pick(&eps, &PickContext::default()).map(|p| p.index),
+        Some(2)
+    );
+}
+
+#[test]
+fn random_follows_weights_roughly() {
+    let eps = endpoints(&[1, 3]);
+    let b = Balancer::build(BalanceAlgorithm::Random, &eps);
+    let c = counts(&b, &eps, 4000, PickContext::default());
+    // Two choices with no load differences: the first draw wins ties, so the
+    // split is the weight ratio.
+    assert!((800..1200).contains(&c[0]), "{c:?}");
+}
+
+#[test]
+fn source_hash_is_stable_and_moves_only_the_leavers_keys() {
+    let eps = endpoints(&[1, 1, 1, 1]);
+    let b = Balancer::build(BalanceAlgorithm::Source, &eps);
+    let ips: Vec<IpAddr> = (0..2000u32)
+        .map(|i| IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]))
+        .collect();
+    let pick = |b: &Balancer, eps: &[Endpoint], ip: IpAddr| {
+        let ctx = PickContext {
+            client_ip: Some(ip),
+            ..Default::default()
+        };
+        eps[b.pick(eps, &ctx).expect("pick").index].id.clone()
+    };
+    let before: Vec<_> = ips.iter().map(|ip| pick(&b, &eps, *ip)).collect();
+    // Rebuilt without e3: keys of e0..e2 stay where they were.
+    let rest: Vec<Endpoint> = eps[..3].to_vec();
+    let b2 = Balancer::build(BalanceAlgorithm::Source, &rest);
+    let mut moved = 0;
+    for (ip, old) in ips.iter().zip(&before) {
+        let new = pick(&b2, &rest, *ip);
+        if &**old != "e3" {
+            assert_eq!(&new, old, "a key of a staying endpoint moved");
+        } else {
+            moved += 1;
+        }
+    }
+    assert!((300..700).contains(&moved), "e3 held {moved} of 2000 keys");
+}
+
+#[test]
+fn cookie_sticks_while_accepted_and_rebinds_otherwise() {
+    let eps = endpoints(&[1, 1, 1]);
+    let b = Balancer::build(BalanceAlgorithm::Cookie, &eps);
+    let fresh = b.pick(&eps, &PickContext::default()).expect("pick");
+    assert!(fresh.set_cookie);
+    let ctx = PickContext {
+        sticky: Some("e1"),
+        ..Default::default()
+    };
+    for _ in 0..5 {
+        assert_eq!(
+            b.pick(&eps, &ctx),
+            Some(Pick {
+                index: 1,
+                set_cookie: false
+            })
+        );
+    }
+    // Draining still serves its sticky sessions, maintenance does not.
+    eps[1].live.set_admin_state(AdminState::Drain);
+    assert_eq!(b.pick(&eps, &ctx).map(|p| p.index), Some(1));
+    eps[1].live.set_admin_state(AdminState::Maint);
+    let p = b.pick(&eps, &ctx).expect("pick");
+    assert_ne!(p.index, 1);
+    assert!(p.set_cookie);
+}
+
+#[test]
+fn cookie_values_are_safe() {
+    assert_eq!(cookie_value("web-1"), "web-1");
+    let v = cookie_value("a;b");
+    assert!(v.starts_with('h') && !v.contains(';'));
+}
+
+#[test]
+fn split_follows_weights() {
+    let arms = [("a", 90), ("b", 10)];
+    let mut b = 0;
+    for _ in 0..10_000 {
+        if *pick_split(&arms, 100).expect("arm") == "b" {
+            b += 1;
+        }
+    }
+    assert!((800..1200).contains(&b), "{b}");
+}
+
+#[test]
+fn schedule_is_capped_for_large_services() {
+    let weights = vec![256u32; 1000];
+    let s = Schedule::smooth(&weights);
+    assert_eq!(s.order.len(), 1000, "equal weights reduce by their gcd");
+    let mut w: Vec<u32> = (1..=256).collect();
+    w.extend(std::iter::repeat_n(255, 1000));
+    let s = Schedule::smooth(&w);
+    assert!(s.order.len() as u64 <= MAX_SCHEDULE + w.len() as u64);
+}

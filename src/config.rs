@@ -1,0 +1,455 @@
+//! Step 0 of the flow: the config file. TOML in, a validated [`Config`] out,
+//! or a [`ConfigError`] that names the file, the line or key, and what is
+//! expected. A config is turned into the same [`Entry`] values a registry
+//! produces (see [`Config::entries`]), so static and discovered backends meet
+//! in one place.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pointsman_discovery::registration::{DEFAULT_WEIGHT, MAX_WEIGHT};
+use pointsman_discovery::{Address, AdminState, CheckSpec, Entry, Registration, RouteSpec};
+use serde::Deserialize;
+
+/// The config pointsman runs when given none: one HTTP listener in front of
+/// the demo upstreams that `pointsman demo` starts.
+pub const EMBEDDED_DEMO: &str = include_str!("../examples/demo.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the config file: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Syntax {
+        path: String,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}:{line}: {key}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// A whole, validated config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Where it was read from (`<embedded>` for the built-in demo).
+    pub origin: String,
+    pub global: Global,
+    pub listeners: Vec<Listener>,
+    pub services: BTreeMap<String, ServiceConfig>,
+    pub routes: BTreeMap<String, RouteSpec>,
+    pub maps: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// Process-wide settings and the defaults every service inherits.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Global {
+    /// Admin listener (API, stats page, metrics).
+    pub admin: SocketAddr,
+    /// How long in-flight requests get to finish on shutdown.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Client connections accepted at once, across all listeners.
+    pub max_connections: usize,
+    /// Largest request head (request line + headers) accepted, in bytes.
+    pub max_header_bytes: usize,
+    /// Time a client gets to send a complete request head (slowloris guard).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// An idle keep-alive client connection is closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Defaults for services that do not set their own.
+    pub connect_timeout: Option<HumanDuration>,
+    pub request_timeout: Option<HumanDuration>,
+    /// Idle upstream keep-alive connections are closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub upstream_idle_timeout: Duration,
+    /// Trust X-Forwarded-Proto/-Host sent by clients (only behind another
+    /// proxy you run).
+    pub trust_forwarded_headers: bool,
+}
+
+/// A duration written as `"3s"`, `"250ms"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct HumanDuration(#[serde(with = "humantime_serde")] pub Duration);
+
+impl Default for Global {
+    fn default() -> Self {
+        Global {
+            admin: SocketAddr::from(([127, 0, 0, 1], 8404)),
+            drain_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            connect_timeout: None,
+            request_timeout: None,
+            upstream_idle_timeout: Duration::from_secs(30),
+            trust_forwarded_headers: false,
+        }
+    }
+}
+
+/// Default time to establish an upstream connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default time from forwarding a request to its response headers.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    Http,
+    Tcp,
+}
+
+/// A socket pointsman accepts clients on.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    pub bind: SocketAddr,
+    #[serde(default = "http_mode")]
+    pub mode: ListenerMode,
+    /// HTTP: where requests that match no route go (otherwise 404).
+    /// TCP: the service every connection goes to.
+    #[serde(default)]
+    pub default_service: Option<String>,
+}
+
+fn http_mode() -> ListenerMode {
+    ListenerMode::Http
+}
+
+/// How requests are spread over a service's endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BalanceAlgorithm {
+    /// Smooth weighted round robin.
+    #[default]
+    Roundrobin,
+    /// Fewest in-flight requests relative to weight.
+    Leastconn,
+    /// Power of two random choices, weighted.
+    Random,
+    /// Consistent hash on the client IP.
+    Source,
+    /// Sticky sessions with an inserted cookie, round robin otherwise.
+    Cookie,
+}
+
+impl BalanceAlgorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BalanceAlgorithm::Roundrobin => "roundrobin",
+            BalanceAlgorithm::Leastconn => "leastconn",
+            BalanceAlgorithm::Random => "random",
+            BalanceAlgorithm::Source => "source",
+            BalanceAlgorithm::Cookie => "cookie",
+        }
+    }
+}
+
+/// A service's settings and its static endpoints. Services that are only
+/// known from a registry get `ServiceConfig::default()`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    #[serde(default)]
+    pub balance: BalanceAlgorithm,
+    /// Cookie name for `balance = "cookie"`.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    #[serde(default)]
+    pub connect_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    pub request_timeout: Option<HumanDuration>,
+    /// Active check for every endpoint of the service.
+    #[serde(default)]
+    pub check: Option<CheckSpec>,
+    #[serde(default)]
+    pub endpoints: Vec<StaticEndpoint>,
+}
+
+/// An endpoint written in the config file.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticEndpoint {
+    pub id: String,
+    pub address: Address,
+    #[serde(default = "default_weight")]
+    pub weight: u16,
+    #[serde(default)]
+    pub state: AdminState,
+}
+
+fn default_weight() -> u16 {
+    DEFAULT_WEIGHT
+}
+
+/// The file as written, before validation.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    global: Global,
+    #[serde(default)]
+    listeners: Vec<toml::Spanned<Listener>>,
+    #[serde(default)]
+    services: BTreeMap<String, toml::Spanned<ServiceConfig>>,
+    #[serde(default)]
+    routes: BTreeMap<String, toml::Spanned<RouteSpec>>,
+    #[serde(default)]
+    maps: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&path.display().to_string(), &text)
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(origin: &str, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.to_string(),
+            line: e.span().map(|s| line_of(text, s.start)).unwrap_or(1),
+            message: e.message().to_string(),
+        })?;
+        let invalid =
+            |span: std::ops::Range<usize>, key: String, message: String| ConfigError::Invalid {
+                path: origin.to_string(),
+                line: line_of(text, span.start),
+                key,
+                message,
+            };
+
+        let mut listeners = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (i, l) in raw.listeners.into_iter().enumerate() {
+            let span = l.span();
+            let l = l.into_inner();
+            let key = format!("listeners[{i}]");
+            if l.name.is_empty() || !names.insert(l.name.clone()) {
+                return Err(invalid(
+                    span,
+                    key,
+                    format!("listener name {:?} is empty or used twice: give each listener its own name", l.name),
+                ));
+            }
+            if l.mode == ListenerMode::Tcp && l.default_service.is_none() {
+                return Err(invalid(
+                    span,
+                    key,
+                    "a tcp listener needs `default_service`: the service its connections go to"
+                        .into(),
+                ));
+            }
+            listeners.push(l);
+        }
+        if let Some(dup) = duplicate_bind(&listeners) {
+            return Err(ConfigError::Invalid {
+                path: origin.to_string(),
+                line: 1,
+                key: "listeners".into(),
+                message: format!("two listeners bind {dup}: each needs its own address"),
+            });
+        }
+
+        let mut services = BTreeMap::new();
+        for (name, svc) in raw.services {
+            let span = svc.span();
+            let svc = svc.into_inner();
+            let key = format!("services.{name}");
+            validate_name(&name).map_err(|m| invalid(span.clone(), key.clone(), m))?;
+            let mut ids = std::collections::HashSet::new();
+            for (i, ep) in svc.endpoints.iter().enumerate() {
+                let ekey = format!("{key}.endpoints[{i}]");
+                validate_name(&ep.id).map_err(|m| invalid(span.clone(), ekey.clone(), m))?;
+                if !ids.insert(ep.id.as_str()) {
+                    return Err(invalid(
+                        span,
+                        ekey,
+                        format!("endpoint id {:?} is used twice in this service", ep.id),
+                    ));
+                }
+                if ep.weight > MAX_WEIGHT {
+                    return Err(invalid(
+                        span,
+                        ekey,
+                        format!(
+                            "weight {} is out of range: expected 0 to {MAX_WEIGHT}",
+                            ep.weight
+                        ),
+                    ));
+                }
+            }
+            if svc.balance != BalanceAlgorithm::Cookie && svc.cookie.is_some() {
+                return Err(invalid(
+                    span,
+                    key,
+                    "`cookie` is set but `balance` is not \"cookie\"".into(),
+                ));
+            }
+            services.insert(name, svc);
+        }
+
+        let mut routes = BTreeMap::new();
+        for (name, route) in raw.routes {
+            let span = route.span();
+            let route = route.into_inner();
+            route
+                .target()
+                .map_err(|m| invalid(span, format!("routes.{name}"), m))?;
+            routes.insert(name, route);
+        }
+
+        Ok(Config {
+            origin: origin.to_string(),
+            global: raw.global,
+            listeners,
+            services,
+            routes,
+            maps: raw.maps,
+        })
+    }
+
+    /// The built-in demo config used by `make run`.
+    pub fn embedded_demo() -> Config {
+        // The embedded file is checked by a unit test, so this cannot fail
+        // in a released binary.
+        Config::parse("<embedded demo.toml>", EMBEDDED_DEMO)
+            .unwrap_or_else(|e| panic!("embedded demo config is invalid: {e}"))
+    }
+
+    /// The config's endpoints, routes and maps as registry entries.
+    pub fn entries(&self) -> Vec<Entry> {
+        let mut out = Vec::new();
+        for (service, svc) in &self.services {
+            for ep in &svc.endpoints {
+                let mut reg = Registration::new(service.clone(), ep.id.clone(), ep.address.clone());
+                reg.weight = ep.weight;
+                reg.state = ep.state;
+                out.push(Entry::Instance(reg));
+            }
+        }
+        for (name, spec) in &self.routes {
+            out.push(Entry::Route {
+                name: name.clone(),
+                spec: spec.clone(),
+            });
+        }
+        for (map, entries) in &self.maps {
+            for (key, value) in entries {
+                out.push(Entry::MapEntry {
+                    map: map.clone(),
+                    key: key.clone(),
+                    value: value.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// The file the config came from, if it came from one.
+    pub fn file(&self) -> Option<PathBuf> {
+        (!self.origin.starts_with('<')).then(|| PathBuf::from(&self.origin))
+    }
+}
+
+fn duplicate_bind(listeners: &[Listener]) -> Option<SocketAddr> {
+    let mut seen = std::collections::HashSet::new();
+    listeners
+        .iter()
+        .find(|l| !seen.insert(l.bind))
+        .map(|l| l.bind)
+}
+
+fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "name {name:?} is not usable: expected a non-empty name without '/' or spaces"
+        ));
+    }
+    Ok(())
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map(|t| t.bytes().filter(|b| *b == b'\n').count() + 1)
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_demo_is_valid() {
+        let c = Config::embedded_demo();
+        assert!(!c.listeners.is_empty());
+        assert!(!c.entries().is_empty());
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_line() {
+        let err = Config::parse("a.toml", "[global]\nadmin = \n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("a.toml:2:"), "{msg}");
+    }
+
+    #[test]
+    fn bad_address_names_the_key_and_line() {
+        let text = "[services.web]\nendpoints = [{ id = \"a\", address = \"127.0.0.1\" }]\n";
+        let msg = Config::parse("c.toml", text).unwrap_err().to_string();
+        assert!(msg.contains("c.toml:2"), "{msg}");
+        assert!(msg.contains("has no port"), "{msg}");
+    }
+
+    #[test]
+    fn route_without_target_is_refused() {
+        let text = "[routes.blog]\npath_prefix = \"/blog\"\n";
+        let msg = Config::parse("c.toml", text).unwrap_err().to_string();
+        assert!(msg.contains("c.toml:1: routes.blog"), "{msg}");
+        assert!(msg.contains("exactly one target"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_name() {
+        let text = "[services.web]\nbalance = \"roundrobin\"\ntimeout = \"1s\"\n";
+        let msg = Config::parse("c.toml", text).unwrap_err().to_string();
+        assert!(msg.contains("unknown field `timeout`"), "{msg}");
+        assert!(msg.contains("c.toml:"), "{msg}");
+    }
+
+    #[test]
+    fn weight_out_of_range_is_refused() {
+        let text = "[services.web]\nendpoints = [{ id = \"a\", address = \"127.0.0.1:1\", weight = 300 }]\n";
+        let msg = Config::parse("c.toml", text).unwrap_err().to_string();
+        assert!(msg.contains("weight 300 is out of range"), "{msg}");
+    }
+
+    #[test]
+    fn tcp_listener_needs_a_service() {
+        let text = "[[listeners]]\nname = \"db\"\nbind = \"127.0.0.1:5433\"\nmode = \"tcp\"\n";
+        let msg = Config::parse("c.toml", text).unwrap_err().to_string();
+        assert!(msg.contains("listeners[0]"), "{msg}");
+        assert!(msg.contains("default_service"), "{msg}");
+    }
+}

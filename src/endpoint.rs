@@ -1,0 +1,176 @@
+//! Step 3 of the flow: live per-endpoint state. Counters, in-flight requests,
+//! administrative state and effective weight are atomics in an
+//! `Arc<EndpointState>` keyed by (service, instance id). Rebuilt routing
+//! tables reuse the same `Arc`, so a rebuild never resets them.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pointsman_discovery::AdminState;
+use serde::Serialize;
+
+/// Live state of one endpoint, shared by every table that contains it.
+#[derive(Debug)]
+pub struct EndpointState {
+    admin: AtomicU8,
+    weight: AtomicU32,
+    healthy: AtomicBool,
+    in_flight: AtomicU32,
+    requests: AtomicU64,
+    /// Responses by status class: 1xx..5xx.
+    responses: [AtomicU64; 5],
+    /// Requests that got no response from the endpoint (connect failure,
+    /// reset, timeout).
+    failures: AtomicU64,
+    /// Unix seconds of the last state or weight change.
+    last_change: AtomicU64,
+}
+
+impl Default for EndpointState {
+    fn default() -> Self {
+        EndpointState {
+            admin: AtomicU8::new(encode(AdminState::Ready)),
+            weight: AtomicU32::new(1),
+            healthy: AtomicBool::new(true),
+            in_flight: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            responses: Default::default(),
+            failures: AtomicU64::new(0),
+            last_change: AtomicU64::new(unix_now()),
+        }
+    }
+}
+
+fn encode(s: AdminState) -> u8 {
+    match s {
+        AdminState::Ready => 0,
+        AdminState::Drain => 1,
+        AdminState::Maint => 2,
+    }
+}
+
+fn decode(v: u8) -> AdminState {
+    match v {
+        0 => AdminState::Ready,
+        1 => AdminState::Drain,
+        _ => AdminState::Maint,
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl EndpointState {
+    pub fn admin_state(&self) -> AdminState {
+        decode(self.admin.load(Relaxed))
+    }
+
+    /// Sets the effective administrative state; only the control task calls it.
+    pub fn set_admin_state(&self, s: AdminState) {
+        if self.admin.swap(encode(s), Relaxed) != encode(s) {
+            self.last_change.store(unix_now(), Relaxed);
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Relaxed)
+    }
+
+    /// Sets the effective weight; only the control task calls it.
+    pub fn set_weight(&self, w: u32) {
+        if self.weight.swap(w, Relaxed) != w {
+            self.last_change.store(unix_now(), Relaxed);
+        }
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Relaxed)
+    }
+
+    pub fn set_healthy(&self, up: bool) {
+        if self.healthy.swap(up, Relaxed) != up {
+            self.last_change.store(unix_now(), Relaxed);
+        }
+    }
+
+    /// May the balancer send it a new request?
+    #[inline]
+    pub fn accepts_new(&self) -> bool {
+        self.admin.load(Relaxed) == 0 && self.healthy.load(Relaxed) && self.weight.load(Relaxed) > 0
+    }
+
+    /// May it serve a sticky session already bound to it? Draining
+    /// endpoints still do, as in HAProxy.
+    #[inline]
+    pub fn accepts_sticky(&self) -> bool {
+        self.admin.load(Relaxed) <= 1 && self.healthy.load(Relaxed)
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Relaxed)
+    }
+
+    /// Counts a request as started; the guard ends it when dropped.
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.requests.fetch_add(1, Relaxed);
+        InFlight(self.clone())
+    }
+
+    pub fn record_status(&self, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.responses[class].fetch_add(1, Relaxed);
+    }
+
+    pub fn record_failure(&self) {
+        self.failures.fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> EndpointCounters {
+        EndpointCounters {
+            state: self.admin_state(),
+            weight: self.weight(),
+            healthy: self.healthy(),
+            in_flight: self.in_flight(),
+            requests: self.requests.load(Relaxed),
+            responses: std::array::from_fn(|i| self.responses[i].load(Relaxed)),
+            failures: self.failures.load(Relaxed),
+            last_change: self.last_change.load(Relaxed),
+        }
+    }
+}
+
+/// A request in flight to an endpoint; dropping it ends the request.
+#[derive(Debug)]
+pub struct InFlight(Arc<EndpointState>);
+
+impl InFlight {
+    pub fn endpoint(&self) -> &EndpointState {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A point-in-time copy of an endpoint's state, for the admin API.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct EndpointCounters {
+    pub state: AdminState,
+    pub weight: u32,
+    pub healthy: bool,
+    pub in_flight: u32,
+    pub requests: u64,
+    /// Responses by status class, 1xx to 5xx.
+    pub responses: [u64; 5],
+    pub failures: u64,
+    pub last_change: u64,
+}

@@ -1,0 +1,19 @@
+//! pointsman: a reverse proxy whose backends come from a service registry.
+//!
+//! The flow, one module per step: [`config`] -> [`control`] (the one
+//! writer) -> [`routing`] (the published table) -> [`balance`] -> [`proxy`]
+//! (HTTP and TCP engines), with live per-endpoint state in [`endpoint`] and
+//! the operator's view in [`admin`]. See ARCHITECTURE.md.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod config;
+pub mod control;
+pub mod endpoint;
+pub mod listener;
+pub mod proxy;
+pub mod reload;
+pub mod routing;
+pub mod upstream;

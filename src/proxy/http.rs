@@ -1,0 +1,363 @@
+//! The HTTP engine. One request, in named phases:
+//!
+//! 1. **route**: load the table, match host + longest path prefix, or the
+//!    listener's default service; no match is a 404.
+//! 2. **resolve**: the route's target (service, map lookup, weighted split)
+//!    to a service; a service with no usable endpoint is a 503.
+//! 3. **pick**: the service's balancer chooses an endpoint.
+//! 4. **forward**: rewrite headers and URI, send on a pooled upstream
+//!    connection, bounded by the service's request timeout.
+//! 5. **respond**: strip hop-by-hop headers, add the sticky cookie, stream
+//!    the body back; a 101 becomes a tunnel between the two upgraded streams.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Scheme, Uri};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{ActivityIo, ConnActivity};
+use super::forward::{add_forwarded, strip_hop_by_hop, strip_path, wants_upgrade};
+use super::{ProxyBody, ProxyError, RequestGuard, SharedLimits};
+use crate::balance::PickContext;
+use crate::control::SharedTable;
+use crate::routing::{find_cookie, Resolved, Service};
+
+/// The pooled client used to reach upstreams.
+pub type UpstreamClient = Client<HttpConnector, Incoming>;
+
+/// Builds an upstream client; clients with the same connect timeout share
+/// one pool (see `control`).
+pub fn upstream_client(connect_timeout: Duration, idle_timeout: Duration) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(idle_timeout)
+        .set_host(false)
+        .build(connector)
+}
+
+/// What every HTTP listener shares.
+pub struct HttpProxy {
+    pub table: SharedTable,
+    pub limits: SharedLimits,
+}
+
+/// What one client connection's requests share.
+struct ConnContext {
+    proxy: Arc<HttpProxy>,
+    listener: Arc<str>,
+    peer: SocketAddr,
+    activity: Arc<ConnActivity>,
+    trust_forwarded: bool,
+}
+
+impl HttpProxy {
+    /// Serves one client connection until it closes, goes idle, or
+    /// `shutdown` asks it to finish.
+    pub async fn serve_connection(
+        self: Arc<Self>,
+        listener: Arc<str>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+        shutdown: CancellationToken,
+    ) {
+        let limits = self.limits.load_full();
+        let activity = ConnActivity::new();
+        let io = TokioIo::new(ActivityIo::new(stream, activity.clone()));
+        let ctx = Arc::new(ConnContext {
+            proxy: self,
+            listener,
+            peer,
+            activity: activity.clone(),
+            trust_forwarded: limits.trust_forwarded_headers,
+        });
+        let svc = service_fn(move |req| {
+            let ctx = ctx.clone();
+            async move { Ok::<_, Infallible>(ctx.handle(req).await) }
+        });
+
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        let conn = builder.serve_connection_with_upgrades(io, svc);
+        tokio::pin!(conn);
+
+        let mut closing = false;
+        loop {
+            let idle_in = activity.idle_deadline(limits.idle_timeout);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                    }
+                    break;
+                }
+                _ = shutdown.cancelled(), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                _ = tokio::time::sleep(idle_in.unwrap_or_default()), if !closing => {
+                    if activity.idle_deadline(limits.idle_timeout).is_none() {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+            }
+        }
+        drop(permit);
+    }
+}
+
+impl ConnContext {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        match self.forward(req).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                match &e {
+                    ProxyError::Connect { .. }
+                    | ProxyError::Timeout { .. }
+                    | ProxyError::Upstream { .. } => {
+                        tracing::warn!(peer = %self.peer, error = %e, "request failed")
+                    }
+                    _ => tracing::debug!(peer = %self.peer, error = %e, "request refused"),
+                }
+                e.response()
+            }
+        }
+    }
+
+    /// Phases 1 to 3: the service and the route's path rewrite.
+    fn route(&self, req: &Request<Incoming>) -> Result<(Arc<Service>, Option<String>), ProxyError> {
+        let table = self.proxy.table.load();
+        let host = request_host(req);
+        let path = req.uri().path();
+        let (resolved, rewrite) = match table.routes.find(host, path) {
+            Some(route) => {
+                let resolved = table.resolve(&route.target, host, path, req.headers());
+                let rewrite = route.strip_prefix.then(|| {
+                    let pq = req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.as_str())
+                        .unwrap_or("/");
+                    strip_path(pq, &route.path_prefix)
+                });
+                (resolved, rewrite)
+            }
+            None => match table.defaults.get(&self.listener) {
+                Some(name) => match table.service(name) {
+                    Some(s) => (Resolved::Service(s.clone()), None),
+                    None => (Resolved::UnknownService(name.clone()), None),
+                },
+                None => return Err(ProxyError::NoRoute),
+            },
+        };
+        match resolved {
+            Resolved::Service(s) => Ok((s, rewrite)),
+            Resolved::UnknownService(name) => Err(ProxyError::UnknownService(name)),
+            Resolved::NoMapEntry { map, key } => Err(ProxyError::NoMapEntry { map, key }),
+        }
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        let (service, rewrite) = self.route(&req)?;
+
+        let sticky = service
+            .settings
+            .cookie
+            .as_deref()
+            .and_then(|name| find_cookie(req.headers(), name));
+        let pick = service
+            .balancer
+            .pick(
+                &service.endpoints,
+                &PickContext {
+                    client_ip: Some(self.peer.ip()),
+                    sticky,
+                    avoid: None,
+                },
+            )
+            .ok_or_else(|| ProxyError::NoEndpoint(service.name.clone()))?;
+        let endpoint = &service.endpoints[pick.index];
+
+        // Phase 4: the upstream request.
+        let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let host = match parts.headers.get(header::HOST) {
+            Some(h) => Some(h.clone()),
+            None => {
+                // h2 and absolute-form requests carry the host in the URI.
+                let h = parts
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+                if let Some(h) = &h {
+                    parts.headers.insert(header::HOST, h.clone());
+                }
+                h
+            }
+        };
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        // We answer `Expect: 100-continue` ourselves: hyper sends the 100
+        // when the body is first read, i.e. once the upstream is connected.
+        parts.headers.remove(header::EXPECT);
+        add_forwarded(
+            &mut parts.headers,
+            self.peer.ip(),
+            host.as_ref(),
+            self.trust_forwarded,
+        );
+        let path_and_query = match rewrite {
+            Some(p) => {
+                PathAndQuery::try_from(p).map_err(|_| ProxyError::BadRequest("unusable path"))?
+            }
+            None => parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(endpoint.authority.clone());
+        uri.path_and_query = Some(path_and_query);
+        parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("unusable URI"))?;
+        parts.version = Version::HTTP_11;
+
+        let in_flight = endpoint.live.start_request();
+        let conn_active = self.activity.start();
+        let sent = service
+            .settings
+            .client
+            .request(Request::from_parts(parts, body));
+        let timeout = service.settings.request_timeout;
+        let mut resp = match tokio::time::timeout(timeout, sent).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                endpoint.live.record_failure();
+                let reason = error_chain(&e);
+                return Err(if e.is_connect() {
+                    ProxyError::Connect {
+                        endpoint: endpoint.address.to_string(),
+                        reason,
+                    }
+                } else {
+                    ProxyError::Upstream {
+                        endpoint: endpoint.address.to_string(),
+                        reason,
+                    }
+                });
+            }
+            Err(_) => {
+                endpoint.live.record_failure();
+                return Err(ProxyError::Timeout {
+                    endpoint: endpoint.address.to_string(),
+                    timeout,
+                });
+            }
+        };
+
+        // Phase 5: the response.
+        let status = resp.status();
+        endpoint.live.record_status(status.as_u16());
+        let guard = RequestGuard {
+            endpoint: in_flight,
+            _conn: conn_active,
+        };
+        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+        let guard = match (switching, client_upgrade) {
+            (true, Some(client_side)) => {
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel(client_side, upstream_side, guard));
+                None
+            }
+            _ => Some(guard),
+        };
+        strip_hop_by_hop(resp.headers_mut(), switching);
+        if pick.set_cookie {
+            if let Some(name) = &service.settings.cookie {
+                let cookie = format!("{name}={}; Path=/", endpoint.cookie);
+                if let Ok(v) = HeaderValue::try_from(cookie) {
+                    resp.headers_mut().append(header::SET_COOKIE, v);
+                }
+            }
+        }
+        let (parts, body) = resp.into_parts();
+        Ok(Response::from_parts(
+            parts,
+            ProxyBody::Upstream { body, guard },
+        ))
+    }
+}
+
+/// The host a request is for: the URI's authority (h2, absolute form) or
+/// the Host header.
+fn request_host(req: &Request<Incoming>) -> &str {
+    req.uri()
+        .host()
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("")
+}
+
+/// Joins both upgraded halves and copies until either side closes.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    guard: RequestGuard,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "tunnel closed with an error");
+    }
+    drop(guard);
+}
+
+/// An error and its causes on one line, for logs.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

@@ -1,0 +1,182 @@
+//! Step 5 of the flow: the proxy engines. `http` forwards HTTP/1.1 and h2c
+//! requests (with upgrades) to pooled upstream connections; `tcp` forwards
+//! whole connections. Both read the routing table per request or per
+//! connection and never take a lock on the way.
+
+pub mod conn;
+pub mod forward;
+pub mod http;
+pub mod tcp;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ::http::{header, HeaderValue};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Response, StatusCode};
+
+use crate::config::Global;
+use crate::endpoint::InFlight;
+use conn::ConnActive;
+
+/// Limits and timeouts for client connections, replaced on config reload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientLimits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub trust_forwarded_headers: bool,
+}
+
+impl From<&Global> for ClientLimits {
+    fn from(g: &Global) -> Self {
+        ClientLimits {
+            header_read_timeout: g.header_read_timeout,
+            idle_timeout: g.idle_timeout,
+            // hyper refuses read buffers below 8 KiB.
+            max_header_bytes: g.max_header_bytes.max(8192),
+            trust_forwarded_headers: g.trust_forwarded_headers,
+        }
+    }
+}
+
+pub type SharedLimits = Arc<ArcSwap<ClientLimits>>;
+
+/// Why a request got no upstream response. Mapped to a status in one place:
+/// [`ProxyError::status`].
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches this request and the listener has no default service")]
+    NoRoute,
+    #[error("service {0:?} has no endpoint that accepts traffic")]
+    NoEndpoint(Arc<str>),
+    #[error("service {0:?} is not registered")]
+    UnknownService(Arc<str>),
+    #[error("map {map:?} has no entry for key {key:?} and the route has no map_default")]
+    NoMapEntry { map: Arc<str>, key: String },
+    #[error("upstream {endpoint} could not be reached: {reason}")]
+    Connect { endpoint: String, reason: String },
+    #[error("upstream {endpoint} did not answer within {timeout:?}")]
+    Timeout { endpoint: String, timeout: Duration },
+    #[error("upstream {endpoint} failed: {reason}")]
+    Upstream { endpoint: String, reason: String },
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::NoEndpoint(_)
+            | ProxyError::UnknownService(_)
+            | ProxyError::NoMapEntry { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The response a client sees. Upstream addresses stay in the log.
+    pub fn response(&self) -> Response<ProxyBody> {
+        let status = self.status();
+        let text = match self {
+            ProxyError::Connect { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::Timeout { .. } => {
+                status.canonical_reason().unwrap_or("error").to_string()
+            }
+            other => other.to_string(),
+        };
+        let mut resp = Response::new(ProxyBody::text(format!("{text}\n")));
+        *resp.status_mut() = status;
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// Keeps a request counted (on its endpoint and its client connection)
+/// until the response body is finished or dropped.
+#[derive(Debug)]
+pub struct RequestGuard {
+    pub endpoint: InFlight,
+    pub _conn: ConnActive,
+}
+
+/// A response body: streamed from an upstream, or made here.
+pub enum ProxyBody {
+    Upstream {
+        body: Incoming,
+        guard: Option<RequestGuard>,
+    },
+    Local(Full<Bytes>),
+}
+
+impl ProxyBody {
+    pub fn text(s: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody::Local(Full::new(s.into()))
+    }
+
+    pub fn empty() -> ProxyBody {
+        ProxyBody::Local(Full::new(Bytes::new()))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream { body, guard } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => {
+                        // Finished: the request is no longer in flight.
+                        guard.take();
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        if let Some(g) = guard.take() {
+                            g.endpoint.endpoint().record_failure();
+                        }
+                    }
+                    _ => {}
+                }
+                polled
+            }
+            ProxyBody::Local(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Local(full) => full.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Local(full) => full.size_hint(),
+        }
+    }
+}

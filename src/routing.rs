@@ -1,0 +1,448 @@
+//! Step 4a of the flow: the routing table. One immutable [`RoutingTable`] is
+//! published through `ArcSwap`; requests load it without a lock, match a
+//! route (most specific host, then longest path prefix), resolve the route's
+//! target to a service, and ask the service's balancer for an endpoint.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::uri::Authority;
+use http::HeaderMap;
+use pointsman_discovery::{Address, RouteSpec, RouteTarget};
+
+use crate::balance::{cookie_value, pick_split, Balancer};
+use crate::config::BalanceAlgorithm;
+use crate::endpoint::EndpointState;
+use crate::proxy::http::UpstreamClient;
+
+/// Everything a request needs to find its endpoint, as of one moment.
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    /// Increases with every published table.
+    pub version: u64,
+    pub services: HashMap<Arc<str>, Arc<Service>>,
+    pub routes: Arc<RouteIndex>,
+    /// map name -> key -> service name.
+    pub maps: HashMap<Arc<str>, Arc<HashMap<String, Arc<str>>>>,
+    /// Per listener: where requests that match no route go.
+    pub defaults: HashMap<Arc<str>, Arc<str>>,
+}
+
+/// A service: its endpoints, how to balance them, and its timeouts.
+#[derive(Debug)]
+pub struct Service {
+    pub name: Arc<str>,
+    pub endpoints: Vec<Endpoint>,
+    pub balancer: Balancer,
+    pub settings: ServiceSettings,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServiceSettings {
+    pub algorithm: BalanceAlgorithm,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Cookie name for sticky sessions, when `algorithm` is cookie.
+    pub cookie: Option<Arc<str>>,
+    /// Pooled upstream connections (shared by services with the same
+    /// connect timeout).
+    pub client: UpstreamClient,
+}
+
+/// One endpoint of a service in one table.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub id: Arc<str>,
+    pub address: Address,
+    /// `host:port`, ready to put in an upstream request's URI.
+    pub authority: Authority,
+    /// The sticky cookie value that selects this endpoint.
+    pub cookie: Arc<str>,
+    pub live: Arc<EndpointState>,
+}
+
+impl Endpoint {
+    pub fn new(id: Arc<str>, address: Address, live: Arc<EndpointState>) -> Result<Self, String> {
+        let authority = Authority::try_from(address.to_string())
+            .map_err(|e| format!("address {address} cannot be used in a URI: {e}"))?;
+        Ok(Endpoint {
+            cookie: cookie_value(&id).into(),
+            id,
+            address,
+            authority,
+            live,
+        })
+    }
+}
+
+/// A validated route.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub path_prefix: String,
+    pub strip_prefix: bool,
+    pub target: Target,
+}
+
+/// Where a route sends a request.
+#[derive(Debug)]
+pub enum Target {
+    Service(Arc<str>),
+    Map {
+        map: Arc<str>,
+        key: MapKey,
+        default: Option<Arc<str>>,
+    },
+    Split {
+        arms: Vec<(Arc<str>, u32)>,
+        total: u32,
+    },
+}
+
+/// How a map route computes its key from a request (HAProxy fetch names).
+#[derive(Debug, PartialEq, Eq)]
+pub enum MapKey {
+    Literal(String),
+    Host,
+    Path,
+    Header(HeaderName),
+    Cookie(String),
+}
+
+impl MapKey {
+    pub fn parse(s: &str) -> Result<MapKey, String> {
+        let arg = |prefix: &str| {
+            s.strip_prefix(prefix)
+                .and_then(|r| r.strip_suffix(')'))
+                .filter(|a| !a.is_empty())
+        };
+        Ok(match s {
+            "req.host" => MapKey::Host,
+            "req.path" => MapKey::Path,
+            _ if s.starts_with("req.hdr(") => {
+                let name = arg("req.hdr(").ok_or_else(|| format!("map_key {s:?}: expected req.hdr(<name>)"))?;
+                MapKey::Header(
+                    HeaderName::try_from(name)
+                        .map_err(|_| format!("map_key {s:?}: {name:?} is not a header name"))?,
+                )
+            }
+            _ if s.starts_with("req.cookie(") => {
+                let name = arg("req.cookie(").ok_or_else(|| format!("map_key {s:?}: expected req.cookie(<name>)"))?;
+                MapKey::Cookie(name.to_string())
+            }
+            _ if s.starts_with("req.") => {
+                return Err(format!(
+                    "map_key {s:?} is not known: use a literal key, req.host, req.path, req.hdr(<name>) or req.cookie(<name>)"
+                ))
+            }
+            _ => MapKey::Literal(s.to_string()),
+        })
+    }
+}
+
+impl Route {
+    pub fn build(name: &str, spec: &RouteSpec) -> Result<Route, String> {
+        let target = match spec.target()? {
+            RouteTarget::Service(s) => Target::Service(s.into()),
+            RouteTarget::Map { map, key, default } => Target::Map {
+                map: map.into(),
+                key: MapKey::parse(&key)?,
+                default: default.map(Into::into),
+            },
+            RouteTarget::Split(arms) => {
+                let arms: Vec<(Arc<str>, u32)> = arms
+                    .into_iter()
+                    .map(|a| (a.service.into(), a.weight))
+                    .collect();
+                let total = arms.iter().try_fold(0u32, |t, (_, w)| t.checked_add(*w));
+                let total = total.ok_or("split weights add up to more than 2^32")?;
+                Target::Split { arms, total }
+            }
+        };
+        Ok(Route {
+            name: name.into(),
+            path_prefix: spec.path_prefix.clone(),
+            strip_prefix: spec.strip_prefix,
+            target,
+        })
+    }
+}
+
+/// Routes indexed by host: exact hosts, `*.suffix` wildcards, then routes
+/// for any host. Each list is sorted by path prefix length, longest first.
+#[derive(Debug, Default)]
+pub struct RouteIndex {
+    exact: HashMap<String, Vec<Arc<Route>>>,
+    /// Keyed by the suffix with its leading dot: `.example.com`.
+    wildcard: HashMap<String, Vec<Arc<Route>>>,
+    any: Vec<Arc<Route>>,
+    pub len: usize,
+}
+
+impl RouteIndex {
+    /// Builds the index; routes that fail validation are returned with why.
+    pub fn build<'a>(
+        specs: impl IntoIterator<Item = (&'a str, &'a RouteSpec)>,
+    ) -> (RouteIndex, Vec<(String, String)>) {
+        let mut index = RouteIndex::default();
+        let mut rejected = Vec::new();
+        for (name, spec) in specs {
+            let route = match Route::build(name, spec) {
+                Ok(r) => Arc::new(r),
+                Err(why) => {
+                    rejected.push((name.to_string(), why));
+                    continue;
+                }
+            };
+            index.len += 1;
+            match spec.host.as_deref().map(str::to_ascii_lowercase) {
+                None => index.any.push(route),
+                Some(h) => match h.strip_prefix('*') {
+                    Some(suffix) => index
+                        .wildcard
+                        .entry(suffix.to_string())
+                        .or_default()
+                        .push(route),
+                    None => index.exact.entry(h).or_default().push(route),
+                },
+            }
+        }
+        let sort = |v: &mut Vec<Arc<Route>>| {
+            // Longest prefix first; equal prefixes by name, so the choice is
+            // the same on every replica.
+            v.sort_by(|a, b| {
+                b.path_prefix
+                    .len()
+                    .cmp(&a.path_prefix.len())
+                    .then_with(|| a.name.cmp(&b.name))
+            })
+        };
+        index.exact.values_mut().for_each(sort);
+        index.wildcard.values_mut().for_each(sort);
+        sort(&mut index.any);
+        (index, rejected)
+    }
+
+    /// The route for a request: the most specific host group that has a
+    /// route whose prefix matches, and in it the longest prefix.
+    pub fn find(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
+        fn longest<'r>(routes: &'r [Arc<Route>], path: &str) -> Option<&'r Arc<Route>> {
+            routes
+                .iter()
+                .find(|r| path.starts_with(r.path_prefix.as_str()))
+        }
+        let host = normalize_host(host);
+        if let Some(r) = self
+            .exact
+            .get(host.as_ref())
+            .and_then(|rs| longest(rs, path))
+        {
+            return Some(r);
+        }
+        if !self.wildcard.is_empty() {
+            let mut rest: &str = host.as_ref();
+            while let Some(dot) = rest.find('.') {
+                let suffix = &rest[dot..];
+                if let Some(r) = self.wildcard.get(suffix).and_then(|rs| longest(rs, path)) {
+                    return Some(r);
+                }
+                rest = &rest[dot + 1..];
+            }
+        }
+        longest(&self.any, path)
+    }
+}
+
+/// Lower-cases a host and drops its port and trailing dot, allocating only
+/// when the host is not already in that form.
+fn normalize_host(host: &str) -> Cow<'_, str> {
+    let host = match host.rfind(':') {
+        // Keep IPv6 literals (`[::1]`) whole.
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+/// What a route resolved to for one request.
+#[derive(Debug)]
+pub enum Resolved {
+    Service(Arc<Service>),
+    /// The target names a service nobody registered (yet).
+    UnknownService(Arc<str>),
+    /// A map route whose map has no entry for the key and no default.
+    NoMapEntry {
+        map: Arc<str>,
+        key: String,
+    },
+}
+
+impl RoutingTable {
+    /// Resolves a route's target for a request.
+    pub fn resolve(
+        &self,
+        target: &Target,
+        host: &str,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Resolved {
+        let name: Arc<str> = match target {
+            Target::Service(s) => s.clone(),
+            Target::Split { arms, total } => match pick_split(arms, *total) {
+                Some(s) => s.clone(),
+                None => return Resolved::UnknownService("".into()),
+            },
+            Target::Map { map, key, default } => {
+                let key = map_key(key, host, path, headers);
+                let found = self
+                    .maps
+                    .get(map)
+                    .and_then(|m| m.get(key.as_ref()))
+                    .or(default.as_ref());
+                match found {
+                    Some(s) => s.clone(),
+                    None => {
+                        return Resolved::NoMapEntry {
+                            map: map.clone(),
+                            key: key.into_owned(),
+                        }
+                    }
+                }
+            }
+        };
+        match self.services.get(&name) {
+            Some(s) => Resolved::Service(s.clone()),
+            None => Resolved::UnknownService(name),
+        }
+    }
+
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.get(name)
+    }
+}
+
+fn map_key<'a>(
+    key: &'a MapKey,
+    host: &'a str,
+    path: &'a str,
+    headers: &'a HeaderMap,
+) -> Cow<'a, str> {
+    match key {
+        MapKey::Literal(s) => Cow::Borrowed(s),
+        MapKey::Host => normalize_host(host),
+        MapKey::Path => Cow::Borrowed(path),
+        MapKey::Header(name) => Cow::Borrowed(
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
+        ),
+        MapKey::Cookie(name) => Cow::Borrowed(find_cookie(headers, name).unwrap_or("")),
+    }
+}
+
+/// The value of cookie `name` in the request's Cookie headers.
+pub fn find_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v: &HeaderValue| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(host: Option<&str>, prefix: &str, service: &str) -> RouteSpec {
+        RouteSpec {
+            host: host.map(String::from),
+            path_prefix: prefix.into(),
+            service: Some(service.into()),
+            ..Default::default()
+        }
+    }
+
+    fn target_of(r: Option<&Arc<Route>>) -> Option<&str> {
+        match &r?.target {
+            Target::Service(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn most_specific_host_then_longest_prefix() {
+        let specs = [
+            ("any", spec(None, "/", "default")),
+            ("any-blog", spec(None, "/blog", "blog")),
+            ("wild", spec(Some("*.example.com"), "/", "wild")),
+            ("exact", spec(Some("www.example.com"), "/", "www")),
+            ("exact-api", spec(Some("www.example.com"), "/api", "api")),
+        ];
+        let (idx, rejected) = RouteIndex::build(specs.iter().map(|(n, s)| (*n, s)));
+        assert!(rejected.is_empty());
+        assert_eq!(
+            target_of(idx.find("www.example.com", "/api/x")),
+            Some("api")
+        );
+        assert_eq!(
+            target_of(idx.find("WWW.Example.com:8080", "/")),
+            Some("www")
+        );
+        assert_eq!(
+            target_of(idx.find("a.b.example.com", "/blog")),
+            Some("wild")
+        );
+        assert_eq!(target_of(idx.find("example.com", "/blog/1")), Some("blog"));
+        assert_eq!(target_of(idx.find("other", "/x")), Some("default"));
+    }
+
+    #[test]
+    fn no_match_is_none() {
+        let s = spec(Some("a.com"), "/x", "s");
+        let (idx, _) = RouteIndex::build([("r", &s)]);
+        assert!(idx.find("a.com", "/y").is_none());
+        assert!(idx.find("b.com", "/x").is_none());
+    }
+
+    #[test]
+    fn map_keys_parse_haproxy_fetches() {
+        assert_eq!(
+            MapKey::parse("STATIC"),
+            Ok(MapKey::Literal("STATIC".into()))
+        );
+        assert_eq!(MapKey::parse("req.host"), Ok(MapKey::Host));
+        assert!(matches!(
+            MapKey::parse("req.hdr(x-user)"),
+            Ok(MapKey::Header(_))
+        ));
+        assert_eq!(
+            MapKey::parse("req.cookie(v)"),
+            Ok(MapKey::Cookie("v".into()))
+        );
+        assert!(MapKey::parse("req.nope").is_err());
+        assert!(MapKey::parse("req.hdr()").is_err());
+    }
+
+    #[test]
+    fn cookies_are_found_among_others() {
+        let mut h = HeaderMap::new();
+        h.append(
+            http::header::COOKIE,
+            HeaderValue::from_static("a=1; SERVERID=web2"),
+        );
+        assert_eq!(find_cookie(&h, "SERVERID"), Some("web2"));
+        assert_eq!(find_cookie(&h, "b"), None);
+    }
+}
