@@ -1,0 +1,59 @@
+# pointsman: `make run` for the demo, `make test` for every test.
+# Both install what is missing (Debian packages) first.
+
+CARGO ?= cargo
+# What building and testing need: protoc for etcd-client, etcd for the
+# registry tests, curl and socat for the scripted tests.
+BUILD_DEBS := protobuf-compiler libprotobuf-dev
+TEST_DEBS  := etcd-server etcd-client curl socat
+# The yardsticks for `make bench` and `make soak`.
+BENCH_DEBS := haproxy nginx wrk hey
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+define install_missing
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+endef
+
+.PHONY: run test lint fmt deps-build deps-test deps-bench build bench soak check-config
+
+## run: the demo (proxy on 127.0.0.1:8080, stats on 127.0.0.1:8404/stats)
+run: deps-build
+	$(CARGO) run --release -- demo
+
+## test: install what is missing, then run every test of the workspace
+test: deps-build deps-test
+	$(CARGO) build --workspace --all-targets
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+	  $(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+## lint: formatting and clippy, warnings are errors
+lint: deps-build
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+build: deps-build
+	$(CARGO) build --release
+
+check-config: build
+	./target/release/pointsman check --config examples/demo.toml
+
+deps-build:
+	$(call install_missing,$(BUILD_DEBS))
+
+deps-test:
+	$(call install_missing,$(TEST_DEBS))
+
+deps-bench:
+	$(call install_missing,$(BENCH_DEBS))
