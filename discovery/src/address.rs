@@ -15,7 +15,9 @@ pub struct Address {
     port: u16,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why a `host:port` string is not an address; each message says what to
+/// write instead.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AddressError {
     #[error("address {0:?} is empty: expected host:port, e.g. 127.0.0.1:8080")]
     Empty(String),

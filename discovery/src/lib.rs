@@ -4,14 +4,33 @@
 //! source produces, their parsers, and `SCHEMA.md`) and the watchers that
 //! turn a registry into a stream of [`Update`]s for the proxy's one writer
 //! task. Data flows one way: registry -> watcher -> `Update` -> routing table.
+//!
+//! - [`parse`]: one key and value -> [`Entry`], for every source.
+//! - [`etcd`]: the fleet-wide registry, listed at one revision then watched.
+//! - [`mod@file`]: a directory of registration files, for a single proxy.
+//! - [`status`]: how each watcher is doing, for the admin API.
+//! - [`persist`]: the last good view on disk, so a restarted proxy can serve
+//!   while its registry is away.
 #![forbid(unsafe_code)]
 
 pub mod address;
+pub mod error;
+pub mod etcd;
+pub mod file;
+pub mod parse;
+pub mod persist;
 pub mod registration;
 pub mod route;
+pub mod status;
 pub mod update;
 
 pub use address::{Address, AddressError};
+pub use error::DiscoveryError;
+pub use etcd::{EtcdOptions, EtcdTls};
+pub use file::watch_dir;
+pub use parse::{parse_entry, parse_instance, parse_key, ParseError, Prefixes};
+pub use persist::{load_state, save_state, state_path, PersistError, SavedState};
 pub use registration::{AdminState, CheckSpec, Override, Registration};
 pub use route::{RouteSpec, RouteTarget, SplitSpec};
+pub use status::{SourceStatus, SourceStatusSnapshot};
 pub use update::{Change, Entry, EntryKey, Source, Update, UpdateKind};
