@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::SharedTable;
 use crate::endpoint::EndpointCounters;
+use crate::registry::Followed;
+use crate::reload::ReloadStats;
 use crate::routing::RoutingTable;
 
 /// What the admin endpoints read.
@@ -28,6 +30,9 @@ pub struct Admin {
     pub table: SharedTable,
     /// Released once the first table is published.
     pub ready: Arc<AtomicBool>,
+    /// The registries followed; `/readyz` also waits for each one's data.
+    pub followed: Vec<Followed>,
+    pub reloads: Arc<ReloadStats>,
 }
 
 #[derive(Serialize)]
@@ -104,27 +109,23 @@ impl Admin {
         }
         match req.uri().path() {
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-            "/readyz" => {
-                if self.ready.load(Ordering::Acquire) {
-                    reply(StatusCode::OK, "text/plain", "ready\n".into())
-                } else {
-                    reply(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        "not ready: no routing table yet\n".into(),
-                    )
-                }
-            }
-            "/api/services" => {
-                let view = services_view(&self.table.load());
-                match serde_json::to_string_pretty(&view) {
-                    Ok(json) => reply(StatusCode::OK, "application/json", json),
-                    Err(e) => reply(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "text/plain",
-                        format!("{e}\n"),
-                    ),
-                }
+            "/readyz" => match self.not_ready() {
+                None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+                Some(why) => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: {why}\n"),
+                ),
+            },
+            "/metrics" => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                crate::metrics::render(&self.table.load(), &self.followed, &self.reloads),
+            ),
+            "/api/services" => json(&services_view(&self.table.load())),
+            "/api/discovery" => {
+                let view: Vec<_> = self.followed.iter().map(Followed::view).collect();
+                json(&view)
             }
             "/stats" | "/" => reply(
                 StatusCode::OK,
@@ -134,9 +135,38 @@ impl Admin {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: try /stats, /api/services, /healthz or /readyz\n".into(),
+                "not found: try /stats, /api/services, /api/discovery, /metrics, /healthz or /readyz\n".into(),
             ),
         }
+    }
+}
+
+impl Admin {
+    /// Why the proxy is not ready yet, or `None` when it is.
+    fn not_ready(&self) -> Option<String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Some("starting".into());
+        }
+        self.followed
+            .iter()
+            .find(|f| !f.has_data.load(Ordering::Acquire))
+            .map(|f| {
+                format!(
+                    "waiting for the first sync from {}",
+                    f.status.source().as_str()
+                )
+            })
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(value) {
+        Ok(json) => reply(StatusCode::OK, "application/json", json),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        ),
     }
 }
 

@@ -18,6 +18,7 @@ use crate::control::{Command, Control, SharedTable};
 use crate::listener::Listeners;
 use crate::proxy::http::HttpProxy;
 use crate::proxy::ClientLimits;
+use crate::registry::{self, RegistryOptions};
 use crate::reload::{self, Overrides, ReloadStats};
 use crate::routing::RoutingTable;
 
@@ -35,7 +36,11 @@ pub struct App {
 
 impl App {
     /// Binds everything the config asks for and starts serving.
-    pub async fn start(config: Config, overrides: Overrides) -> anyhow::Result<App> {
+    pub async fn start(
+        config: Config,
+        overrides: Overrides,
+        registries: RegistryOptions,
+    ) -> anyhow::Result<App> {
         let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
         let limits = Arc::new(ArcSwap::from_pointee(ClientLimits::from(&config.global)));
         let shutdown = CancellationToken::new();
@@ -55,22 +60,29 @@ impl App {
         let initial = config.clone();
 
         let mut control = Control::new(config, table.clone(), Box::new(listeners));
-        control.start().map_err(anyhow::Error::msg)?;
         let (commands, rx) = mpsc::channel(1024);
+        control.enable_health_checks(commands.clone());
+        control.start().map_err(anyhow::Error::msg)?;
+        let followed = registry::start(&registries, commands.clone())?;
+        for f in &followed {
+            control.follow(f.status.clone());
+        }
         tokio::spawn(control.run(rx));
 
-        let ready = Arc::new(AtomicBool::new(true));
+        let ready = Arc::new(AtomicBool::new(false));
+        let reloads = Arc::new(ReloadStats::default());
         let admin = Arc::new(Admin {
             table: table.clone(),
             ready: ready.clone(),
+            followed,
+            reloads: reloads.clone(),
         });
         tokio::spawn(admin.serve(admin_listener, shutdown.clone()));
         tracing::info!(addr = %admin_addr, "admin listening (stats at /stats)");
 
         let watcher = match file {
             Some(path) => {
-                let stats = Arc::new(ReloadStats::default());
-                match reload::watch(path.clone(), initial, overrides, commands.clone(), stats) {
+                match reload::watch(path.clone(), initial, overrides, commands.clone(), reloads) {
                     Ok(w) => Some(w),
                     Err(e) => {
                         tracing::warn!(file = %path.display(), error = %e, "cannot watch the config file; reload is off");
@@ -112,28 +124,16 @@ impl App {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+/// Registers for SIGTERM and SIGINT now (so a signal that arrives during
+/// start-up is not lost) and returns a future that resolves on either.
+pub fn stop_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    })
 }

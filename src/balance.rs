@@ -58,7 +58,7 @@ pub enum Balancer {
 impl Balancer {
     /// Builds the balancer for endpoints with their current effective weights.
     pub fn build(algorithm: BalanceAlgorithm, endpoints: &[Endpoint]) -> Balancer {
-        let weights: Vec<u32> = endpoints.iter().map(|e| e.live.weight()).collect();
+        let weights: Vec<u32> = endpoints.iter().map(|e| e.balance_weight).collect();
         match algorithm {
             BalanceAlgorithm::Roundrobin => Balancer::RoundRobin(Schedule::smooth(&weights)),
             BalanceAlgorithm::Leastconn => Balancer::LeastConn {
@@ -226,7 +226,10 @@ fn least_loaded(
             continue;
         }
         let live = &endpoints[i].live;
-        let (load, weight) = (u64::from(live.in_flight()), u64::from(live.weight().max(1)));
+        let (load, weight) = (
+            u64::from(live.in_flight()),
+            u64::from(endpoints[i].balance_weight.max(1)),
+        );
         // load/weight < best_load/best_weight, without division.
         if best.is_none_or(|(_, bl, bw)| load * bw < bl * weight) {
             best = Some((i, load, weight));
@@ -254,7 +257,10 @@ fn two_choices(
         let (a, b) = (draw(), draw());
         let load = |i: usize| {
             let live = &endpoints[i].live;
-            (u64::from(live.in_flight()), u64::from(live.weight().max(1)))
+            (
+                u64::from(live.in_flight()),
+                u64::from(endpoints[i].balance_weight.max(1)),
+            )
         };
         pick = match (ok(a), ok(b)) {
             (true, true) => {
@@ -275,7 +281,8 @@ fn two_choices(
 fn build_ring(endpoints: &[Endpoint], weights: &[u32]) -> Vec<(u64, u32)> {
     let mut ring = Vec::new();
     for (i, (e, w)) in endpoints.iter().zip(weights).enumerate() {
-        let points = (*w).min(MAX_WEIGHT_POINTS) * POINTS_PER_WEIGHT;
+        let units = w.div_ceil(crate::routing::WEIGHT_SCALE);
+        let points = units.min(MAX_WEIGHT_POINTS) * POINTS_PER_WEIGHT;
         for p in 0..points {
             // Points depend only on the endpoint's id, so when one endpoint
             // leaves, only the keys that were on its points move.

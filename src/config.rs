@@ -176,11 +176,80 @@ pub struct ServiceConfig {
     pub connect_timeout: Option<HumanDuration>,
     #[serde(default)]
     pub request_timeout: Option<HumanDuration>,
-    /// Active check for every endpoint of the service.
+    /// Active check for every endpoint of the service (a registration's
+    /// own `check` takes precedence).
     #[serde(default)]
     pub check: Option<CheckSpec>,
     #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub passive: PassiveConfig,
+    /// An endpoint that comes up ramps its weight over this window.
+    #[serde(default)]
+    pub slow_start: Option<HumanDuration>,
+    /// A deregistered endpoint keeps serving its in-flight requests (and
+    /// sticky sessions) for at most this long before it leaves the table.
+    #[serde(default)]
+    pub drain_timeout: Option<HumanDuration>,
+    #[serde(default)]
     pub endpoints: Vec<StaticEndpoint>,
+}
+
+/// When a request is tried again on another endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Tries in all, the first included; 1 turns retries off.
+    pub attempts: u32,
+    /// Limit for one try (default: the service's request_timeout).
+    pub per_try_timeout: Option<HumanDuration>,
+    /// Statuses that make an idempotent request try another endpoint.
+    pub on_status: Vec<u16>,
+    /// Retries in flight may be at most this share of the service's
+    /// requests in flight (at least 3), so retries cannot snowball.
+    pub budget_percent: u32,
+    /// Request bodies up to this size are held so they can be sent again;
+    /// larger ones stream and are not retried once bytes were sent.
+    pub replay_limit: usize,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            attempts: 3,
+            per_try_timeout: None,
+            on_status: vec![502, 503, 504],
+            budget_percent: 20,
+            replay_limit: 64 * 1024,
+        }
+    }
+}
+
+/// Passive checks: ejecting endpoints that fail real requests.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveConfig {
+    /// Consecutive failures (connect errors, resets, timeouts, 5xx) that
+    /// eject an endpoint; 0 turns passive checks off.
+    pub consecutive_failures: u32,
+    /// First ejection; each further one doubles it, up to `max_ejection`.
+    #[serde(with = "humantime_serde")]
+    pub ejection: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_ejection: Duration,
+    /// Never eject more than this share of a service's endpoints.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for PassiveConfig {
+    fn default() -> Self {
+        PassiveConfig {
+            consecutive_failures: 5,
+            ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
 }
 
 /// An endpoint written in the config file.
@@ -299,6 +368,32 @@ impl Config {
                         ),
                     ));
                 }
+            }
+            if svc.retry.attempts == 0 {
+                return Err(invalid(
+                    span,
+                    format!("{key}.retry.attempts"),
+                    "must be at least 1 (1 means no retries)".into(),
+                ));
+            }
+            if svc.passive.max_ejected_percent > 100 || svc.retry.budget_percent > 100 {
+                return Err(invalid(
+                    span,
+                    key,
+                    "percentages must be from 0 to 100".into(),
+                ));
+            }
+            if let Some(bad) = svc
+                .retry
+                .on_status
+                .iter()
+                .find(|s| !(100..=599).contains(*s))
+            {
+                return Err(invalid(
+                    span,
+                    format!("{key}.retry.on_status"),
+                    format!("{bad} is not an HTTP status"),
+                ));
             }
             if svc.balance != BalanceAlgorithm::Cookie && svc.cookie.is_some() {
                 return Err(invalid(

@@ -12,16 +12,20 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use pointsman_discovery::{
-    Change, Entry, EntryKey, Override, Registration, RouteSpec, Source, Update, UpdateKind,
+    Address, AdminState, Change, Entry, EntryKey, Override, Registration, RouteSpec, Source,
+    SourceStatus, Update, UpdateKind,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::balance::Balancer;
 use crate::config::{BalanceAlgorithm, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
 use crate::endpoint::EndpointState;
-use crate::proxy::http::{upstream_client, UpstreamClient};
-use crate::routing::{Endpoint, RouteIndex, RoutingTable, Service, ServiceSettings};
-use std::time::Duration;
+use crate::health::HealthChecks;
+use crate::routing::{
+    Endpoint, RetryPolicy, RouteIndex, RoutingTable, Service, ServiceSettings, ServiceState,
+    WEIGHT_SCALE,
+};
+use std::time::{Duration, Instant};
 
 /// The table readers load; swapped whole by the control task.
 pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
@@ -34,6 +38,24 @@ pub enum Command {
     Config(Box<Config>, Option<oneshot::Sender<Result<(), String>>>),
     /// Registrations, routes, maps or overrides from a registry.
     Discovery(Update),
+    /// An active check flipped an endpoint up or down.
+    Health {
+        service: String,
+        id: Arc<str>,
+        up: bool,
+    },
+}
+
+/// Default time a deregistered endpoint may keep draining.
+pub const DEFAULT_ENDPOINT_DRAIN: Duration = Duration::from_secs(30);
+/// How often draining and slow-starting endpoints are looked at.
+const TICK: Duration = Duration::from_millis(100);
+
+/// An endpoint that left its registry but still has requests in flight.
+struct Departing {
+    address: Address,
+    live: Arc<EndpointState>,
+    deadline: Instant,
 }
 
 /// Something the control task must do beyond building tables: (re)binding
@@ -62,20 +84,28 @@ struct Dirty {
     routes: bool,
     maps: BTreeSet<String>,
     defaults: bool,
+    /// The newest registry revision each source brought in this batch.
+    revisions: BTreeMap<Source, i64>,
 }
-
-type EndpointKey = (Arc<str>, Arc<str>);
 
 /// The state the control task owns.
 pub struct Control {
     config: Arc<Config>,
     sources: BTreeMap<Source, SourceEntries>,
-    live: HashMap<EndpointKey, Arc<EndpointState>>,
+    /// service -> instance id -> live state.
+    live: HashMap<String, HashMap<Arc<str>, Arc<EndpointState>>>,
     table: SharedTable,
     listeners: Box<dyn ListenerControl>,
     version: u64,
-    /// One upstream connection pool per connect timeout in use.
-    clients: HashMap<Duration, UpstreamClient>,
+    /// service -> live service-wide counters.
+    service_live: HashMap<String, Arc<ServiceState>>,
+    /// Where to report the registry revision a published table holds.
+    statuses: HashMap<Source, Arc<SourceStatus>>,
+    /// service -> id -> endpoints draining after deregistration.
+    departing: HashMap<String, HashMap<Arc<str>, Departing>>,
+    /// (service, id) -> when its slow start began.
+    ramping: HashMap<(String, Arc<str>), Instant>,
+    checks: HealthChecks,
 }
 
 impl Control {
@@ -89,7 +119,11 @@ impl Control {
             table,
             listeners,
             version: 0,
-            clients: HashMap::new(),
+            service_live: HashMap::new(),
+            statuses: HashMap::new(),
+            departing: HashMap::new(),
+            ramping: HashMap::new(),
+            checks: HealthChecks::new(None),
         }
     }
 
@@ -104,16 +138,46 @@ impl Control {
     }
 
     /// Runs until every command sender is gone.
+    /// Runs health checks, reporting their flips on `commands`.
+    pub fn enable_health_checks(&mut self, commands: mpsc::Sender<Command>) {
+        self.checks = HealthChecks::new(Some(commands));
+    }
+
     pub async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        while let Some(cmd) = rx.recv().await {
+        loop {
+            let busy = !self.departing.is_empty() || !self.ramping.is_empty();
+            let cmd = tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => Some(cmd),
+                    None => return,
+                },
+                _ = tokio::time::sleep(TICK), if busy => None,
+            };
             let mut dirty = Dirty::default();
-            self.handle(cmd, &mut dirty);
+            if let Some(cmd) = cmd {
+                self.handle(cmd, &mut dirty);
+            }
+            // Draining and slow-starting services are looked at again.
+            dirty.services.extend(self.departing.keys().cloned());
+            dirty
+                .services
+                .extend(self.ramping.keys().map(|(s, _)| s.clone()));
             // Whatever queued up meanwhile lands in the same table.
             while let Ok(cmd) = rx.try_recv() {
                 self.handle(cmd, &mut dirty);
             }
             self.publish(dirty);
         }
+    }
+
+    /// Applies commands as one batch and publishes one table, in the
+    /// caller's task (for tools and benchmarks; the proxy uses `run`).
+    pub fn apply_batch(&mut self, cmds: impl IntoIterator<Item = Command>) {
+        let mut dirty = Dirty::default();
+        for cmd in cmds {
+            self.handle(cmd, &mut dirty);
+        }
+        self.publish(dirty);
     }
 
     fn handle(&mut self, cmd: Command, dirty: &mut Dirty) {
@@ -132,6 +196,12 @@ impl Control {
                 }
             }
             Command::Discovery(update) => self.apply_update(update, dirty),
+            Command::Health { service, id, up } => {
+                if up && self.slow_start(&service).is_some() {
+                    self.ramping.insert((service.clone(), id), Instant::now());
+                    dirty.services.insert(service);
+                }
+            }
         }
     }
 
@@ -154,7 +224,16 @@ impl Control {
         Ok(())
     }
 
+    /// Reports, once each table is published, which revision of `status`'s
+    /// source it holds.
+    pub fn follow(&mut self, status: Arc<SourceStatus>) {
+        self.statuses.insert(status.source(), status);
+    }
+
     fn apply_update(&mut self, update: Update, dirty: &mut Dirty) {
+        if let Some(rev) = update.revision {
+            dirty.revisions.insert(update.source, rev);
+        }
         let entries = self.sources.entry(update.source).or_default();
         match update.kind {
             UpdateKind::Reset(all) => {
@@ -230,6 +309,11 @@ impl Control {
             maps,
             defaults,
         }));
+        for (source, rev) in dirty.revisions {
+            if let Some(status) = self.statuses.get(&source) {
+                status.set_applied_revision(rev);
+            }
+        }
     }
 
     fn merged_routes(&self) -> BTreeMap<String, &RouteSpec> {
@@ -265,17 +349,35 @@ impl Control {
             .or(global.connect_timeout)
             .map(|d| d.0)
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let request_timeout = defaults
+            .request_timeout
+            .or(global.request_timeout)
+            .map(|d| d.0)
+            .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
         let settings = ServiceSettings {
             algorithm: defaults.balance,
             connect_timeout,
-            request_timeout: defaults
-                .request_timeout
-                .or(global.request_timeout)
-                .map(|d| d.0)
-                .unwrap_or(DEFAULT_REQUEST_TIMEOUT),
+            request_timeout,
             cookie: (defaults.balance == BalanceAlgorithm::Cookie)
                 .then(|| defaults.cookie.as_deref().unwrap_or("SERVERID").into()),
-            client: self.client_for(connect_timeout),
+            retry: RetryPolicy {
+                attempts: defaults.retry.attempts.max(1),
+                per_try_timeout: defaults
+                    .retry
+                    .per_try_timeout
+                    .map(|d| d.0)
+                    .unwrap_or(request_timeout),
+                on_status: defaults.retry.on_status.clone().into(),
+                budget_percent: defaults.retry.budget_percent,
+                replay_limit: defaults.retry.replay_limit,
+            },
+            passive: defaults.passive.clone(),
+            upstream_idle_timeout: global.upstream_idle_timeout,
+            live: self
+                .service_live
+                .entry(name.to_string())
+                .or_default()
+                .clone(),
         };
         // Later sources win: config < file < etcd < consul.
         let mut instances: BTreeMap<&str, &Registration> = BTreeMap::new();
@@ -288,27 +390,129 @@ impl Control {
                 overrides.extend(m.iter().map(|(id, o)| (id.as_str(), o)));
             }
         }
-        if instances.is_empty() && configured.is_none() {
-            self.live.retain(|(s, _), _| &**s != name);
+        let mut departing = self.departing.remove(name).unwrap_or_default();
+        if instances.is_empty()
+            && configured.is_none()
+            && departing.is_empty()
+            && !self.live.contains_key(name)
+        {
+            self.service_live.remove(name);
             return None;
         }
 
         let service: Arc<str> = name.into();
+        let slow_start = defaults.slow_start.map(|d| d.0);
+        let drain_timeout = defaults
+            .drain_timeout
+            .map(|d| d.0)
+            .unwrap_or(DEFAULT_ENDPOINT_DRAIN);
         let mut endpoints = Vec::with_capacity(instances.len());
-        let mut keep = std::collections::HashSet::new();
+        let mut old_live = self.live.remove(name).unwrap_or_default();
+        let mut live_now = HashMap::with_capacity(instances.len());
+        let mut checks = Vec::new();
+        let now = Instant::now();
         for (id, reg) in &instances {
-            let key: EndpointKey = (service.clone(), (*id).into());
-            let live = self.live.entry(key.clone()).or_default().clone();
-            let ov = overrides.get(id);
-            live.set_admin_state(ov.and_then(|o| o.state).unwrap_or(reg.state));
-            live.set_weight(u32::from(ov.and_then(|o| o.weight).unwrap_or(reg.weight)));
-            match Endpoint::new(key.1.clone(), reg.address.clone(), live) {
-                Ok(ep) => endpoints.push(ep),
-                Err(why) => tracing::warn!(service = name, id, error = %why, "endpoint skipped"),
+            let id: Arc<str> = (*id).into();
+            let check = reg.check.as_ref().or(defaults.check.as_ref());
+            let (live, is_new) = match old_live
+                .remove(&id)
+                .or_else(|| departing.remove(&id).map(|d| d.live))
+            {
+                Some(live) => (live, false),
+                None => (Arc::new(EndpointState::default()), true),
+            };
+            if is_new && check.is_some() {
+                // Traffic only after the first passing check.
+                live.set_healthy(false);
             }
-            keep.insert(key);
+            let ov = overrides.get(&*id);
+            let state = ov.and_then(|o| o.state).unwrap_or(reg.state);
+            let was = live.admin_state();
+            live.set_admin_state(state);
+            if state != AdminState::Ready {
+                live.pool.clear();
+            }
+            let weight = u32::from(ov.and_then(|o| o.weight).unwrap_or(reg.weight));
+            live.set_weight(weight);
+            let key = (name.to_string(), id.clone());
+            if slow_start.is_some()
+                && (is_new || (was != AdminState::Ready && state == AdminState::Ready))
+            {
+                self.ramping.insert(key.clone(), now);
+            }
+            live_now.insert(id.clone(), live.clone());
+            match Endpoint::new(id.clone(), reg.address.clone(), live.clone()) {
+                Ok(mut ep) => {
+                    ep.balance_weight = ramped(
+                        weight * WEIGHT_SCALE,
+                        slow_start,
+                        &mut self.ramping,
+                        &key,
+                        now,
+                    );
+                    checks.push((id, reg.address.clone(), check.cloned(), live));
+                    endpoints.push(ep);
+                }
+                Err(why) => tracing::warn!(service = name, error = %why, "endpoint skipped"),
+            }
         }
-        self.live.retain(|k, _| &*k.0 != name || keep.contains(k));
+        // Endpoints that just left their registry: those still answering
+        // requests drain (no new requests, sticky sessions go on) until
+        // their last request ends or the drain timeout passes.
+        let previous = self.table.load().services.get(name).cloned();
+        for (id, live) in old_live {
+            self.ramping.remove(&(name.to_string(), id.clone()));
+            let address = previous
+                .as_ref()
+                .and_then(|s| s.endpoints.iter().find(|e| e.id == id))
+                .map(|e| e.address.clone());
+            match address {
+                Some(address) if live.in_flight() > 0 => {
+                    tracing::info!(service = name, %id, in_flight = live.in_flight(), "endpoint deregistered: draining");
+                    departing.insert(
+                        id,
+                        Departing {
+                            address,
+                            live,
+                            deadline: now + drain_timeout,
+                        },
+                    );
+                }
+                _ => live.pool.clear(),
+            }
+        }
+        departing.retain(|id, d| {
+            let keep = d.live.in_flight() > 0 && now < d.deadline;
+            if !keep {
+                d.live.pool.clear();
+                if d.live.in_flight() > 0 {
+                    tracing::warn!(service = name, %id, in_flight = d.live.in_flight(), "drain timeout: endpoint leaves with requests in flight");
+                } else {
+                    tracing::info!(service = name, %id, "endpoint drained and removed");
+                }
+            }
+            keep
+        });
+        for (id, d) in &departing {
+            d.live.set_admin_state(AdminState::Drain);
+            d.live.pool.clear();
+            if let Ok(mut ep) = Endpoint::new(id.clone(), d.address.clone(), d.live.clone()) {
+                ep.balance_weight = 0;
+                endpoints.push(ep);
+            }
+        }
+        self.checks.sync(
+            name,
+            checks.iter().map(|(id, a, c, l)| (id, a, c.as_ref(), l)),
+        );
+        if instances.is_empty() && configured.is_none() && departing.is_empty() {
+            self.service_live.remove(name);
+            return None;
+        }
+        if !departing.is_empty() {
+            self.departing.insert(name.to_string(), departing);
+        }
+        self.live.insert(name.to_string(), live_now);
         let balancer = Balancer::build(settings.algorithm, &endpoints);
         Some(Service {
             name: service,
@@ -318,18 +522,40 @@ impl Control {
         })
     }
 
-    fn client_for(&mut self, connect_timeout: Duration) -> UpstreamClient {
-        let idle = self.config.global.upstream_idle_timeout;
-        self.clients
-            .entry(connect_timeout)
-            .or_insert_with(|| upstream_client(connect_timeout, idle))
-            .clone()
+    fn slow_start(&self, service: &str) -> Option<Duration> {
+        self.config
+            .services
+            .get(service)
+            .and_then(|s| s.slow_start)
+            .map(|d| d.0)
     }
 
     /// A copy of the current config.
     pub fn config(&self) -> Arc<Config> {
         self.config.clone()
     }
+}
+
+/// A slow-starting endpoint's balance weight: its share of `full` grows
+/// with the time since its ramp began; the ramp ends after `window`.
+fn ramped(
+    full: u32,
+    window: Option<Duration>,
+    ramping: &mut HashMap<(String, Arc<str>), Instant>,
+    key: &(String, Arc<str>),
+    now: Instant,
+) -> u32 {
+    let (Some(window), Some(start)) = (window, ramping.get(key)) else {
+        ramping.remove(key);
+        return full;
+    };
+    let elapsed = now.saturating_duration_since(*start);
+    if elapsed >= window || full == 0 {
+        ramping.remove(key);
+        return full;
+    }
+    let share = elapsed.as_secs_f64() / window.as_secs_f64();
+    ((f64::from(full) * share).ceil() as u32).clamp(1, full)
 }
 
 fn upsert(entries: &mut SourceEntries, entry: Entry, dirty: &mut Dirty) {

@@ -5,7 +5,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::proxy::conn::now_ms;
+use crate::proxy::pool::Pool;
 
 use pointsman_discovery::AdminState;
 use serde::Serialize;
@@ -25,6 +28,20 @@ pub struct EndpointState {
     failures: AtomicU64,
     /// Unix seconds of the last state or weight change.
     last_change: AtomicU64,
+    /// Idle keep-alive connections to this endpoint.
+    pub pool: Pool,
+    /// Failures in a row (passive checks).
+    consecutive_failures: AtomicU32,
+    /// Ejected until this time (ms on the process clock); 0 if never.
+    ejected_until: AtomicU64,
+    /// Ejections so far; each one doubles the next one's length.
+    ejections: AtomicU32,
+    /// The last active check: 0 none yet, 1 passed, 2 failed.
+    check_result: AtomicU8,
+    /// What the last check saw: the HTTP status, or 0.
+    check_status: AtomicU32,
+    /// Unix seconds of the last active check.
+    check_time: AtomicU64,
 }
 
 impl Default for EndpointState {
@@ -38,6 +55,13 @@ impl Default for EndpointState {
             responses: Default::default(),
             failures: AtomicU64::new(0),
             last_change: AtomicU64::new(unix_now()),
+            pool: Pool::default(),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            check_result: AtomicU8::new(0),
+            check_status: AtomicU32::new(0),
+            check_time: AtomicU64::new(0),
         }
     }
 }
@@ -101,14 +125,61 @@ impl EndpointState {
     /// May the balancer send it a new request?
     #[inline]
     pub fn accepts_new(&self) -> bool {
-        self.admin.load(Relaxed) == 0 && self.healthy.load(Relaxed) && self.weight.load(Relaxed) > 0
+        self.admin.load(Relaxed) == 0
+            && self.healthy.load(Relaxed)
+            && self.weight.load(Relaxed) > 0
+            && !self.ejected()
     }
 
     /// May it serve a sticky session already bound to it? Draining
     /// endpoints still do, as in HAProxy.
     #[inline]
     pub fn accepts_sticky(&self) -> bool {
-        self.admin.load(Relaxed) <= 1 && self.healthy.load(Relaxed)
+        self.admin.load(Relaxed) <= 1 && self.healthy.load(Relaxed) && !self.ejected()
+    }
+
+    /// Is it ejected by passive checks right now?
+    #[inline]
+    pub fn ejected(&self) -> bool {
+        let until = self.ejected_until.load(Relaxed);
+        until != 0 && until > now_ms()
+    }
+
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Relaxed)
+    }
+
+    /// Counts a failed request; returns true when the failures in a row
+    /// reach `threshold` (the caller decides whether to eject).
+    pub fn failed_once(&self, threshold: u32) -> bool {
+        let n = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
+        threshold > 0 && n >= threshold
+    }
+
+    /// Counts a successful request.
+    #[inline]
+    pub fn succeeded(&self) {
+        if self.consecutive_failures.load(Relaxed) != 0 {
+            self.consecutive_failures.store(0, Relaxed);
+        }
+    }
+
+    /// Ejects it for `base` doubled per earlier ejection, at most `max`.
+    pub fn eject(&self, base: Duration, max: Duration) -> Duration {
+        let n = self.ejections.fetch_add(1, Relaxed).min(16);
+        let length = base.saturating_mul(1 << n).min(max);
+        self.ejected_until
+            .store(now_ms() + length.as_millis() as u64, Relaxed);
+        self.consecutive_failures.store(0, Relaxed);
+        self.last_change.store(unix_now(), Relaxed);
+        length
+    }
+
+    /// Records an active check's result.
+    pub fn record_check(&self, passed: bool, status: u16) {
+        self.check_result.store(if passed { 1 } else { 2 }, Relaxed);
+        self.check_status.store(u32::from(status), Relaxed);
+        self.check_time.store(unix_now(), Relaxed);
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -141,6 +212,17 @@ impl EndpointState {
             responses: std::array::from_fn(|i| self.responses[i].load(Relaxed)),
             failures: self.failures.load(Relaxed),
             last_change: self.last_change.load(Relaxed),
+            ejected: self.ejected(),
+            ejections: self.ejections(),
+            check: match self.check_result.load(Relaxed) {
+                0 => None,
+                r => Some(CheckView {
+                    passed: r == 1,
+                    status: self.check_status.load(Relaxed) as u16,
+                    at: self.check_time.load(Relaxed),
+                }),
+            },
+            idle_connections: self.pool.idle(),
         }
     }
 }
@@ -173,4 +255,21 @@ pub struct EndpointCounters {
     pub responses: [u64; 5],
     pub failures: u64,
     pub last_change: u64,
+    /// Ejected by passive checks right now.
+    pub ejected: bool,
+    pub ejections: u32,
+    /// The last active check, if the endpoint has checks.
+    pub check: Option<CheckView>,
+    /// Idle upstream keep-alive connections.
+    pub idle_connections: usize,
+}
+
+/// The last active check of an endpoint.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct CheckView {
+    pub passed: bool,
+    /// The HTTP status seen (0 for TCP checks and failures to connect).
+    pub status: u16,
+    /// Unix seconds.
+    pub at: u64,
 }

@@ -111,10 +111,21 @@ impl Listeners {
     fn resize(&mut self, max: usize) {
         if max > self.max_connections {
             self.conn_limit.add_permits(max - self.max_connections);
-        } else {
-            // Permits in use are given back later and then forgotten lazily;
-            // forget what is free now.
-            self.conn_limit.forget_permits(self.max_connections - max);
+        } else if max < self.max_connections {
+            // Forget what is free now; the rest is taken back as open
+            // connections close.
+            let owed = self.max_connections - max;
+            let forgotten = self.conn_limit.forget_permits(owed);
+            if let Ok(owed) = u32::try_from(owed - forgotten) {
+                if owed > 0 {
+                    let limit = self.conn_limit.clone();
+                    tokio::spawn(async move {
+                        if let Ok(permits) = limit.acquire_many_owned(owed).await {
+                            permits.forget();
+                        }
+                    });
+                }
+            }
         }
         self.max_connections = max;
     }
@@ -127,6 +138,8 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    #[cfg(unix)]
+    socket.set_reuseport(true)?;
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
@@ -139,31 +152,16 @@ impl ListenerControl for Listeners {
             .iter()
             .map(|l| (l.name.as_str(), l))
             .collect();
-        // Listeners to stop: gone, or changed.
-        let stale: Vec<String> = self
-            .running
-            .iter()
-            .filter(|(name, r)| wanted.get(name.as_str()) != Some(&&r.spec))
-            .map(|(name, _)| name.clone())
-            .collect();
-        // A changed listener that keeps its address must let go of it first.
-        let mut stopped_early = Vec::new();
-        for name in &stale {
-            if let (Some(r), Some(w)) = (self.running.get(name), wanted.get(name.as_str())) {
-                if r.spec.bind == w.bind {
-                    stopped_early.push(name.clone());
-                }
-            }
-        }
-        for name in &stopped_early {
-            if let Some(r) = self.running.remove(name) {
-                r.stop.cancel();
-            }
-        }
-        // Bind everything new before touching the rest.
+        // A listener needs a new socket only when its address or mode
+        // changes; its default service lives in the routing table.
+        let same_socket =
+            |r: &Running, l: &Listener| r.spec.bind == l.bind && r.spec.mode == l.mode;
+        // Bind everything new before touching what runs: a bind that fails
+        // changes nothing. SO_REUSEPORT lets a changed listener bind the
+        // address its old socket still holds.
         let mut fresh = Vec::new();
         for l in &config.listeners {
-            if self.running.get(&l.name).is_some_and(|r| r.spec == *l) {
+            if self.running.get(&l.name).is_some_and(|r| same_socket(r, l)) {
                 continue;
             }
             match bind(l.bind) {
@@ -176,10 +174,21 @@ impl ListenerControl for Listeners {
                 }
             }
         }
+        let stale: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, r)| !wanted.get(name.as_str()).is_some_and(|l| same_socket(r, l)))
+            .map(|(name, _)| name.clone())
+            .collect();
         for name in &stale {
             if let Some(r) = self.running.remove(name) {
                 tracing::info!(listener = %name, addr = %r.local, "listener stopped");
                 r.stop.cancel();
+            }
+        }
+        for (name, r) in self.running.iter_mut() {
+            if let Some(l) = wanted.get(name.as_str()) {
+                r.spec = (*l).clone();
             }
         }
         self.resize(config.global.max_connections);

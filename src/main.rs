@@ -7,8 +7,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use pointsman::app::{stop_signal, App};
+use pointsman::app::{stop_signals, App};
 use pointsman::config::{Config, Listener, ListenerMode};
+use pointsman::registry::RegistryOptions;
+use pointsman_discovery::{EtcdOptions, EtcdTls, Prefixes};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -44,8 +46,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Run the demo: upstreams on 127.0.0.1:9101-9105 and the proxy on
-    /// 127.0.0.1:8080 with the embedded demo config.
+    /// Run the demo: upstreams on 127.0.0.1:9101-9106, registered in a file
+    /// registry, and the proxy on 127.0.0.1:8080 with the embedded demo
+    /// config.
     Demo(RunArgs),
     /// Run a small HTTP upstream that echoes what it receives (for demos,
     /// the compose stack and tests).
@@ -74,9 +77,71 @@ struct RunArgs {
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Follow etcd: client URLs of the cluster, comma-separated
+    /// (http://127.0.0.1:2379,http://10.0.0.2:2379).
+    #[arg(long, value_delimiter = ',', env = "POINTSMAN_ETCD")]
+    etcd: Vec<String>,
+    /// Key prefix of service registrations in etcd.
+    #[arg(long, default_value = "/services")]
+    etcd_prefix: String,
+    /// Key prefix of routes, maps, overrides and proxies in etcd.
+    #[arg(long, default_value = "/pointsman")]
+    etcd_config_prefix: String,
+    /// etcd user name (with --etcd-password, or POINTSMAN_ETCD_PASSWORD).
+    #[arg(long)]
+    etcd_user: Option<String>,
+    /// etcd password.
+    #[arg(long, env = "POINTSMAN_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
+    /// PEM CA certificate for etcd over TLS.
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd (with --etcd-key).
+    #[arg(long, requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// Follow a directory of registration files: <dir>/<service>/<instance-id>
+    /// holding `host:port` or JSON, as in etcd.
+    #[arg(long)]
+    registry_dir: Option<PathBuf>,
+    /// Keep the last good registry state here and serve it at start when
+    /// the registry cannot be reached.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 impl RunArgs {
+    fn registries(&self) -> anyhow::Result<RegistryOptions> {
+        let etcd = if self.etcd.is_empty() {
+            None
+        } else {
+            let mut o = EtcdOptions::new(self.etcd.iter().cloned());
+            o.prefixes = Prefixes {
+                services: self.etcd_prefix.clone(),
+                pointsman: self.etcd_config_prefix.clone(),
+            };
+            o.user = match (&self.etcd_user, &self.etcd_password) {
+                (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+                (None, None) => None,
+                _ => anyhow::bail!("--etcd-user and --etcd-password go together"),
+            };
+            o.tls = self.etcd_ca.as_ref().map(|ca| EtcdTls {
+                ca: ca.clone(),
+                cert: self.etcd_cert.clone(),
+                key: self.etcd_key.clone(),
+                domain: None,
+            });
+            Some(o)
+        };
+        Ok(RegistryOptions {
+            etcd,
+            dir: self.registry_dir.clone(),
+            state_dir: self.state_dir.clone(),
+        })
+    }
+
     /// The overrides the flags make to any config, including reloaded ones.
     fn overrides(&self) -> Arc<dyn Fn(&mut Config) + Send + Sync> {
         let (listen, admin) = (self.listen, self.admin);
@@ -125,10 +190,11 @@ fn main() -> ExitCode {
         Command::Upstream { listen, name } => runtime(Some(1)).and_then(|rt| {
             rt.block_on(async {
                 let stop = CancellationToken::new();
+                let signals = stop_signals()?;
                 pointsman::upstream::start_all(&[(name, listen)], stop.clone())
                     .await
                     .map_err(anyhow::Error::msg)?;
-                stop_signal().await;
+                signals.await;
                 stop.cancel();
                 Ok(())
             })
@@ -153,6 +219,7 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn run(args: RunArgs, demo: bool) -> anyhow::Result<()> {
+    let signals = stop_signals()?;
     let overrides = args.overrides();
     let mut config = match (&args.config, demo) {
         (Some(path), _) => Config::load(path)?,
@@ -163,34 +230,69 @@ async fn run(args: RunArgs, demo: bool) -> anyhow::Result<()> {
     };
     overrides(&mut config);
     let upstreams_stop = CancellationToken::new();
-    if demo {
-        let instances: Vec<(String, SocketAddr)> = config
-            .services
-            .values()
-            .flat_map(|s| s.endpoints.iter())
-            .filter_map(|e| {
-                let addr = format!("{}:{}", e.address.host(), e.address.port())
-                    .parse()
-                    .ok()?;
-                Some((e.id.clone(), addr))
-            })
+    let mut registries = args.registries()?;
+    let own_demo_dir = demo && registries.dir.is_none();
+    let demo_dir = if demo {
+        let dir = demo_registry(registries.dir.clone())?;
+        let instances: Vec<(String, SocketAddr)> = DEMO_INSTANCES
+            .iter()
+            .map(|(_, id, addr, _)| (id.to_string(), addr.parse().expect("demo address")))
             .collect();
         pointsman::upstream::start_all(&instances, upstreams_stop.clone())
             .await
             .map_err(anyhow::Error::msg)?;
+        registries.dir = Some(dir.clone());
+        Some(dir)
+    } else {
+        None
+    };
+    let app = App::start(config, overrides, registries).await?;
+    if let Some(dir) = &demo_dir {
+        print_demo_help(&app, dir);
     }
-    let app = App::start(config, overrides).await?;
-    if demo {
-        print_demo_help(&app);
-    }
-    stop_signal().await;
+    signals.await;
     tracing::info!("stop signal received: draining");
     app.drain().await;
     upstreams_stop.cancel();
+    if let (true, Some(dir)) = (own_demo_dir, &demo_dir) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     Ok(())
 }
 
-fn print_demo_help(app: &App) {
+/// The demo's instances: (service, id, address, registered at start).
+const DEMO_INSTANCES: [(&str, &str, &str, bool); 6] = [
+    ("web", "web1", "127.0.0.1:9101", true),
+    ("web", "web2", "127.0.0.1:9102", true),
+    ("web", "web3", "127.0.0.1:9103", true),
+    ("blue", "blue1", "127.0.0.1:9104", true),
+    ("green", "green1", "127.0.0.1:9105", true),
+    ("web", "web4", "127.0.0.1:9106", false),
+];
+
+/// Writes the demo's registrations into `dir` (or a fresh directory).
+fn demo_registry(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let dir = dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("pointsman-demo-{}", std::process::id()))
+    });
+    for (service, id, addr, registered) in DEMO_INSTANCES {
+        let path = dir.join(service).join(id);
+        std::fs::create_dir_all(dir.join(service))?;
+        if !registered {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        let value = if id == "web3" {
+            format!("{{\"address\": \"{addr}\", \"weight\": 2}}\n")
+        } else {
+            format!("{addr}\n")
+        };
+        std::fs::write(&path, value)?;
+    }
+    Ok(dir)
+}
+
+fn print_demo_help(app: &App, dir: &std::path::Path) {
     let web = app
         .listeners
         .values()
@@ -203,8 +305,12 @@ fn print_demo_help(app: &App) {
          \n  curl -s http://{web}/app/         # blue or green, chosen by the map \"release\"\
          \n  curl -s http://{web}/canary/      # 90% blue, 10% green\
          \n  curl -s http://{admin}/api/services\
+         \n\nThe endpoints come from the file registry in {dir}:\
+         \n  echo 127.0.0.1:9106 > {dir}/web/web4   # registers web4 (its upstream is running)\
+         \n  rm {dir}/web/web1                      # deregisters web1\
          \n\nStats page: http://{admin}/stats\nStop with Ctrl-C.\n",
-        admin = app.admin_addr
+        admin = app.admin_addr,
+        dir = dir.display()
     );
 }
 

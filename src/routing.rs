@@ -15,15 +15,18 @@ use pointsman_discovery::{Address, RouteSpec, RouteTarget};
 
 use crate::balance::{cookie_value, pick_split, Balancer};
 use crate::config::BalanceAlgorithm;
+use crate::config::PassiveConfig;
 use crate::endpoint::EndpointState;
-use crate::proxy::http::UpstreamClient;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 /// Everything a request needs to find its endpoint, as of one moment.
 #[derive(Debug, Default)]
 pub struct RoutingTable {
     /// Increases with every published table.
     pub version: u64,
-    pub services: HashMap<Arc<str>, Arc<Service>>,
+    /// A persistent map: publishing a table that changes one service
+    /// copies O(log n), not the whole map.
+    pub services: imbl::HashMap<Arc<str>, Arc<Service>>,
     pub routes: Arc<RouteIndex>,
     /// map name -> key -> service name.
     pub maps: HashMap<Arc<str>, Arc<HashMap<String, Arc<str>>>>,
@@ -47,9 +50,76 @@ pub struct ServiceSettings {
     pub request_timeout: Duration,
     /// Cookie name for sticky sessions, when `algorithm` is cookie.
     pub cookie: Option<Arc<str>>,
-    /// Pooled upstream connections (shared by services with the same
-    /// connect timeout).
-    pub client: UpstreamClient,
+    pub retry: RetryPolicy,
+    pub passive: PassiveConfig,
+    /// Idle pooled upstream connections older than this are not reused.
+    pub upstream_idle_timeout: Duration,
+    /// Live counters shared by every table's copy of this service.
+    pub live: Arc<ServiceState>,
+}
+
+/// Retries as the request path uses them.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub per_try_timeout: Duration,
+    /// Bit i set: retry on status 100 + i... kept as a small list.
+    pub on_status: Arc<[u16]>,
+    pub budget_percent: u32,
+    pub replay_limit: usize,
+}
+
+/// Service-wide live counters (carried across rebuilds).
+#[derive(Debug, Default)]
+pub struct ServiceState {
+    /// Requests in flight to the service.
+    pub active: AtomicU32,
+    /// Retries in flight.
+    pub retrying: AtomicU32,
+    /// Retries done, for the admin API and metrics.
+    pub retries: AtomicU64,
+    /// Ejections done.
+    pub ejections: AtomicU64,
+}
+
+impl ServiceState {
+    /// Starts a retry if the budget allows one.
+    pub fn try_retry(self: &Arc<Self>, budget_percent: u32) -> Option<RetryGuard> {
+        let active = self.active.load(Relaxed);
+        let allowed = (active * budget_percent / 100).max(3);
+        if self.retrying.fetch_add(1, Relaxed) >= allowed {
+            self.retrying.fetch_sub(1, Relaxed);
+            return None;
+        }
+        self.retries.fetch_add(1, Relaxed);
+        Some(RetryGuard(self.clone()))
+    }
+}
+
+/// A retry in flight.
+pub struct RetryGuard(Arc<ServiceState>);
+
+impl Drop for RetryGuard {
+    fn drop(&mut self) {
+        self.0.retrying.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Service {
+    /// Ejects endpoint `i` after a run of failures, unless that would
+    /// eject more than the allowed share of the service.
+    pub fn maybe_eject(&self, i: usize) {
+        let p = &self.settings.passive;
+        let ejected = self.endpoints.iter().filter(|e| e.live.ejected()).count();
+        let cap = self.endpoints.len() * p.max_ejected_percent as usize / 100;
+        if ejected + 1 > cap {
+            tracing::warn!(service = %self.name, endpoint = %self.endpoints[i].id, ejected, "failing endpoint not ejected: the service is at its ejection cap");
+            return;
+        }
+        let length = self.endpoints[i].live.eject(p.ejection, p.max_ejection);
+        self.settings.live.ejections.fetch_add(1, Relaxed);
+        tracing::warn!(service = %self.name, endpoint = %self.endpoints[i].id, ?length, "endpoint ejected after consecutive failures");
+    }
 }
 
 /// One endpoint of a service in one table.
@@ -61,8 +131,15 @@ pub struct Endpoint {
     pub authority: Authority,
     /// The sticky cookie value that selects this endpoint.
     pub cookie: Arc<str>,
+    /// The weight the balancer uses in this table: the effective weight
+    /// times [`WEIGHT_SCALE`], lowered while the endpoint slow-starts.
+    pub balance_weight: u32,
     pub live: Arc<EndpointState>,
 }
+
+/// Balancers work on weights times this, so even a weight-1 endpoint can
+/// ramp up in steps (HAProxy scales its weights the same way).
+pub const WEIGHT_SCALE: u32 = 16;
 
 impl Endpoint {
     pub fn new(id: Arc<str>, address: Address, live: Arc<EndpointState>) -> Result<Self, String> {
@@ -73,6 +150,7 @@ impl Endpoint {
             id,
             address,
             authority,
+            balance_weight: live.weight() * WEIGHT_SCALE,
             live,
         })
     }

@@ -20,7 +20,8 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds on the process's monotonic clock.
+pub fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
 }
 

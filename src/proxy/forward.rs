@@ -90,10 +90,20 @@ pub fn add_forwarded(
     trust: bool,
 ) {
     let ip = client.to_canonical().to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
-    };
+    // Every X-Forwarded-For line, in order, then this hop's client.
+    let mut xff = String::new();
+    for prev in headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        let prev = prev.trim();
+        if !prev.is_empty() {
+            xff.push_str(prev);
+            xff.push_str(", ");
+        }
+    }
+    xff.push_str(&ip);
     if let Ok(v) = HeaderValue::try_from(xff) {
         // Several X-Forwarded-For lines are folded into one.
         headers.insert(&X_FORWARDED_FOR, v);

@@ -13,44 +13,26 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme, Uri};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
+use super::body::UpstreamBody;
 use super::conn::{ActivityIo, ConnActivity};
 use super::forward::{add_forwarded, strip_hop_by_hop, strip_path, wants_upgrade};
-use super::{ProxyBody, ProxyError, RequestGuard, SharedLimits};
+use super::pool;
+use super::{ProxyBody, ProxyError, RequestGuard, ServiceActive, SharedLimits};
 use crate::balance::PickContext;
 use crate::control::SharedTable;
 use crate::routing::{find_cookie, Resolved, Service};
-
-/// The pooled client used to reach upstreams.
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
-
-/// Builds an upstream client; clients with the same connect timeout share
-/// one pool (see `control`).
-pub fn upstream_client(connect_timeout: Duration, idle_timeout: Duration) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(idle_timeout)
-        .set_host(false)
-        .build(connector)
-}
 
 /// What every HTTP listener shares.
 pub struct HttpProxy {
@@ -186,26 +168,14 @@ impl ConnContext {
 
     async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
         let (service, rewrite) = self.route(&req)?;
-
-        let sticky = service
-            .settings
+        let settings = &service.settings;
+        let sticky = settings
             .cookie
             .as_deref()
-            .and_then(|name| find_cookie(req.headers(), name));
-        let pick = service
-            .balancer
-            .pick(
-                &service.endpoints,
-                &PickContext {
-                    client_ip: Some(self.peer.ip()),
-                    sticky,
-                    avoid: None,
-                },
-            )
-            .ok_or_else(|| ProxyError::NoEndpoint(service.name.clone()))?;
-        let endpoint = &service.endpoints[pick.index];
+            .and_then(|name| find_cookie(req.headers(), name))
+            .map(str::to_owned);
 
-        // Phase 4: the upstream request.
+        // Phase 4: the upstream request's head, once for every try.
         let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -225,7 +195,7 @@ impl ConnContext {
         };
         strip_hop_by_hop(&mut parts.headers, upgrade);
         // We answer `Expect: 100-continue` ourselves: hyper sends the 100
-        // when the body is first read, i.e. once the upstream is connected.
+        // when the body is first read.
         parts.headers.remove(header::EXPECT);
         add_forwarded(
             &mut parts.headers,
@@ -243,76 +213,220 @@ impl ConnContext {
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         };
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(endpoint.authority.clone());
-        uri.path_and_query = Some(path_and_query);
-        parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("unusable URI"))?;
-        parts.version = Version::HTTP_11;
+        let retry = &settings.retry;
+        let body = UpstreamBody::read(body, retry.replay_limit)
+            .await
+            .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::PUT
+                | Method::DELETE
+                | Method::TRACE
+        );
 
-        let in_flight = endpoint.live.start_request();
+        let service_active = ServiceActive::start(&settings.live);
+        // The client connection is busy from here on, whatever the upstream
+        // takes to answer (its idle timeout must not close it).
         let conn_active = self.activity.start();
-        let sent = service
-            .settings
-            .client
-            .request(Request::from_parts(parts, body));
-        let timeout = service.settings.request_timeout;
-        let mut resp = match tokio::time::timeout(timeout, sent).await {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => {
-                endpoint.live.record_failure();
-                let reason = error_chain(&e);
-                return Err(if e.is_connect() {
-                    ProxyError::Connect {
-                        endpoint: endpoint.address.to_string(),
-                        reason,
+        let mut body = Some(body);
+        let mut headers = Some(std::mem::take(&mut parts.headers));
+        let mut avoid = None;
+        let mut tries_left = retry.attempts;
+        // Pooled connections the upstream closed under us; bounded so an
+        // upstream that closes every connection cannot hold us in a loop.
+        let mut unsent_left = 3u32;
+        let mut _retry_guard = None;
+        loop {
+            tries_left -= 1;
+            let pick = service
+                .balancer
+                .pick(
+                    &service.endpoints,
+                    &PickContext {
+                        client_ip: Some(self.peer.ip()),
+                        sticky: sticky.as_deref(),
+                        avoid,
+                    },
+                )
+                .ok_or_else(|| ProxyError::NoEndpoint(service.name.clone()))?;
+            let endpoint = &service.endpoints[pick.index];
+            let live = &endpoint.live;
+            // Another try, if the policy and the budget allow one.
+            let mut may_retry = |avoid_now: &mut Option<usize>| {
+                if tries_left == 0 {
+                    return false;
+                }
+                match settings.live.try_retry(retry.budget_percent) {
+                    Some(g) => {
+                        _retry_guard = Some(g);
+                        *avoid_now = Some(pick.index);
+                        true
                     }
-                } else {
-                    ProxyError::Upstream {
-                        endpoint: endpoint.address.to_string(),
-                        reason,
-                    }
-                });
-            }
-            Err(_) => {
-                endpoint.live.record_failure();
-                return Err(ProxyError::Timeout {
-                    endpoint: endpoint.address.to_string(),
-                    timeout,
-                });
-            }
-        };
+                    None => false,
+                }
+            };
 
-        // Phase 5: the response.
-        let status = resp.status();
-        endpoint.live.record_status(status.as_u16());
-        let guard = RequestGuard {
-            endpoint: in_flight,
-            _conn: conn_active,
-        };
-        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-        let guard = match (switching, client_upgrade) {
-            (true, Some(client_side)) => {
-                let upstream_side = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(client_side, upstream_side, guard));
+            // Connect before giving the body away, so a failed connect can
+            // try another endpoint with any body.
+            let mut sender = match live
+                .pool
+                .take(&endpoint.address, settings.upstream_idle_timeout)
+                .await
+            {
+                Some(s) => s,
+                None => match pool::connect(&endpoint.address, settings.connect_timeout).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.failed(&service, pick.index);
+                        if may_retry(&mut avoid) {
+                            tracing::debug!(endpoint = %endpoint.address, error = %e, "connect failed; retrying on another endpoint");
+                            continue;
+                        }
+                        return Err(ProxyError::Connect {
+                            endpoint: endpoint.address.to_string(),
+                            reason: e.to_string(),
+                        });
+                    }
+                },
+            };
+
+            // The body for this try: a copy while more tries may follow.
+            let Some(this_body) = (if tries_left > 0 {
+                body.as_ref().and_then(UpstreamBody::replay)
+            } else {
                 None
+            })
+            .or_else(|| body.take()) else {
+                return Err(ProxyError::Upstream {
+                    endpoint: endpoint.address.to_string(),
+                    reason: "the request body was already sent".into(),
+                });
+            };
+            let replayable = body.is_some();
+            let these_headers = match (&headers, replayable) {
+                (Some(h), true) => h.clone(),
+                _ => headers.take().unwrap_or_default(),
+            };
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(endpoint.authority.clone());
+            uri.path_and_query = Some(path_and_query.clone());
+            let mut upstream_req = Request::new(this_body);
+            *upstream_req.method_mut() = parts.method.clone();
+            *upstream_req.uri_mut() =
+                Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("unusable URI"))?;
+            *upstream_req.headers_mut() = these_headers;
+
+            let in_flight = live.start_request();
+            let sent =
+                tokio::time::timeout(retry.per_try_timeout, sender.try_send_request(upstream_req))
+                    .await;
+            let mut resp = match sent {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(mut e)) => {
+                    drop(in_flight);
+                    // Never written: the upstream closed a pooled connection
+                    // just then. The request (and its body) come back whole.
+                    if let Some(unsent) = e.message().is_some().then(|| e.take_message()).flatten()
+                    {
+                        if unsent_left > 0 {
+                            unsent_left -= 1;
+                            let (p, b) = unsent.into_parts();
+                            headers = Some(p.headers);
+                            body = Some(b);
+                            tries_left += 1;
+                            avoid = None;
+                            continue;
+                        }
+                    }
+                    self.failed(&service, pick.index);
+                    let reason = error_chain(&e.into_error());
+                    // Reset before any response byte: safe to try elsewhere
+                    // when the body can be sent again.
+                    if replayable && may_retry(&mut avoid) {
+                        tracing::debug!(endpoint = %endpoint.address, %reason, "upstream failed before answering; retrying");
+                        continue;
+                    }
+                    return Err(ProxyError::Upstream {
+                        endpoint: endpoint.address.to_string(),
+                        reason,
+                    });
+                }
+                Err(_) => {
+                    drop(in_flight);
+                    self.failed(&service, pick.index);
+                    if idempotent && replayable && may_retry(&mut avoid) {
+                        continue;
+                    }
+                    return Err(ProxyError::Timeout {
+                        endpoint: endpoint.address.to_string(),
+                        timeout: retry.per_try_timeout,
+                    });
+                }
+            };
+
+            // Phase 5: the response.
+            let status = resp.status();
+            live.record_status(status.as_u16());
+            if status.is_server_error() {
+                if live.failed_once(settings.passive.consecutive_failures) {
+                    service.maybe_eject(pick.index);
+                }
+            } else {
+                live.succeeded();
             }
-            _ => Some(guard),
-        };
-        strip_hop_by_hop(resp.headers_mut(), switching);
-        if pick.set_cookie {
-            if let Some(name) = &service.settings.cookie {
-                let cookie = format!("{name}={}; Path=/", endpoint.cookie);
-                if let Ok(v) = HeaderValue::try_from(cookie) {
-                    resp.headers_mut().append(header::SET_COOKIE, v);
+            if idempotent
+                && replayable
+                && retry.on_status.contains(&status.as_u16())
+                && may_retry(&mut avoid)
+            {
+                tracing::debug!(endpoint = %endpoint.address, %status, "retrying on another endpoint");
+                continue;
+            }
+            let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+            let mut guard = RequestGuard {
+                endpoint: in_flight,
+                conn: conn_active,
+                service: service_active,
+                upstream: (!switching).then(|| (sender, endpoint.address.clone())),
+            };
+            let guard = match (switching, client_upgrade) {
+                (true, Some(client_side)) => {
+                    let upstream_side = hyper::upgrade::on(&mut resp);
+                    guard.upstream = None;
+                    tokio::spawn(tunnel(client_side, upstream_side, guard));
+                    None
+                }
+                _ => Some(guard),
+            };
+            strip_hop_by_hop(resp.headers_mut(), switching);
+            if pick.set_cookie {
+                if let Some(name) = &settings.cookie {
+                    let cookie = format!("{name}={}; Path=/", endpoint.cookie);
+                    if let Ok(v) = HeaderValue::try_from(cookie) {
+                        resp.headers_mut().append(header::SET_COOKIE, v);
+                    }
                 }
             }
+            let (parts, body) = resp.into_parts();
+            return Ok(Response::from_parts(
+                parts,
+                ProxyBody::upstream(body, guard),
+            ));
         }
-        let (parts, body) = resp.into_parts();
-        Ok(Response::from_parts(
-            parts,
-            ProxyBody::Upstream { body, guard },
-        ))
+    }
+
+    /// A request to endpoint `i` got no usable answer: count it, and eject
+    /// the endpoint after a run of them.
+    fn failed(&self, service: &Service, i: usize) {
+        let live = &service.endpoints[i].live;
+        live.record_failure();
+        if live.failed_once(service.settings.passive.consecutive_failures) {
+            service.maybe_eject(i);
+        }
     }
 }
 

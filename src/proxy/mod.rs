@@ -3,9 +3,11 @@
 //! whole connections. Both read the routing table per request or per
 //! connection and never take a lock on the way.
 
+pub mod body;
 pub mod conn;
 pub mod forward;
 pub mod http;
+pub mod pool;
 pub mod tcp;
 
 use std::pin::Pin;
@@ -23,7 +25,9 @@ use hyper::{Response, StatusCode};
 
 use crate::config::Global;
 use crate::endpoint::InFlight;
+use crate::routing::ServiceState;
 use conn::ConnActive;
+use pointsman_discovery::Address;
 
 /// Limits and timeouts for client connections, replaced on config reload.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,15 +112,65 @@ impl ProxyError {
     }
 }
 
-/// Keeps a request counted (on its endpoint and its client connection)
-/// until the response body is finished or dropped.
-#[derive(Debug)]
+/// Keeps a request counted (on its endpoint, its service and its client
+/// connection) until the response body is finished or dropped, and then
+/// gives the upstream connection back to the endpoint's pool.
 pub struct RequestGuard {
     pub endpoint: InFlight,
-    pub _conn: ConnActive,
+    pub conn: ConnActive,
+    pub service: ServiceActive,
+    /// The upstream connection, reusable once the body is finished.
+    pub upstream: Option<(pool::Sender, Address)>,
+}
+
+impl RequestGuard {
+    /// The response body was read to its end: the upstream connection can
+    /// serve another request, unless the endpoint takes no new ones.
+    fn finish(mut self) {
+        if let Some((sender, address)) = self.upstream.take() {
+            let live = self.endpoint.endpoint();
+            if live.accepts_new() {
+                live.pool.put(sender, address);
+            }
+        }
+    }
+}
+
+/// Counts a request in flight to a service (for the retry budget).
+pub struct ServiceActive(Arc<ServiceState>);
+
+impl ServiceActive {
+    pub fn start(state: &Arc<ServiceState>) -> Self {
+        state
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ServiceActive(state.clone())
+    }
+}
+
+impl Drop for ServiceActive {
+    fn drop(&mut self) {
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A response body: streamed from an upstream, or made here.
+impl ProxyBody {
+    /// A streamed upstream body; an already-finished one gives its
+    /// connection back at once (HEAD, 204, 304 are never polled).
+    pub fn upstream(body: Incoming, guard: Option<RequestGuard>) -> ProxyBody {
+        if body.is_end_stream() {
+            if let Some(g) = guard {
+                g.finish();
+            }
+            return ProxyBody::Upstream { body, guard: None };
+        }
+        ProxyBody::Upstream { body, guard }
+    }
+}
+
 pub enum ProxyBody {
     Upstream {
         body: Incoming,
@@ -145,11 +199,20 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ProxyBody::Upstream { body, guard } => {
-                let polled = Pin::new(body).poll_frame(cx);
+                let polled = Pin::new(&mut *body).poll_frame(cx);
                 match &polled {
+                    // Finished: the request is no longer in flight. A body
+                    // of known length ends with its last frame; hyper does
+                    // not poll it again after that.
                     Poll::Ready(None) => {
-                        // Finished: the request is no longer in flight.
-                        guard.take();
+                        if let Some(g) = guard.take() {
+                            g.finish();
+                        }
+                    }
+                    Poll::Ready(Some(Ok(_))) if body.is_end_stream() => {
+                        if let Some(g) = guard.take() {
+                            g.finish();
+                        }
                     }
                     Poll::Ready(Some(Err(_))) => {
                         if let Some(g) = guard.take() {

@@ -1,0 +1,200 @@
+//! `/metrics` in Prometheus text format. Everything here is read at scrape
+//! time from the atomics the proxy already keeps (endpoint state, registry
+//! status, reload counts), so the request path pays nothing for metrics.
+
+use std::sync::atomic::Ordering;
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::registry::Followed;
+use crate::reload::ReloadStats;
+use crate::routing::RoutingTable;
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    // Names and labels are constants of this module; a failure here is a
+    // programming error caught by the unit test below.
+    IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"))
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"))
+}
+
+/// Renders every metric as Prometheus text.
+pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats) -> String {
+    let requests = counter(
+        "pointsman_endpoint_requests_total",
+        "Requests (HTTP) or connections (TCP) sent to an endpoint.",
+        &["service", "endpoint"],
+    );
+    let responses = counter(
+        "pointsman_endpoint_responses_total",
+        "Responses from an endpoint by status class.",
+        &["service", "endpoint", "code_class"],
+    );
+    let failures = counter(
+        "pointsman_endpoint_failures_total",
+        "Requests that got no response from an endpoint (connect failure, reset, timeout).",
+        &["service", "endpoint"],
+    );
+    let in_flight = gauge(
+        "pointsman_endpoint_in_flight",
+        "Requests in flight to an endpoint.",
+        &["service", "endpoint"],
+    );
+    let weight = gauge(
+        "pointsman_endpoint_weight",
+        "Effective weight of an endpoint.",
+        &["service", "endpoint"],
+    );
+    let state = gauge(
+        "pointsman_endpoint_state",
+        "1 for the endpoint's administrative state (ready, drain, maint), 0 for the others.",
+        &["service", "endpoint", "state"],
+    );
+    let up = gauge(
+        "pointsman_endpoint_accepting",
+        "1 if the endpoint takes new requests (ready, healthy, weight > 0).",
+        &["service", "endpoint"],
+    );
+    for svc in table.services.values() {
+        for ep in &svc.endpoints {
+            let l = [&*svc.name, &*ep.id];
+            let c = ep.live.snapshot();
+            requests.with_label_values(&l).inc_by(c.requests);
+            failures.with_label_values(&l).inc_by(c.failures);
+            for (class, n) in CLASSES.iter().zip(c.responses) {
+                if n > 0 {
+                    responses.with_label_values(&[l[0], l[1], class]).inc_by(n);
+                }
+            }
+            in_flight.with_label_values(&l).set(i64::from(c.in_flight));
+            weight.with_label_values(&l).set(i64::from(c.weight));
+            for s in ["ready", "drain", "maint"] {
+                state
+                    .with_label_values(&[l[0], l[1], s])
+                    .set(i64::from(c.state.as_str() == s));
+            }
+            up.with_label_values(&l)
+                .set(i64::from(ep.live.accepts_new()));
+        }
+    }
+
+    let connected = gauge(
+        "pointsman_registry_connected",
+        "1 while the registry is reachable.",
+        &["source"],
+    );
+    let staleness = GaugeVec::new(
+        Opts::new(
+            "pointsman_registry_staleness_seconds",
+            "Seconds since the registry last confirmed the proxy's view (absent before the first sync).",
+        ),
+        &["source"],
+    )
+    .unwrap_or_else(|e| panic!("staleness metric: {e}"));
+    let applied = gauge(
+        "pointsman_registry_applied_revision",
+        "Registry revision of the routing table being served.",
+        &["source"],
+    );
+    let malformed = counter(
+        "pointsman_registry_malformed_total",
+        "Registry values skipped because they did not parse.",
+        &["source"],
+    );
+    let reconnects = counter(
+        "pointsman_registry_reconnects_total",
+        "Registry reconnections.",
+        &["source"],
+    );
+    let saved = gauge(
+        "pointsman_registry_serving_saved_state",
+        "1 while the proxy serves state loaded from --state-dir because the registry has not synced.",
+        &["source"],
+    );
+    for f in followed {
+        let s = f.status.snapshot();
+        let l = [f.status.source().as_str()];
+        connected.with_label_values(&l).set(i64::from(s.connected));
+        if let Some(st) = s.staleness_secs {
+            staleness.with_label_values(&l).set(st);
+        }
+        if let Some(rev) = f.status.applied_revision() {
+            applied.with_label_values(&l).set(rev);
+        }
+        malformed.with_label_values(&l).inc_by(s.malformed);
+        reconnects.with_label_values(&l).inc_by(s.reconnects);
+        saved
+            .with_label_values(&l)
+            .set(i64::from(f.from_saved_state.load(Ordering::Relaxed)));
+    }
+
+    let reload = counter(
+        "pointsman_config_reloads_total",
+        "Config reloads by result.",
+        &["result"],
+    );
+    reload
+        .with_label_values(&["applied"])
+        .inc_by(reloads.applied.load(Ordering::Relaxed));
+    reload
+        .with_label_values(&["failed"])
+        .inc_by(reloads.failed.load(Ordering::Relaxed));
+    let version = IntGauge::new(
+        "pointsman_table_version",
+        "Version of the routing table being served.",
+    )
+    .unwrap_or_else(|e| panic!("version metric: {e}"));
+    version.set(i64::try_from(table.version).unwrap_or(i64::MAX));
+
+    let registry = Registry::new();
+    let collectors: Vec<Box<dyn Collector>> = vec![
+        Box::new(requests),
+        Box::new(responses),
+        Box::new(failures),
+        Box::new(in_flight),
+        Box::new(weight),
+        Box::new(state),
+        Box::new(up),
+        Box::new(connected),
+        Box::new(staleness),
+        Box::new(applied),
+        Box::new(malformed),
+        Box::new(reconnects),
+        Box::new(saved),
+        Box::new(reload),
+        Box::new(version),
+    ];
+    for c in collectors {
+        if let Err(e) = registry.register(c) {
+            tracing::error!(error = %e, "metric registration failed");
+        }
+    }
+    let mut out = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut out) {
+        tracing::error!(error = %e, "metrics encoding failed");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_an_empty_table() {
+        let text = render(&RoutingTable::default(), &[], &ReloadStats::default());
+        assert!(text.contains("pointsman_table_version 0"), "{text}");
+        assert!(
+            text.contains("pointsman_config_reloads_total{result=\"failed\"} 0"),
+            "{text}"
+        );
+    }
+}

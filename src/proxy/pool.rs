@@ -1,0 +1,132 @@
+//! Upstream connections: one pool of idle HTTP/1.1 keep-alive connections
+//! per endpoint, kept in the endpoint's live state so it survives table
+//! rebuilds. A request takes a connection (or opens one) *before* it hands
+//! over its body, so a failed connect can be retried on another endpoint
+//! whatever the body. A connection goes back to the pool when its response
+//! body is finished, unless the endpoint no longer takes new requests:
+//! draining closes an endpoint's idle connections.
+
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use pointsman_discovery::Address;
+use tokio::net::TcpStream;
+
+use super::body::UpstreamBody;
+
+/// Idle connections kept per endpoint; more are closed when released.
+const MAX_IDLE: usize = 256;
+
+pub type Sender = SendRequest<UpstreamBody>;
+
+struct Idle {
+    sender: Sender,
+    address: Address,
+    since: Instant,
+}
+
+/// An endpoint's idle upstream connections. Lock-free.
+pub struct Pool {
+    idle: ArrayQueue<Idle>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            idle: ArrayQueue::new(MAX_IDLE),
+        }
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pool({} idle)", self.idle.len())
+    }
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connect failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("HTTP handshake failed: {0}")]
+    Handshake(#[from] hyper::Error),
+}
+
+impl Pool {
+    /// An idle connection to `address` that is still open and was idle for
+    /// less than `max_idle`, if there is one.
+    pub async fn take(&self, address: &Address, max_idle: Duration) -> Option<Sender> {
+        while let Some(idle) = self.idle.pop() {
+            if idle.since.elapsed() >= max_idle || &idle.address != address {
+                continue;
+            }
+            let mut sender = idle.sender;
+            // The previous response is finished, so this resolves at once:
+            // ready, or closed by the upstream meanwhile.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Gives a connection back for reuse.
+    pub fn put(&self, sender: Sender, address: Address) {
+        if sender.is_closed() {
+            return;
+        }
+        // A full pool drops (closes) the connection.
+        let _ = self.idle.push(Idle {
+            sender,
+            address,
+            since: Instant::now(),
+        });
+    }
+
+    /// Closes every idle connection.
+    pub fn clear(&self) {
+        while self.idle.pop().is_some() {}
+    }
+
+    /// Closes idle connections older than `max_idle`.
+    pub fn expire(&self, max_idle: Duration) {
+        for _ in 0..self.idle.len() {
+            match self.idle.pop() {
+                Some(idle) if idle.since.elapsed() < max_idle && !idle.sender.is_closed() => {
+                    let _ = self.idle.push(idle);
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+    }
+
+    pub fn idle(&self) -> usize {
+        self.idle.len()
+    }
+}
+
+/// Opens a new HTTP/1.1 connection to `address`.
+pub async fn connect(address: &Address, timeout: Duration) -> Result<Sender, ConnectError> {
+    let stream = tokio::time::timeout(
+        timeout,
+        TcpStream::connect((address.host(), address.port())),
+    )
+    .await
+    .map_err(|_| ConnectError::Timeout(timeout))??;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake::<_, UpstreamBody>(TokioIo::new(stream))
+        .await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection closed with an error");
+        }
+    });
+    Ok(sender)
+}
