@@ -82,12 +82,21 @@ mod tests {
     #[test]
     fn refuses_plans_that_do_not_finish_or_go_back() {
         assert_eq!(CanarySteps::parse(""), Err(PlanError::Empty));
-        assert_eq!(CanarySteps::parse("5,50"), Err(PlanError::DoesNotFinish(50)));
+        assert_eq!(
+            CanarySteps::parse("5,50"),
+            Err(PlanError::DoesNotFinish(50))
+        );
         assert_eq!(
             CanarySteps::parse("5,1,100"),
             Err(PlanError::NotIncreasing { prev: 5, next: 1 })
         );
-        assert!(matches!(CanarySteps::parse("0,100"), Err(PlanError::NotAPercentage(_))));
-        assert!(matches!(CanarySteps::parse("x"), Err(PlanError::NotAPercentage(_))));
+        assert!(matches!(
+            CanarySteps::parse("0,100"),
+            Err(PlanError::NotAPercentage(_))
+        ));
+        assert!(matches!(
+            CanarySteps::parse("x"),
+            Err(PlanError::NotAPercentage(_))
+        ));
     }
 }
