@@ -78,6 +78,7 @@ impl App {
             reloads: reloads.clone(),
         });
         tokio::spawn(admin.serve(admin_listener, shutdown.clone()));
+        tokio::spawn(expire_idle_upstreams(table.clone(), shutdown.clone()));
         tracing::info!(addr = %admin_addr, "admin listening (stats at /stats)");
 
         let watcher = match file {
@@ -121,6 +122,26 @@ impl App {
             tracing::warn!(timeout = ?self.drain_timeout, "drain timeout passed with connections still open");
         }
         finished
+    }
+}
+
+/// Closes pooled upstream connections that stayed idle longer than their
+/// service's `upstream_idle_timeout`.
+async fn expire_idle_upstreams(table: SharedTable, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let table = table.load_full();
+        for service in table.services.values() {
+            for endpoint in &service.endpoints {
+                if endpoint.live.pool.idle() > 0 {
+                    endpoint.live.pool.expire(service.settings.upstream_idle_timeout);
+                }
+            }
+        }
     }
 }
 
