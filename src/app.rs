@@ -138,7 +138,10 @@ async fn expire_idle_upstreams(table: SharedTable, shutdown: CancellationToken) 
         for service in table.services.values() {
             for endpoint in &service.endpoints {
                 if endpoint.live.pool.idle() > 0 {
-                    endpoint.live.pool.expire(service.settings.upstream_idle_timeout);
+                    endpoint
+                        .live
+                        .pool
+                        .expire(service.settings.upstream_idle_timeout);
                 }
             }
         }

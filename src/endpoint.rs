@@ -175,6 +175,11 @@ impl EndpointState {
         length
     }
 
+    /// Has an active check run on it yet?
+    pub fn has_check_result(&self) -> bool {
+        self.check_result.load(Relaxed) != 0
+    }
+
     /// Records an active check's result.
     pub fn record_check(&self, passed: bool, status: u16) {
         self.check_result.store(if passed { 1 } else { 2 }, Relaxed);

@@ -112,7 +112,8 @@ async fn check_loop(
     notify: Option<mpsc::Sender<Command>>,
 ) {
     let (mut passes, mut fails) = (0u32, 0u32);
-    let mut checked_before = false;
+    // A task restarted for new check settings keeps rise/fall going.
+    let mut checked_before = live.has_check_result();
     let mut tick = tokio::time::interval(spec.interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -17,7 +17,10 @@ use crate::balance::{cookie_value, pick_split, Balancer};
 use crate::config::BalanceAlgorithm;
 use crate::config::PassiveConfig;
 use crate::endpoint::EndpointState;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 
 /// Everything a request needs to find its endpoint, as of one moment.
 #[derive(Debug, Default)]
@@ -80,6 +83,9 @@ pub struct ServiceState {
     pub retries: AtomicU64,
     /// Ejections done.
     pub ejections: AtomicU64,
+    /// Held while one request decides an ejection, so two failures at once
+    /// cannot both pass the cap.
+    ejecting: AtomicBool,
 }
 
 impl ServiceState {
@@ -91,7 +97,6 @@ impl ServiceState {
             self.retrying.fetch_sub(1, Relaxed);
             return None;
         }
-        self.retries.fetch_add(1, Relaxed);
         Some(RetryGuard(self.clone()))
     }
 }
@@ -109,7 +114,24 @@ impl Service {
     /// Ejects endpoint `i` after a run of failures, unless that would
     /// eject more than the allowed share of the service.
     pub fn maybe_eject(&self, i: usize) {
+        let live = &self.settings.live;
+        if live
+            .ejecting
+            .compare_exchange(false, true, Acquire, Relaxed)
+            .is_err()
+        {
+            // Another request is deciding; this failure counts again next time.
+            return;
+        }
+        self.eject_within_cap(i);
+        live.ejecting.store(false, Release);
+    }
+
+    fn eject_within_cap(&self, i: usize) {
         let p = &self.settings.passive;
+        if self.endpoints[i].live.ejected() {
+            return;
+        }
         let ejected = self.endpoints.iter().filter(|e| e.live.ejected()).count();
         let cap = self.endpoints.len() * p.max_ejected_percent as usize / 100;
         if ejected + 1 > cap {

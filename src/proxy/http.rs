@@ -255,18 +255,27 @@ impl ConnContext {
             let endpoint = &service.endpoints[pick.index];
             let live = &endpoint.live;
             // Another try, if the policy and the budget allow one.
-            let mut may_retry = |avoid_now: &mut Option<usize>| {
+            // Another try elsewhere, if tries are left. Retries that add load
+            // to upstreams (after a status or a timeout) also need a slot of
+            // the retry budget; a request keeps the slot it already holds.
+            // Retries after a refused connect or a reset before any answer
+            // go to another endpoint and are bounded by `attempts` alone.
+            let mut may_retry = |avoid_now: &mut Option<usize>, adds_load: bool| {
                 if tries_left == 0 {
                     return false;
                 }
-                match settings.live.try_retry(retry.budget_percent) {
-                    Some(g) => {
-                        _retry_guard = Some(g);
-                        *avoid_now = Some(pick.index);
-                        true
+                if adds_load && _retry_guard.is_none() {
+                    match settings.live.try_retry(retry.budget_percent) {
+                        Some(g) => _retry_guard = Some(g),
+                        None => return false,
                     }
-                    None => false,
                 }
+                settings
+                    .live
+                    .retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                *avoid_now = Some(pick.index);
+                true
             };
 
             // Connect before giving the body away, so a failed connect can
@@ -281,7 +290,7 @@ impl ConnContext {
                     Ok(s) => s,
                     Err(e) => {
                         self.failed(&service, pick.index);
-                        if may_retry(&mut avoid) {
+                        if may_retry(&mut avoid, false) {
                             tracing::debug!(endpoint = %endpoint.address, error = %e, "connect failed; retrying on another endpoint");
                             continue;
                         }
@@ -346,7 +355,7 @@ impl ConnContext {
                     let reason = error_chain(&e.into_error());
                     // Reset before any response byte: safe to try elsewhere
                     // when the body can be sent again.
-                    if replayable && may_retry(&mut avoid) {
+                    if replayable && may_retry(&mut avoid, false) {
                         tracing::debug!(endpoint = %endpoint.address, %reason, "upstream failed before answering; retrying");
                         continue;
                     }
@@ -358,7 +367,7 @@ impl ConnContext {
                 Err(_) => {
                     drop(in_flight);
                     self.failed(&service, pick.index);
-                    if idempotent && replayable && may_retry(&mut avoid) {
+                    if idempotent && replayable && may_retry(&mut avoid, true) {
                         continue;
                     }
                     return Err(ProxyError::Timeout {
@@ -381,7 +390,7 @@ impl ConnContext {
             if idempotent
                 && replayable
                 && retry.on_status.contains(&status.as_u16())
-                && may_retry(&mut avoid)
+                && may_retry(&mut avoid, true)
             {
                 tracing::debug!(endpoint = %endpoint.address, %status, "retrying on another endpoint");
                 continue;

@@ -1,0 +1,612 @@
+//! End to end: the retry side of the traffic-safety layer. A request whose
+//! endpoint dies, refuses the connection, resets before answering or says
+//! 503 is tried again on another endpoint when that is safe (an idempotent
+//! method for a status, a body that can be sent again), and never when it
+//! is not (a POST's 503, a body larger than `replay_limit` already partly
+//! sent). The retry budget bounds how many retries run at once.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use support::*;
+
+/// One HTTP listener whose default service is `web`, with `settings`
+/// (TOML lines of `[services.web]`) and `endpoints` (inline tables).
+fn web(listen: SocketAddr, settings: &str, endpoints: &[String]) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "web"
+bind = "{listen}"
+default_service = "web"
+
+[services.web]
+{settings}
+endpoints = [
+  {}
+]
+"#,
+        endpoints.join(",\n  ")
+    )
+}
+
+fn ep(id: &str, addr: SocketAddr) -> String {
+    format!("{{ id = \"{id}\", address = \"{addr}\" }}")
+}
+
+/// What a load run saw: per request, when it ended (since the start), its
+/// status (or the client error), and which upstream answered.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Duration,
+    result: Result<u16, String>,
+    server: String,
+}
+
+/// `workers` keep-alive clients sending GET `url` back to back until
+/// `duration` has passed since `start`.
+async fn get_load(url: String, workers: usize, start: Instant, duration: Duration) -> Vec<Seen> {
+    let client = client();
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (client, url) = (client.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while start.elapsed() < duration {
+                let (result, server) = match client.get(&url).send().await {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        match resp.bytes().await {
+                            Ok(body) => {
+                                let echo: serde_json::Value =
+                                    serde_json::from_slice(&body).unwrap_or_default();
+                                let server = echo["server"].as_str().unwrap_or("").to_string();
+                                (Ok(status), server)
+                            }
+                            Err(e) => (Err(format!("body: {e}")), String::new()),
+                        }
+                    }
+                    Err(e) => (Err(format!("{e:?}")), String::new()),
+                };
+                seen.push(Seen {
+                    at: start.elapsed(),
+                    result,
+                    server,
+                });
+            }
+            seen
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("a load worker panicked"));
+    }
+    all.sort_by_key(|s| s.at);
+    all
+}
+
+fn failed(seen: &[Seen]) -> Vec<&Seen> {
+    seen.iter().filter(|s| s.result != Ok(200)).collect()
+}
+
+/// The proxy's WARN and ERROR log lines.
+fn warnings(proxy: &Proxy) -> String {
+    proxy
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn sigkill(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("run kill -KILL");
+    assert!(status.success(), "kill -KILL {pid} failed: {status}");
+}
+
+/// Requests an in-process server saw, by method.
+#[derive(Default)]
+struct Hits {
+    by_method: Mutex<BTreeMap<String, usize>>,
+    total: AtomicUsize,
+}
+
+impl Hits {
+    fn of(&self, method: &str) -> usize {
+        *self.by_method.lock().unwrap().get(method).unwrap_or(&0)
+    }
+    fn count(&self, method: &str) {
+        *self
+            .by_method
+            .lock()
+            .unwrap()
+            .entry(method.to_string())
+            .or_insert(0) += 1;
+        self.total.fetch_add(1, SeqCst);
+    }
+}
+
+/// An in-process HTTP server that reads each request's body, counts it,
+/// waits `delay`, and answers `status` with `{"server":NAME,"received":N}`.
+async fn counting_server(name: &str, status: u16, delay: Duration) -> (Server, Arc<Hits>) {
+    let hits = Arc::new(Hits::default());
+    let (h, name) = (hits.clone(), name.to_string());
+    let server = http_server(move |req| {
+        let (h, name) = (h.clone(), name.clone());
+        async move {
+            let method = req.method().to_string();
+            let received = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(0);
+            h.count(&method);
+            tokio::time::sleep(delay).await;
+            let body = format!("{{\"server\":\"{name}\",\"received\":{received}}}");
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            *r.status_mut() = StatusCode::from_u16(status).expect("a status");
+            r
+        }
+    })
+    .await;
+    (server, hits)
+}
+
+/// A raw server that reads a request head and at most `body_bytes` of its
+/// body (as much as Content-Length says, if less), then resets the
+/// connection without answering. Counts the requests it saw.
+async fn resetting_server(body_bytes: usize) -> (RawServer, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local_addr");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 16 * 1024];
+                let head_end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                h.fetch_add(1, SeqCst);
+                let (_, headers) = parse_head(&buf[..head_end]);
+                let length: usize = headers
+                    .iter()
+                    .find(|(k, _)| k == "content-length")
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0);
+                let want = length.min(body_bytes);
+                let mut got = buf.len() - head_end;
+                while got < want {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                }
+                let _ = s.set_zero_linger();
+                drop(s);
+            });
+        }
+    });
+    (RawServer { addr, task }, hits)
+}
+
+/// Sends a POST of `len` bytes with a cookie on a raw connection, writing
+/// the body while reading the answer (the proxy may answer before it has
+/// read the whole body).
+async fn raw_post(addr: SocketAddr, path: &str, cookie: &str, len: usize) -> RawResponse {
+    let s = TcpStream::connect(addr)
+        .await
+        .expect("connect to the proxy");
+    let (mut r, mut w) = s.into_split();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nCookie: {cookie}\r\nContent-Length: {len}\r\n\r\n"
+    );
+    let writer = tokio::spawn(async move {
+        w.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            w.write_all(&chunk[..n]).await?;
+            left -= n;
+        }
+        Ok::<_, std::io::Error>(w)
+    });
+    let resp = read_response(&mut r).await;
+    writer.abort();
+    resp
+}
+
+/// A task serving on a loopback port; aborted when dropped.
+struct RawServer {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `n` concurrent GETs; each one's status and time.
+async fn burst(url: String, n: usize) -> Vec<(u16, Duration)> {
+    let client = plain_client();
+    let go = Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (client, url, go) = (client.clone(), url.clone(), go.clone());
+        tasks.push(tokio::spawn(async move {
+            go.wait().await;
+            let start = Instant::now();
+            let status = client.get(&url).send().await.expect("GET").status();
+            (status.as_u16(), start.elapsed())
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("a client task"));
+    }
+    out
+}
+
+/// A service whose two endpoints answer 503 after `delay`, with retries on
+/// 503 limited by `budget_percent` and no passive ejection.
+fn failing_service(listen: SocketAddr, eps: &[String], budget_percent: u32) -> String {
+    let settings = format!(
+        "retry = {{ attempts = 3, on_status = [503], budget_percent = {budget_percent} }}\n\
+         passive = {{ consecutive_failures = 0 }}"
+    );
+    web(listen, &settings, eps)
+}
+
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_an_upstream_under_get_load_fails_no_request() {
+    let ups = Upstream::start_many(&["k1", "k2", "k3"]).await;
+    let eps: Vec<String> = ups.iter().map(|u| endpoint_line(u, "")).collect();
+    // One endpoint of three holds about a third of the requests in flight,
+    // and all of them need a retry at the same moment: resets before any
+    // answer are retried elsewhere without spending the retry budget, so
+    // the default settings must lose nothing.
+    let settings = "";
+    let proxy = Proxy::start(|| web(free_addr(), settings, &eps)).await;
+
+    // Each answer takes 20 ms, so k1 always has requests in flight.
+    let url = proxy.url("/slow?ms=20");
+    let start = Instant::now();
+    let load = tokio::spawn(get_load(url, 32, start, Duration::from_millis(2500)));
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let killed_at = start.elapsed();
+    sigkill(ups[0].pid());
+    let seen = load.await.expect("the load task");
+
+    let bad = failed(&seen);
+    assert!(
+        bad.is_empty(),
+        "{} of {} GETs failed around the SIGKILL of k1 (first: {:?}); the proxy logged:\n{}",
+        bad.len(),
+        seen.len(),
+        bad.iter().take(5).collect::<Vec<_>>(),
+        warnings(&proxy)
+    );
+    assert!(
+        seen.len() >= 300,
+        "too little load to mean anything: {}",
+        seen.len()
+    );
+    let k1: Vec<&Seen> = seen.iter().filter(|s| s.server == "k1").collect();
+    assert!(!k1.is_empty(), "k1 served nothing before it was killed");
+    // Nothing answers from a dead process (slack for answers in transit).
+    let late = |s: &Seen| s.at > killed_at + Duration::from_millis(200);
+    assert_eq!(
+        k1.iter().filter(|s| late(s)).count(),
+        0,
+        "k1 answered after it was killed"
+    );
+    let served_after = seen.iter().filter(|s| late(s)).count();
+    assert!(
+        served_after >= 100,
+        "the load went on after the kill: {served_after}"
+    );
+    // k1 was sent requests it never answered (in flight when it died):
+    // every one of them was answered by k2 or k3.
+    let k1_view = proxy.endpoint("web", "k1").await;
+    let sent = k1_view["requests"].as_u64().unwrap_or(0);
+    let answered = k1_view["responses"][1].as_u64().unwrap_or(0);
+    assert!(
+        sent > answered,
+        "k1 had requests in flight when it was killed: {k1_view}"
+    );
+    assert!(
+        k1_view["failures"].as_u64().unwrap_or(0) >= 1,
+        "the killed endpoint's failures were counted: {k1_view}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_is_retried_for_get_but_a_post_is_not() {
+    let (down, down_hits) = counting_server("down", 503, Duration::ZERO).await;
+    let (good, good_hits) = counting_server("good", 200, Duration::ZERO).await;
+    // Sticky on `down` so every first try lands there; passive checks off
+    // so `down` is never ejected.
+    let settings = "balance = \"cookie\"\npassive = { consecutive_failures = 0 }";
+    let eps = [ep("down", down.addr), ep("good", good.addr)];
+    let proxy = Proxy::start(|| web(free_addr(), settings, &eps)).await;
+    let client = plain_client();
+    let cookie = ("cookie", "SERVERID=down");
+
+    for i in 0..10 {
+        let (status, echo) = get_echo(&client, &proxy.url("/x"), &[cookie]).await;
+        assert_eq!(status, 200, "GET {i}: a 503 is retried elsewhere: {echo}");
+        assert_eq!(echo["server"], "good", "GET {i}");
+    }
+    assert_eq!(down_hits.of("GET"), 10, "each GET tried `down` first");
+    assert_eq!(good_hits.of("GET"), 10, "and was retried on `good`");
+
+    // PUT is idempotent: retried too.
+    let resp = client
+        .put(proxy.url("/x"))
+        .header(cookie.0, cookie.1)
+        .body("put body")
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(resp.status(), 200, "an idempotent PUT is retried");
+    assert_eq!((down_hits.of("PUT"), good_hits.of("PUT")), (1, 1));
+
+    // POST is not idempotent: the 503 is the answer, sent once.
+    let resp = client
+        .post(proxy.url("/x"))
+        .header(cookie.0, cookie.1)
+        .body("a small body")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), 503, "a POST's 503 reaches the client");
+    let body = resp.text().await.unwrap_or_default();
+    assert!(body.contains("\"down\""), "the 503 is down's own: {body}");
+    assert_eq!(down_hits.of("POST"), 1, "the POST went to `down` once");
+    assert_eq!(good_hits.of("POST"), 0, "and was not retried on `good`");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connect_is_retried_on_a_good_endpoint() {
+    let ups = Upstream::start_many(&["c1", "c2"]).await;
+    let closed = free_addr(); // Nothing listens here.
+    let eps = [
+        endpoint_line(&ups[0], ""),
+        ep("closed", closed),
+        endpoint_line(&ups[1], ""),
+    ];
+    // Passive checks off, so `closed` stays in the rotation and a third of
+    // all picks fail to connect; refused connects do not spend the retry
+    // budget, so with the default budget every one of them is retried.
+    let settings = "passive = { consecutive_failures = 0 }";
+    let proxy = Proxy::start(|| web(free_addr(), settings, &eps)).await;
+
+    let seen = get_load(
+        proxy.url("/"),
+        8,
+        Instant::now(),
+        Duration::from_millis(1500),
+    )
+    .await;
+    let bad = failed(&seen);
+    assert!(
+        bad.is_empty(),
+        "{} of {} GETs failed with an endpoint on a closed port (first: {:?})",
+        bad.len(),
+        seen.len(),
+        bad.iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(seen.len() >= 100, "too little load: {}", seen.len());
+
+    // The body is handed over only once connected: a POST is retried too.
+    let client = plain_client();
+    for i in 0..6 {
+        let resp = client
+            .post(proxy.url("/upload"))
+            .body(vec![b'p'; 1000])
+            .send()
+            .await
+            .expect("POST /upload");
+        assert_eq!(resp.status(), 200, "POST {i}");
+    }
+    let closed_view = proxy.endpoint("web", "closed").await;
+    let tried = closed_view["failures"].as_u64().unwrap_or(0) as usize;
+    assert!(
+        tried >= (seen.len() + 6) / 4,
+        "about a third of the picks went to the closed endpoint and were retried: \
+         {tried} of {} requests: {closed_view}",
+        seen.len() + 6
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_replay_limit_is_not_retried_but_a_small_one_is() {
+    // Reads 64 KiB of any body, then resets.
+    let (resetter, resets) = resetting_server(64 * 1024).await;
+    let (good, good_hits) = counting_server("good", 200, Duration::ZERO).await;
+    let settings = "balance = \"cookie\"\n\
+                    retry = { replay_limit = 1024 }\n\
+                    passive = { consecutive_failures = 0 }";
+    let eps = [ep("resetter", resetter.addr), ep("good", good.addr)];
+    let proxy = Proxy::start(|| web(free_addr(), settings, &eps)).await;
+
+    // 1 MiB: streamed, so once bytes went to `resetter` it cannot be sent
+    // again. The client gets a 502; `good` never sees it.
+    let resp = raw_post(proxy.addr(), "/big", "SERVERID=resetter", 1 << 20).await;
+    assert_eq!(
+        resp.status,
+        502,
+        "a body over replay_limit that reached a resetting upstream: {}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    assert_eq!(resets.load(SeqCst), 1, "the resetter saw the big POST");
+    assert_eq!(good_hits.of("POST"), 0, "the big POST was not retried");
+
+    // 100 bytes: held whole, sent again on `good` after the reset.
+    let resp = raw_post(proxy.addr(), "/small", "SERVERID=resetter", 100).await;
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    let echo = resp.json();
+    assert_eq!(echo["server"], "good");
+    assert_eq!(echo["received"], 100, "the whole body was replayed");
+    assert_eq!(resets.load(SeqCst), 2, "the resetter saw the small POST");
+    assert_eq!(good_hits.of("POST"), 1);
+
+    // The same big body to `good` streams through: the 502 was the reset.
+    let resp = raw_post(proxy.addr(), "/big", "SERVERID=good", 1 << 20).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json()["received"], 1 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_bounds_retries_when_every_endpoint_fails() {
+    // Every answer is a 503 after 300 ms, so retries overlap.
+    let delay = Duration::from_millis(300);
+    let (s1, h1) = counting_server("s1", 503, delay).await;
+    let (s2, h2) = counting_server("s2", 503, delay).await;
+    let eps = [ep("s1", s1.addr), ep("s2", s2.addr)];
+    let proxy = Proxy::start(|| failing_service(free_addr(), &eps, 10)).await;
+    let tries = || h1.total.load(SeqCst) + h2.total.load(SeqCst);
+
+    let n = 40;
+    let before = tries();
+    let results = burst(proxy.url("/"), n).await;
+    let with_budget = tries() - before;
+    assert!(
+        results.iter().all(|(s, _)| *s == 503),
+        "every endpoint fails: {results:?}"
+    );
+    let fast = results
+        .iter()
+        .filter(|(_, t)| *t < delay * 2 - Duration::from_millis(50))
+        .count();
+    assert!(
+        with_budget <= n + n / 4,
+        "budget_percent = 10: {n} requests made {with_budget} tries (3 each would be {})",
+        3 * n
+    );
+    assert!(
+        fast >= n * 3 / 4,
+        "most clients got their error after one try: {fast} of {n} were fast: {results:?}"
+    );
+
+    // The same burst with the budget at 100 %: (nearly) every request
+    // retries, so the bound above came from the budget, not the setup.
+    proxy
+        .reload(&failing_service(proxy.addr(), &eps, 100))
+        .await;
+    let before = tries();
+    let results = burst(proxy.url("/"), n).await;
+    let without = tries() - before;
+    assert!(results.iter().all(|(s, _)| *s == 503));
+    assert!(
+        without >= 2 * n,
+        "budget_percent = 100: {n} requests made only {without} tries"
+    );
+
+    // And the proxy is still well.
+    let resp = plain_client()
+        .get(proxy.admin_url("/healthz"))
+        .send()
+        .await
+        .expect("GET /healthz");
+    assert_eq!(resp.status(), 200, "the proxy's admin still answers");
+}
+
+/// A request that already holds a retry slot gives it back when it takes
+/// the next one; it must not need two at once. With the budget at 100 %
+/// (as many retries in flight as requests in flight), `attempts = 3` and
+/// every endpoint failing, every request gets its three tries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_retry_budget_lets_every_request_make_all_its_attempts() {
+    let delay = Duration::from_millis(300);
+    let (s1, h1) = counting_server("s1", 503, delay).await;
+    let (s2, h2) = counting_server("s2", 503, delay).await;
+    let eps = [ep("s1", s1.addr), ep("s2", s2.addr)];
+    let proxy = Proxy::start(|| failing_service(free_addr(), &eps, 100)).await;
+
+    let n = 40;
+    let results = burst(proxy.url("/"), n).await;
+    assert!(results.iter().all(|(s, _)| *s == 503), "{results:?}");
+    let tries = h1.total.load(SeqCst) + h2.total.load(SeqCst);
+    assert_eq!(
+        tries,
+        3 * n,
+        "budget_percent = 100 and attempts = 3: {n} concurrent requests should make {} tries",
+        3 * n
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_past_per_try_timeout_is_retried_for_get_but_not_for_post() {
+    let silent = silent_server().await;
+    let (good, good_hits) = counting_server("good", 200, Duration::ZERO).await;
+    let settings = "balance = \"cookie\"\n\
+                    retry = { per_try_timeout = \"300ms\" }\n\
+                    passive = { consecutive_failures = 0 }";
+    let eps = [ep("silent", silent.addr), ep("good", good.addr)];
+    let proxy = Proxy::start(|| web(free_addr(), settings, &eps)).await;
+    let client = plain_client();
+    let cookie = ("cookie", "SERVERID=silent");
+
+    let start = Instant::now();
+    let (status, echo) = get_echo(&client, &proxy.url("/"), &[cookie]).await;
+    let took = start.elapsed();
+    assert_eq!(
+        status, 200,
+        "a GET that timed out on `silent` is retried: {echo}"
+    );
+    assert_eq!(echo["server"], "good");
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_secs(2),
+        "after one per-try timeout: {took:?}"
+    );
+
+    let start = Instant::now();
+    let resp = client
+        .post(proxy.url("/"))
+        .header(cookie.0, cookie.1)
+        .body("a small body")
+        .send()
+        .await
+        .expect("POST");
+    let took = start.elapsed();
+    assert_eq!(
+        resp.status(),
+        504,
+        "a POST that timed out is not sent again"
+    );
+    assert!(
+        took >= Duration::from_millis(280) && took < Duration::from_secs(2),
+        "one per-try timeout: {took:?}"
+    );
+    assert_eq!(good_hits.of("POST"), 0, "the POST did not go to `good`");
+}
