@@ -91,7 +91,7 @@ impl Balancer {
 
     /// Picks an endpoint that accepts traffic, or `None` if none does.
     pub fn pick(&self, endpoints: &[Endpoint], ctx: &PickContext<'_>) -> Option<Pick> {
-        let ok = |i: usize| Some(i) != ctx.avoid && endpoints[i].live.accepts_new();
+        let ok = |i: usize| Some(i) != ctx.avoid && endpoints[i].accepts_new();
         let index = match self {
             Balancer::RoundRobin(s) => s.next(ok),
             Balancer::LeastConn { cursor } => least_loaded(endpoints, cursor, ok),
@@ -102,7 +102,7 @@ impl Balancer {
             }
             Balancer::Cookie { by_value, fallback } => {
                 if let Some(&i) = ctx.sticky.and_then(|v| by_value.get(v)) {
-                    if Some(i) != ctx.avoid && endpoints[i].live.accepts_sticky() {
+                    if Some(i) != ctx.avoid && endpoints[i].accepts_sticky() {
                         return Some(Pick {
                             index: i,
                             set_cookie: false,
@@ -122,7 +122,7 @@ impl Balancer {
             .or_else(|| {
                 // Only the avoided endpoint is left: use it rather than fail.
                 ctx.avoid
-                    .filter(|&i| i < endpoints.len() && endpoints[i].live.accepts_new())
+                    .filter(|&i| i < endpoints.len() && endpoints[i].accepts_new())
             })
             .map(|index| Pick {
                 index,

@@ -106,6 +106,9 @@ pub struct Control {
     /// (service, id) -> when its slow start began.
     ramping: HashMap<(String, Arc<str>), Instant>,
     checks: HealthChecks,
+    /// Live-state mirrors to update once the table being built is
+    /// published: state and weight as that table has them.
+    published: Vec<(Arc<EndpointState>, AdminState, u32)>,
 }
 
 impl Control {
@@ -124,6 +127,7 @@ impl Control {
             departing: HashMap::new(),
             ramping: HashMap::new(),
             checks: HealthChecks::new(None),
+            published: Vec::new(),
         }
     }
 
@@ -309,6 +313,16 @@ impl Control {
             maps,
             defaults,
         }));
+        // Only now that requests see the new table: mirror its states into
+        // the live state, and close idle connections of endpoints that take
+        // no new requests.
+        for (live, state, weight) in self.published.drain(..) {
+            live.set_admin_state(state);
+            live.set_weight(weight);
+            if state != AdminState::Ready {
+                live.pool.clear();
+            }
+        }
         for (source, rev) in dirty.revisions {
             if let Some(status) = self.statuses.get(&source) {
                 status.set_applied_revision(rev);
@@ -428,12 +442,8 @@ impl Control {
             let ov = overrides.get(&*id);
             let state = ov.and_then(|o| o.state).unwrap_or(reg.state);
             let was = live.admin_state();
-            live.set_admin_state(state);
-            if state != AdminState::Ready {
-                live.pool.clear();
-            }
             let weight = u32::from(ov.and_then(|o| o.weight).unwrap_or(reg.weight));
-            live.set_weight(weight);
+            self.published.push((live.clone(), state, weight));
             let key = (name.to_string(), id.clone());
             if slow_start.is_some()
                 && (is_new || (was != AdminState::Ready && state == AdminState::Ready))
@@ -441,7 +451,7 @@ impl Control {
                 self.ramping.insert(key.clone(), now);
             }
             live_now.insert(id.clone(), live.clone());
-            match Endpoint::new(id.clone(), reg.address.clone(), live.clone()) {
+            match Endpoint::new(id.clone(), reg.address.clone(), live.clone(), state, weight) {
                 Ok(mut ep) => {
                     ep.balance_weight = ramped(
                         weight * WEIGHT_SCALE,
@@ -494,9 +504,16 @@ impl Control {
             keep
         });
         for (id, d) in &departing {
-            d.live.set_admin_state(AdminState::Drain);
-            d.live.pool.clear();
-            if let Ok(mut ep) = Endpoint::new(id.clone(), d.address.clone(), d.live.clone()) {
+            let weight = d.live.weight();
+            self.published
+                .push((d.live.clone(), AdminState::Drain, weight));
+            if let Ok(mut ep) = Endpoint::new(
+                id.clone(),
+                d.address.clone(),
+                d.live.clone(),
+                AdminState::Drain,
+                weight,
+            ) {
                 ep.balance_weight = 0;
                 endpoints.push(ep);
             }

@@ -94,7 +94,8 @@ impl EndpointState {
         decode(self.admin.load(Relaxed))
     }
 
-    /// Sets the effective administrative state; only the control task calls it.
+    /// Sets the administrative state of the latest published table; only the
+    /// control task calls it, after publishing.
     pub fn set_admin_state(&self, s: AdminState) {
         if self.admin.swap(encode(s), Relaxed) != encode(s) {
             self.last_change.store(unix_now(), Relaxed);
@@ -105,7 +106,8 @@ impl EndpointState {
         self.weight.load(Relaxed)
     }
 
-    /// Sets the effective weight; only the control task calls it.
+    /// Sets the weight of the latest published table; only the control task
+    /// calls it, after publishing.
     pub fn set_weight(&self, w: u32) {
         if self.weight.swap(w, Relaxed) != w {
             self.last_change.store(unix_now(), Relaxed);
@@ -122,20 +124,18 @@ impl EndpointState {
         }
     }
 
-    /// May the balancer send it a new request?
+    /// Healthy and not ejected: what checks say, whatever the table says.
     #[inline]
-    pub fn accepts_new(&self) -> bool {
-        self.admin.load(Relaxed) == 0
-            && self.healthy.load(Relaxed)
-            && self.weight.load(Relaxed) > 0
-            && !self.ejected()
+    pub fn usable(&self) -> bool {
+        self.healthy.load(Relaxed) && !self.ejected()
     }
 
-    /// May it serve a sticky session already bound to it? Draining
-    /// endpoints still do, as in HAProxy.
-    #[inline]
-    pub fn accepts_sticky(&self) -> bool {
-        self.admin.load(Relaxed) <= 1 && self.healthy.load(Relaxed) && !self.ejected()
+    /// Would the latest published table send it new requests? For
+    /// decisions outside a request's table (pooling, metrics); balancers
+    /// use `routing::Endpoint::accepts_new`, which reads the request's own
+    /// table.
+    pub fn accepts_new(&self) -> bool {
+        self.admin.load(Relaxed) == 0 && self.weight.load(Relaxed) > 0 && self.usable()
     }
 
     /// Is it ejected by passive checks right now?

@@ -81,8 +81,7 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
                     .with_label_values(&[l[0], l[1], s])
                     .set(i64::from(c.state.as_str() == s));
             }
-            up.with_label_values(&l)
-                .set(i64::from(ep.live.accepts_new()));
+            up.with_label_values(&l).set(i64::from(ep.accepts_new()));
         }
     }
 

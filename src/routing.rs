@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::HeaderMap;
-use pointsman_discovery::{Address, RouteSpec, RouteTarget};
+use pointsman_discovery::{Address, AdminState, RouteSpec, RouteTarget};
 
 use crate::balance::{cookie_value, pick_split, Balancer};
 use crate::config::BalanceAlgorithm;
@@ -153,8 +153,13 @@ pub struct Endpoint {
     pub authority: Authority,
     /// The sticky cookie value that selects this endpoint.
     pub cookie: Arc<str>,
-    /// The weight the balancer uses in this table: the effective weight
-    /// times [`WEIGHT_SCALE`], lowered while the endpoint slow-starts.
+    /// Administrative state and effective weight as of this table: part of
+    /// the snapshot, so a request sees one registry revision's routes and
+    /// endpoint states together. (Health and ejection are live atomics.)
+    pub state: AdminState,
+    pub weight: u32,
+    /// The weight the balancer uses in this table: `weight` times
+    /// [`WEIGHT_SCALE`], lowered while the endpoint slow-starts.
     pub balance_weight: u32,
     pub live: Arc<EndpointState>,
 }
@@ -164,7 +169,13 @@ pub struct Endpoint {
 pub const WEIGHT_SCALE: u32 = 16;
 
 impl Endpoint {
-    pub fn new(id: Arc<str>, address: Address, live: Arc<EndpointState>) -> Result<Self, String> {
+    pub fn new(
+        id: Arc<str>,
+        address: Address,
+        live: Arc<EndpointState>,
+        state: AdminState,
+        weight: u32,
+    ) -> Result<Self, String> {
         let authority = Authority::try_from(address.to_string())
             .map_err(|e| format!("address {address} cannot be used in a URI: {e}"))?;
         Ok(Endpoint {
@@ -172,9 +183,24 @@ impl Endpoint {
             id,
             address,
             authority,
-            balance_weight: live.weight() * WEIGHT_SCALE,
+            state,
+            weight,
+            balance_weight: weight * WEIGHT_SCALE,
             live,
         })
+    }
+
+    /// May the balancer send it a new request?
+    #[inline]
+    pub fn accepts_new(&self) -> bool {
+        self.state == AdminState::Ready && self.weight > 0 && self.live.usable()
+    }
+
+    /// May it serve a sticky session already bound to it? Draining
+    /// endpoints still do, as in HAProxy.
+    #[inline]
+    pub fn accepts_sticky(&self) -> bool {
+        self.state != AdminState::Maint && self.live.usable()
     }
 }
 

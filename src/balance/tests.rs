@@ -9,11 +9,12 @@ fn endpoints(weights: &[u32]) -> Vec<Endpoint> {
         .enumerate()
         .map(|(i, w)| {
             let live = Arc::new(EndpointState::default());
-            live.set_weight(*w);
             Endpoint::new(
                 format!("e{i}").into(),
                 Address::new("127.0.0.1", 10_000 + i as u16),
                 live,
+                AdminState::Ready,
+                *w,
             )
             .expect("valid endpoint")
         })
@@ -47,11 +48,11 @@ fn smooth_round_robin_follows_weights_and_interleaves() {
 
 #[test]
 fn weight_zero_and_drain_take_no_new_traffic() {
-    let eps = endpoints(&[1, 0, 1]);
-    eps[2].live.set_admin_state(AdminState::Drain);
+    let mut eps = endpoints(&[1, 0, 1]);
+    eps[2].state = AdminState::Drain;
     let b = Balancer::build(BalanceAlgorithm::Roundrobin, &eps);
     assert_eq!(counts(&b, &eps, 30, PickContext::default()), vec![30, 0, 0]);
-    eps[0].live.set_admin_state(AdminState::Maint);
+    eps[0].state = AdminState::Maint;
     assert!(b.pick(&eps, &PickContext::default()).is_none());
 }
 
@@ -135,7 +136,7 @@ fn source_hash_is_stable_and_moves_only_the_leavers_keys() {
 
 #[test]
 fn cookie_sticks_while_accepted_and_rebinds_otherwise() {
-    let eps = endpoints(&[1, 1, 1]);
+    let mut eps = endpoints(&[1, 1, 1]);
     let b = Balancer::build(BalanceAlgorithm::Cookie, &eps);
     let fresh = b.pick(&eps, &PickContext::default()).expect("pick");
     assert!(fresh.set_cookie);
@@ -153,9 +154,9 @@ fn cookie_sticks_while_accepted_and_rebinds_otherwise() {
         );
     }
     // Draining still serves its sticky sessions, maintenance does not.
-    eps[1].live.set_admin_state(AdminState::Drain);
+    eps[1].state = AdminState::Drain;
     assert_eq!(b.pick(&eps, &ctx).map(|p| p.index), Some(1));
-    eps[1].live.set_admin_state(AdminState::Maint);
+    eps[1].state = AdminState::Maint;
     let p = b.pick(&eps, &ctx).expect("pick");
     assert_ne!(p.index, 1);
     assert!(p.set_cookie);
