@@ -82,6 +82,39 @@ async fn an_idle_keep_alive_connection_is_closed_after_idle_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_outlives_header_read_timeout_until_idle_timeout() {
+    let up = Upstream::start("app").await;
+    let service = format!("endpoints = [{}]", endpoint_line(&up, ""));
+    // The head timer must not cut the idle wait between requests.
+    let global = "idle_timeout = \"3s\"\nheader_read_timeout = \"1s\"";
+    let proxy = Proxy::start(|| limited(free_addr(), global, &service)).await;
+
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("send");
+    assert_eq!(read_response(&mut s).await.status, 200);
+    // Idle for twice the head timeout, then the connection still serves.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    s.write_all(b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("send after an idle spell longer than header_read_timeout");
+    let r = read_response(&mut s).await;
+    assert_eq!(
+        r.status, 200,
+        "idle < idle_timeout must keep the connection: {r:?}"
+    );
+    assert_eq!(r.json()["path"], "/second");
+    // And the idle timeout still closes it.
+    let (took, got) = wait_closed(&mut s, Duration::from_secs(8)).await;
+    assert!(got.is_empty(), "nothing but a close: {got:?}");
+    assert!(
+        took >= Duration::from_millis(2500),
+        "closed after {took:?}, before idle_timeout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_request_head_is_rejected() {
     let up = Upstream::start("app").await;
     let service = format!("endpoints = [{}]", endpoint_line(&up, ""));

@@ -1,7 +1,11 @@
-//! Client connections: accepting under a connection limit, and knowing when
-//! a keep-alive connection has been idle long enough to close. hyper bounds
-//! the time to read a request head but not the idle wait between requests,
-//! so each connection records its last byte and its requests in flight.
+//! Client connections: accepting under a connection limit, and the two
+//! timers of a keep-alive connection. `header_read_timeout` runs from the
+//! connection's start, or from the first byte after an idle spell, until a
+//! request head is complete (the slowloris guard); `idle_timeout` runs while
+//! no request is active and no byte moves. hyper's own header timer also
+//! covers the idle wait between requests, so it is off and each connection
+//! records its last byte, when it began waiting for a head, and its
+//! requests in flight.
 
 use std::io;
 use std::pin::Pin;
@@ -31,13 +35,28 @@ pub fn now_ms() -> u64 {
 pub struct ConnActivity {
     last: AtomicU64,
     active: AtomicU32,
+    /// When the connection began waiting for the rest of a request head
+    /// (ms on the process clock); 0 when it is not.
+    head_since: AtomicU64,
+}
+
+/// Why a connection should be closed now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Expired {
+    /// A request head took longer than `header_read_timeout`.
+    Head,
+    /// No request and no byte for `idle_timeout`.
+    Idle,
 }
 
 impl ConnActivity {
     pub fn new() -> Arc<Self> {
+        let now = now_ms();
         Arc::new(ConnActivity {
-            last: AtomicU64::new(now_ms()),
+            last: AtomicU64::new(now),
             active: AtomicU32::new(0),
+            // A new connection owes its first request head.
+            head_since: AtomicU64::new(now.max(1)),
         })
     }
 
@@ -46,20 +65,46 @@ impl ConnActivity {
         self.last.store(now_ms(), Relaxed);
     }
 
-    /// Counts a request on this connection until the guard drops.
+    /// Bytes arrived: with no request active they begin a request head.
+    #[inline]
+    fn read_some(&self) {
+        let now = now_ms();
+        self.last.store(now, Relaxed);
+        if self.active.load(Relaxed) == 0 && self.head_since.load(Relaxed) == 0 {
+            self.head_since.store(now.max(1), Relaxed);
+        }
+    }
+
+    /// Counts a request on this connection until the guard drops; its head
+    /// is complete.
     pub fn start(self: &Arc<Self>) -> ConnActive {
         self.active.fetch_add(1, Relaxed);
+        self.head_since.store(0, Relaxed);
         ConnActive(self.clone())
     }
 
-    /// How long until this connection counts as idle for `limit`; `None`
-    /// once it is idle now.
-    pub fn idle_deadline(&self, limit: Duration) -> Option<Duration> {
+    /// Time until one of the timers may expire, or which one has.
+    pub fn check(&self, idle: Duration, head: Duration) -> Result<Duration, Expired> {
         if self.active.load(Relaxed) > 0 {
-            return Some(limit);
+            return Ok(idle.min(head));
         }
-        let idle = Duration::from_millis(now_ms().saturating_sub(self.last.load(Relaxed)));
-        limit.checked_sub(idle).filter(|d| !d.is_zero())
+        let now = now_ms();
+        let since = |t: u64| Duration::from_millis(now.saturating_sub(t));
+        let mut wait = idle;
+        let head_since = self.head_since.load(Relaxed);
+        if head_since != 0 {
+            match head.checked_sub(since(head_since)).filter(|d| !d.is_zero()) {
+                Some(left) => wait = wait.min(left),
+                None => return Err(Expired::Head),
+            }
+        }
+        match idle
+            .checked_sub(since(self.last.load(Relaxed)))
+            .filter(|d| !d.is_zero())
+        {
+            Some(left) => Ok(wait.min(left)),
+            None => Err(Expired::Idle),
+        }
     }
 }
 
@@ -96,7 +141,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.activity.touch();
+            this.activity.read_some();
         }
         r
     }

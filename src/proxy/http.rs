@@ -26,7 +26,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::body::UpstreamBody;
-use super::conn::{ActivityIo, ConnActivity};
+use super::conn::{ActivityIo, ConnActivity, Expired};
 use super::forward::{add_forwarded, strip_hop_by_hop, strip_path, wants_upgrade};
 use super::pool;
 use super::{ProxyBody, ProxyError, RequestGuard, ServiceActive, SharedLimits};
@@ -79,7 +79,9 @@ impl HttpProxy {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            // Timed by `ConnActivity::check` below: hyper's timer would
+            // also cut idle keep-alive connections at this limit.
+            .header_read_timeout(None)
             .max_buf_size(limits.max_header_bytes)
             .keep_alive(true);
         builder
@@ -91,7 +93,8 @@ impl HttpProxy {
 
         let mut closing = false;
         loop {
-            let idle_in = activity.idle_deadline(limits.idle_timeout);
+            let (idle, head) = (limits.idle_timeout, limits.header_read_timeout);
+            let wait = activity.check(idle, head).unwrap_or_default();
             tokio::select! {
                 result = conn.as_mut() => {
                     if let Err(e) = result {
@@ -103,10 +106,19 @@ impl HttpProxy {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }
-                _ = tokio::time::sleep(idle_in.unwrap_or_default()), if !closing => {
-                    if activity.idle_deadline(limits.idle_timeout).is_none() {
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
+                _ = tokio::time::sleep(wait), if !closing => {
+                    match activity.check(idle, head) {
+                        Err(Expired::Head) => {
+                            // No request is in progress to protect, and hyper's
+                            // graceful close would wait for the head: drop it.
+                            tracing::debug!(%peer, "request head not complete within header_read_timeout; closing");
+                            break;
+                        }
+                        Err(Expired::Idle) => {
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                        Ok(_) => {}
                     }
                 }
             }
