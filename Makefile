@@ -7,7 +7,7 @@ CARGO ?= cargo
 BUILD_DEBS := protobuf-compiler libprotobuf-dev
 TEST_DEBS  := etcd-server etcd-client curl socat
 # The yardsticks for `make bench` and `make soak`.
-BENCH_DEBS := haproxy nginx wrk hey
+BENCH_DEBS := haproxy nginx wrk python3 iproute2 etcd-server etcd-client
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -20,7 +20,7 @@ define install_missing
 	fi
 endef
 
-.PHONY: run test lint fmt deps-build deps-test deps-bench build bench soak check-config
+.PHONY: run test lint fmt deps-build deps-test deps-bench build bench bench-throughput bench-idle bench-scale bench-propagation check-config
 
 ## run: the demo (proxy on 127.0.0.1:8080, stats on 127.0.0.1:8404/stats)
 run: deps-build
@@ -42,6 +42,27 @@ lint: deps-build
 
 fmt:
 	$(CARGO) fmt --all
+
+## bench: every benchmark (figures in bench/results/, summarised in BENCHMARKS.md)
+bench: bench-throughput bench-idle bench-scale bench-propagation
+
+## bench-throughput: req/s, latency, CPU and memory next to HAProxy and nginx
+bench-throughput: deps-bench build
+	bash bench/run.sh
+
+## bench-idle: memory per idle keep-alive client connection (10,000 of them)
+bench-idle: deps-bench build
+	bash bench/idle_conns.sh
+
+## bench-scale: routing table of 10,000 services x 10 instances
+bench-scale: deps-build
+	@mkdir -p bench/results
+	$(CARGO) run --release --example table_scale | tee bench/results/table_scale.txt
+
+## bench-propagation: etcd change -> first/last request, over 200 changes
+bench-propagation: deps-bench build
+	@mkdir -p bench/results
+	$(CARGO) run --release --example propagation -- --etcd-bin etcd | tee bench/results/propagation.txt
 
 build: deps-build
 	$(CARGO) build --release
