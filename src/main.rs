@@ -210,11 +210,18 @@ fn main() -> ExitCode {
 }
 
 fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        anyhow::ensure!(n > 0, "--threads must be at least 1");
-        b.worker_threads(n);
-    }
+    let mut b = match threads {
+        Some(0) => anyhow::bail!("--threads must be at least 1"),
+        // One worker: an event loop on this thread, without the
+        // work-stealing machinery a single worker does not need.
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     Ok(b.enable_all().build()?)
 }
 
