@@ -15,6 +15,8 @@
 #   CLOSE_CONNS=16      wrk connections, connection-per-request runs
 #   WRK_THREADS=1       wrk threads (-t)
 #   POINTSMAN_BIN=...   default: target/release/pointsman (copied before the run)
+#   POINTSMAN_TABLE=large  pointsman's table also holds 1,000 routes and 10,000
+#                       endpoints (default: small, one service)
 #   RESULTS=...         default: bench/results/latest.md
 #   KEEP_TMP=1          keep the temp dir (configs, logs, raw wrk output)
 #
@@ -383,6 +385,22 @@ default_service = "backend"
 [services.backend]
 endpoints = [{ id = "nginx", address = "$BACKEND" }]
 EOF
+  if [[ "${POINTSMAN_TABLE:-small}" == large ]]; then
+    # The same traffic through a table of 1,000 host routes and 1,000
+    # services of 10 endpoints each (never contacted), plus a catch-all
+    # route, so every request goes through route matching.
+    {
+      printf '[routes.all]\nservice = "backend"\n'
+      for ((i = 0; i < 1000; i++)); do
+        printf '[routes.r%d]\nhost = "h%d.example.com"\nservice = "s%d"\n' "$i" "$i" "$i"
+        printf '[services.s%d]\nendpoints = [' "$i"
+        for ((j = 0; j < 10; j++)); do
+          printf '{ id = "e%d", address = "127.0.0.2:%d" },' "$j" "$((10000 + i * 10 + j))"
+        done
+        printf ']\n'
+      done
+    } >>"$TMP/pointsman.toml"
+  fi
 }
 
 # --- one target --------------------------------------------------------------------
