@@ -8,7 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use crossbeam_queue::ArrayQueue;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use crossbeam_queue::SegQueue;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use pointsman_discovery::Address;
@@ -27,22 +29,19 @@ struct Idle {
     since: Instant,
 }
 
-/// An endpoint's idle upstream connections. Lock-free.
+/// An endpoint's idle upstream connections. Lock-free; it allocates
+/// nothing until a connection is first given back (a table of 10,000
+/// endpoints that take no traffic costs nothing here), then grows in small
+/// blocks up to `MAX_IDLE`.
+#[derive(Default)]
 pub struct Pool {
-    idle: ArrayQueue<Idle>,
-}
-
-impl Default for Pool {
-    fn default() -> Self {
-        Pool {
-            idle: ArrayQueue::new(MAX_IDLE),
-        }
-    }
+    idle: SegQueue<Idle>,
+    len: AtomicUsize,
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Pool({} idle)", self.idle.len())
+        write!(f, "Pool({} idle)", self.idle())
     }
 }
 
@@ -61,7 +60,7 @@ impl Pool {
     /// An idle connection to `address` that is still open and was idle for
     /// less than `max_idle`, if there is one.
     pub async fn take(&self, address: &Address, max_idle: Duration) -> Option<Sender> {
-        while let Some(idle) = self.idle.pop() {
+        while let Some(idle) = self.pop() {
             if idle.since.elapsed() >= max_idle || &idle.address != address {
                 continue;
             }
@@ -80,25 +79,39 @@ impl Pool {
         if sender.is_closed() {
             return;
         }
-        // A full pool drops (closes) the connection.
-        let _ = self.idle.push(Idle {
+        self.push(Idle {
             sender,
             address,
             since: Instant::now(),
         });
     }
 
+    fn push(&self, idle: Idle) {
+        // A full pool drops (closes) the connection.
+        if self.len.fetch_add(1, Relaxed) >= MAX_IDLE {
+            self.len.fetch_sub(1, Relaxed);
+            return;
+        }
+        self.idle.push(idle);
+    }
+
+    fn pop(&self) -> Option<Idle> {
+        let idle = self.idle.pop()?;
+        self.len.fetch_sub(1, Relaxed);
+        Some(idle)
+    }
+
     /// Closes every idle connection.
     pub fn clear(&self) {
-        while self.idle.pop().is_some() {}
+        while self.pop().is_some() {}
     }
 
     /// Closes idle connections older than `max_idle`.
     pub fn expire(&self, max_idle: Duration) {
-        for _ in 0..self.idle.len() {
-            match self.idle.pop() {
+        for _ in 0..self.idle() {
+            match self.pop() {
                 Some(idle) if idle.since.elapsed() < max_idle && !idle.sender.is_closed() => {
-                    let _ = self.idle.push(idle);
+                    self.push(idle);
                 }
                 Some(_) => {}
                 None => break,
@@ -107,7 +120,7 @@ impl Pool {
     }
 
     pub fn idle(&self) -> usize {
-        self.idle.len()
+        self.len.load(Relaxed)
     }
 }
 
