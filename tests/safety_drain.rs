@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
@@ -16,26 +15,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use support::*;
-
-/// One HTTP listener whose default service is `web`, with `settings`
-/// (TOML lines of `[services.web]`) and static `endpoints`.
-fn web(listen: SocketAddr, settings: &str, endpoints: &[String]) -> String {
-    format!(
-        r#"
-[[listeners]]
-name = "web"
-bind = "{listen}"
-default_service = "web"
-
-[services.web]
-{settings}
-endpoints = [
-  {}
-]
-"#,
-        endpoints.join(",\n  ")
-    )
-}
 
 /// Writes `<dir>/web/<id>` as an editor would (a hidden temporary file
 /// renamed into place).

@@ -18,30 +18,6 @@ use serde_json::Value;
 
 use support::*;
 
-/// One HTTP listener whose default service is `web`, with `settings`
-/// (TOML lines of `[services.web]`) and `endpoints` (inline tables).
-fn web(listen: SocketAddr, settings: &str, endpoints: &[String]) -> String {
-    format!(
-        r#"
-[[listeners]]
-name = "web"
-bind = "{listen}"
-default_service = "web"
-
-[services.web]
-{settings}
-endpoints = [
-  {}
-]
-"#,
-        endpoints.join(",\n  ")
-    )
-}
-
-fn ep(id: &str, addr: SocketAddr) -> String {
-    format!("{{ id = \"{id}\", address = \"{addr}\" }}")
-}
-
 /// An in-process upstream whose `/healthz` answers 200 or 500 as told,
 /// and whose other paths answer `status` with `{"server":NAME}`.
 struct Flappy {

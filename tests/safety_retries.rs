@@ -22,30 +22,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use support::*;
 
-/// One HTTP listener whose default service is `web`, with `settings`
-/// (TOML lines of `[services.web]`) and `endpoints` (inline tables).
-fn web(listen: SocketAddr, settings: &str, endpoints: &[String]) -> String {
-    format!(
-        r#"
-[[listeners]]
-name = "web"
-bind = "{listen}"
-default_service = "web"
-
-[services.web]
-{settings}
-endpoints = [
-  {}
-]
-"#,
-        endpoints.join(",\n  ")
-    )
-}
-
-fn ep(id: &str, addr: SocketAddr) -> String {
-    format!("{{ id = \"{id}\", address = \"{addr}\" }}")
-}
-
 /// What a load run saw: per request, when it ended (since the start), its
 /// status (or the client error), and which upstream answered.
 #[derive(Debug, Clone)]

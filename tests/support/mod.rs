@@ -539,6 +539,32 @@ impl Drop for Upstream {
     }
 }
 
+/// A config with one HTTP listener whose default service is `web`, with
+/// `settings` (TOML lines of `[services.web]`) and `endpoints` (inline
+/// tables, see [`ep`] and [`endpoint_line`]).
+pub fn web(listen: SocketAddr, settings: &str, endpoints: &[String]) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "web"
+bind = "{listen}"
+default_service = "web"
+
+[services.web]
+{settings}
+endpoints = [
+  {}
+]
+"#,
+        endpoints.join(",\n  ")
+    )
+}
+
+/// An endpoint as an inline table.
+pub fn ep(id: &str, addr: SocketAddr) -> String {
+    format!("{{ id = \"{id}\", address = \"{addr}\" }}")
+}
+
 /// A config line for an endpoint: `{ id = "<name>", address = "<addr>" }`
 /// plus `extra` (e.g. `weight = 2`).
 pub fn endpoint_line(u: &Upstream, extra: &str) -> String {
