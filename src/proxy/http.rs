@@ -294,7 +294,7 @@ impl ConnContext {
             // try another endpoint with any body.
             let mut sender = match live
                 .pool
-                .take(&endpoint.address, settings.upstream_idle_timeout)
+                .take(&endpoint.authority, settings.upstream_idle_timeout)
                 .await
             {
                 Some(s) => s,
@@ -412,7 +412,7 @@ impl ConnContext {
                 endpoint: in_flight,
                 conn: conn_active,
                 service: service_active,
-                upstream: (!switching).then(|| (sender, endpoint.address.clone())),
+                upstream: (!switching).then(|| (sender, endpoint.authority.clone())),
             };
             let guard = match (switching, client_upgrade) {
                 (true, Some(client_side)) => {

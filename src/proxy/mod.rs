@@ -27,7 +27,6 @@ use crate::config::Global;
 use crate::endpoint::InFlight;
 use crate::routing::ServiceState;
 use conn::ConnActive;
-use pointsman_discovery::Address;
 
 /// Limits and timeouts for client connections, replaced on config reload.
 #[derive(Clone, Debug, PartialEq)]
@@ -120,17 +119,17 @@ pub struct RequestGuard {
     pub conn: ConnActive,
     pub service: ServiceActive,
     /// The upstream connection, reusable once the body is finished.
-    pub upstream: Option<(pool::Sender, Address)>,
+    pub upstream: Option<(pool::Sender, ::http::uri::Authority)>,
 }
 
 impl RequestGuard {
     /// The response body was read to its end: the upstream connection can
     /// serve another request, unless the endpoint takes no new ones.
     fn finish(mut self) {
-        if let Some((sender, address)) = self.upstream.take() {
+        if let Some((sender, authority)) = self.upstream.take() {
             let live = self.endpoint.endpoint();
             if live.accepts_new() {
-                live.pool.put(sender, address);
+                live.pool.put(sender, authority);
             }
         }
     }

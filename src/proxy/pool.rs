@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use crossbeam_queue::SegQueue;
+use http::uri::Authority;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use pointsman_discovery::Address;
@@ -25,7 +26,9 @@ pub type Sender = SendRequest<UpstreamBody>;
 
 struct Idle {
     sender: Sender,
-    address: Address,
+    /// Where it goes: an endpoint re-registered at another address must
+    /// not reuse it. (`Authority` clones without allocating.)
+    authority: Authority,
     since: Instant,
 }
 
@@ -57,11 +60,11 @@ pub enum ConnectError {
 }
 
 impl Pool {
-    /// An idle connection to `address` that is still open and was idle for
+    /// An idle connection to `authority` that is still open and was idle for
     /// less than `max_idle`, if there is one.
-    pub async fn take(&self, address: &Address, max_idle: Duration) -> Option<Sender> {
+    pub async fn take(&self, authority: &Authority, max_idle: Duration) -> Option<Sender> {
         while let Some(idle) = self.pop() {
-            if idle.since.elapsed() >= max_idle || &idle.address != address {
+            if idle.since.elapsed() >= max_idle || &idle.authority != authority {
                 continue;
             }
             let mut sender = idle.sender;
@@ -75,13 +78,13 @@ impl Pool {
     }
 
     /// Gives a connection back for reuse.
-    pub fn put(&self, sender: Sender, address: Address) {
+    pub fn put(&self, sender: Sender, authority: Authority) {
         if sender.is_closed() {
             return;
         }
         self.push(Idle {
             sender,
-            address,
+            authority,
             since: Instant::now(),
         });
     }
