@@ -40,6 +40,7 @@ impl App {
         config: Config,
         overrides: Overrides,
         registries: RegistryOptions,
+        workers: Vec<tokio::runtime::Handle>,
     ) -> anyhow::Result<App> {
         let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
         let limits = Arc::new(ArcSwap::from_pointee(ClientLimits::from(&config.global)));
@@ -49,7 +50,13 @@ impl App {
             table: table.clone(),
             limits,
         });
-        let listeners = Listeners::new(proxy, table.clone(), shutdown.clone(), tracker.clone());
+        let listeners = Listeners::new(
+            proxy,
+            table.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+            workers,
+        );
         let bound = listeners.bound();
         let admin_listener = crate::admin::bind(config.global.admin)
             .await

@@ -7,14 +7,15 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::Semaphore;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Listener, ListenerMode};
 use crate::control::{ListenerControl, SharedTable};
-use crate::proxy::conn::accept_loop;
+use crate::proxy::conn::{accept_loop, ConnLimit};
 use crate::proxy::http::HttpProxy;
 use crate::proxy::{tcp, ClientLimits};
 
@@ -32,12 +33,16 @@ pub struct Listeners {
     proxy: Arc<HttpProxy>,
     table: SharedTable,
     /// Open client connections across all listeners.
-    conn_limit: Arc<Semaphore>,
+    conn_limit: Arc<ConnLimit>,
     max_connections: usize,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     /// Where each listener ended up (port 0 binds a free port).
     bound: Arc<std::sync::Mutex<HashMap<String, SocketAddr>>>,
+    /// Runtimes that serve clients, one event loop per thread, each with
+    /// its own socket per listener (SO_REUSEPORT spreads connections over
+    /// them). Empty: serve on the runtime that runs the control task.
+    workers: Vec<Handle>,
 }
 
 impl Listeners {
@@ -46,16 +51,18 @@ impl Listeners {
         table: SharedTable,
         shutdown: CancellationToken,
         tracker: TaskTracker,
+        workers: Vec<Handle>,
     ) -> Self {
         Listeners {
             running: HashMap::new(),
             proxy,
             table,
-            conn_limit: Arc::new(Semaphore::new(0)),
+            conn_limit: ConnLimit::new(),
             max_connections: 0,
             shutdown,
             tracker,
             bound: Default::default(),
+            workers,
         }
     }
 
@@ -64,19 +71,47 @@ impl Listeners {
         self.bound.clone()
     }
 
-    fn spawn(&self, spec: &Listener, socket: TcpListener, stop: CancellationToken) {
+    /// Starts accepting on each socket, on its own worker runtime.
+    fn spawn(&self, spec: &Listener, sockets: Vec<std::net::TcpListener>, stop: CancellationToken) {
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let accept = self.accept(spec, socket, stop.clone());
+            let tracked = self.tracker.track_future(accept);
+            match self.workers.get(i) {
+                Some(worker) => drop(worker.spawn(tracked)),
+                None => drop(tokio::spawn(tracked)),
+            }
+        }
+    }
+
+    /// The accept loop of one socket; it runs on the runtime it is spawned
+    /// on, and so do the connections it accepts.
+    fn accept(
+        &self,
+        spec: &Listener,
+        socket: std::net::TcpListener,
+        stop: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let name: Arc<str> = spec.name.as_str().into();
         let limit = self.conn_limit.clone();
         let tracker = self.tracker.clone();
-        match spec.mode {
-            ListenerMode::Http => {
-                let proxy = self.proxy.clone();
-                let conn_stop = stop.clone();
-                self.tracker.spawn(accept_loop(
-                    socket,
-                    limit,
-                    stop,
-                    move |stream, peer, permit| {
+        let mode = spec.mode;
+        let proxy = self.proxy.clone();
+        let table = self.table.clone();
+        async move {
+            let socket = match TcpListener::from_std(socket) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(listener = %name, error = %e, "cannot serve the listening socket");
+                    return;
+                }
+            };
+            let conn_stop = stop.clone();
+            accept_loop(
+                socket,
+                limit,
+                stop,
+                move |stream, peer, permit| match mode {
+                    ListenerMode::Http => {
                         let serve = proxy.clone().serve_connection(
                             name.clone(),
                             stream,
@@ -85,16 +120,8 @@ impl Listeners {
                             conn_stop.clone(),
                         );
                         tracker.spawn(serve);
-                    },
-                ));
-            }
-            ListenerMode::Tcp => {
-                let table = self.table.clone();
-                self.tracker.spawn(accept_loop(
-                    socket,
-                    limit,
-                    stop,
-                    move |stream, peer, permit| {
+                    }
+                    ListenerMode::Tcp => {
                         tracker.spawn(tcp::serve_connection(
                             table.clone(),
                             name.clone(),
@@ -102,47 +129,40 @@ impl Listeners {
                             peer,
                             permit,
                         ));
-                    },
-                ));
-            }
+                    }
+                },
+            )
+            .await
         }
     }
 
     fn resize(&mut self, max: usize) {
-        if max > self.max_connections {
-            self.conn_limit.add_permits(max - self.max_connections);
-        } else if max < self.max_connections {
-            // Forget what is free now; the rest is taken back as open
-            // connections close.
-            let owed = self.max_connections - max;
-            let forgotten = self.conn_limit.forget_permits(owed);
-            if let Ok(owed) = u32::try_from(owed - forgotten) {
-                if owed > 0 {
-                    let limit = self.conn_limit.clone();
-                    tokio::spawn(async move {
-                        if let Ok(permits) = limit.acquire_many_owned(owed).await {
-                            permits.forget();
-                        }
-                    });
-                }
-            }
-        }
+        self.conn_limit.resize(self.max_connections, max);
         self.max_connections = max;
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    #[cfg(unix)]
-    socket.set_reuseport(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)
+/// Binds `count` sockets to `addr` with SO_REUSEPORT, so that several
+/// event loops each accept on their own (a port 0 request binds a free port
+/// once, then the others to the same one).
+fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(count.max(1));
+    for _ in 0..count.max(1) {
+        let at = match out.first() {
+            Some(first) => first.local_addr()?,
+            None => addr,
+        };
+        let socket = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        #[cfg(unix)]
+        socket.set_reuse_port(true)?;
+        socket.set_tcp_nodelay(true)?;
+        socket.bind(&at.into())?;
+        socket.listen(BACKLOG as i32)?;
+        socket.set_nonblocking(true)?;
+        out.push(socket.into());
+    }
+    Ok(out)
 }
 
 impl ListenerControl for Listeners {
@@ -164,8 +184,8 @@ impl ListenerControl for Listeners {
             if self.running.get(&l.name).is_some_and(|r| same_socket(r, l)) {
                 continue;
             }
-            match bind(l.bind) {
-                Ok(socket) => fresh.push((l.clone(), socket)),
+            match bind(l.bind, self.workers.len()) {
+                Ok(sockets) => fresh.push((l.clone(), sockets)),
                 Err(e) => {
                     return Err(format!(
                         "listener {:?}: cannot bind {}: {e} (is another process using it?)",
@@ -198,7 +218,10 @@ impl ListenerControl for Listeners {
         let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
         bound.retain(|name, _| wanted.contains_key(name.as_str()));
         for (spec, socket) in fresh {
-            let local = socket.local_addr().unwrap_or(spec.bind);
+            let local = socket
+                .first()
+                .and_then(|s| s.local_addr().ok())
+                .unwrap_or(spec.bind);
             let stop = self.shutdown.child_token();
             tracing::info!(listener = %spec.name, addr = %local, mode = ?spec.mode, "listening");
             self.spawn(&spec, socket, stop.clone());

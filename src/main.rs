@@ -74,7 +74,8 @@ struct RunArgs {
     /// Address of the admin listener (API, stats page).
     #[arg(long)]
     admin: Option<SocketAddr>,
-    /// Worker threads [default: all cores].
+    /// Threads serving clients, each its own event loop [default: all
+    /// cores].
     #[arg(long)]
     threads: Option<usize>,
     /// Follow etcd: client URLs of the cluster, comma-separated
@@ -185,8 +186,8 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(anyhow::anyhow!(e)),
         },
-        Command::Run(args) => runtime(args.threads).and_then(|rt| rt.block_on(run(args, false))),
-        Command::Demo(args) => runtime(args.threads).and_then(|rt| rt.block_on(run(args, true))),
+        Command::Run(args) => serve(args, false),
+        Command::Demo(args) => serve(args, true),
         Command::Upstream { listen, name } => runtime(Some(1)).and_then(|rt| {
             rt.block_on(async {
                 let stop = CancellationToken::new();
@@ -209,6 +210,44 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs the proxy. One thread: one event loop for everything. N threads:
+/// N event loops that serve clients, one per thread, each accepting on its
+/// own SO_REUSEPORT socket (as HAProxy's threads do), beside a small event
+/// loop for the control task, the registries and the admin listener.
+fn serve(args: RunArgs, demo: bool) -> anyhow::Result<()> {
+    let threads = match args.threads {
+        Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+    };
+    let control = runtime(Some(1))?;
+    if threads == 1 {
+        return control.block_on(run(args, demo, Vec::new()));
+    }
+    let stop = CancellationToken::new();
+    let mut handles = Vec::with_capacity(threads);
+    let mut joins = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let rt = runtime(Some(1))?;
+        handles.push(rt.handle().clone());
+        let stop = stop.clone();
+        joins.push(
+            std::thread::Builder::new()
+                .name(format!("pointsman-worker-{i}"))
+                .spawn(move || rt.block_on(stop.cancelled()))?,
+        );
+    }
+    let result = control.block_on(run(args, demo, handles));
+    // The workers ran the drained connections; now they may end.
+    stop.cancel();
+    for j in joins {
+        let _ = j.join();
+    }
+    result
+}
+
 fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut b = match threads {
         Some(0) => anyhow::bail!("--threads must be at least 1"),
@@ -225,7 +264,11 @@ fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(b.enable_all().build()?)
 }
 
-async fn run(args: RunArgs, demo: bool) -> anyhow::Result<()> {
+async fn run(
+    args: RunArgs,
+    demo: bool,
+    workers: Vec<tokio::runtime::Handle>,
+) -> anyhow::Result<()> {
     let signals = stop_signals()?;
     let overrides = args.overrides();
     let mut config = match (&args.config, demo) {
@@ -253,7 +296,7 @@ async fn run(args: RunArgs, demo: bool) -> anyhow::Result<()> {
     } else {
         None
     };
-    let app = App::start(config, overrides, registries).await?;
+    let app = App::start(config, overrides, registries, workers).await?;
     if let Some(dir) = &demo_dir {
         print_demo_help(&app, dir);
     }

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -187,31 +187,97 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
     }
 }
 
+/// The connection limit shared by every accept loop: one permit per open
+/// client connection. Lowering it forgets free permits at once and owes
+/// the rest; an accept loop that gets a permit while some are owed pays the
+/// debt with it instead of accepting.
+#[derive(Debug)]
+pub struct ConnLimit {
+    permits: Arc<Semaphore>,
+    owed: AtomicUsize,
+}
+
+impl ConnLimit {
+    pub fn new() -> Arc<Self> {
+        Arc::new(ConnLimit {
+            permits: Arc::new(Semaphore::new(0)),
+            owed: AtomicUsize::new(0),
+        })
+    }
+
+    /// Changes the limit from `old` to `new`.
+    pub fn resize(&self, old: usize, new: usize) {
+        if new > old {
+            let mut more = new - old;
+            // Cancel what is still owed before adding permits.
+            while more > 0 {
+                let owed = self.owed.load(Relaxed);
+                if owed == 0 {
+                    break;
+                }
+                let paid = owed.min(more);
+                if self
+                    .owed
+                    .compare_exchange(owed, owed - paid, Relaxed, Relaxed)
+                    .is_ok()
+                {
+                    more -= paid;
+                }
+            }
+            self.permits.add_permits(more);
+        } else if new < old {
+            let forgotten = self.permits.forget_permits(old - new);
+            self.owed.fetch_add(old - new - forgotten, Relaxed);
+        }
+    }
+
+    async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
+        loop {
+            let permit = self.permits.clone().acquire_owned().await.ok()?;
+            let owed = self.owed.load(Relaxed);
+            if owed > 0
+                && self
+                    .owed
+                    .compare_exchange(owed, owed - 1, Relaxed, Relaxed)
+                    .is_ok()
+            {
+                permit.forget();
+                continue;
+            }
+            return Some(permit);
+        }
+    }
+}
+
 /// Accepts connections until `shutdown`, holding one permit of `limit` per
-/// open connection; when the limit is reached new clients wait in the
-/// kernel's backlog, as with HAProxy's maxconn.
+/// open connection; when the limit is reached, each accept loop holds one
+/// new client until a slot frees and the rest wait in the kernel's backlog,
+/// as with HAProxy's maxconn.
 pub async fn accept_loop<F>(
     listener: TcpListener,
-    limit: Arc<Semaphore>,
+    limit: Arc<ConnLimit>,
     shutdown: CancellationToken,
     mut serve: F,
 ) where
     F: FnMut(TcpStream, std::net::SocketAddr, OwnedSemaphorePermit),
 {
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = shutdown.cancelled() => return,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.cancelled() => return,
         };
         match accepted {
             Ok((stream, peer)) => {
+                // Over the limit, the connection waits here for a slot
+                // (and the next clients of this socket in the backlog):
+                // any slot freed on any thread serves a waiting client.
+                let permit = tokio::select! {
+                    p = limit.acquire() => match p {
+                        Some(p) => p,
+                        None => return,
+                    },
+                    _ = shutdown.cancelled() => return,
+                };
                 let _ = stream.set_nodelay(true);
                 serve(stream, peer, permit);
             }
