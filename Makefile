@@ -62,7 +62,7 @@ bench-scale: deps-build
 ## bench-propagation: etcd change -> first/last request, over 200 changes
 bench-propagation: deps-bench build
 	@mkdir -p bench/results
-	$(CARGO) run --release --example propagation -- --etcd-bin etcd | tee bench/results/propagation.txt
+	$(CARGO) run --release --example propagation | tee bench/results/propagation.txt
 
 build: deps-build
 	$(CARGO) build --release

@@ -32,7 +32,7 @@
 //! first poll. `etcd_write_*` is how long etcd took to answer (commit and
 //! fsync), not included in the other figures.
 //!
-//!     cargo run --release --example propagation -- --etcd-bin etcd [--changes 200]
+//!     cargo run --release --example propagation -- [--changes 200]
 //!
 //! Without `--pointsman-bin` the proxy binary is the one next to this
 //! example's target directory (`target/release/pointsman`), built first
@@ -59,9 +59,6 @@ const CONFIRM: usize = 20;
 #[derive(Parser)]
 #[command(about = "Measures etcd change -> proxy propagation (put and delete), p50/p99/max")]
 struct Args {
-    /// The etcd binary for the throwaway etcd (ignored with --etcd-endpoint).
-    #[arg(long, default_value = "etcd")]
-    etcd_bin: String,
     /// Use this running etcd (client URL) instead of starting one. Only keys
     /// under /services/<service>/ are written, and deleted at the end.
     #[arg(long)]
@@ -86,6 +83,9 @@ struct Args {
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
 }
+
+#[path = "../discovery/tests/support/etcd.rs"]
+mod etcd_support;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -124,8 +124,12 @@ async fn run(args: Args) -> Result<bool> {
     let (_etcd, endpoint) = match &args.etcd_endpoint {
         Some(e) => (None, e.trim_end_matches('/').to_string()),
         None => {
-            let etcd = Etcd::start(&args.etcd_bin, work.path()).await?;
-            let e = etcd.endpoint.clone();
+            // The tests' throwaway etcd: free loopback ports, its own
+            // temporary directory, killed when dropped.
+            let etcd = tokio::task::spawn_blocking(etcd_support::EtcdServer::start)
+                .await
+                .map_err(|e| format!("starting etcd failed: {e}"))?;
+            let e = etcd.endpoint();
             (Some(etcd), e)
         }
     };
@@ -509,80 +513,6 @@ impl Poller {
 
 // ---------------------------------------------------------------------------
 // etcd
-
-/// A throwaway single-member etcd on free loopback ports, killed when
-/// dropped (its data goes with the temporary directory).
-struct Etcd {
-    child: Child,
-    endpoint: String,
-}
-
-impl Etcd {
-    async fn start(bin: &str, work: &Path) -> Result<Etcd> {
-        let (client, peer) = (free_addr()?, free_addr()?);
-        if client == peer {
-            return Err("got the same free port twice; run again".into());
-        }
-        let (client, peer) = (format!("http://{client}"), format!("http://{peer}"));
-        let log_path = work.join("etcd.log");
-        let log = std::fs::File::create(&log_path)
-            .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
-        let log_err = log.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new(bin)
-            .arg("--name=propagation")
-            .arg(format!("--data-dir={}", work.join("etcd").display()))
-            .arg(format!("--listen-client-urls={client}"))
-            .arg(format!("--advertise-client-urls={client}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=propagation={peer}"))
-            .arg("--initial-cluster-state=new")
-            .arg("--logger=zap")
-            .arg("--log-outputs=stderr")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|e| format!("cannot start {bin} (install etcd-server): {e}"))?;
-        let mut etcd = Etcd {
-            child,
-            endpoint: client,
-        };
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .map_err(|e| e.to_string())?;
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(status)) = etcd.child.try_wait() {
-                return Err(format!(
-                    "etcd exited ({status}); its log:\n{}",
-                    tail(&log_path)
-                ));
-            }
-            if let Ok(r) = http.get(format!("{}/health", etcd.endpoint)).send().await {
-                if r.text().await.unwrap_or_default().contains("\"true\"") {
-                    return Ok(etcd);
-                }
-            }
-            if start.elapsed() > Duration::from_secs(20) {
-                return Err(format!(
-                    "etcd was not healthy within 20 s; its log:\n{}",
-                    tail(&log_path)
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// etcd's v3 JSON gateway (keys and values in base64).
 struct EtcdKv {
