@@ -66,7 +66,7 @@ pub struct ServiceSettings {
 pub struct RetryPolicy {
     pub attempts: u32,
     pub per_try_timeout: Duration,
-    /// Bit i set: retry on status 100 + i... kept as a small list.
+    /// Statuses on which an idempotent request is tried elsewhere.
     pub on_status: Arc<[u16]>,
     pub budget_percent: u32,
     pub replay_limit: usize,
@@ -111,9 +111,20 @@ impl Drop for RetryGuard {
 }
 
 impl Service {
+    /// Counts a failed request (no answer, or a 5xx) of endpoint `i` for
+    /// passive checks; a run of them ejects it.
+    pub fn count_failure(&self, i: usize) {
+        if self.endpoints[i]
+            .live
+            .failed_once(self.settings.passive.consecutive_failures)
+        {
+            self.maybe_eject(i);
+        }
+    }
+
     /// Ejects endpoint `i` after a run of failures, unless that would
     /// eject more than the allowed share of the service.
-    pub fn maybe_eject(&self, i: usize) {
+    fn maybe_eject(&self, i: usize) {
         let live = &self.settings.live;
         if live
             .ejecting

@@ -266,7 +266,6 @@ impl ConnContext {
                 .ok_or_else(|| ProxyError::NoEndpoint(service.name.clone()))?;
             let endpoint = &service.endpoints[pick.index];
             let live = &endpoint.live;
-            // Another try, if the policy and the budget allow one.
             // Another try elsewhere, if tries are left. Retries that add load
             // to upstreams (after a status or a timeout) also need a slot of
             // the retry budget; a request keeps the slot it already holds.
@@ -351,8 +350,7 @@ impl ConnContext {
                     drop(in_flight);
                     // Never written: the upstream closed a pooled connection
                     // just then. The request (and its body) come back whole.
-                    if let Some(unsent) = e.message().is_some().then(|| e.take_message()).flatten()
-                    {
+                    if let Some(unsent) = e.take_message() {
                         if unsent_left > 0 {
                             unsent_left -= 1;
                             let (p, b) = unsent.into_parts();
@@ -393,9 +391,7 @@ impl ConnContext {
             let status = resp.status();
             live.record_status(status.as_u16());
             if status.is_server_error() {
-                if live.failed_once(settings.passive.consecutive_failures) {
-                    service.maybe_eject(pick.index);
-                }
+                service.count_failure(pick.index);
             } else {
                 live.succeeded();
             }
@@ -440,14 +436,11 @@ impl ConnContext {
         }
     }
 
-    /// A request to endpoint `i` got no usable answer: count it, and eject
-    /// the endpoint after a run of them.
+    /// A request to endpoint `i` got no answer at all (refused, reset,
+    /// timed out).
     fn failed(&self, service: &Service, i: usize) {
-        let live = &service.endpoints[i].live;
-        live.record_failure();
-        if live.failed_once(service.settings.passive.consecutive_failures) {
-            service.maybe_eject(i);
-        }
+        service.endpoints[i].live.record_failure();
+        service.count_failure(i);
     }
 }
 
