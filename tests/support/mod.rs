@@ -205,7 +205,12 @@ impl Proxy {
             .arg(&config_path)
             .arg("--admin")
             .arg(admin.to_string())
-            .args(["--threads", "2"])
+            // Two event loops unless the test asks for something else.
+            .args(if extra.contains(&"--threads") {
+                &[][..]
+            } else {
+                &["--threads", "2"][..]
+            })
             .args(extra)
             .env("NO_COLOR", "1")
             .env("POINTSMAN_LOG", "info")
