@@ -526,6 +526,14 @@ mod tests {
     }
 
     #[test]
+    fn route_with_an_unknown_map_fetch_is_refused() {
+        let text = "[routes.app]\nmap = \"release\"\nmap_key = \"req.nope\"\n";
+        let msg = Config::parse("c.toml", text).unwrap_err().to_string();
+        assert!(msg.contains("c.toml:1: routes.app"), "{msg}");
+        assert!(msg.contains("req.nope"), "{msg}");
+    }
+
+    #[test]
     fn unknown_key_is_refused_with_its_name() {
         let text = "[services.web]\nbalance = \"roundrobin\"\ntimeout = \"1s\"\n";
         let msg = Config::parse("c.toml", text).unwrap_err().to_string();

@@ -250,32 +250,19 @@ pub enum MapKey {
 }
 
 impl MapKey {
+    /// Parses a `map_key` (the syntax is the registry contract's,
+    /// [`pointsman_discovery::MapKey`]) with header names ready to look up.
     pub fn parse(s: &str) -> Result<MapKey, String> {
-        let arg = |prefix: &str| {
-            s.strip_prefix(prefix)
-                .and_then(|r| r.strip_suffix(')'))
-                .filter(|a| !a.is_empty())
-        };
-        Ok(match s {
-            "req.host" => MapKey::Host,
-            "req.path" => MapKey::Path,
-            _ if s.starts_with("req.hdr(") => {
-                let name = arg("req.hdr(").ok_or_else(|| format!("map_key {s:?}: expected req.hdr(<name>)"))?;
-                MapKey::Header(
-                    HeaderName::try_from(name)
-                        .map_err(|_| format!("map_key {s:?}: {name:?} is not a header name"))?,
-                )
-            }
-            _ if s.starts_with("req.cookie(") => {
-                let name = arg("req.cookie(").ok_or_else(|| format!("map_key {s:?}: expected req.cookie(<name>)"))?;
-                MapKey::Cookie(name.to_string())
-            }
-            _ if s.starts_with("req.") => {
-                return Err(format!(
-                    "map_key {s:?} is not known: use a literal key, req.host, req.path, req.hdr(<name>) or req.cookie(<name>)"
-                ))
-            }
-            _ => MapKey::Literal(s.to_string()),
+        use pointsman_discovery::MapKey as Spec;
+        Ok(match Spec::parse(s)? {
+            Spec::Literal(l) => MapKey::Literal(l),
+            Spec::Host => MapKey::Host,
+            Spec::Path => MapKey::Path,
+            Spec::Header(name) => MapKey::Header(
+                HeaderName::try_from(name.as_str())
+                    .map_err(|_| format!("map_key {s:?}: {name:?} is not a header name"))?,
+            ),
+            Spec::Cookie(c) => MapKey::Cookie(c),
         })
     }
 }

@@ -31,6 +31,6 @@ pub use file::watch_dir;
 pub use parse::{parse_entry, parse_instance, parse_key, ParseError, Prefixes};
 pub use persist::{load_state, save_state, state_path, PersistError, SavedState};
 pub use registration::{AdminState, CheckSpec, Override, Registration};
-pub use route::{RouteSpec, RouteTarget, SplitSpec};
+pub use route::{MapKey, RouteSpec, RouteTarget, SplitSpec};
 pub use status::{SourceStatus, SourceStatusSnapshot};
 pub use update::{Change, Entry, EntryKey, Source, Update, UpdateKind};

@@ -98,6 +98,7 @@ impl RouteSpec {
                 .map_key
                 .clone()
                 .ok_or_else(|| format!("route uses map {map:?} but has no `map_key`"))?;
+            MapKey::parse(&key)?;
             return Ok(RouteTarget::Map {
                 map: map.clone(),
                 key,
@@ -108,5 +109,96 @@ impl RouteSpec {
             return Err("every arm of `split` has weight 0: give at least one a weight".into());
         }
         Ok(RouteTarget::Split(self.split.clone()))
+    }
+}
+
+/// How a map route computes its key from a request, with HAProxy's fetch
+/// names: a literal, `req.host`, `req.path`, `req.hdr(<name>)` or
+/// `req.cookie(<name>)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapKey {
+    Literal(String),
+    Host,
+    Path,
+    /// A header name, lower-cased.
+    Header(String),
+    Cookie(String),
+}
+
+impl MapKey {
+    /// Parses a `map_key`, or says what is expected.
+    pub fn parse(s: &str) -> Result<MapKey, String> {
+        let arg = |prefix: &str| {
+            s.strip_prefix(prefix)
+                .and_then(|r| r.strip_suffix(')'))
+                .filter(|a| !a.is_empty())
+        };
+        Ok(match s {
+            "req.host" => MapKey::Host,
+            "req.path" => MapKey::Path,
+            _ if s.starts_with("req.hdr(") => {
+                let name =
+                    arg("req.hdr(").ok_or_else(|| format!("map_key {s:?}: expected req.hdr(<name>)"))?;
+                // A header name is an HTTP token.
+                if !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+                {
+                    return Err(format!("map_key {s:?}: {name:?} is not a header name"));
+                }
+                MapKey::Header(name.to_ascii_lowercase())
+            }
+            _ if s.starts_with("req.cookie(") => {
+                let name = arg("req.cookie(")
+                    .ok_or_else(|| format!("map_key {s:?}: expected req.cookie(<name>)"))?;
+                MapKey::Cookie(name.to_string())
+            }
+            _ if s.starts_with("req.") => {
+                return Err(format!(
+                    "map_key {s:?} is not known: use a literal key, req.host, req.path, req.hdr(<name>) or req.cookie(<name>)"
+                ))
+            }
+            _ => MapKey::Literal(s.to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_keys_parse_haproxy_fetches() {
+        assert_eq!(
+            MapKey::parse("STATIC"),
+            Ok(MapKey::Literal("STATIC".into()))
+        );
+        assert_eq!(MapKey::parse("req.host"), Ok(MapKey::Host));
+        assert_eq!(
+            MapKey::parse("req.hdr(X-User)"),
+            Ok(MapKey::Header("x-user".into()))
+        );
+        assert_eq!(
+            MapKey::parse("req.cookie(v)"),
+            Ok(MapKey::Cookie("v".into()))
+        );
+        assert!(MapKey::parse("req.nope").is_err());
+        assert!(MapKey::parse("req.hdr()").is_err());
+        assert!(MapKey::parse("req.hdr(a b)").is_err());
+    }
+
+    #[test]
+    fn a_route_with_an_unknown_fetch_is_refused() {
+        let spec = RouteSpec {
+            path_prefix: "/".into(),
+            map: Some("release".into()),
+            map_key: Some("req.nope".into()),
+            ..Default::default()
+        };
+        let err = spec.target().unwrap_err();
+        assert!(
+            err.contains("req.nope") && err.contains("req.hdr(<name>)"),
+            "{err}"
+        );
     }
 }
