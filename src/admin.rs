@@ -39,6 +39,10 @@ pub struct Admin {
 pub struct ServiceView {
     pub name: String,
     pub balance: &'static str,
+    /// Retries made for the service's requests, since start.
+    pub retries: u64,
+    /// Passive-check ejections of its endpoints, since start.
+    pub ejections: u64,
     pub endpoints: Vec<EndpointView>,
 }
 
@@ -58,6 +62,8 @@ pub fn services_view(table: &RoutingTable) -> Vec<ServiceView> {
         .map(|s| ServiceView {
             name: s.name.to_string(),
             balance: s.settings.algorithm.as_str(),
+            retries: s.settings.live.retries.load(Ordering::Relaxed),
+            ejections: s.settings.live.ejections.load(Ordering::Relaxed),
             endpoints: s
                 .endpoints
                 .iter()

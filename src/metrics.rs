@@ -63,7 +63,24 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
         "1 if the endpoint takes new requests (ready, healthy, weight > 0).",
         &["service", "endpoint"],
     );
+    let retries = counter(
+        "pointsman_service_retries_total",
+        "Requests tried again on another endpoint.",
+        &["service"],
+    );
+    let ejections = counter(
+        "pointsman_service_ejections_total",
+        "Endpoints ejected by passive checks.",
+        &["service"],
+    );
     for svc in table.services.values() {
+        let live = &svc.settings.live;
+        retries
+            .with_label_values(&[&*svc.name])
+            .inc_by(live.retries.load(Ordering::Relaxed));
+        ejections
+            .with_label_values(&[&*svc.name])
+            .inc_by(live.ejections.load(Ordering::Relaxed));
         for ep in &svc.endpoints {
             let l = [&*svc.name, &*ep.id];
             let c = ep.live.snapshot();
@@ -162,6 +179,8 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
         Box::new(weight),
         Box::new(state),
         Box::new(up),
+        Box::new(retries),
+        Box::new(ejections),
         Box::new(connected),
         Box::new(staleness),
         Box::new(applied),

@@ -400,6 +400,13 @@ async fn passive_ejection_takes_a_failing_endpoint_out_and_brings_it_back() {
     let view = proxy.endpoint("web", "bad").await;
     assert_eq!(view["ejected"], true, "ejected again: {view}");
     assert_eq!(view["ejections"], 2, "{view}");
+    // The service counts them too.
+    let services = proxy.services().await;
+    let web = services
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "web"))
+        .expect("service web in /api/services");
+    assert_eq!(web["ejections"], 2, "{web}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -369,6 +369,26 @@ async fn a_503_is_retried_for_get_but_a_post_is_not() {
     assert!(body.contains("\"down\""), "the 503 is down's own: {body}");
     assert_eq!(down_hits.of("POST"), 1, "the POST went to `down` once");
     assert_eq!(good_hits.of("POST"), 0, "and was not retried on `good`");
+
+    // Every retry is counted for the service: 10 GETs and 1 PUT.
+    let services = proxy.services().await;
+    let web = services
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "web"))
+        .expect("service web in /api/services");
+    assert_eq!(web["retries"], 11, "{web}");
+    let metrics = client
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("pointsman_service_retries_total{service=\"web\"} 11"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
