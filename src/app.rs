@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::control::{Command, Control, SharedTable};
+use crate::control::{Command, Control, ControlHandle, SharedTable};
 use crate::listener::Listeners;
 use crate::proxy::http::HttpProxy;
 use crate::proxy::ClientLimits;
@@ -26,6 +26,8 @@ use crate::routing::RoutingTable;
 pub struct App {
     pub table: SharedTable,
     pub commands: mpsc::Sender<Command>,
+    /// For local changes (runtime and admin API).
+    pub control: ControlHandle,
     pub admin_addr: SocketAddr,
     pub listeners: HashMap<String, SocketAddr>,
     shutdown: CancellationToken,
@@ -103,6 +105,10 @@ impl App {
         ready.store(true, Ordering::Release);
         let listeners = bound.lock().map(|b| b.clone()).unwrap_or_default();
         Ok(App {
+            control: ControlHandle {
+                commands: commands.clone(),
+                table: table.clone(),
+            },
             table,
             commands,
             admin_addr,

@@ -21,6 +21,7 @@ use crate::balance::Balancer;
 use crate::config::{BalanceAlgorithm, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
 use crate::endpoint::EndpointState;
 use crate::health::HealthChecks;
+use crate::local::{LocalChange, LocalError, LocalLayer};
 use crate::routing::{
     Endpoint, RetryPolicy, RouteIndex, RoutingTable, Service, ServiceSettings, ServiceState,
     WEIGHT_SCALE,
@@ -44,6 +45,29 @@ pub enum Command {
         id: Arc<str>,
         up: bool,
     },
+    /// A change made on this proxy only (runtime or admin API). The reply
+    /// comes once a table with the change is published, or says why it was
+    /// refused.
+    Local(LocalChange, oneshot::Sender<Result<(), LocalError>>),
+}
+
+/// Sends local changes to the control task and waits for their tables.
+#[derive(Clone)]
+pub struct ControlHandle {
+    pub commands: mpsc::Sender<Command>,
+    pub table: SharedTable,
+}
+
+impl ControlHandle {
+    /// Applies a local change; returns once requests see it.
+    pub async fn change(&self, change: LocalChange) -> Result<(), LocalError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Local(change, tx))
+            .await
+            .map_err(|_| LocalError::Stopped)?;
+        rx.await.map_err(|_| LocalError::Stopped)?
+    }
 }
 
 /// Default time a deregistered endpoint may keep draining.
@@ -86,6 +110,8 @@ struct Dirty {
     defaults: bool,
     /// The newest registry revision each source brought in this batch.
     revisions: BTreeMap<Source, i64>,
+    /// Local changes that wait for this batch's table.
+    replies: Vec<oneshot::Sender<Result<(), LocalError>>>,
 }
 
 /// The state the control task owns.
@@ -109,6 +135,8 @@ pub struct Control {
     /// Live-state mirrors to update once the table being built is
     /// published: state and weight as that table has them.
     published: Vec<(Arc<EndpointState>, AdminState, u32)>,
+    /// Changes made on this proxy through its runtime or admin API.
+    local: LocalLayer,
 }
 
 impl Control {
@@ -128,6 +156,7 @@ impl Control {
             ramping: HashMap::new(),
             checks: HealthChecks::new(None),
             published: Vec::new(),
+            local: LocalLayer::default(),
         }
     }
 
@@ -206,7 +235,103 @@ impl Control {
                     dirty.services.insert(service);
                 }
             }
+            Command::Local(change, reply) => match self.apply_local(change, dirty) {
+                Ok(()) => dirty.replies.push(reply),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
         }
+    }
+
+    /// Checks a local change against what exists and applies it.
+    fn apply_local(&mut self, change: LocalChange, dirty: &mut Dirty) -> Result<(), LocalError> {
+        match &change {
+            LocalChange::ServerState { service, id, .. }
+            | LocalChange::ServerWeight { service, id, .. } => {
+                self.check_server(service, id)?;
+                dirty.services.insert(service.clone());
+            }
+            LocalChange::MapSet { map, key, .. } | LocalChange::MapDel { map, key } => {
+                if !self.effective_map(map)?.contains_key(key) {
+                    return Err(LocalError::NoSuchKey {
+                        map: map.clone(),
+                        key: key.clone(),
+                    });
+                }
+                dirty.maps.insert(map.clone());
+            }
+            LocalChange::MapAdd { map, key, .. } => {
+                if self.effective_map(map)?.contains_key(key) {
+                    return Err(LocalError::KeyExists {
+                        map: map.clone(),
+                        key: key.clone(),
+                    });
+                }
+                dirty.maps.insert(map.clone());
+            }
+            LocalChange::MapClear { map } => {
+                self.effective_map(map)?;
+                dirty.maps.insert(map.clone());
+            }
+            LocalChange::Reset => {
+                let (services, maps) = self.local.touched();
+                dirty.services.extend(services);
+                dirty.maps.extend(maps);
+            }
+        }
+        tracing::info!(?change, "local change");
+        match change {
+            LocalChange::ServerState { service, id, state } => {
+                self.local.set_state(&service, &id, state)
+            }
+            LocalChange::ServerWeight {
+                service,
+                id,
+                weight,
+            } => self.local.set_weight(&service, &id, weight),
+            LocalChange::MapSet { map, key, value } | LocalChange::MapAdd { map, key, value } => {
+                self.local.put(&map, &key, &value)
+            }
+            LocalChange::MapDel { map, key } => self.local.delete(&map, &key),
+            LocalChange::MapClear { map } => self.local.clear(&map),
+            LocalChange::Reset => self.local = LocalLayer::default(),
+        }
+        Ok(())
+    }
+
+    /// Whether `service` has a registered instance `id`.
+    fn check_server(&self, service: &str, id: &str) -> Result<(), LocalError> {
+        let mut known = false;
+        for entries in self.sources.values() {
+            if let Some(m) = entries.instances.get(service) {
+                known = true;
+                if m.contains_key(id) {
+                    return Ok(());
+                }
+            }
+        }
+        if known || self.config.services.contains_key(service) {
+            Err(LocalError::NoSuchServer {
+                service: service.to_string(),
+                id: id.to_string(),
+            })
+        } else {
+            Err(LocalError::NoSuchService(service.to_string()))
+        }
+    }
+
+    /// A map as requests see it, or an error if no route uses it and it
+    /// has no entries.
+    fn effective_map(&self, name: &str) -> Result<HashMap<String, Arc<str>>, LocalError> {
+        let merged = self.merged_map(name);
+        let used = self.sources.values().any(|e| {
+            e.maps.contains_key(name) || e.routes.values().any(|r| r.map.as_deref() == Some(name))
+        });
+        if merged.is_empty() && !used && !self.local.maps.contains_key(name) {
+            return Err(LocalError::NoSuchMap(name.to_string()));
+        }
+        Ok(merged)
     }
 
     fn apply_config(&mut self, config: Config, dirty: &mut Dirty) -> Result<(), String> {
@@ -328,6 +453,9 @@ impl Control {
                 status.set_applied_revision(rev);
             }
         }
+        for reply in dirty.replies {
+            let _ = reply.send(Ok(()));
+        }
     }
 
     fn merged_routes(&self) -> BTreeMap<String, &RouteSpec> {
@@ -348,6 +476,9 @@ impl Control {
                     out.insert(k.clone(), v.as_str().into());
                 }
             }
+        }
+        if let Some(local) = self.local.maps.get(name) {
+            local.apply(&mut out);
         }
         out
     }
@@ -395,13 +526,19 @@ impl Control {
         };
         // Later sources win: config < file < etcd < consul.
         let mut instances: BTreeMap<&str, &Registration> = BTreeMap::new();
-        let mut overrides: BTreeMap<&str, &Override> = BTreeMap::new();
+        let mut overrides: BTreeMap<&str, Override> = BTreeMap::new();
         for entries in self.sources.values() {
             if let Some(m) = entries.instances.get(name) {
                 instances.extend(m.iter().map(|(id, r)| (id.as_str(), r)));
             }
             if let Some(m) = entries.overrides.get(name) {
-                overrides.extend(m.iter().map(|(id, o)| (id.as_str(), o)));
+                // Field by field: a later source's state leaves an earlier
+                // one's weight in force.
+                for (id, o) in m {
+                    let merged = overrides.entry(id.as_str()).or_default();
+                    merged.state = o.state.or(merged.state);
+                    merged.weight = o.weight.or(merged.weight);
+                }
             }
         }
         let mut departing = self.departing.remove(name).unwrap_or_default();
@@ -440,9 +577,14 @@ impl Control {
                 live.set_healthy(false);
             }
             let ov = overrides.get(&*id);
-            let state = ov.and_then(|o| o.state).unwrap_or(reg.state);
+            let local = self.local.server(name, &id).copied().unwrap_or_default();
+            let state = local
+                .state
+                .or(ov.and_then(|o| o.state))
+                .unwrap_or(reg.state);
             let was = live.admin_state();
-            let weight = u32::from(ov.and_then(|o| o.weight).unwrap_or(reg.weight));
+            let initial_weight = u32::from(ov.and_then(|o| o.weight).unwrap_or(reg.weight));
+            let weight = local.weight.map(u32::from).unwrap_or(initial_weight);
             self.published.push((live.clone(), state, weight));
             let key = (name.to_string(), id.clone());
             if slow_start.is_some()
@@ -453,6 +595,7 @@ impl Control {
             live_now.insert(id.clone(), live.clone());
             match Endpoint::new(id.clone(), reg.address.clone(), live.clone(), state, weight) {
                 Ok(mut ep) => {
+                    ep.initial_weight = initial_weight;
                     ep.balance_weight = ramped(
                         weight * WEIGHT_SCALE,
                         slow_start,

@@ -14,6 +14,7 @@ pub mod control;
 pub mod endpoint;
 pub mod health;
 pub mod listener;
+pub mod local;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;

@@ -169,6 +169,9 @@ pub struct Endpoint {
     /// endpoint states together. (Health and ejection are live atomics.)
     pub state: AdminState,
     pub weight: u32,
+    /// The weight its registry gives it, before local changes (HAProxy's
+    /// "initial weight"; `set server ... weight 50%` is a share of it).
+    pub initial_weight: u32,
     /// The weight the balancer uses in this table: `weight` times
     /// [`WEIGHT_SCALE`], lowered while the endpoint slow-starts.
     pub balance_weight: u32,
@@ -196,6 +199,7 @@ impl Endpoint {
             authority,
             state,
             weight,
+            initial_weight: weight,
             balance_weight: weight * WEIGHT_SCALE,
             live,
         })
