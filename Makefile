@@ -5,7 +5,7 @@ CARGO ?= cargo
 # What building and testing need: protoc for etcd-client, etcd for the
 # registry tests, curl and socat for the scripted tests.
 BUILD_DEBS := protobuf-compiler libprotobuf-dev
-TEST_DEBS  := etcd-server etcd-client curl socat bsdextrautils chromium
+TEST_DEBS  := etcd-server etcd-client curl socat bsdextrautils chromium python3-prometheus-client
 # The yardsticks for `make bench` and `make soak`.
 BENCH_DEBS := haproxy nginx wrk python3 iproute2 etcd-server etcd-client
 

@@ -1,6 +1,8 @@
-//! The admin listener: `/healthz`, `/readyz`, the JSON view of the routing
-//! table (`/api/services`) and a stats page a person reads at a glance
-//! (`/stats`). Loopback by default.
+//! The admin listener: `/healthz`, `/readyz`, the JSON API (services,
+//! routes, maps, discovery, and local changes to endpoint state, weight and
+//! maps), `/metrics` and a stats page a person reads at a glance
+//! (`/stats`). Loopback by default; bound anywhere else it needs a token,
+//! and when a token is set every change must carry it.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -10,20 +12,26 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use serde::Serialize;
+use pointsman_discovery::registration::MAX_WEIGHT;
+use pointsman_discovery::AdminState;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::SharedTable;
-use crate::endpoint::EndpointCounters;
+use crate::control::{ControlHandle, SharedTable};
+use crate::endpoint::{unix_now, EndpointCounters};
+use crate::local::{LocalChange, LocalError};
 use crate::registry::Followed;
 use crate::reload::ReloadStats;
-use crate::routing::RoutingTable;
+use crate::routing::{MapKey, RoutingTable, Target};
+
+/// Largest request body the admin API reads.
+const BODY_LIMIT: usize = 64 * 1024;
 
 /// What the admin endpoints read.
 pub struct Admin {
@@ -33,6 +41,13 @@ pub struct Admin {
     /// The registries followed; `/readyz` also waits for each one's data.
     pub followed: Vec<Followed>,
     pub reloads: Arc<ReloadStats>,
+    /// Where local changes go.
+    pub control: ControlHandle,
+    /// Required (as `Authorization: Bearer <token>`) on every change when
+    /// set.
+    pub token: Option<String>,
+    /// Unix seconds the proxy started at.
+    pub started: u64,
 }
 
 #[derive(Serialize)]
@@ -50,6 +65,10 @@ pub struct ServiceView {
 pub struct EndpointView {
     pub id: String,
     pub address: String,
+    /// The registry's weight, before local changes.
+    pub initial_weight: u32,
+    /// Takes new requests now (ready, healthy, not ejected, weight > 0).
+    pub accepting: bool,
     #[serde(flatten)]
     pub counters: EndpointCounters,
 }
@@ -70,6 +89,8 @@ pub fn services_view(table: &RoutingTable) -> Vec<ServiceView> {
                 .map(|e| EndpointView {
                     id: e.id.to_string(),
                     address: e.address.to_string(),
+                    initial_weight: e.initial_weight,
+                    accepting: e.accepts_new(),
                     counters: e.live.snapshot(),
                 })
                 .collect(),
@@ -96,7 +117,7 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(req)) }
+                    async move { Ok::<_, Infallible>(admin.handle(req).await) }
                 });
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
@@ -105,46 +126,300 @@ impl Admin {
         }
     }
 
-    fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return reply(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "text/plain",
-                "only GET here\n".into(),
-            );
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_string();
+        let segments: Vec<String> = path
+            .trim_start_matches('/')
+            .split('/')
+            .map(percent_decode)
+            .collect();
+        let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let method = req.method().clone();
+        if method == Method::GET || method == Method::HEAD {
+            return self.read(&path, &segs);
         }
-        match req.uri().path() {
-            "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-            "/readyz" => match self.not_ready() {
-                None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
-                Some(why) => reply(
+        if !matches!(segs.first(), Some(&"api")) {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET here\n");
+        }
+        if let Some(denied) = self.check_token(&req) {
+            return denied;
+        }
+        let body = match Limited::new(req.into_body(), BODY_LIMIT).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("cannot read the request body (at most {BODY_LIMIT} bytes): {e}\n"),
+                )
+            }
+        };
+        match self.change(&method, &segs, &body) {
+            Ok(change) => match self.control.change(change).await {
+                Ok(()) => json(&serde_json::json!({
+                    "ok": true,
+                    "table_version": self.table.load().version,
+                })),
+                Err(e) => error(local_status(&e), &e.to_string()),
+            },
+            Err((status, why)) => error(status, &why),
+        }
+    }
+
+    fn read(&self, path: &str, segs: &[&str]) -> Response<Full<Bytes>> {
+        let table = self.table.load();
+        match segs {
+            ["healthz"] => text(StatusCode::OK, "ok\n"),
+            ["readyz"] => match self.not_ready() {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(why) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    format!("not ready: {why}\n"),
+                    &format!("not ready: {why}\n"),
                 ),
             },
-            "/metrics" => reply(
+            ["metrics"] => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                crate::metrics::render(&self.table.load(), &self.followed, &self.reloads),
+                crate::metrics::render(&table, &self.followed, &self.reloads),
             ),
-            "/api/services" => json(&services_view(&self.table.load())),
-            "/api/discovery" => {
+            ["api", "services"] => json(&services_view(&table)),
+            ["api", "services", name] => match services_view(&table)
+                .into_iter()
+                .find(|s| s.name == *name)
+            {
+                Some(s) => json(&s),
+                None => error(StatusCode::NOT_FOUND, &format!("no such service: {name}")),
+            },
+            ["api", "routes"] => json(&routes_view(&table)),
+            ["api", "maps"] => json(&maps_view(&table)),
+            ["api", "maps", name] => match maps_view(&table).remove(*name) {
+                Some(m) => json(&m),
+                None => error(StatusCode::NOT_FOUND, &format!("no such map: {name}")),
+            },
+            ["api", "discovery"] => {
                 let view: Vec<_> = self.followed.iter().map(Followed::view).collect();
                 json(&view)
             }
-            "/stats" | "/" => reply(
+            ["stats"] | [""] => reply(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                stats_page(&self.table.load()),
+                stats_page(&table, &self.followed, self.started),
             ),
-            _ => reply(
+            _ => text(
                 StatusCode::NOT_FOUND,
-                "text/plain",
-                "not found: try /stats, /api/services, /api/discovery, /metrics, /healthz or /readyz\n".into(),
+                &format!("not found: {path}: try /stats, /api/services, /api/routes, /api/maps, /api/discovery, /metrics, /healthz or /readyz\n"),
             ),
         }
     }
+
+    /// The change a write request asks for, or why it cannot be made.
+    fn change(
+        &self,
+        method: &Method,
+        segs: &[&str],
+        body: &[u8],
+    ) -> Result<LocalChange, (StatusCode, String)> {
+        let bad = |why: String| (StatusCode::BAD_REQUEST, why);
+        match (method.as_str(), segs) {
+            ("POST" | "PUT" | "PATCH", ["api", "services", service, "endpoints", id]) => {
+                let ask: EndpointChange = serde_json::from_slice(body).map_err(|e| {
+                    bad(format!(
+                        "body must be JSON such as {{\"state\":\"drain\"}} or {{\"weight\":10}}: {e}"
+                    ))
+                })?;
+                match (ask.state, ask.weight) {
+                    (Some(state), None) => Ok(LocalChange::ServerState {
+                        service: service.to_string(),
+                        id: id.to_string(),
+                        state,
+                    }),
+                    (None, Some(weight)) if weight <= MAX_WEIGHT => Ok(LocalChange::ServerWeight {
+                        service: service.to_string(),
+                        id: id.to_string(),
+                        weight,
+                    }),
+                    (None, Some(weight)) => Err(bad(format!(
+                        "weight {weight} is out of range: expected 0 to {MAX_WEIGHT}"
+                    ))),
+                    _ => Err(bad(
+                        "give exactly one of \"state\" (ready, drain, maint) or \"weight\" (0 to 256)".into(),
+                    )),
+                }
+            }
+            ("PUT", ["api", "maps", map, key @ ..]) if !key.is_empty() => {
+                let key = key.join("/");
+                let value = std::str::from_utf8(body)
+                    .map_err(|_| bad("the value must be UTF-8 text".into()))?
+                    .trim()
+                    .to_string();
+                if value.is_empty() || key.is_empty() {
+                    return Err(bad(
+                        "PUT /api/maps/<map>/<key> with the value (a service name) as the body"
+                            .into(),
+                    ));
+                }
+                let exists = self
+                    .table
+                    .load()
+                    .maps
+                    .get(*map)
+                    .is_some_and(|m| m.contains_key(&key));
+                let map = map.to_string();
+                Ok(if exists {
+                    LocalChange::MapSet { map, key, value }
+                } else {
+                    LocalChange::MapAdd { map, key, value }
+                })
+            }
+            ("DELETE", ["api", "maps", map]) => Ok(LocalChange::MapClear {
+                map: map.to_string(),
+            }),
+            ("DELETE", ["api", "maps", map, key @ ..]) if !key.is_empty() => {
+                Ok(LocalChange::MapDel {
+                    map: map.to_string(),
+                    key: key.join("/"),
+                })
+            }
+            ("DELETE", ["api", "local"]) => Ok(LocalChange::Reset),
+            _ => Err((
+                StatusCode::NOT_FOUND,
+                "changes: POST /api/services/<service>/endpoints/<id> {\"state\"|\"weight\"}, \
+                 PUT or DELETE /api/maps/<map>/<key>, DELETE /api/maps/<map>, DELETE /api/local"
+                    .into(),
+            )),
+        }
+    }
+
+    /// `None` when the request may change things.
+    fn check_token(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+        let token = self.token.as_deref()?;
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => None,
+            _ => {
+                let mut r = error(
+                    StatusCode::UNAUTHORIZED,
+                    "changes need the admin token: send `Authorization: Bearer <token>` (the proxy's --admin-token)",
+                );
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+                Some(r)
+            }
+        }
+    }
+}
+
+/// The body of an endpoint change.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointChange {
+    state: Option<AdminState>,
+    weight: Option<u16>,
+}
+
+fn local_status(e: &LocalError) -> StatusCode {
+    match e {
+        LocalError::NoSuchService(_)
+        | LocalError::NoSuchServer { .. }
+        | LocalError::NoSuchMap(_)
+        | LocalError::NoSuchKey { .. } => StatusCode::NOT_FOUND,
+        LocalError::KeyExists { .. } => StatusCode::CONFLICT,
+        LocalError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// Compares without stopping at the first difference.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Decodes `%XX` escapes in a path segment; a malformed escape stays as is.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[derive(Serialize)]
+pub struct RouteView {
+    pub name: String,
+    /// Exact host, `*.suffix`, or absent for any host.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub strip_prefix: bool,
+    /// `service`, `map` or `split`.
+    pub target: serde_json::Value,
+}
+
+/// Every route as the table holds it.
+pub fn routes_view(table: &RoutingTable) -> Vec<RouteView> {
+    let mut out: Vec<RouteView> = table
+        .routes
+        .iter()
+        .map(|(host, r)| RouteView {
+            name: r.name.to_string(),
+            host,
+            path_prefix: r.path_prefix.clone(),
+            strip_prefix: r.strip_prefix,
+            target: match &r.target {
+                Target::Service(s) => serde_json::json!({ "service": &**s }),
+                Target::Map { map, key, default } => serde_json::json!({
+                    "map": &**map,
+                    "map_key": map_key_str(key),
+                    "map_default": default.as_deref(),
+                }),
+                Target::Split { arms, .. } => serde_json::json!({
+                    "split": arms.iter().map(|(s, w)| serde_json::json!({"service": &**s, "weight": w})).collect::<Vec<_>>(),
+                }),
+            },
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn map_key_str(k: &MapKey) -> String {
+    match k {
+        MapKey::Literal(l) => l.clone(),
+        MapKey::Host => "req.host".into(),
+        MapKey::Path => "req.path".into(),
+        MapKey::Header(h) => format!("req.hdr({h})"),
+        MapKey::Cookie(c) => format!("req.cookie({c})"),
+    }
+}
+
+/// Every map with its entries, sorted.
+pub fn maps_view(
+    table: &RoutingTable,
+) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>> {
+    table
+        .maps
+        .iter()
+        .map(|(name, m)| {
+            (
+                name.to_string(),
+                m.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
+            )
+        })
+        .collect()
 }
 
 impl Admin {
@@ -163,6 +438,16 @@ impl Admin {
                 )
             })
     }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    reply(status, "text/plain", body.to_string())
+}
+
+/// A JSON error: `{"error": "..."}`.
+fn error(status: StatusCode, why: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": why }).to_string() + "\n";
+    reply(status, "application/json", body)
 }
 
 fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
@@ -193,43 +478,132 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-fn stats_page(table: &RoutingTable) -> String {
+/// "12s ago", "3m ago", ... for a Unix time; "never" for 0.
+fn ago(now: u64, at: u64) -> String {
+    if at == 0 {
+        return "never".into();
+    }
+    let d = now.saturating_sub(at);
+    match d {
+        0..=119 => format!("{d}s ago"),
+        120..=7199 => format!("{}m ago", d / 60),
+        7200..=172_799 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86400),
+    }
+}
+
+/// What the health column says: the check result, or the passive state.
+fn health(c: &EndpointCounters, now: u64) -> (String, &'static str) {
+    if c.ejected {
+        return ("ejected (passive)".into(), "down");
+    }
+    match &c.check {
+        Some(check) => {
+            let what = if check.status > 0 {
+                format!("{}", check.status)
+            } else if check.passed {
+                "connect ok".into()
+            } else {
+                "no answer".into()
+            };
+            let verdict = if c.healthy { "up" } else { "down" };
+            (
+                format!("{verdict}: {what}, {}", ago(now, check.at)),
+                verdict,
+            )
+        }
+        None if c.healthy => ("no check".into(), "up"),
+        None => ("down (first check pending)".into(), "down"),
+    }
+}
+
+fn stats_page(table: &RoutingTable, followed: &[Followed], started: u64) -> String {
+    let now = unix_now();
     let mut html = String::from(
-        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2>\
-         <title>pointsman stats</title><style>body{font:14px sans-serif;margin:1em}\
+        "<!doctype html><html lang=en><head><meta charset=utf-8><meta http-equiv=refresh content=2>\
+         <meta name=viewport content=\"width=device-width\"><title>pointsman stats</title><style>\
+         body{font:14px system-ui,sans-serif;margin:1em;color:#222}\
          table{border-collapse:collapse;margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}\
-         td:first-child,th:first-child{text-align:left}.ready{background:#dfd}.drain{background:#ffd}\
-         .maint,.down{background:#fdd}</style></head><body><h1>pointsman</h1>",
+         th{background:#eee}td:first-child,th:first-child,td.l{text-align:left}\
+         tr.ready td{background:#e6f6e6}tr.drain td{background:#fff6d5}tr.maint td,tr.down td{background:#fbe0e0}\
+         .sum{color:#555}</style></head><body><h1>pointsman</h1>",
     );
-    let _ = write!(html, "<p>table version {}</p>", table.version);
+    let _ = write!(
+        html,
+        "<p class=sum>up {} &middot; table version <b id=version>{}</b> &middot; {} services &middot; {} routes &middot; refreshes every 2 s</p>",
+        ago(now, started).trim_end_matches(" ago"),
+        table.version,
+        table.services.len(),
+        table.routes.len
+    );
+    if !followed.is_empty() {
+        html.push_str("<table id=discovery><tr><th>registry</th><th>connected</th><th>applied revision</th><th>staleness</th><th>malformed</th><th>last error</th></tr>");
+        for f in followed {
+            let s = f.status.snapshot();
+            let _ = write!(
+                html,
+                "<tr class={}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=l>{}</td></tr>",
+                if s.connected { "ready" } else { "down" },
+                f.status.source().as_str(),
+                if s.connected { "yes" } else { "no" },
+                f.status
+                    .applied_revision()
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                s.staleness_secs
+                    .map(|s| format!("{s:.1}s"))
+                    .unwrap_or_else(|| "-".into()),
+                s.malformed,
+                esc(s.last_error.as_deref().unwrap_or("")),
+            );
+        }
+        html.push_str("</table>");
+    }
     for s in services_view(table) {
         let _ = write!(
             html,
-            "<h2>{} <small>({})</small></h2><table><tr><th>endpoint</th><th>address</th><th>state</th>\
-             <th>weight</th><th>in flight</th><th>requests</th><th>2xx</th><th>3xx</th><th>4xx</th><th>5xx</th>\
-             <th>failures</th></tr>",
+            "<h2>{} <small>({}, {} retries, {} ejections)</small></h2><table class=service data-service=\"{}\">\
+             <tr><th>endpoint</th><th>address</th><th>state</th><th>weight</th><th>health</th>\
+             <th>in flight</th><th>requests</th><th>2xx</th><th>3xx</th><th>4xx</th><th>5xx</th>\
+             <th>errors</th><th>last change</th></tr>",
             esc(&s.name),
-            s.balance
+            s.balance,
+            s.retries,
+            s.ejections,
+            esc(&s.name),
         );
         for e in &s.endpoints {
             let c = &e.counters;
-            let class = if !c.healthy { "down" } else { c.state.as_str() };
+            let (health, verdict) = health(c, now);
+            let class = if verdict == "down" {
+                "down"
+            } else {
+                c.state.as_str()
+            };
+            let weight = if e.initial_weight == c.weight {
+                c.weight.to_string()
+            } else {
+                format!("{} (of {})", c.weight, e.initial_weight)
+            };
             let _ = write!(
                 html,
-                "<tr class={class}><td>{}</td><td>{}</td><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td>\
-                 <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr class={class} data-endpoint=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=l>{}</td>\
+                 <td class=in-flight>{}</td><td class=requests>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+                 <td class=errors>{}</td><td>{}</td></tr>",
+                esc(&e.id),
                 esc(&e.id),
                 esc(&e.address),
                 c.state,
-                if c.healthy { "" } else { " (down)" },
-                c.weight,
+                weight,
+                esc(&health),
                 c.in_flight,
                 c.requests,
                 c.responses[1],
                 c.responses[2],
                 c.responses[3],
                 c.responses[4],
-                c.failures
+                c.failures,
+                ago(now, c.last_change),
             );
         }
         html.push_str("</table>");

@@ -60,6 +60,13 @@ impl App {
             workers,
         );
         let bound = listeners.bound();
+        let admin_token = config.global.admin_token.clone().filter(|t| !t.is_empty());
+        if !config.global.admin.ip().is_loopback() && admin_token.is_none() {
+            anyhow::bail!(
+                "the admin listener {} is not on loopback: set --admin-token (or [global] admin_token) so that changes need it, or bind the admin listener to 127.0.0.1",
+                config.global.admin
+            );
+        }
         let admin_listener = crate::admin::bind(config.global.admin)
             .await
             .map_err(anyhow::Error::msg)?;
@@ -85,6 +92,12 @@ impl App {
             ready: ready.clone(),
             followed,
             reloads: reloads.clone(),
+            control: ControlHandle {
+                commands: commands.clone(),
+                table: table.clone(),
+            },
+            token: admin_token,
+            started: crate::endpoint::unix_now(),
         });
         tokio::spawn(admin.serve(admin_listener, shutdown.clone()));
         tokio::spawn(expire_idle_upstreams(table.clone(), shutdown.clone()));

@@ -79,6 +79,11 @@ pub struct Global {
     /// Trust X-Forwarded-Proto/-Host sent by clients (only behind another
     /// proxy you run).
     pub trust_forwarded_headers: bool,
+    /// Required on admin API changes when set; required at all when the
+    /// admin listener is not on loopback. Read at start.
+    pub admin_token: Option<String>,
+    /// Log one JSON line per request (target `access`).
+    pub access_log: bool,
 }
 
 /// A duration written as `"3s"`, `"250ms"`.
@@ -99,6 +104,8 @@ impl Default for Global {
             request_timeout: None,
             upstream_idle_timeout: Duration::from_secs(30),
             trust_forwarded_headers: false,
+            admin_token: None,
+            access_log: false,
         }
     }
 }

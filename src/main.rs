@@ -74,6 +74,14 @@ struct RunArgs {
     /// Address of the admin listener (API, stats page).
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// Token that admin API changes must carry (`Authorization: Bearer
+    /// <token>`); required when --admin is not a loopback address.
+    #[arg(long, env = "POINTSMAN_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Log one JSON line per request (with --log-format json, the whole
+    /// log is JSON lines).
+    #[arg(long)]
+    access_log: bool,
     /// Threads serving clients, each its own event loop [default: all
     /// cores].
     #[arg(long)]
@@ -146,7 +154,12 @@ impl RunArgs {
     /// The overrides the flags make to any config, including reloaded ones.
     fn overrides(&self) -> Arc<dyn Fn(&mut Config) + Send + Sync> {
         let (listen, admin) = (self.listen, self.admin);
+        let (token, access_log) = (self.admin_token.clone(), self.access_log);
         Arc::new(move |c: &mut Config| {
+            if let Some(t) = &token {
+                c.global.admin_token = Some(t.clone());
+            }
+            c.global.access_log |= access_log;
             if let Some(addr) = listen {
                 match c
                     .listeners

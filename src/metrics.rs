@@ -2,7 +2,8 @@
 //! time from the atomics the proxy already keeps (endpoint state, registry
 //! status, reload counts), so the request path pays nothing for metrics.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -14,6 +15,69 @@ use crate::reload::ReloadStats;
 use crate::routing::RoutingTable;
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram the request path fills with three relaxed atomic
+/// adds and `/metrics` reads; Prometheus's own histogram would put a label
+/// lookup on every request.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Per bucket (not cumulative); the last one is +Inf.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// One Prometheus histogram sample with `labels`.
+    fn metric(&self, labels: &[(&str, &str)]) -> prometheus::proto::Metric {
+        use prometheus::proto::{Bucket, Histogram, LabelPair, Metric};
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(BUCKETS.len());
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            cumulative += count.load(Ordering::Relaxed);
+            let mut b = Bucket::default();
+            b.set_upper_bound(*bound);
+            b.set_cumulative_count(cumulative);
+            buckets.push(b);
+        }
+        cumulative += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
+        let mut h = Histogram::default();
+        h.set_sample_count(cumulative);
+        h.set_sample_sum(self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        h.set_bucket(buckets);
+        let mut m = Metric::default();
+        m.set_label(
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    let mut l = LabelPair::default();
+                    l.set_name(k.to_string());
+                    l.set_value(v.to_string());
+                    l
+                })
+                .collect(),
+        );
+        m.set_histogram(h);
+        m
+    }
+}
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     // Names and labels are constants of this module; a failure here is a
@@ -58,6 +122,11 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
         "1 for the endpoint's administrative state (ready, drain, maint), 0 for the others.",
         &["service", "endpoint", "state"],
     );
+    let healthy = gauge(
+        "pointsman_endpoint_healthy",
+        "1 if the endpoint passes its active checks (or has none) and is not ejected by passive checks.",
+        &["service", "endpoint"],
+    );
     let up = gauge(
         "pointsman_endpoint_accepting",
         "1 if the endpoint takes new requests (ready, healthy, weight > 0).",
@@ -98,6 +167,9 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
                     .with_label_values(&[l[0], l[1], s])
                     .set(i64::from(c.state.as_str() == s));
             }
+            healthy
+                .with_label_values(&l)
+                .set(i64::from(c.healthy && !c.ejected));
             up.with_label_values(&l).set(i64::from(ep.accepts_new()));
         }
     }
@@ -130,6 +202,11 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
         "Registry reconnections.",
         &["source"],
     );
+    let updates = counter(
+        "pointsman_registry_updates_total",
+        "Updates (full listings and batches of changes) received from the registry.",
+        &["source"],
+    );
     let saved = gauge(
         "pointsman_registry_serving_saved_state",
         "1 while the proxy serves state loaded from --state-dir because the registry has not synced.",
@@ -147,6 +224,9 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
         }
         malformed.with_label_values(&l).inc_by(s.malformed);
         reconnects.with_label_values(&l).inc_by(s.reconnects);
+        updates
+            .with_label_values(&l)
+            .inc_by(f.updates.load(Ordering::Relaxed));
         saved
             .with_label_values(&l)
             .set(i64::from(f.from_saved_state.load(Ordering::Relaxed)));
@@ -178,6 +258,7 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
         Box::new(in_flight),
         Box::new(weight),
         Box::new(state),
+        Box::new(healthy),
         Box::new(up),
         Box::new(retries),
         Box::new(ejections),
@@ -186,6 +267,7 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
         Box::new(applied),
         Box::new(malformed),
         Box::new(reconnects),
+        Box::new(updates),
         Box::new(saved),
         Box::new(reload),
         Box::new(version),
@@ -195,11 +277,30 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
             tracing::error!(error = %e, "metric registration failed");
         }
     }
+    let mut families = registry.gather();
+    families.push(latency_family(table));
     let mut out = Vec::new();
-    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut out) {
+    if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
         tracing::error!(error = %e, "metrics encoding failed");
     }
     String::from_utf8(out).unwrap_or_default()
+}
+
+fn latency_family(table: &RoutingTable) -> prometheus::proto::MetricFamily {
+    use prometheus::proto::{MetricFamily, MetricType};
+    let mut f = MetricFamily::default();
+    f.set_name("pointsman_service_response_seconds".into());
+    f.set_help("Time from a request's arrival to its response head, by service.".into());
+    f.set_field_type(MetricType::HISTOGRAM);
+    let mut services: Vec<_> = table.services.values().collect();
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    f.set_metric(
+        services
+            .iter()
+            .map(|s| s.settings.live.latency.metric(&[("service", &s.name)]))
+            .collect(),
+    );
+    f
 }
 
 #[cfg(test)]
@@ -214,5 +315,25 @@ mod tests {
             text.contains("pointsman_config_reloads_total{result=\"failed\"} 0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = LatencyHistogram::default();
+        h.observe(Duration::from_micros(300));
+        h.observe(Duration::from_millis(30));
+        h.observe(Duration::from_secs(20));
+        let m = h.metric(&[("service", "web")]);
+        let hist = m.get_histogram();
+        assert_eq!(hist.get_sample_count(), 3);
+        let counts: Vec<u64> = hist
+            .get_bucket()
+            .iter()
+            .map(|b| b.cumulative_count())
+            .collect();
+        assert_eq!(counts[0], 1, "{counts:?}");
+        assert_eq!(counts[6], 2, "{counts:?}");
+        assert_eq!(*counts.last().unwrap_or(&0), 2, "{counts:?}");
+        assert!((hist.get_sample_sum() - 20.0303).abs() < 1e-6);
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +45,8 @@ pub struct Followed {
     /// Set when what is served came from saved state and no sync happened
     /// since.
     pub from_saved_state: Arc<AtomicBool>,
+    /// Updates received from the watcher.
+    pub updates: Arc<AtomicU64>,
 }
 
 /// A source's view for the admin API.
@@ -121,10 +123,12 @@ fn relay(
 ) -> Followed {
     let has_data = Arc::new(AtomicBool::new(false));
     let from_saved = Arc::new(AtomicBool::new(false));
+    let counted = Arc::new(AtomicU64::new(0));
     let followed = Followed {
         status,
         has_data: has_data.clone(),
         from_saved_state: from_saved.clone(),
+        updates: counted.clone(),
     };
     tokio::spawn(async move {
         let mut mirror = Mirror::default();
@@ -152,6 +156,7 @@ fn relay(
         save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let Some(update) = next.take() else { return };
+            counted.fetch_add(1, Ordering::Relaxed);
             if state_dir.is_some() {
                 mirror.apply(&update);
                 dirty = true;

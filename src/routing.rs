@@ -83,6 +83,8 @@ pub struct ServiceState {
     pub retries: AtomicU64,
     /// Ejections done.
     pub ejections: AtomicU64,
+    /// Time from a request's arrival to its response head.
+    pub latency: crate::metrics::LatencyHistogram,
     /// Held while one request decides an ejection, so two failures at once
     /// cannot both pass the cap.
     ejecting: AtomicBool,
@@ -311,6 +313,22 @@ pub struct RouteIndex {
 }
 
 impl RouteIndex {
+    /// Every route with the host it answers (`None`: any host), exact hosts
+    /// first, then wildcards, then any host; for the admin API.
+    pub fn iter(&self) -> impl Iterator<Item = (Option<String>, &Arc<Route>)> {
+        let exact = self
+            .exact
+            .iter()
+            .flat_map(|(h, rs)| rs.iter().map(move |r| (Some(h.clone()), r)));
+        let wildcard = self
+            .wildcard
+            .iter()
+            .flat_map(|(h, rs)| rs.iter().map(move |r| (Some(format!("*{h}")), r)));
+        exact
+            .chain(wildcard)
+            .chain(self.any.iter().map(|r| (None, r)))
+    }
+
     /// Builds the index; routes that fail validation are returned with why.
     pub fn build<'a>(
         specs: impl IntoIterator<Item = (&'a str, &'a RouteSpec)>,

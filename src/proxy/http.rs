@@ -13,6 +13,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme, Uri};
@@ -47,6 +48,14 @@ struct ConnContext {
     peer: SocketAddr,
     activity: Arc<ConnActivity>,
     trust_forwarded: bool,
+    access_log: bool,
+}
+
+/// Which service and endpoint answered, for the access log.
+#[derive(Clone)]
+struct Served {
+    service: Arc<str>,
+    endpoint: Arc<str>,
 }
 
 impl HttpProxy {
@@ -69,6 +78,7 @@ impl HttpProxy {
             peer,
             activity: activity.clone(),
             trust_forwarded: limits.trust_forwarded_headers,
+            access_log: limits.access_log,
         });
         let svc = service_fn(move |req| {
             let ctx = ctx.clone();
@@ -129,6 +139,33 @@ impl HttpProxy {
 
 impl ConnContext {
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        if !self.access_log {
+            return self.respond(req).await;
+        }
+        let started = Instant::now();
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        let host = request_host(&req).to_owned();
+        let version = req.version();
+        let resp = self.respond(req).await;
+        let served = resp.extensions().get::<Served>();
+        tracing::info!(
+            target: "access",
+            peer = %self.peer,
+            listener = %self.listener,
+            method = %method,
+            host = %host,
+            uri = %uri,
+            version = ?version,
+            status = resp.status().as_u16(),
+            service = served.map(|s| &*s.service),
+            endpoint = served.map(|s| &*s.endpoint),
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+        );
+        resp
+    }
+
+    async fn respond(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         match self.forward(req).await {
             Ok(resp) => resp,
             Err(e) => {
@@ -179,6 +216,7 @@ impl ConnContext {
     }
 
     async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        let started = Instant::now();
         let (service, rewrite) = self.route(&req)?;
         let settings = &service.settings;
         let sticky = settings
@@ -427,6 +465,13 @@ impl ConnContext {
                         resp.headers_mut().append(header::SET_COOKIE, v);
                     }
                 }
+            }
+            settings.live.latency.observe(started.elapsed());
+            if self.access_log {
+                resp.extensions_mut().insert(Served {
+                    service: service.name.clone(),
+                    endpoint: endpoint.id.clone(),
+                });
             }
             let (parts, body) = resp.into_parts();
             return Ok(Response::from_parts(

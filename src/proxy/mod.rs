@@ -35,6 +35,7 @@ pub struct ClientLimits {
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
     pub trust_forwarded_headers: bool,
+    pub access_log: bool,
 }
 
 impl From<&Global> for ClientLimits {
@@ -45,6 +46,7 @@ impl From<&Global> for ClientLimits {
             // hyper refuses read buffers below 8 KiB.
             max_header_bytes: g.max_header_bytes.max(8192),
             trust_forwarded_headers: g.trust_forwarded_headers,
+            access_log: g.access_log,
         }
     }
 }
