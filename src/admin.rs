@@ -58,6 +58,10 @@ pub struct ServiceView {
     pub retries: u64,
     /// Passive-check ejections of its endpoints, since start.
     pub ejections: u64,
+    /// Responses and their total time to the response head, since start
+    /// (mean latency = sum / count; rollouts compare these).
+    pub latency_count: u64,
+    pub latency_sum_seconds: f64,
     pub endpoints: Vec<EndpointView>,
 }
 
@@ -78,22 +82,27 @@ pub fn services_view(table: &RoutingTable) -> Vec<ServiceView> {
     let mut out: Vec<ServiceView> = table
         .services
         .values()
-        .map(|s| ServiceView {
-            name: s.name.to_string(),
-            balance: s.settings.algorithm.as_str(),
-            retries: s.settings.live.retries.load(Ordering::Relaxed),
-            ejections: s.settings.live.ejections.load(Ordering::Relaxed),
-            endpoints: s
-                .endpoints
-                .iter()
-                .map(|e| EndpointView {
-                    id: e.id.to_string(),
-                    address: e.address.to_string(),
-                    initial_weight: e.initial_weight,
-                    accepting: e.accepts_new(),
-                    counters: e.live.snapshot(),
-                })
-                .collect(),
+        .map(|s| {
+            let (latency_count, latency_sum_seconds) = s.settings.live.latency.totals();
+            ServiceView {
+                name: s.name.to_string(),
+                latency_count,
+                latency_sum_seconds,
+                balance: s.settings.algorithm.as_str(),
+                retries: s.settings.live.retries.load(Ordering::Relaxed),
+                ejections: s.settings.live.ejections.load(Ordering::Relaxed),
+                endpoints: s
+                    .endpoints
+                    .iter()
+                    .map(|e| EndpointView {
+                        id: e.id.to_string(),
+                        address: e.address.to_string(),
+                        initial_weight: e.initial_weight,
+                        accepting: e.accepts_new(),
+                        counters: e.live.snapshot(),
+                    })
+                    .collect(),
+            }
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -280,9 +289,16 @@ impl Admin {
                 })
             }
             ("DELETE", ["api", "local"]) => Ok(LocalChange::Reset),
+            ("DELETE", ["api", "services", service, "endpoints", id]) => {
+                Ok(LocalChange::ServerReset {
+                    service: service.to_string(),
+                    id: id.to_string(),
+                })
+            }
             _ => Err((
                 StatusCode::NOT_FOUND,
                 "changes: POST /api/services/<service>/endpoints/<id> {\"state\"|\"weight\"}, \
+                 DELETE /api/services/<service>/endpoints/<id> (drop its local changes), \
                  PUT or DELETE /api/maps/<map>/<key>, DELETE /api/maps/<map>, DELETE /api/local"
                     .into(),
             )),

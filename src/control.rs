@@ -248,7 +248,8 @@ impl Control {
     fn apply_local(&mut self, change: LocalChange, dirty: &mut Dirty) -> Result<(), LocalError> {
         match &change {
             LocalChange::ServerState { service, id, .. }
-            | LocalChange::ServerWeight { service, id, .. } => {
+            | LocalChange::ServerWeight { service, id, .. }
+            | LocalChange::ServerReset { service, id } => {
                 self.check_server(service, id)?;
                 dirty.services.insert(service.clone());
             }
@@ -293,6 +294,7 @@ impl Control {
             LocalChange::MapSet { map, key, value } | LocalChange::MapAdd { map, key, value } => {
                 self.local.put(&map, &key, &value)
             }
+            LocalChange::ServerReset { service, id } => self.local.reset_server(&service, &id),
             LocalChange::MapDel { map, key } => self.local.delete(&map, &key),
             LocalChange::MapClear { map } => self.local.clear(&map),
             LocalChange::Reset => self.local = LocalLayer::default(),

@@ -11,6 +11,7 @@ pub mod app;
 pub mod balance;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod endpoint;
 pub mod health;
 pub mod listener;

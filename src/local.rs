@@ -42,6 +42,8 @@ pub enum LocalChange {
     MapDel { map: String, key: String },
     /// `clear map`: removes every key.
     MapClear { map: String },
+    /// Forgets a server's local state and weight.
+    ServerReset { service: String, id: String },
     /// Forgets every local change: the registries' values apply again.
     Reset,
 }
@@ -114,6 +116,15 @@ impl LocalLayer {
 
     pub fn set_state(&mut self, service: &str, id: &str, state: AdminState) {
         self.entry(service, id).state = Some(state);
+    }
+
+    pub fn reset_server(&mut self, service: &str, id: &str) {
+        if let Some(m) = self.servers.get_mut(service) {
+            m.remove(id);
+            if m.is_empty() {
+                self.servers.remove(service);
+            }
+        }
     }
 
     pub fn set_weight(&mut self, service: &str, id: &str, weight: u16) {

@@ -50,6 +50,9 @@ enum Command {
     /// registry, and the proxy on 127.0.0.1:8080 with the embedded demo
     /// config.
     Demo(RunArgs),
+    /// Change instance state, weight and maps fleet-wide (--etcd) or on
+    /// one proxy (--admin), and show what the proxies serve.
+    Ctl(CtlArgs),
     /// Run a small HTTP upstream that echoes what it receives (for demos,
     /// the compose stack and tests).
     Upstream {
@@ -86,7 +89,22 @@ struct RunArgs {
     /// cores].
     #[arg(long)]
     threads: Option<usize>,
-    /// Follow etcd: client URLs of the cluster, comma-separated
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Follow a directory of registration files: <dir>/<service>/<instance-id>
+    /// holding `host:port` or JSON, as in etcd.
+    #[arg(long)]
+    registry_dir: Option<PathBuf>,
+    /// Keep the last good registry state here and serve it at start when
+    /// the registry cannot be reached.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+/// How to reach etcd; shared by `run`, `ctl`, `register` and `deploy`.
+#[derive(clap::Args, Clone, Default)]
+struct EtcdArgs {
+    /// etcd client URLs of the cluster, comma-separated
     /// (http://127.0.0.1:2379,http://10.0.0.2:2379).
     #[arg(long, value_delimiter = ',', env = "POINTSMAN_ETCD")]
     etcd: Vec<String>,
@@ -111,39 +129,54 @@ struct RunArgs {
     /// PEM private key of --etcd-cert.
     #[arg(long, requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
-    /// Follow a directory of registration files: <dir>/<service>/<instance-id>
-    /// holding `host:port` or JSON, as in etcd.
-    #[arg(long)]
-    registry_dir: Option<PathBuf>,
-    /// Keep the last good registry state here and serve it at start when
-    /// the registry cannot be reached.
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// The options, or `None` when no --etcd was given.
+    fn options(&self) -> anyhow::Result<Option<EtcdOptions>> {
+        if self.etcd.is_empty() {
+            return Ok(None);
+        }
+        let mut o = EtcdOptions::new(self.etcd.iter().cloned());
+        o.prefixes = Prefixes {
+            services: self.etcd_prefix.clone(),
+            pointsman: self.etcd_config_prefix.clone(),
+        };
+        o.user = match (&self.etcd_user, &self.etcd_password) {
+            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+            (None, None) => None,
+            _ => anyhow::bail!("--etcd-user and --etcd-password go together"),
+        };
+        o.tls = self.etcd_ca.as_ref().map(|ca| EtcdTls {
+            ca: ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            domain: None,
+        });
+        o.check().map_err(|e| anyhow::anyhow!("etcd: {e}"))?;
+        Ok(Some(o))
+    }
+}
+
+/// `pointsman ctl`'s arguments.
+#[derive(clap::Args, Clone)]
+struct CtlArgs {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Change one proxy through its admin API instead of the whole fleet
+    /// through etcd (host:port or http://host:port).
+    #[arg(long, conflicts_with = "etcd")]
+    admin: Option<String>,
+    /// The proxy's admin token (with --admin).
+    #[arg(long, env = "POINTSMAN_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    #[command(subcommand)]
+    command: pointsman::ctl::CtlCommand,
 }
 
 impl RunArgs {
     fn registries(&self) -> anyhow::Result<RegistryOptions> {
-        let etcd = if self.etcd.is_empty() {
-            None
-        } else {
-            let mut o = EtcdOptions::new(self.etcd.iter().cloned());
-            o.prefixes = Prefixes {
-                services: self.etcd_prefix.clone(),
-                pointsman: self.etcd_config_prefix.clone(),
-            };
-            o.user = match (&self.etcd_user, &self.etcd_password) {
-                (Some(u), Some(p)) => Some((u.clone(), p.clone())),
-                (None, None) => None,
-                _ => anyhow::bail!("--etcd-user and --etcd-password go together"),
-            };
-            o.tls = self.etcd_ca.as_ref().map(|ca| EtcdTls {
-                ca: ca.clone(),
-                cert: self.etcd_cert.clone(),
-                key: self.etcd_key.clone(),
-                domain: None,
-            });
-            Some(o)
-        };
+        let etcd = self.etcd.options()?;
         Ok(RegistryOptions {
             etcd,
             dir: self.registry_dir.clone(),
@@ -182,6 +215,20 @@ impl RunArgs {
     }
 }
 
+fn ctl(args: CtlArgs) -> anyhow::Result<()> {
+    let target = match (args.etcd.options()?, args.admin) {
+        (Some(etcd), None) => pointsman::ctl::Target::Fleet(etcd),
+        (None, Some(admin)) => pointsman::ctl::Target::Proxy {
+            admin,
+            token: args.admin_token,
+        },
+        _ => anyhow::bail!(
+            "say where: --etcd URL (every proxy, through the registry) or --admin HOST:PORT (one proxy)"
+        ),
+    };
+    runtime(Some(1))?.block_on(pointsman::ctl::run(target, args.command))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -200,6 +247,7 @@ fn main() -> ExitCode {
             Err(e) => Err(anyhow::anyhow!(e)),
         },
         Command::Run(args) => serve(args, false),
+        Command::Ctl(args) => ctl(args),
         Command::Demo(args) => serve(args, true),
         Command::Upstream { listen, name } => runtime(Some(1)).and_then(|rt| {
             rt.block_on(async {

@@ -45,6 +45,12 @@ impl LatencyHistogram {
         );
     }
 
+    /// Requests observed and their total time in seconds.
+    pub fn totals(&self) -> (u64, f64) {
+        let count = self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        (count, self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6)
+    }
+
     /// One Prometheus histogram sample with `labels`.
     fn metric(&self, labels: &[(&str, &str)]) -> prometheus::proto::Metric {
         use prometheus::proto::{Bucket, Histogram, LabelPair, Metric};

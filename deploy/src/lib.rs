@@ -8,6 +8,25 @@
 
 use std::fmt;
 
+pub mod store;
+
+pub use store::{Store, Versioned};
+
+/// Why a rollout step or a registry write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("registry: cannot {what}: {reason}")]
+    Registry { what: String, reason: String },
+    #[error("registry: {key} holds a value that does not parse: {reason}")]
+    Malformed { key: String, reason: String },
+    #[error("registry: {0} kept changing under us; try again")]
+    Contended(String),
+    #[error("{0}")]
+    Plan(#[from] PlanError),
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// The weight steps of a canary: percentages of traffic for the new target,
 /// strictly increasing, ending at 100.
 #[derive(Clone, Debug, PartialEq, Eq)]

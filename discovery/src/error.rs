@@ -40,4 +40,6 @@ pub enum DiscoveryError {
     },
     #[error("etcd TLS: {0}")]
     Tls(String),
+    #[error("etcd: no member answered: {0}")]
+    Unreachable(String),
 }

@@ -1,0 +1,389 @@
+//! The registry as rollouts and `pointsman ctl` write it: fleet-wide
+//! overrides, map entries and routes under the pointsman root, and the
+//! instances of a service under the services root. Every write returns the
+//! etcd revision it created, which is what proxies confirm they applied.
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use pointsman_discovery::{
+    parse_entry, AdminState, Entry, EtcdOptions, Override, Prefixes, Registration, RouteSpec,
+};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::DeployError;
+
+/// A connection to the registry with the key layout of one deployment.
+pub struct Store {
+    client: Client,
+    prefixes: Prefixes,
+}
+
+/// A value with the revision that last changed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub mod_revision: i64,
+}
+
+impl Store {
+    pub async fn connect(opts: &EtcdOptions) -> Result<Store, DeployError> {
+        let client = opts.connect().await.map_err(|e| DeployError::Registry {
+            what: "connect".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Store {
+            client,
+            prefixes: opts.prefixes.clone(),
+        })
+    }
+
+    pub fn prefixes(&self) -> &Prefixes {
+        &self.prefixes
+    }
+
+    fn pointsman_key(&self, section: &str, rest: &[&str]) -> String {
+        let mut k = format!("{}{section}", self.prefixes.pointsman_dir());
+        for r in rest {
+            k.push('/');
+            k.push_str(r);
+        }
+        k
+    }
+
+    /// The key of a service instance.
+    pub fn instance_key(&self, service: &str, id: &str) -> String {
+        format!("{}{service}/{id}", self.prefixes.services_dir())
+    }
+
+    /// The current revision of the registry.
+    pub async fn revision(&mut self) -> Result<i64, DeployError> {
+        let resp = self
+            .client
+            .get("/", Some(GetOptions::new().with_count_only()))
+            .await
+            .map_err(|e| etcd("read the revision", e))?;
+        header_revision(resp.header())
+    }
+
+    async fn get_raw(&mut self, key: &str) -> Result<Option<(Vec<u8>, i64)>, DeployError> {
+        let resp = self
+            .client
+            .get(key, None)
+            .await
+            .map_err(|e| etcd(&format!("read {key}"), e))?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+
+    async fn get_json<T: DeserializeOwned>(
+        &mut self,
+        key: &str,
+    ) -> Result<Option<Versioned<T>>, DeployError> {
+        match self.get_raw(key).await? {
+            None => Ok(None),
+            Some((raw, rev)) => {
+                let value = serde_json::from_slice(&raw).map_err(|e| DeployError::Malformed {
+                    key: key.to_string(),
+                    reason: e.to_string(),
+                })?;
+                Ok(Some(Versioned {
+                    value,
+                    mod_revision: rev,
+                }))
+            }
+        }
+    }
+
+    /// Writes `value` at `key` only if the key is still at `expected`
+    /// (`None`: absent); returns the new revision, or `None` if someone
+    /// else changed it first.
+    async fn put_if(
+        &mut self,
+        key: &str,
+        value: Option<Vec<u8>>,
+        expected: Option<i64>,
+    ) -> Result<Option<i64>, DeployError> {
+        let cmp = match expected {
+            Some(rev) => Compare::mod_revision(key, CompareOp::Equal, rev),
+            None => Compare::version(key, CompareOp::Equal, 0),
+        };
+        let op = match value {
+            Some(v) => TxnOp::put(key, v, None),
+            None => TxnOp::delete(key, None),
+        };
+        let resp = self
+            .client
+            .txn(Txn::new().when([cmp]).and_then([op]))
+            .await
+            .map_err(|e| etcd(&format!("write {key}"), e))?;
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        header_revision(resp.header()).map(Some)
+    }
+
+    /// Reads, changes and writes back a JSON value, again if another
+    /// writer got in between. `change` returning `None` deletes the key.
+    async fn update_json<T, F>(&mut self, key: &str, mut change: F) -> Result<i64, DeployError>
+    where
+        T: DeserializeOwned + Serialize,
+        F: FnMut(Option<T>) -> Option<T>,
+    {
+        for _ in 0..16 {
+            let current = self.get_json::<T>(key).await?;
+            let expected = current.as_ref().map(|c| c.mod_revision);
+            let next = change(current.map(|c| c.value));
+            let bytes = match &next {
+                Some(v) => Some(serde_json::to_vec(v).map_err(|e| DeployError::Malformed {
+                    key: key.to_string(),
+                    reason: e.to_string(),
+                })?),
+                None if expected.is_none() => return self.revision().await,
+                None => None,
+            };
+            if let Some(rev) = self.put_if(key, bytes, expected).await? {
+                return Ok(rev);
+            }
+        }
+        Err(DeployError::Contended(key.to_string()))
+    }
+
+    /// The fleet-wide override of an instance.
+    pub async fn override_of(
+        &mut self,
+        service: &str,
+        id: &str,
+    ) -> Result<Option<Override>, DeployError> {
+        let key = self.pointsman_key("overrides", &[service, id]);
+        Ok(self.get_json::<Override>(&key).await?.map(|v| v.value))
+    }
+
+    /// Sets the given fields of an instance's fleet-wide override, keeping
+    /// the others.
+    pub async fn set_override(
+        &mut self,
+        service: &str,
+        id: &str,
+        state: Option<AdminState>,
+        weight: Option<u16>,
+    ) -> Result<i64, DeployError> {
+        let key = self.pointsman_key("overrides", &[service, id]);
+        self.update_json::<Override, _>(&key, |cur| {
+            let mut o = cur.unwrap_or_default();
+            o.state = state.or(o.state);
+            o.weight = weight.or(o.weight);
+            Some(o)
+        })
+        .await
+    }
+
+    /// Puts an override back exactly as it was (`None`: no override).
+    pub async fn restore_override(
+        &mut self,
+        service: &str,
+        id: &str,
+        previous: Option<Override>,
+    ) -> Result<i64, DeployError> {
+        let key = self.pointsman_key("overrides", &[service, id]);
+        self.update_json::<Override, _>(&key, |_| previous.clone())
+            .await
+    }
+
+    /// A map entry and the revision that last set it.
+    pub async fn map_entry(
+        &mut self,
+        map: &str,
+        key: &str,
+    ) -> Result<Option<Versioned<String>>, DeployError> {
+        let k = self.pointsman_key("maps", &[map, key]);
+        Ok(self.get_raw(&k).await?.map(|(raw, rev)| Versioned {
+            value: String::from_utf8_lossy(&raw).trim().to_string(),
+            mod_revision: rev,
+        }))
+    }
+
+    /// Sets a map entry; returns its revision.
+    pub async fn set_map(&mut self, map: &str, key: &str, value: &str) -> Result<i64, DeployError> {
+        let k = self.pointsman_key("maps", &[map, key]);
+        let resp = self
+            .client
+            .put(k.as_str(), value, None)
+            .await
+            .map_err(|e| etcd(&format!("write {k}"), e))?;
+        header_revision(resp.header())
+    }
+
+    /// Sets a map entry and records the value it replaces (for `deploy
+    /// rollback`) in the same transaction; returns the revision and the
+    /// previous value.
+    pub async fn switch_map(
+        &mut self,
+        map: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(i64, Option<String>), DeployError> {
+        let k = self.pointsman_key("maps", &[map, key]);
+        let history = self.pointsman_key("history", &["maps", map, key]);
+        for _ in 0..16 {
+            let current = self.get_raw(&k).await?;
+            let cmp = match &current {
+                Some((_, rev)) => Compare::mod_revision(k.as_str(), CompareOp::Equal, *rev),
+                None => Compare::version(k.as_str(), CompareOp::Equal, 0),
+            };
+            let previous = current.map(|(raw, _)| String::from_utf8_lossy(&raw).trim().to_string());
+            let mut ops = vec![TxnOp::put(k.as_str(), value, None)];
+            if let Some(p) = &previous {
+                if p != value {
+                    ops.push(TxnOp::put(history.as_str(), p.as_str(), None));
+                }
+            }
+            let resp = self
+                .client
+                .txn(Txn::new().when([cmp]).and_then(ops))
+                .await
+                .map_err(|e| etcd(&format!("write {k}"), e))?;
+            if resp.succeeded() {
+                return Ok((header_revision(resp.header())?, previous));
+            }
+        }
+        Err(DeployError::Contended(k))
+    }
+
+    /// The value a map entry had before its last switch.
+    pub async fn switched_from(
+        &mut self,
+        map: &str,
+        key: &str,
+    ) -> Result<Option<String>, DeployError> {
+        let history = self.pointsman_key("history", &["maps", map, key]);
+        Ok(self
+            .get_raw(&history)
+            .await?
+            .map(|(raw, _)| String::from_utf8_lossy(&raw).trim().to_string()))
+    }
+
+    /// Deletes a map entry; returns the revision (the current one if it
+    /// was not there).
+    pub async fn delete_map(&mut self, map: &str, key: &str) -> Result<i64, DeployError> {
+        let k = self.pointsman_key("maps", &[map, key]);
+        let resp = self
+            .client
+            .delete(k.as_str(), None)
+            .await
+            .map_err(|e| etcd(&format!("delete {k}"), e))?;
+        header_revision(resp.header())
+    }
+
+    /// A route from the registry.
+    pub async fn route(&mut self, name: &str) -> Result<Option<Versioned<RouteSpec>>, DeployError> {
+        let key = self.pointsman_key("routes", &[name]);
+        self.get_json(&key).await
+    }
+
+    /// Writes a route; returns its revision.
+    pub async fn put_route(&mut self, name: &str, spec: &RouteSpec) -> Result<i64, DeployError> {
+        let key = self.pointsman_key("routes", &[name]);
+        spec.target().map_err(|why| DeployError::Malformed {
+            key: key.clone(),
+            reason: why,
+        })?;
+        let value = serde_json::to_vec(spec).map_err(|e| DeployError::Malformed {
+            key: key.clone(),
+            reason: e.to_string(),
+        })?;
+        let resp = self
+            .client
+            .put(key.as_str(), value, None)
+            .await
+            .map_err(|e| etcd(&format!("write {key}"), e))?;
+        header_revision(resp.header())
+    }
+
+    /// The registered instances of a service, sorted by id; values that do
+    /// not parse are reported, not skipped, since a rollout must know
+    /// every instance.
+    pub async fn instances(
+        &mut self,
+        service: &str,
+    ) -> Result<Vec<Versioned<Registration>>, DeployError> {
+        let prefix = format!("{}{service}/", self.prefixes.services_dir());
+        let resp = self
+            .client
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| etcd(&format!("list {prefix}"), e))?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            match parse_entry(&self.prefixes, &key, kv.value()) {
+                Ok(Some(Entry::Instance(reg))) => out.push(Versioned {
+                    value: reg,
+                    mod_revision: kv.mod_revision(),
+                }),
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(DeployError::Malformed {
+                        key,
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+        out.sort_by(|a, b| a.value.id.cmp(&b.value.id));
+        Ok(out)
+    }
+
+    /// One instance's registration, if it is registered.
+    pub async fn instance(
+        &mut self,
+        service: &str,
+        id: &str,
+    ) -> Result<Option<Versioned<Registration>>, DeployError> {
+        let key = self.instance_key(service, id);
+        match self.get_raw(&key).await? {
+            None => Ok(None),
+            Some((raw, rev)) => match parse_entry(&self.prefixes, &key, &raw) {
+                Ok(Some(Entry::Instance(reg))) => Ok(Some(Versioned {
+                    value: reg,
+                    mod_revision: rev,
+                })),
+                Ok(_) => Ok(None),
+                Err(e) => Err(DeployError::Malformed {
+                    key,
+                    reason: e.to_string(),
+                }),
+            },
+        }
+    }
+
+    /// The records live proxies keep under `<pointsman>/proxies/`.
+    pub async fn proxies(&mut self) -> Result<Vec<serde_json::Value>, DeployError> {
+        let prefix = self.pointsman_key("proxies", &[]) + "/";
+        let resp = self
+            .client
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| etcd(&format!("list {prefix}"), e))?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect())
+    }
+}
+
+fn etcd(what: &str, e: etcd_client::Error) -> DeployError {
+    DeployError::Registry {
+        what: what.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn header_revision(h: Option<&etcd_client::ResponseHeader>) -> Result<i64, DeployError> {
+    h.map(|h| h.revision())
+        .ok_or_else(|| DeployError::Registry {
+            what: "read the revision".into(),
+            reason: "etcd answered without a response header".into(),
+        })
+}
