@@ -69,6 +69,15 @@
 //!
 //! Only plain `http://` is spoken: the client talks to the local agent, as
 //! Consul recommends.
+//!
+//! # Limits
+//!
+//! Each followed service holds one HTTP/1.1 connection for its blocking
+//! query (Consul's HTTP API has no HTTP/2 without TLS), so the watcher
+//! keeps one connection per service plus one for the catalog. Consul allows
+//! 200 HTTP connections per client address by default
+//! (`limits.http_max_conns_per_client`): raise it on the agents pointsman
+//! reads from when the catalog holds more services than that.
 
 use std::collections::BTreeMap;
 use std::fmt;
