@@ -950,6 +950,31 @@ mod tests {
     }
 
     #[test]
+    fn an_index_of_zero_is_one_and_a_missing_one_is_an_error() {
+        let answer = |index| Answer {
+            body: bytes::Bytes::new(),
+            index,
+            filtered: false,
+        };
+        assert_eq!(index_of("u", &answer(Some(0))).unwrap(), 1);
+        assert_eq!(index_of("u", &answer(Some(42))).unwrap(), 42);
+        let err = index_of("http://c:8500/v1/catalog/services", &answer(None)).unwrap_err();
+        assert!(err.to_string().contains("without X-Consul-Index"), "{err}");
+    }
+
+    #[test]
+    fn query_urls_carry_the_encoded_datacenter() {
+        assert_eq!(
+            query_url("http://c:8500", &health_path("my web"), Some("dc 2")),
+            "http://c:8500/v1/health/service/my%20web?dc=dc%202"
+        );
+        assert_eq!(
+            query_url("http://c:8500", "/v1/catalog/services", None),
+            "http://c:8500/v1/catalog/services"
+        );
+    }
+
+    #[test]
     fn debug_hides_the_token() {
         let o = ConsulOptions {
             token: Some("s3cret".into()),
