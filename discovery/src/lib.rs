@@ -7,6 +7,8 @@
 //!
 //! - [`parse`]: one key and value -> [`Entry`], for every source.
 //! - [`etcd`]: the fleet-wide registry, listed at one revision then watched.
+//! - [`consul`]: Consul's catalog and health, followed with blocking
+//!   queries; and the agent registrar.
 //! - [`mod@file`]: a directory of registration files, for a single proxy.
 //! - [`status`]: how each watcher is doing, for the admin API.
 //! - [`persist`]: the last good view on disk, so a restarted proxy can serve
@@ -14,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod address;
+pub mod consul;
 pub mod error;
 pub mod etcd;
 pub mod file;
@@ -25,6 +28,7 @@ pub mod status;
 pub mod update;
 
 pub use address::{Address, AddressError};
+pub use consul::ConsulOptions;
 pub use error::DiscoveryError;
 pub use etcd::{EtcdOptions, EtcdTls};
 pub use file::watch_dir;
