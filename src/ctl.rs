@@ -54,7 +54,7 @@ pub enum CtlCommand {
 
 /// Where `ctl` sends its changes.
 pub enum Target {
-    Fleet(EtcdOptions),
+    Fleet(Box<EtcdOptions>),
     Proxy {
         admin: String,
         token: Option<String>,
@@ -75,7 +75,7 @@ pub async fn run(target: Target, cmd: CtlCommand) -> anyhow::Result<()> {
         }
     }
     match target {
-        Target::Fleet(opts) => fleet(opts, cmd).await,
+        Target::Fleet(opts) => fleet(*opts, cmd).await,
         Target::Proxy { admin, token } => proxy(&admin, token.as_deref(), cmd).await,
     }
 }

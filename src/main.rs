@@ -217,7 +217,7 @@ impl RunArgs {
 
 fn ctl(args: CtlArgs) -> anyhow::Result<()> {
     let target = match (args.etcd.options()?, args.admin) {
-        (Some(etcd), None) => pointsman::ctl::Target::Fleet(etcd),
+        (Some(etcd), None) => pointsman::ctl::Target::Fleet(Box::new(etcd)),
         (None, Some(admin)) => pointsman::ctl::Target::Proxy {
             admin,
             token: args.admin_token,
