@@ -91,6 +91,8 @@ struct RunArgs {
     threads: Option<usize>,
     #[command(flatten)]
     etcd: EtcdArgs,
+    #[command(flatten)]
+    consul: ConsulArgs,
     /// Follow a directory of registration files: <dir>/<service>/<instance-id>
     /// holding `host:port` or JSON, as in etcd.
     #[arg(long)]
@@ -158,6 +160,38 @@ impl EtcdArgs {
     }
 }
 
+/// How to reach Consul.
+#[derive(clap::Args, Clone, Default)]
+struct ConsulArgs {
+    /// Consul HTTP API URLs (an agent or servers), comma-separated
+    /// (http://127.0.0.1:8500); tried one at a time.
+    #[arg(long, value_delimiter = ',', env = "POINTSMAN_CONSUL")]
+    consul: Vec<String>,
+    /// Consul ACL token (sent as X-Consul-Token).
+    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
+    consul_token: Option<String>,
+    /// Consul datacenter to read [default: the agent's].
+    #[arg(long)]
+    consul_datacenter: Option<String>,
+    /// How long one blocking query may wait for a change.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    consul_wait: std::time::Duration,
+}
+
+impl ConsulArgs {
+    fn options(&self) -> anyhow::Result<Option<pointsman_discovery::ConsulOptions>> {
+        if self.consul.is_empty() {
+            return Ok(None);
+        }
+        let mut o = pointsman_discovery::ConsulOptions::new(self.consul.iter().cloned());
+        o.token = self.consul_token.clone();
+        o.datacenter = self.consul_datacenter.clone();
+        o.wait = self.consul_wait;
+        o.check().map_err(|e| anyhow::anyhow!("consul: {e}"))?;
+        Ok(Some(o))
+    }
+}
+
 /// `pointsman ctl`'s arguments.
 #[derive(clap::Args, Clone)]
 struct CtlArgs {
@@ -179,6 +213,7 @@ impl RunArgs {
         let etcd = self.etcd.options()?;
         Ok(RegistryOptions {
             etcd,
+            consul: self.consul.options()?,
             dir: self.registry_dir.clone(),
             state_dir: self.state_dir.clone(),
         })

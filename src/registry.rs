@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pointsman_discovery::{
-    load_state, save_state, state_path, Change, Entry, EntryKey, EtcdOptions, Source, SourceStatus,
-    Update, UpdateKind,
+    load_state, save_state, state_path, Change, ConsulOptions, Entry, EntryKey, EtcdOptions,
+    Source, SourceStatus, Update, UpdateKind,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -30,6 +30,7 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug, Default)]
 pub struct RegistryOptions {
     pub etcd: Option<EtcdOptions>,
+    pub consul: Option<ConsulOptions>,
     /// A directory of registration files.
     pub dir: Option<PathBuf>,
     /// Where the last good state of each registry is kept.
@@ -89,6 +90,24 @@ pub fn start(
             commands.clone(),
         ));
         tracing::info!(endpoints = ?etcd.endpoints, "following etcd");
+    }
+    if let Some(consul) = &opts.consul {
+        consul.check().map_err(|e| anyhow::anyhow!("consul: {e}"))?;
+        let status = Arc::new(SourceStatus::new(Source::Consul));
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(pointsman_discovery::consul::run(
+            consul.clone(),
+            tx,
+            status.clone(),
+        ));
+        followed.push(relay(
+            Source::Consul,
+            rx,
+            status,
+            opts.state_dir.clone(),
+            commands.clone(),
+        ));
+        tracing::info!(urls = ?consul.urls, "following consul");
     }
     if let Some(dir) = &opts.dir {
         let status = Arc::new(SourceStatus::new(Source::File));
