@@ -10,7 +10,6 @@
 mod support;
 
 #[path = "../discovery/tests/support/consul.rs"]
-#[allow(dead_code)]
 mod consul_support;
 #[path = "../discovery/tests/support/etcd.rs"]
 mod etcd_support;
