@@ -168,7 +168,7 @@ impl EtcdOptions {
         Err(DiscoveryError::Unreachable(errors.join("; ")))
     }
 
-    fn connect_options(&self) -> Result<ConnectOptions, DiscoveryError> {
+    pub(crate) fn connect_options(&self) -> Result<ConnectOptions, DiscoveryError> {
         if self.endpoints.is_empty() {
             return Err(DiscoveryError::NoEndpoints);
         }
