@@ -1,14 +1,24 @@
 //! pointsman-deploy: how backends change safely.
 //!
-//! Rollouts (rolling, blue/green, canary) drive registry state and wait for
-//! every proxy replica to confirm each step. This crate starts with the
-//! plans themselves: what a rollout will do, checked before it touches
-//! anything.
+//! Rollouts drive registry state and wait for every proxy replica to
+//! confirm each step through its admin API:
+//!
+//! - [`switch`]: blue/green, one map entry in one write, and its rollback;
+//! - [`rolling`]: one instance at a time drained, stopped, started,
+//!   confirmed healthy everywhere, put back;
+//! - [`canary`]: a route's weight moved step by step, judged on the
+//!   proxies' own error and latency counters;
+//! - [`store`]: the registry as these tools write it;
+//! - [`watch`]: the wait-for-the-fleet loop and the progress lines.
 #![forbid(unsafe_code)]
 
 use std::fmt;
 
+pub mod canary;
+pub mod rolling;
 pub mod store;
+pub mod switch;
+pub mod watch;
 
 pub use store::{Store, Versioned};
 
