@@ -79,6 +79,9 @@ pub struct Global {
     /// Trust X-Forwarded-Proto/-Host sent by clients (only behind another
     /// proxy you run).
     pub trust_forwarded_headers: bool,
+    /// The Unix socket of hitless restarts (`run --takeover` takes
+    /// precedence); read at start only.
+    pub takeover_socket: Option<std::path::PathBuf>,
 }
 
 /// A duration written as `"3s"`, `"250ms"`.
@@ -99,6 +102,7 @@ impl Default for Global {
             request_timeout: None,
             upstream_idle_timeout: Duration::from_secs(30),
             trust_forwarded_headers: false,
+            takeover_socket: None,
         }
     }
 }
