@@ -38,6 +38,10 @@ use support::*;
 const PACE: Duration = Duration::from_millis(10);
 /// How long one request may take before it counts as failed.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// Requests one client makes at most (the test stops them sooner).
+const MAX_REQUESTS: u64 = 20_000;
+/// The long request in flight on the old process at the switch.
+const SLOW_MS: u64 = 4000;
 
 /// Two web upstreams behind the default service, and `/slow` to its own
 /// service (so its in-flight request is visible on its own).
@@ -195,6 +199,7 @@ fn says_close(resp: &hyper::Response<hyper::body::Incoming>) -> bool {
 /// only after an answer with `Connection: close`. A connection that ends
 /// any other way is a failure.
 async fn keep_alive_client(addr: SocketAddr, stop: CancellationToken, tally: Arc<Tally>) {
+    let mut made = 0;
     'connection: while !stop.is_cancelled() {
         let stream = match tokio::time::timeout(REQUEST_DEADLINE, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
@@ -223,9 +228,10 @@ async fn keep_alive_client(addr: SocketAddr, stop: CancellationToken, tally: Arc
             let _ = conn.await;
         });
         loop {
-            if stop.is_cancelled() {
+            if stop.is_cancelled() || made >= MAX_REQUESTS {
                 return;
             }
+            made += 1;
             // The server closed the connection between two requests
             // without saying so first: the race a drain must not have.
             if let Err(e) = sender.ready().await {
@@ -270,7 +276,10 @@ async fn keep_alive_client(addr: SocketAddr, stop: CancellationToken, tally: Arc
 
 /// A new connection for every request (`Connection: close`).
 async fn per_request_client(addr: SocketAddr, stop: CancellationToken, tally: Arc<Tally>) {
-    while !stop.is_cancelled() {
+    for _ in 0..MAX_REQUESTS {
+        if stop.is_cancelled() {
+            return;
+        }
         let exchange = async {
             let mut s = TcpStream::connect(addr)
                 .await
@@ -399,7 +408,7 @@ async fn restart_under_load_fails_no_request_and_refuses_no_connection() {
     .await;
 
     // A long request in flight on A at the switch.
-    let slow = slow_request(listen, 2000);
+    let slow = slow_request(listen, SLOW_MS);
     let pa = &a;
     wait_for(
         Duration::from_secs(5),
@@ -567,7 +576,8 @@ async fn a_takeover_that_fails_midway_leaves_the_old_process_serving() {
     );
     let bad_path: PathBuf = dir.path().join("bad.toml");
     std::fs::write(&bad_path, bad).expect("write the config");
-    let out = Command::new(BIN)
+    let b_err = dir.path().join("b.stderr");
+    let mut b = Command::new(BIN)
         .args(["run", "--threads", "2", "--config"])
         .arg(&bad_path)
         .args(["--admin", &free_addr().to_string(), "--takeover"])
@@ -575,15 +585,17 @@ async fn a_takeover_that_fails_midway_leaves_the_old_process_serving() {
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&b_err).expect("create B's stderr"))
         .spawn()
         .expect("spawn B");
-    let out = tokio::task::spawn_blocking(move || out.wait_with_output())
-        .await
-        .expect("join")
-        .expect("B's output");
-    let b_log = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "B cannot start:\n{b_log}");
+    let status = wait_exit(
+        &mut b,
+        Duration::from_secs(20),
+        "B with a listener it cannot bind",
+    )
+    .await;
+    let b_log = std::fs::read_to_string(&b_err).unwrap_or_default();
+    assert!(!status.success(), "B cannot start:\n{b_log}");
     assert!(b_log.contains("received listening sockets"), "{b_log}");
     assert!(b_log.contains("cannot bind"), "{b_log}");
 
