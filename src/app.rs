@@ -21,6 +21,7 @@ use crate::proxy::ClientLimits;
 use crate::registry::{self, RegistryOptions};
 use crate::reload::{self, Overrides, ReloadStats};
 use crate::routing::RoutingTable;
+use crate::takeover::{HeldSockets, Inherited};
 
 /// A running proxy.
 pub struct App {
@@ -30,6 +31,8 @@ pub struct App {
     pub control: ControlHandle,
     pub admin_addr: SocketAddr,
     pub listeners: HashMap<String, SocketAddr>,
+    /// Copies of the listening sockets, for a takeover by a new process.
+    pub sockets: Arc<HeldSockets>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     drain_timeout: std::time::Duration,
@@ -44,6 +47,19 @@ impl App {
         registries: RegistryOptions,
         workers: Vec<tokio::runtime::Handle>,
     ) -> anyhow::Result<App> {
+        Self::start_inheriting(config, overrides, registries, workers, Inherited::default()).await
+    }
+
+    /// [`App::start`] serving the sockets a previous process passed
+    /// (see `takeover`) where the config asks for their addresses.
+    pub async fn start_inheriting(
+        config: Config,
+        overrides: Overrides,
+        registries: RegistryOptions,
+        workers: Vec<tokio::runtime::Handle>,
+        mut inherited: Inherited,
+    ) -> anyhow::Result<App> {
+        let taking_over = !inherited.is_empty();
         let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
         let limits = Arc::new(ArcSwap::from_pointee(ClientLimits::from(&config.global)));
         let shutdown = CancellationToken::new();
@@ -52,13 +68,16 @@ impl App {
             table: table.clone(),
             limits,
         });
-        let listeners = Listeners::new(
+        let mut listeners = Listeners::new(
             proxy,
             table.clone(),
             shutdown.clone(),
             tracker.clone(),
             workers,
         );
+        listeners.inherit(&mut inherited);
+        let sockets = listeners.held();
+        let open = listeners.opener();
         let bound = listeners.bound();
         let admin_token = config.global.admin_token.clone().filter(|t| !t.is_empty());
         if !config.global.admin.ip().is_loopback() && admin_token.is_none() {
@@ -67,9 +86,15 @@ impl App {
                 config.global.admin
             );
         }
-        let admin_listener = crate::admin::bind(config.global.admin)
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let admin_listener = match inherited.take_admin(config.global.admin) {
+            Some(l) => tokio::net::TcpListener::from_std(l)?,
+            None => crate::admin::bind(config.global.admin)
+                .await
+                .map_err(anyhow::Error::msg)?,
+        };
+        if let Err(e) = sockets.set_admin(config.global.admin, &admin_listener) {
+            tracing::warn!(error = %e, "cannot keep a copy of the admin socket: a takeover will bind it afresh");
+        }
         let admin_addr = admin_listener.local_addr()?;
         let drain_timeout = config.global.drain_timeout;
         let file = config.file();
@@ -83,6 +108,7 @@ impl App {
         for f in &followed {
             control.follow(f.status.clone());
         }
+        let synced: Vec<_> = followed.iter().map(|f| f.has_data.clone()).collect();
         tokio::spawn(control.run(rx));
 
         let ready = Arc::new(AtomicBool::new(false));
@@ -115,6 +141,12 @@ impl App {
             }
             None => None,
         };
+        if taking_over {
+            // The previous process serves until this one has what it
+            // needs: the registries' data too.
+            crate::takeover::wait_synced(&synced).await?;
+        }
+        open.cancel();
         ready.store(true, Ordering::Release);
         let listeners = bound.lock().map(|b| b.clone()).unwrap_or_default();
         Ok(App {
@@ -126,6 +158,7 @@ impl App {
             commands,
             admin_addr,
             listeners,
+            sockets,
             shutdown,
             tracker,
             drain_timeout,
@@ -134,9 +167,13 @@ impl App {
     }
 
     /// Stops accepting, lets in-flight requests finish within the drain
-    /// timeout, closes idle keep-alive connections. Returns whether every
-    /// connection finished in time.
+    /// timeout, and closes keep-alive connections without racing their
+    /// clients (see `proxy::conn`). Returns whether every connection
+    /// finished in time.
     pub async fn drain(self) -> bool {
+        // A kept copy would hold the listening sockets open with nobody
+        // accepting on them.
+        self.sockets.clear();
         self.shutdown.cancel();
         self.tracker.close();
         let finished = tokio::time::timeout(self.drain_timeout, self.tracker.wait())

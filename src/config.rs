@@ -84,6 +84,9 @@ pub struct Global {
     pub admin_token: Option<String>,
     /// Log one JSON line per request (target `access`).
     pub access_log: bool,
+    /// The Unix socket of hitless restarts (`run --takeover` takes
+    /// precedence); read at start only.
+    pub takeover_socket: Option<std::path::PathBuf>,
 }
 
 /// A duration written as `"3s"`, `"250ms"`.
@@ -106,6 +109,7 @@ impl Default for Global {
             trust_forwarded_headers: false,
             admin_token: None,
             access_log: false,
+            takeover_socket: None,
         }
     }
 }

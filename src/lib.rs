@@ -21,4 +21,5 @@ pub mod proxy;
 pub mod registry;
 pub mod reload;
 pub mod routing;
+pub mod takeover;
 pub mod upstream;

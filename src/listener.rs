@@ -2,6 +2,11 @@
 //! reload) says which listeners should run; [`Listeners::reconcile`] binds
 //! the new ones before stopping any old one, so a reload that asks for an
 //! address that cannot be bound changes nothing.
+//!
+//! After a takeover (see [`crate::takeover`]) the first reconcile serves
+//! the sockets passed by the previous process instead of binding them; and
+//! every running listener's sockets are recorded in [`HeldSockets`] for the
+//! next takeover.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,6 +23,7 @@ use crate::control::{ListenerControl, SharedTable};
 use crate::proxy::conn::{accept_loop, ConnLimit};
 use crate::proxy::http::HttpProxy;
 use crate::proxy::{tcp, ClientLimits};
+use crate::takeover::{HeldSockets, Inherited, InheritedListener};
 
 const BACKLOG: u32 = 1024;
 
@@ -43,6 +49,16 @@ pub struct Listeners {
     /// its own socket per listener (SO_REUSEPORT spreads connections over
     /// them). Empty: serve on the runtime that runs the control task.
     workers: Vec<Handle>,
+    /// Sockets passed by the previous process, used by the first
+    /// reconcile; what it does not use is closed then.
+    inherited: Vec<InheritedListener>,
+    /// Copies of the running listeners' sockets, for the next takeover.
+    held: Arc<HeldSockets>,
+    /// Accept loops wait for this at start, so no client is served before
+    /// the first table is published (and, after a takeover, before the
+    /// registries synced): clients wait in the backlog meanwhile, or are
+    /// accepted by the previous process.
+    open: CancellationToken,
 }
 
 impl Listeners {
@@ -63,7 +79,15 @@ impl Listeners {
             tracker,
             bound: Default::default(),
             workers,
+            inherited: Vec::new(),
+            held: Arc::new(HeldSockets::default()),
+            open: CancellationToken::new(),
         }
+    }
+
+    /// Cancelling it lets the accept loops start.
+    pub fn opener(&self) -> CancellationToken {
+        self.open.clone()
     }
 
     /// Where each listener is bound, by name.
@@ -71,12 +95,57 @@ impl Listeners {
         self.bound.clone()
     }
 
+    /// Serves the listeners the previous process passed (those the config
+    /// still has) instead of binding them.
+    pub fn inherit(&mut self, inherited: &mut Inherited) {
+        self.inherited = std::mem::take(&mut inherited.listeners);
+    }
+
+    /// The running listeners' sockets, for the next takeover.
+    pub fn held(&self) -> Arc<HeldSockets> {
+        self.held.clone()
+    }
+
+    /// The sockets of a new listener: the ones passed by the previous
+    /// process for its address (topped up to one per worker), or fresh
+    /// ones.
+    fn sockets_for(&mut self, l: &Listener) -> std::io::Result<Vec<std::net::TcpListener>> {
+        let wanted = self.workers.len().max(1);
+        let taken = self.inherited_for(l);
+        let Some(mut sockets) = taken else {
+            return bind(l.bind, wanted);
+        };
+        if sockets.len() < wanted {
+            // They listen only once this process serves: until then the
+            // kernel would queue connections on them that nobody accepts.
+            if let Some(at) = sockets.first().and_then(|s| s.local_addr().ok()) {
+                match bind_sockets(at, wanted - sockets.len(), false) {
+                    Ok(more) => sockets.extend(more),
+                    // The passed sockets serve; some threads do not accept
+                    // on this listener.
+                    Err(e) => {
+                        tracing::warn!(listener = %l.name, addr = %at, error = %e, "cannot bind more sockets beside the passed ones")
+                    }
+                }
+            }
+        }
+        Ok(sockets)
+    }
+
+    fn inherited_for(&mut self, l: &Listener) -> Option<Vec<std::net::TcpListener>> {
+        let found = InheritedListener::take_for(&mut self.inherited, l)?;
+        tracing::info!(listener = %l.name, addr = %found.local, sockets = found.sockets.len(), "serving the sockets passed by the previous process");
+        Some(found.sockets).filter(|s| !s.is_empty())
+    }
+
     /// Starts accepting on each socket, on its own worker runtime.
+    /// Several sockets (passed by a process with more threads) share the
+    /// workers round robin.
     fn spawn(&self, spec: &Listener, sockets: Vec<std::net::TcpListener>, stop: CancellationToken) {
         for (i, socket) in sockets.into_iter().enumerate() {
             let accept = self.accept(spec, socket, stop.clone());
             let tracked = self.tracker.track_future(accept);
-            match self.workers.get(i) {
+            match self.workers.get(i % self.workers.len().max(1)) {
                 Some(worker) => drop(worker.spawn(tracked)),
                 None => drop(tokio::spawn(tracked)),
             }
@@ -97,7 +166,19 @@ impl Listeners {
         let mode = spec.mode;
         let proxy = self.proxy.clone();
         let table = self.table.clone();
+        let open = self.open.clone();
         async move {
+            tokio::select! {
+                _ = open.cancelled() => {}
+                _ = stop.cancelled() => return,
+            }
+            let sock = socket2::SockRef::from(&socket);
+            if !sock.is_listener().unwrap_or(true) {
+                if let Err(e) = sock.listen(BACKLOG as i32) {
+                    tracing::error!(listener = %name, error = %e, "cannot listen on the socket");
+                    return;
+                }
+            }
             let socket = match TcpListener::from_std(socket) {
                 Ok(s) => s,
                 Err(e) => {
@@ -146,6 +227,16 @@ impl Listeners {
 /// event loops each accept on their own (a port 0 request binds a free port
 /// once, then the others to the same one).
 fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    bind_sockets(addr, count, true)
+}
+
+/// [`bind`], listening or not: a socket that does not listen yet takes no
+/// connection from its reuseport group (its accept loop listens once open).
+fn bind_sockets(
+    addr: SocketAddr,
+    count: usize,
+    listen: bool,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(count.max(1));
     for _ in 0..count.max(1) {
         let at = match out.first() {
@@ -158,7 +249,9 @@ fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpList
         socket.set_reuse_port(true)?;
         socket.set_tcp_nodelay(true)?;
         socket.bind(&at.into())?;
-        socket.listen(BACKLOG as i32)?;
+        if listen {
+            socket.listen(BACKLOG as i32)?;
+        }
         socket.set_nonblocking(true)?;
         out.push(socket.into());
     }
@@ -184,7 +277,7 @@ impl ListenerControl for Listeners {
             if self.running.get(&l.name).is_some_and(|r| same_socket(r, l)) {
                 continue;
             }
-            match bind(l.bind, self.workers.len()) {
+            match self.sockets_for(l) {
                 Ok(sockets) => fresh.push((l.clone(), sockets)),
                 Err(e) => {
                     return Err(format!(
@@ -202,6 +295,7 @@ impl ListenerControl for Listeners {
             .collect();
         for name in &stale {
             if let Some(r) = self.running.remove(name) {
+                self.held.remove_listener(name);
                 tracing::info!(listener = %name, addr = %r.local, "listener stopped");
                 r.stop.cancel();
             }
@@ -217,6 +311,9 @@ impl ListenerControl for Listeners {
             .store(Arc::new(ClientLimits::from(&config.global)));
         let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
         bound.retain(|name, _| wanted.contains_key(name.as_str()));
+        for unused in self.inherited.drain(..) {
+            tracing::info!(listener = %unused.name, addr = %unused.local, "the new config has no listener at this address: its passed sockets are closed (the previous process closes its own when it stops)");
+        }
         for (spec, socket) in fresh {
             let local = socket
                 .first()
@@ -224,6 +321,9 @@ impl ListenerControl for Listeners {
                 .unwrap_or(spec.bind);
             let stop = self.shutdown.child_token();
             tracing::info!(listener = %spec.name, addr = %local, mode = ?spec.mode, "listening");
+            if let Err(e) = self.held.set_listener(&spec, local, &socket) {
+                tracing::warn!(listener = %spec.name, error = %e, "cannot keep a copy of the listening sockets: a takeover will bind this listener afresh");
+            }
             self.spawn(&spec, socket, stop.clone());
             bound.insert(spec.name.clone(), local);
             self.running

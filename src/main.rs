@@ -101,6 +101,11 @@ struct RunArgs {
     /// the registry cannot be reached.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Hitless restart: take the listening sockets over from the pointsman
+    /// serving this Unix socket (it then drains and exits), and serve it
+    /// for the next one. Nothing there: a normal start.
+    #[arg(long, value_name = "SOCKET")]
+    takeover: Option<PathBuf>,
 }
 
 /// How to reach etcd; shared by `run`, `ctl`, `register` and `deploy`.
@@ -392,13 +397,22 @@ async fn run(
     } else {
         None
     };
-    let app = App::start(config, overrides, registries, workers).await?;
+    let takeover_path = args
+        .takeover
+        .clone()
+        .or_else(|| config.global.takeover_socket.clone());
+    let (takeover, inherited) = pointsman::takeover::begin(takeover_path.as_deref()).await?;
+    let app = App::start_inheriting(config, overrides, registries, workers, inherited).await?;
+    let handover = takeover.complete(app.sockets.clone()).await;
     if let Some(dir) = &demo_dir {
         print_demo_help(&app, dir);
     }
-    signals.await;
-    tracing::info!("stop signal received: draining");
+    tokio::select! {
+        _ = signals => tracing::info!("stop signal received: draining"),
+        _ = handover.taken_over() => tracing::info!("taken over by a new process: draining"),
+    }
     app.drain().await;
+    drop(handover);
     upstreams_stop.cancel();
     if let (true, Some(dir)) = (own_demo_dir, &demo_dir) {
         let _ = std::fs::remove_dir_all(dir);

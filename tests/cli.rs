@@ -99,6 +99,7 @@ fn help_mentions_every_flag() {
         "--listen",
         "--admin",
         "--threads",
+        "--takeover",
         "--log-format",
         "--help",
     ] {

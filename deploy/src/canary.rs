@@ -105,10 +105,9 @@ pub async fn totals(fleet: &mut Fleet, names: [&str; 2]) -> Result<[Totals; 2], 
         let answer = http_get(&r.admin, "/api/services", fleet.probe_timeout)
             .await
             .map_err(|e| DeployError::Failed(format!("proxy {} ({}): {e}", r.id, r.admin)))?;
-        let services: Vec<ServiceCounters> =
-            serde_json::from_slice(&answer.body).map_err(|e| {
-                DeployError::Failed(format!("proxy {}: /api/services did not parse: {e}", r.id))
-            })?;
+        let services: Vec<ServiceCounters> = serde_json::from_slice(&answer.body).map_err(|e| {
+            DeployError::Failed(format!("proxy {}: /api/services did not parse: {e}", r.id))
+        })?;
         for s in services {
             let Some(i) = names.iter().position(|n| *n == s.name) else {
                 continue;
@@ -210,7 +209,9 @@ pub async fn canary(
         plan.route, plan.from, plan.to, plan.steps
     ));
     for &pct in plan.steps.steps() {
-        let rev = store.put_route(&plan.route, &at_step(&original, plan, pct)).await?;
+        let rev = store
+            .put_route(&plan.route, &at_step(&original, plan, pct))
+            .await?;
         progress.say(format!("{pct}% to {} (revision {rev})", plan.to));
         watch::until(
             fleet,
@@ -262,7 +263,10 @@ pub async fn canary(
             return Ok(Outcome::RolledBack(why));
         }
     }
-    progress.say(format!("promoted: route {} sends everything to {}", plan.route, plan.to));
+    progress.say(format!(
+        "promoted: route {} sends everything to {}",
+        plan.route, plan.to
+    ));
     Ok(Outcome::Promoted)
 }
 

@@ -76,14 +76,17 @@ pub async fn rolling(
         let address = inst.value.address.to_string();
         progress.say(format!("[{}/{}] {svc}/{id} at {address}", n + 1, ids.len()));
         let before = store.override_of(svc, id).await?;
-        let step = async {
-            replace_one(store, fleet, plan, progress, id, &address, before.clone()).await
-        };
+        let step =
+            async { replace_one(store, fleet, plan, progress, id, &address, before.clone()).await };
         if let Err(e) = step.await {
             progress.say(format!("{svc}/{id}: {e}; putting its previous state back"));
             match store.restore_override(svc, id, before).await {
-                Ok(rev) => progress.say(format!("{svc}/{id}: previous state restored at revision {rev}")),
-                Err(re) => progress.say(format!("{svc}/{id}: could not restore its previous state: {re}")),
+                Ok(rev) => progress.say(format!(
+                    "{svc}/{id}: previous state restored at revision {rev}"
+                )),
+                Err(re) => progress.say(format!(
+                    "{svc}/{id}: could not restore its previous state: {re}"
+                )),
             }
             return Err(DeployError::Failed(format!(
                 "rolling deploy of {svc} stopped at {id} ({} of {} done): {e}",
@@ -92,7 +95,11 @@ pub async fn rolling(
             )));
         }
     }
-    progress.say(format!("rolled {} instances of {}", ids.len(), plan.service));
+    progress.say(format!(
+        "rolled {} instances of {}",
+        ids.len(),
+        plan.service
+    ));
     Ok(())
 }
 
@@ -183,7 +190,9 @@ async fn replace_one(
     )
     .await
     .map_err(|why| {
-        DeployError::Failed(format!("the new {svc}/{id} never became healthy everywhere: {why}"))
+        DeployError::Failed(format!(
+            "the new {svc}/{id} never became healthy everywhere: {why}"
+        ))
     })?;
 
     let rev = store.restore_override(svc, id, before.clone()).await?;
@@ -216,7 +225,12 @@ mod tests {
     #[test]
     fn placeholders_are_replaced() {
         assert_eq!(
-            substitute("kill $(cat /run/{service}-{id}.pid) # {address}", "web", "a1", "10.0.0.5:80"),
+            substitute(
+                "kill $(cat /run/{service}-{id}.pid) # {address}",
+                "web",
+                "a1",
+                "10.0.0.5:80"
+            ),
             "kill $(cat /run/web-a1.pid) # 10.0.0.5:80"
         );
     }

@@ -51,7 +51,9 @@ pub async fn switch(
         |v| watch::applied(v, revision),
     )
     .await
-    .map_err(|why| DeployError::Failed(format!("the switch is written but not confirmed: {why}")))?;
+    .map_err(|why| {
+        DeployError::Failed(format!("the switch is written but not confirmed: {why}"))
+    })?;
     if plan.drain_old {
         match previous.as_deref() {
             Some(old) if old != plan.to => {
@@ -75,7 +77,10 @@ pub async fn switch(
             _ => progress.say("nothing to drain: there was no previous target"),
         }
     }
-    progress.say(format!("switched {}[{}] to {}", plan.map, plan.key, plan.to));
+    progress.say(format!(
+        "switched {}[{}] to {}",
+        plan.map, plan.key, plan.to
+    ));
     Ok(Switched {
         revision,
         previous,

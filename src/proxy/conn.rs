@@ -6,14 +6,24 @@
 //! covers the idle wait between requests, so it is off and each connection
 //! records its last byte, when it began waiting for a head, and its
 //! requests in flight.
+//!
+//! Draining (on shutdown, or when a successor process has taken the
+//! listening sockets over) is race-free for keep-alive clients: an HTTP/1
+//! connection is never closed at the moment a client may be sending on it.
+//! Responses written while draining carry `Connection: close`, so a busy
+//! connection ends after its next response, and an idle one is closed only
+//! after it stayed idle for [`DRAIN_IDLE_GRACE`] (at most `idle_timeout`)
+//! since the drain began. HTTP/2 connections get a GOAWAY at once.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use http::header::{HeaderValue, CONNECTION};
+use http::{Response, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -38,7 +48,16 @@ pub struct ConnActivity {
     /// When the connection began waiting for the rest of a request head
     /// (ms on the process clock); 0 when it is not.
     head_since: AtomicU64,
+    /// The process is draining: answers carry `Connection: close`.
+    draining: AtomicBool,
+    /// A request came over HTTP/2.
+    h2: AtomicBool,
 }
+
+/// How long an idle HTTP/1 keep-alive connection stays open once a drain
+/// began (capped by `idle_timeout`): a client that sends on it in that time
+/// is answered, with `Connection: close`, instead of finding it closed.
+pub const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a connection should be closed now.
 #[derive(Debug, PartialEq, Eq)]
@@ -57,7 +76,51 @@ impl ConnActivity {
             active: AtomicU32::new(0),
             // A new connection owes its first request head.
             head_since: AtomicU64::new(now.max(1)),
+            draining: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
         })
+    }
+
+    /// The drain began: from now on answers close the connection, and the
+    /// idle timer (see [`ConnActivity::idle_timeout`]) starts afresh.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Relaxed);
+        self.touch();
+    }
+
+    /// The idle timeout in force: `idle`, or while draining the shorter
+    /// [`DRAIN_IDLE_GRACE`].
+    pub fn idle_timeout(&self, idle: Duration) -> Duration {
+        if self.draining.load(Relaxed) {
+            idle.min(DRAIN_IDLE_GRACE)
+        } else {
+            idle
+        }
+    }
+
+    /// Has a request on this connection come over HTTP/2?
+    pub fn is_h2(&self) -> bool {
+        self.h2.load(Relaxed)
+    }
+
+    /// Notes a request's version (HTTP/2 connections close with GOAWAY).
+    pub fn saw_request(&self, version: Version) {
+        if version == Version::HTTP_2 {
+            self.h2.store(true, Relaxed);
+        }
+    }
+
+    /// While draining, an HTTP/1 answer tells the client to close the
+    /// connection after it, so the client never sends on a connection that
+    /// is about to close. A `101` keeps its upgrade.
+    pub fn mark_response<B>(&self, version: Version, resp: &mut Response<B>) {
+        if self.draining.load(Relaxed)
+            && version < Version::HTTP_2
+            && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+        {
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
     }
 
     #[inline]
@@ -271,12 +334,11 @@ pub async fn accept_loop<F>(
                 // Over the limit, the connection waits here for a slot
                 // (and the next clients of this socket in the backlog):
                 // any slot freed on any thread serves a waiting client.
-                let permit = tokio::select! {
-                    p = limit.acquire() => match p {
-                        Some(p) => p,
-                        None => return,
-                    },
-                    _ = shutdown.cancelled() => return,
+                // It was accepted, so it is served even when a drain begins
+                // meanwhile (the drain frees slots); dropping it would
+                // reset it.
+                let Some(permit) = limit.acquire().await else {
+                    return;
                 };
                 let _ = stream.set_nodelay(true);
                 serve(stream, peer, permit);

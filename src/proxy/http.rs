@@ -102,8 +102,10 @@ impl HttpProxy {
         tokio::pin!(conn);
 
         let mut closing = false;
+        let mut draining = false;
         loop {
-            let (idle, head) = (limits.idle_timeout, limits.header_read_timeout);
+            let idle = activity.idle_timeout(limits.idle_timeout);
+            let head = limits.header_read_timeout;
             let wait = activity.check(idle, head).unwrap_or_default();
             tokio::select! {
                 result = conn.as_mut() => {
@@ -112,9 +114,17 @@ impl HttpProxy {
                     }
                     break;
                 }
-                _ = shutdown.cancelled(), if !closing => {
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
+                _ = shutdown.cancelled(), if !closing && !draining => {
+                    // HTTP/2 closes with GOAWAY. HTTP/1 (hyper would close
+                    // an idle connection at once, racing a client that is
+                    // sending on it) closes after its next answer or an
+                    // idle grace: see `ConnActivity::begin_drain`.
+                    draining = true;
+                    activity.begin_drain();
+                    if activity.is_h2() {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
                 }
                 _ = tokio::time::sleep(wait), if !closing => {
                     match activity.check(idle, head) {
@@ -166,7 +176,9 @@ impl ConnContext {
     }
 
     async fn respond(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        match self.forward(req).await {
+        let version = req.version();
+        self.activity.saw_request(version);
+        let mut resp = match self.forward(req).await {
             Ok(resp) => resp,
             Err(e) => {
                 match &e {
@@ -179,7 +191,9 @@ impl ConnContext {
                 }
                 e.response()
             }
-        }
+        };
+        self.activity.mark_response(version, &mut resp);
+        resp
     }
 
     /// Phases 1 to 3: the service and the route's path rewrite.

@@ -197,14 +197,25 @@ impl Proxy {
         let config_path = dir.path().join("pointsman.toml");
         std::fs::write(&config_path, config).expect("write the config");
         let stderr_path = dir.path().join("stderr.log");
-        let admin = free_addr();
+        // A free admin address, unless the test passes its own `--admin`.
+        let own_admin = extra
+            .iter()
+            .position(|a| *a == "--admin")
+            .and_then(|i| extra.get(i + 1))
+            .map(|a| a.parse::<SocketAddr>().expect("--admin takes an address"));
+        let admin = own_admin.unwrap_or_else(free_addr);
+        let admin_arg = admin.to_string();
+        let admin_args = ["--admin", admin_arg.as_str()];
         let listeners = listener_addrs(config, extra);
         let child = Command::new(BIN)
             .arg("run")
             .arg("--config")
             .arg(&config_path)
-            .arg("--admin")
-            .arg(admin.to_string())
+            .args(if own_admin.is_some() {
+                &[][..]
+            } else {
+                &admin_args[..]
+            })
             // Two event loops unless the test asks for something else.
             .args(if extra.contains(&"--threads") {
                 &[][..]
