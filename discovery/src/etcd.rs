@@ -146,7 +146,7 @@ impl EtcdOptions {
         self.connect_options().map(|_| ())
     }
 
-    fn connect_options(&self) -> Result<ConnectOptions, DiscoveryError> {
+    pub(crate) fn connect_options(&self) -> Result<ConnectOptions, DiscoveryError> {
         if self.endpoints.is_empty() {
             return Err(DiscoveryError::NoEndpoints);
         }
@@ -640,14 +640,14 @@ impl EtcdWatcher {
 /// all of the current step, so a fleet of proxies does not reconnect in
 /// lockstep after an etcd restart.
 #[derive(Debug)]
-struct Backoff {
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     step: Duration,
 }
 
 impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         let min = min.max(Duration::from_millis(1));
         Backoff {
             min,
@@ -656,7 +656,7 @@ impl Backoff {
         }
     }
 
-    fn next(&mut self) -> Duration {
+    pub(crate) fn next(&mut self) -> Duration {
         let step = self.step;
         self.step = (self.step * 2).min(self.max);
         let half = step / 2;
@@ -664,7 +664,7 @@ impl Backoff {
         half + Duration::from_millis(fastrand::u64(0..=jitter_ms))
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.step = self.min;
     }
 }

@@ -11,25 +11,37 @@
 //! - [`status`]: how each watcher is doing, for the admin API.
 //! - [`persist`]: the last good view on disk, so a restarted proxy can serve
 //!   while its registry is away.
+//! - [`registrar`] and [`lease`]: the writing side, an instance keeping its
+//!   own registration in etcd under a lease (`pointsman register`).
+//! - [`fleet`]: the proxies that follow etcd, and whether every one of them
+//!   has applied a revision and stopped sending to an instance.
 #![forbid(unsafe_code)]
 
 pub mod address;
+pub mod conn;
 pub mod error;
 pub mod etcd;
 pub mod file;
+pub mod fleet;
+pub mod lease;
 pub mod parse;
 pub mod persist;
+pub mod registrar;
 pub mod registration;
 pub mod route;
 pub mod status;
 pub mod update;
 
 pub use address::{Address, AddressError};
+pub use conn::EtcdError;
 pub use error::DiscoveryError;
 pub use etcd::{EtcdOptions, EtcdTls};
 pub use file::watch_dir;
+pub use fleet::{Expectation, Fleet, FleetCheck, FleetError, ProxyRecord};
+pub use lease::{LeaseState, LeasedKey};
 pub use parse::{parse_entry, parse_instance, parse_key, ParseError, Prefixes};
 pub use persist::{load_state, save_state, state_path, PersistError, SavedState};
+pub use registrar::{Registrar, RegistrarError};
 pub use registration::{AdminState, CheckSpec, Override, Registration};
 pub use route::{MapKey, RouteSpec, RouteTarget, SplitSpec};
 pub use status::{SourceStatus, SourceStatusSnapshot};

@@ -1,0 +1,642 @@
+//! The fleet of proxies, and what each one confirms it has applied.
+//!
+//! Every proxy that follows etcd keeps a record under
+//! `<pointsman>/proxies/<proxy-id>` (a [`ProxyRecord`], leased: it vanishes
+//! with its proxy) naming its admin address. A change that must not hurt
+//! traffic — an instance leaving, a rollout step — is written to etcd at
+//! some revision `R`, and then every live proxy is asked, through its admin
+//! API, whether it has applied `R` and what it now does with the instance:
+//!
+//! - `GET /api/discovery`: the etcd source's `applied_revision`;
+//! - `GET /api/services`: each endpoint's `state` and `in_flight`.
+//!
+//! [`Expectation`] says what to wait for, [`Fleet::check`] asks every proxy
+//! once, and [`Fleet::wait_until`] asks until all of them confirm or a
+//! deadline passes, reporting each round so a caller can say who it is
+//! still waiting for. A proxy whose admin API does not answer is not
+//! confirmed; if it is gone for good, its record expires with its lease and
+//! it drops out of the fleet.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use etcd_client::GetOptions;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::{header, Request};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+
+use crate::conn::{EtcdConn, EtcdError};
+use crate::{AdminState, EtcdOptions, Prefixes};
+
+/// Admin API answers larger than this are refused.
+const MAX_BODY: usize = 32 * 1024 * 1024;
+
+/// What a proxy writes about itself under `<pointsman>/proxies/<id>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyRecord {
+    /// The proxy's id (`--proxy-id`), also the last segment of its key.
+    pub id: String,
+    /// `host:port` of its admin API, as others reach it.
+    pub admin: String,
+    /// The etcd revision its routing table holds; `None` before the first
+    /// sync.
+    #[serde(default)]
+    pub applied_revision: Option<i64>,
+    #[serde(default)]
+    pub pid: u32,
+    /// When it started, in seconds since the Unix epoch.
+    #[serde(default)]
+    pub started: u64,
+}
+
+/// `<pointsman>/proxies/`.
+pub fn proxies_dir(prefixes: &Prefixes) -> String {
+    format!("{}proxies/", prefixes.pointsman_dir())
+}
+
+/// `<pointsman>/proxies/<id>`.
+pub fn proxy_key(prefixes: &Prefixes, id: &str) -> String {
+    format!("{}{id}", proxies_dir(prefixes))
+}
+
+/// What one proxy's admin API says, the parts the fleet needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProxyView {
+    /// Whether the proxy follows etcd at all.
+    pub follows_etcd: bool,
+    /// The etcd revision it has applied.
+    pub applied_revision: Option<i64>,
+    pub services: Vec<ServiceView>,
+}
+
+/// A service in `/api/services`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct ServiceView {
+    pub name: String,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointView>,
+}
+
+/// An endpoint in `/api/services`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct EndpointView {
+    pub id: String,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub state: AdminState,
+    #[serde(default = "yes")]
+    pub healthy: bool,
+    #[serde(default)]
+    pub in_flight: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ProxyView {
+    /// The endpoint `id` of `service`, if the proxy has it.
+    pub fn endpoint(&self, service: &str, id: &str) -> Option<&EndpointView> {
+        self.services
+            .iter()
+            .find(|s| s.name == service)?
+            .endpoints
+            .iter()
+            .find(|e| e.id == id)
+    }
+}
+
+/// What to wait for on every proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expectation {
+    /// The proxy has applied `revision` (or later).
+    Applied { revision: i64 },
+    /// The proxy has applied `revision` and sends nothing to the instance:
+    /// it is absent, or takes no new requests and has none in flight.
+    Drained {
+        service: String,
+        id: String,
+        revision: i64,
+    },
+    /// The proxy has applied `revision` and sends new requests to the
+    /// instance: present, ready and healthy.
+    Serving {
+        service: String,
+        id: String,
+        revision: i64,
+    },
+    /// The proxy has applied `revision` and no longer has the instance.
+    Absent {
+        service: String,
+        id: String,
+        revision: i64,
+    },
+}
+
+impl Expectation {
+    /// `Ok` if `view` meets the expectation, or why not yet.
+    pub fn judge(&self, view: &ProxyView) -> Result<(), String> {
+        let revision = match self {
+            Expectation::Applied { revision }
+            | Expectation::Drained { revision, .. }
+            | Expectation::Serving { revision, .. }
+            | Expectation::Absent { revision, .. } => *revision,
+        };
+        if !view.follows_etcd {
+            return Err("does not follow etcd".to_string());
+        }
+        match view.applied_revision {
+            Some(applied) if applied >= revision => {}
+            Some(applied) => {
+                return Err(format!(
+                    "applied revision {applied}, waiting for {revision}"
+                ))
+            }
+            None => return Err(format!("applied no revision yet, waiting for {revision}")),
+        }
+        match self {
+            Expectation::Applied { .. } => Ok(()),
+            Expectation::Drained { service, id, .. } => match view.endpoint(service, id) {
+                None => Ok(()),
+                Some(e) if e.state == AdminState::Ready => Err(format!(
+                    "still sends new requests to {service}/{id} (state ready, {} in flight)",
+                    e.in_flight
+                )),
+                Some(e) if e.in_flight > 0 => Err(format!(
+                    "{} request{} in flight to {service}/{id}",
+                    e.in_flight,
+                    if e.in_flight == 1 { "" } else { "s" }
+                )),
+                Some(_) => Ok(()),
+            },
+            Expectation::Serving { service, id, .. } => match view.endpoint(service, id) {
+                None => Err(format!("does not have {service}/{id} yet")),
+                Some(e) if e.state != AdminState::Ready => {
+                    Err(format!("has {service}/{id} in state {}", e.state))
+                }
+                Some(e) if !e.healthy => Err(format!("sees {service}/{id} down")),
+                Some(_) => Ok(()),
+            },
+            Expectation::Absent { service, id, .. } => match view.endpoint(service, id) {
+                None => Ok(()),
+                Some(e) => Err(format!(
+                    "still has {service}/{id} ({}, {} in flight)",
+                    e.state, e.in_flight
+                )),
+            },
+        }
+    }
+}
+
+/// One proxy's answer in a [`FleetCheck`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyVerdict {
+    pub id: String,
+    pub admin: String,
+    /// `None` when the proxy confirmed; otherwise why not (including an
+    /// admin API that did not answer).
+    pub pending: Option<String>,
+}
+
+/// One round of asking every live proxy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FleetCheck {
+    pub proxies: Vec<ProxyVerdict>,
+    /// Records under `<pointsman>/proxies/` that do not parse, with why;
+    /// they are not counted as proxies.
+    pub malformed: Vec<String>,
+    /// Set when the proxies could not be listed; nothing is confirmed.
+    pub error: Option<String>,
+}
+
+impl FleetCheck {
+    /// Whether every live proxy confirmed (true for an empty fleet).
+    pub fn confirmed(&self) -> bool {
+        self.error.is_none() && self.proxies.iter().all(|p| p.pending.is_none())
+    }
+
+    /// The proxies that have not confirmed.
+    pub fn pending(&self) -> impl Iterator<Item = &ProxyVerdict> {
+        self.proxies.iter().filter(|p| p.pending.is_some())
+    }
+
+    /// One line for a log: who confirmed, who is still waited for and why.
+    pub fn summary(&self) -> String {
+        if let Some(e) = &self.error {
+            return format!("cannot list the proxies: {e}");
+        }
+        let total = self.proxies.len();
+        let waiting: Vec<String> = self
+            .pending()
+            .map(|p| {
+                format!(
+                    "{} ({}): {}",
+                    p.id,
+                    p.admin,
+                    p.pending.as_deref().unwrap_or("")
+                )
+            })
+            .collect();
+        if waiting.is_empty() {
+            return format!(
+                "{total} of {total} prox{} confirmed",
+                if total == 1 { "y" } else { "ies" }
+            );
+        }
+        format!(
+            "{} of {total} proxies confirmed; waiting for {}",
+            total - waiting.len(),
+            waiting.join("; ")
+        )
+    }
+}
+
+/// Why waiting for the fleet ended without a confirmation.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("not confirmed within {waited:?}: {}", last.summary())]
+    Timeout { waited: Duration, last: FleetCheck },
+}
+
+/// The proxies registered in etcd, and the questions to ask them.
+pub struct Fleet {
+    conn: EtcdConn,
+    prefixes: Prefixes,
+    /// Limit for one proxy's answer (both admin requests).
+    pub probe_timeout: Duration,
+    /// Time between rounds in [`wait_until`](Self::wait_until).
+    pub poll_interval: Duration,
+}
+
+impl Fleet {
+    /// A fleet read from the etcd `etcd` points at; connects lazily.
+    pub fn new(etcd: EtcdOptions) -> Result<Fleet, EtcdError> {
+        let prefixes = etcd.prefixes.clone();
+        Ok(Fleet {
+            conn: EtcdConn::new(etcd)?,
+            prefixes,
+            probe_timeout: Duration::from_secs(2),
+            poll_interval: Duration::from_millis(100),
+        })
+    }
+
+    /// Every live proxy's record, and the keys that did not parse.
+    pub async fn proxies(&mut self) -> Result<(Vec<ProxyRecord>, Vec<String>), EtcdError> {
+        let dir = proxies_dir(&self.prefixes);
+        let listed = self
+            .conn
+            .call("listing the proxies", move |mut c| async move {
+                c.get(dir, Some(GetOptions::new().with_prefix())).await
+            })
+            .await?;
+        let mut records = Vec::new();
+        let mut malformed = Vec::new();
+        for kv in listed.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            match serde_json::from_slice::<ProxyRecord>(kv.value()) {
+                Ok(r) => records.push(r),
+                Err(e) => malformed.push(format!("{key}: {e}")),
+            }
+        }
+        Ok((records, malformed))
+    }
+
+    /// Asks every live proxy once, all at the same time.
+    pub async fn check(&mut self, expect: &Expectation) -> FleetCheck {
+        let (records, malformed) = match self.proxies().await {
+            Ok(listed) => listed,
+            Err(e) => {
+                return FleetCheck {
+                    error: Some(e.to_string()),
+                    ..FleetCheck::default()
+                }
+            }
+        };
+        let mut probes = tokio::task::JoinSet::new();
+        for (i, record) in records.iter().enumerate() {
+            let (admin, limit, expect) = (record.admin.clone(), self.probe_timeout, expect.clone());
+            probes.spawn(async move {
+                let pending = match probe(&admin, limit).await {
+                    Ok(view) => expect.judge(&view).err(),
+                    Err(e) => Some(format!("admin API did not answer: {e}")),
+                };
+                (i, pending)
+            });
+        }
+        let mut proxies: Vec<ProxyVerdict> = records
+            .into_iter()
+            .map(|r| ProxyVerdict {
+                id: r.id,
+                admin: r.admin,
+                pending: Some("not asked".to_string()),
+            })
+            .collect();
+        while let Some(done) = probes.join_next().await {
+            if let Ok((i, pending)) = done {
+                if let Some(p) = proxies.get_mut(i) {
+                    p.pending = pending;
+                }
+            }
+        }
+        FleetCheck {
+            proxies,
+            malformed,
+            error: None,
+        }
+    }
+
+    /// Asks every proxy, every `poll_interval`, until all of them confirm
+    /// `expect` or `deadline` passes; `progress` sees every round.
+    pub async fn wait_until(
+        &mut self,
+        expect: &Expectation,
+        deadline: Instant,
+        mut progress: impl FnMut(&FleetCheck),
+    ) -> Result<FleetCheck, FleetError> {
+        let start = Instant::now();
+        loop {
+            let round = match timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                self.check(expect),
+            )
+            .await
+            {
+                Ok(round) => round,
+                Err(_) => FleetCheck {
+                    error: Some("no answer before the deadline".to_string()),
+                    ..FleetCheck::default()
+                },
+            };
+            progress(&round);
+            if round.confirmed() {
+                return Ok(round);
+            }
+            if Instant::now() + self.poll_interval >= deadline {
+                return Err(FleetError::Timeout {
+                    waited: start.elapsed(),
+                    last: round,
+                });
+            }
+            tokio::time::sleep(self.poll_interval).await;
+        }
+    }
+
+    /// [`wait_until`](Self::wait_until) every proxy has applied `revision`
+    /// and has nothing in flight to `service`/`id` (or does not have it).
+    pub async fn wait_until_drained(
+        &mut self,
+        service: &str,
+        id: &str,
+        revision: i64,
+        deadline: Instant,
+        progress: impl FnMut(&FleetCheck),
+    ) -> Result<FleetCheck, FleetError> {
+        let expect = Expectation::Drained {
+            service: service.to_string(),
+            id: id.to_string(),
+            revision,
+        };
+        self.wait_until(&expect, deadline, progress).await
+    }
+}
+
+/// Asks one proxy's admin API at `admin` (`host:port`) what it has applied
+/// and what it does with each endpoint, within `limit`.
+pub async fn probe(admin: &str, limit: Duration) -> Result<ProxyView, String> {
+    #[derive(Deserialize)]
+    struct SourceView {
+        source: String,
+        #[serde(default)]
+        applied_revision: Option<i64>,
+    }
+    let ask = async {
+        let mut conn = HttpConn::open(admin).await?;
+        let sources: Vec<SourceView> = conn.get_json(admin, "/api/discovery").await?;
+        let services: Vec<ServiceView> = conn.get_json(admin, "/api/services").await?;
+        let etcd = sources.iter().find(|s| s.source == "etcd");
+        Ok(ProxyView {
+            follows_etcd: etcd.is_some(),
+            applied_revision: etcd.and_then(|s| s.applied_revision),
+            services,
+        })
+    };
+    timeout(limit, ask)
+        .await
+        .map_err(|_| format!("no answer from {admin} within {limit:?}"))?
+}
+
+/// The answer to a plain HTTP/1.1 GET.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+/// GET `http://<addr><path>` on a fresh connection, within `limit`: what
+/// `pointsman register`'s HTTP health check and the fleet's probes send.
+pub async fn http_get(addr: &str, path: &str, limit: Duration) -> Result<HttpAnswer, String> {
+    let ask = async {
+        let mut conn = HttpConn::open(addr).await?;
+        conn.get(addr, path).await
+    };
+    timeout(limit, ask)
+        .await
+        .map_err(|_| format!("no answer from {addr} within {limit:?}"))?
+}
+
+/// One HTTP/1.1 connection, for a few GETs in a row.
+struct HttpConn {
+    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HttpConn {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl HttpConn {
+    async fn open(addr: &str) -> Result<HttpConn, String> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(HttpConn { sender, driver })
+    }
+
+    async fn get(&mut self, addr: &str, path: &str) -> Result<HttpAnswer, String> {
+        let req = Request::get(path)
+            .header(header::HOST, addr)
+            .header(header::USER_AGENT, "pointsman")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let resp = self
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("GET http://{addr}{path}: {e}"))?;
+        let status = resp.status().as_u16();
+        let body = Limited::new(resp.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| format!("GET http://{addr}{path}: reading the body: {e}"))?
+            .to_bytes();
+        Ok(HttpAnswer { status, body })
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &mut self,
+        addr: &str,
+        path: &str,
+    ) -> Result<T, String> {
+        let answer = self.get(addr, path).await?;
+        if answer.status != 200 {
+            return Err(format!(
+                "GET http://{addr}{path}: status {}: {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body).trim()
+            ));
+        }
+        serde_json::from_slice(&answer.body)
+            .map_err(|e| format!("GET http://{addr}{path}: not the expected JSON: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(applied: Option<i64>, endpoints: &[(&str, AdminState, u64)]) -> ProxyView {
+        ProxyView {
+            follows_etcd: true,
+            applied_revision: applied,
+            services: vec![ServiceView {
+                name: "web".into(),
+                endpoints: endpoints
+                    .iter()
+                    .map(|(id, state, in_flight)| EndpointView {
+                        id: id.to_string(),
+                        address: "127.0.0.1:1".into(),
+                        state: *state,
+                        healthy: true,
+                        in_flight: *in_flight,
+                    })
+                    .collect(),
+            }],
+        }
+    }
+
+    #[test]
+    fn drained_needs_the_revision_no_new_requests_and_none_in_flight() {
+        let drained = Expectation::Drained {
+            service: "web".into(),
+            id: "a".into(),
+            revision: 10,
+        };
+        let behind = drained.judge(&view(Some(9), &[("a", AdminState::Drain, 0)]));
+        assert_eq!(
+            behind,
+            Err("applied revision 9, waiting for 10".to_string())
+        );
+        assert!(drained
+            .judge(&view(None, &[]))
+            .is_err_and(|e| e.contains("no revision yet")));
+        let busy = drained.judge(&view(Some(10), &[("a", AdminState::Drain, 2)]));
+        assert_eq!(busy, Err("2 requests in flight to web/a".to_string()));
+        let ready = drained.judge(&view(Some(11), &[("a", AdminState::Ready, 0)]));
+        assert!(ready.is_err_and(|e| e.contains("still sends new requests")));
+        assert_eq!(
+            drained.judge(&view(Some(10), &[("a", AdminState::Drain, 0)])),
+            Ok(())
+        );
+        assert_eq!(
+            drained.judge(&view(Some(12), &[("b", AdminState::Ready, 5)])),
+            Ok(())
+        );
+        let mut not_etcd = view(Some(12), &[]);
+        not_etcd.follows_etcd = false;
+        assert!(drained.judge(&not_etcd).is_err());
+    }
+
+    #[test]
+    fn serving_and_absent() {
+        let serving = Expectation::Serving {
+            service: "web".into(),
+            id: "a".into(),
+            revision: 5,
+        };
+        assert!(serving.judge(&view(Some(5), &[])).is_err());
+        assert!(serving
+            .judge(&view(Some(5), &[("a", AdminState::Maint, 0)]))
+            .is_err());
+        assert_eq!(
+            serving.judge(&view(Some(5), &[("a", AdminState::Ready, 0)])),
+            Ok(())
+        );
+        let absent = Expectation::Absent {
+            service: "web".into(),
+            id: "a".into(),
+            revision: 5,
+        };
+        assert!(absent
+            .judge(&view(Some(5), &[("a", AdminState::Drain, 0)]))
+            .is_err());
+        assert_eq!(absent.judge(&view(Some(5), &[])), Ok(()));
+        assert_eq!(
+            Expectation::Applied { revision: 5 }.judge(&view(Some(6), &[])),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn records_and_keys() {
+        let p = Prefixes::default();
+        assert_eq!(proxy_key(&p, "edge-1"), "/pointsman/proxies/edge-1");
+        let r: ProxyRecord =
+            serde_json::from_str(r#"{"id":"edge-1","admin":"10.0.0.1:8404","applied_revision":42,"pid":7,"started":1700000000}"#)
+                .unwrap();
+        assert_eq!(r.applied_revision, Some(42));
+        let minimal: ProxyRecord = serde_json::from_str(r#"{"id":"x","admin":"h:1"}"#).unwrap();
+        assert_eq!(minimal.applied_revision, None);
+    }
+
+    #[test]
+    fn summary_names_who_is_waited_for() {
+        let check = FleetCheck {
+            proxies: vec![
+                ProxyVerdict {
+                    id: "p1".into(),
+                    admin: "h1:1".into(),
+                    pending: None,
+                },
+                ProxyVerdict {
+                    id: "p2".into(),
+                    admin: "h2:1".into(),
+                    pending: Some("1 request in flight to web/a".into()),
+                },
+            ],
+            ..FleetCheck::default()
+        };
+        assert!(!check.confirmed());
+        assert_eq!(
+            check.summary(),
+            "1 of 2 proxies confirmed; waiting for p2 (h2:1): 1 request in flight to web/a"
+        );
+        assert!(FleetCheck::default().confirmed());
+    }
+}
