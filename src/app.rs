@@ -28,6 +28,9 @@ pub struct App {
     pub commands: mpsc::Sender<Command>,
     pub admin_addr: SocketAddr,
     pub listeners: HashMap<String, SocketAddr>,
+    /// The status of each followed registry (etcd's carries the applied
+    /// revision the proxy's heartbeat reports).
+    pub sources: Vec<Arc<pointsman_discovery::SourceStatus>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     drain_timeout: std::time::Duration,
@@ -75,6 +78,7 @@ impl App {
             control.follow(f.status.clone());
         }
         tokio::spawn(control.run(rx));
+        let sources = followed.iter().map(|f| f.status.clone()).collect();
 
         let ready = Arc::new(AtomicBool::new(false));
         let reloads = Arc::new(ReloadStats::default());
@@ -107,6 +111,7 @@ impl App {
             commands,
             admin_addr,
             listeners,
+            sources,
             shutdown,
             tracker,
             drain_timeout,

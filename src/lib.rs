@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod endpoint;
 pub mod health;
+pub mod heartbeat;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

@@ -111,6 +111,15 @@ struct RunArgs {
     /// the registry cannot be reached.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// This proxy's id in etcd (<prefix>/proxies/<id>) [default: <host
+    /// name>:<admin port>].
+    #[arg(long)]
+    proxy_id: Option<String>,
+    /// The admin address other hosts reach this proxy at, written to its
+    /// record in etcd [default: the admin address, or <host name>:<port>
+    /// when it binds all interfaces].
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise_admin: Option<String>,
 }
 
 impl RunArgs {
@@ -296,18 +305,46 @@ async fn run(
     } else {
         None
     };
+    let etcd = registries.etcd.clone();
     let app = App::start(config, overrides, registries, workers).await?;
+    let heartbeat = heartbeat(&args, etcd, &app)?;
     if let Some(dir) = &demo_dir {
         print_demo_help(&app, dir);
     }
     signals.await;
     tracing::info!("stop signal received: draining");
     app.drain().await;
+    if let Some(h) = heartbeat {
+        h.stop().await;
+    }
     upstreams_stop.cancel();
     if let (true, Some(dir)) = (own_demo_dir, &demo_dir) {
         let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
+}
+
+/// With etcd, the proxy's record under `<prefix>/proxies/<id>`.
+fn heartbeat(
+    args: &RunArgs,
+    etcd: Option<EtcdOptions>,
+    app: &App,
+) -> anyhow::Result<Option<pointsman::heartbeat::Heartbeat>> {
+    use pointsman::heartbeat::{Heartbeat, HeartbeatOptions};
+    let Some(etcd) = etcd else { return Ok(None) };
+    let status = app
+        .sources
+        .iter()
+        .find(|s| s.source() == pointsman_discovery::Source::Etcd)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("etcd is configured but not followed"))?;
+    let opts = HeartbeatOptions::new(
+        etcd,
+        args.proxy_id.clone(),
+        args.advertise_admin.clone(),
+        app.admin_addr,
+    )?;
+    Heartbeat::start(opts, status).map(Some)
 }
 
 /// The demo's instances: (service, id, address, registered at start).
