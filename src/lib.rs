@@ -17,6 +17,7 @@ pub mod heartbeat;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod register;
 pub mod registry;
 pub mod reload;
 pub mod routing;

@@ -60,6 +60,10 @@ enum Command {
         #[arg(long, default_value = "upstream")]
         name: String,
     },
+    /// Register an app in etcd once it is healthy, keep it registered, and
+    /// on SIGTERM take it out of rotation and wait until every proxy has
+    /// stopped sending to it before passing the signal on.
+    Register(Box<pointsman::register::RegisterArgs>),
 }
 
 #[derive(clap::Args, Clone, Default)]
@@ -182,6 +186,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
+        Command::Register(args) => return pointsman::register::main(*args),
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 println!(
