@@ -112,13 +112,13 @@ pub struct RegisterArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
     /// Service to register the app in.
-    #[arg(long)]
+    #[arg(long, env = "POINTSMAN_SERVICE")]
     pub service: String,
     /// Where proxies reach the app (host:port); also where it is checked.
-    #[arg(long, value_name = "HOST:PORT", value_parser = parse_address)]
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_address, env = "POINTSMAN_ADDRESS")]
     pub address: Address,
     /// Instance id [default: <host name>:<port of --address>].
-    #[arg(long)]
+    #[arg(long, env = "POINTSMAN_ID")]
     pub id: Option<String>,
     /// Lease TTL: how long the registration outlives a sidekick killed
     /// without a chance to deregister.
