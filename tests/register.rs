@@ -793,3 +793,61 @@ fn register_help_lists_its_flags() {
         );
     }
 }
+
+/// Once registered, an app that keeps failing its check is set to `maint`
+/// (no traffic) and back to `ready` when it passes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_check_sets_maint_until_the_app_recovers() {
+    let etcd = EtcdServer::start();
+    let proxy = start_proxy(&etcd, "p1").await;
+    let addr = free_addr();
+    let spawn_app = || {
+        KillOnDrop(
+            Command::new(BIN)
+                .args(["upstream", "--listen", &addr.to_string(), "--name", "m"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn pointsman upstream"),
+        )
+    };
+    let app = spawn_app();
+    let s = Sidekick::start(
+        &etcd.endpoint(),
+        "m",
+        addr,
+        &["--check-interval", "200ms", "--check-fall", "2"],
+        false,
+    );
+    wait_ready(&[&proxy], &["m"]).await;
+
+    drop(app);
+    wait_for(CHANGE_DEADLINE, "the instance is in maint", || async {
+        endpoints(&proxy)
+            .await
+            .get("m")
+            .is_some_and(|(state, _)| state == "maint")
+    })
+    .await;
+    let (value, _) = get(&etcd, &s.key()).await.expect("still registered");
+    assert!(value.contains(r#""state":"maint""#), "{value}");
+
+    let _app = spawn_app();
+    wait_ready(&[&proxy], &["m"]).await;
+    assert!(
+        s.stderr().contains("passes its check again"),
+        "{}",
+        s.stderr()
+    );
+}
+
+/// A child process killed when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
