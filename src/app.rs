@@ -33,6 +33,9 @@ pub struct App {
     pub listeners: HashMap<String, SocketAddr>,
     /// Copies of the listening sockets, for a takeover by a new process.
     pub sockets: Arc<HeldSockets>,
+    /// The status of each followed registry (etcd's carries the applied
+    /// revision the proxy's heartbeat reports).
+    pub sources: Vec<Arc<pointsman_discovery::SourceStatus>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     drain_timeout: std::time::Duration,
@@ -110,6 +113,7 @@ impl App {
         }
         let synced: Vec<_> = followed.iter().map(|f| f.has_data.clone()).collect();
         tokio::spawn(control.run(rx));
+        let sources = followed.iter().map(|f| f.status.clone()).collect();
 
         let ready = Arc::new(AtomicBool::new(false));
         let reloads = Arc::new(ReloadStats::default());
@@ -159,6 +163,7 @@ impl App {
             admin_addr,
             listeners,
             sockets,
+            sources,
             shutdown,
             tracker,
             drain_timeout,

@@ -63,6 +63,10 @@ enum Command {
         #[arg(long, default_value = "upstream")]
         name: String,
     },
+    /// Register an app in etcd once it is healthy, keep it registered, and
+    /// on SIGTERM take it out of rotation and wait until every proxy has
+    /// stopped sending to it before passing the signal on.
+    Register(Box<pointsman::register::RegisterArgs>),
 }
 
 #[derive(clap::Args, Clone, Default)]
@@ -106,6 +110,15 @@ struct RunArgs {
     /// for the next one. Nothing there: a normal start.
     #[arg(long, value_name = "SOCKET")]
     takeover: Option<PathBuf>,
+    /// This proxy's id in etcd (<prefix>/proxies/<id>) [default: <host
+    /// name>:<admin port>].
+    #[arg(long)]
+    proxy_id: Option<String>,
+    /// The admin address other hosts reach this proxy at, written to its
+    /// record in etcd [default: the admin address, or <host name>:<port>
+    /// when it binds all interfaces].
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise_admin: Option<String>,
 }
 
 /// How to reach etcd; shared by `run`, `ctl`, `register` and `deploy`.
@@ -273,6 +286,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
+        Command::Register(args) => return pointsman::register::main(*args),
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 println!(
@@ -397,6 +411,7 @@ async fn run(
     } else {
         None
     };
+    let etcd = registries.etcd.clone();
     let takeover_path = args
         .takeover
         .clone()
@@ -404,20 +419,62 @@ async fn run(
     let (takeover, inherited) = pointsman::takeover::begin(takeover_path.as_deref()).await?;
     let app = App::start_inheriting(config, overrides, registries, workers, inherited).await?;
     let handover = takeover.complete(app.sockets.clone()).await;
+    let heartbeat = heartbeat(&args, etcd, &app)?;
     if let Some(dir) = &demo_dir {
         print_demo_help(&app, dir);
     }
-    tokio::select! {
-        _ = signals => tracing::info!("stop signal received: draining"),
-        _ = handover.taken_over() => tracing::info!("taken over by a new process: draining"),
-    }
+    let taken_over = tokio::select! {
+        _ = signals => {
+            tracing::info!("stop signal received: draining");
+            false
+        }
+        _ = handover.taken_over() => {
+            tracing::info!("taken over by a new process: draining");
+            true
+        }
+    };
+    // The new process has the same id and admin address: the record is
+    // its own from now on.
+    let heartbeat = match heartbeat {
+        Some(h) if taken_over => {
+            h.hand_over().await;
+            None
+        }
+        h => h,
+    };
     app.drain().await;
+    if let Some(h) = heartbeat {
+        h.stop().await;
+    }
     drop(handover);
     upstreams_stop.cancel();
     if let (true, Some(dir)) = (own_demo_dir, &demo_dir) {
         let _ = std::fs::remove_dir_all(dir);
     }
     Ok(())
+}
+
+/// With etcd, the proxy's record under `<prefix>/proxies/<id>`.
+fn heartbeat(
+    args: &RunArgs,
+    etcd: Option<EtcdOptions>,
+    app: &App,
+) -> anyhow::Result<Option<pointsman::heartbeat::Heartbeat>> {
+    use pointsman::heartbeat::{Heartbeat, HeartbeatOptions};
+    let Some(etcd) = etcd else { return Ok(None) };
+    let status = app
+        .sources
+        .iter()
+        .find(|s| s.source() == pointsman_discovery::Source::Etcd)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("etcd is configured but not followed"))?;
+    let opts = HeartbeatOptions::new(
+        etcd,
+        args.proxy_id.clone(),
+        args.advertise_admin.clone(),
+        app.admin_addr,
+    )?;
+    Heartbeat::start(opts, status).map(Some)
 }
 
 /// The demo's instances: (service, id, address, registered at start).

@@ -64,7 +64,7 @@ impl LeasedKey {
     /// Starts keeping `key` with a lease of `ttl` (whole seconds, rounded
     /// up; etcd raises very short TTLs to its minimum). Nothing is written
     /// until the first [`put`](Self::put). Fails only on options that can
-    /// never work.
+    /// never work. Spawns the keeping task: call it within a Tokio runtime.
     pub fn start(
         etcd: EtcdOptions,
         key: impl Into<String>,

@@ -41,7 +41,7 @@ impl Registrar {
     /// Prepares the registration of `registration` with a lease of `ttl`.
     /// Nothing is written until [`register`](Self::register). Fails if the
     /// registration is not one the proxies would accept, or if the etcd
-    /// options can never work.
+    /// options can never work. Call it within a Tokio runtime.
     pub fn new(
         etcd: EtcdOptions,
         ttl: Duration,

@@ -318,6 +318,10 @@ impl ConnContext {
                 .ok_or_else(|| ProxyError::NoEndpoint(service.name.clone()))?;
             let endpoint = &service.endpoints[pick.index];
             let live = &endpoint.live;
+            // In flight from the pick on, connecting included: a proxy that
+            // reports no request in flight to an endpoint has none on the
+            // way to it either (drain confirmations rely on this).
+            let in_flight = live.start_request();
             // Another try elsewhere, if tries are left. Retries that add load
             // to upstreams (after a status or a timeout) also need a slot of
             // the retry budget; a request keeps the slot it already holds.
@@ -392,7 +396,6 @@ impl ConnContext {
                 Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("unusable URI"))?;
             *upstream_req.headers_mut() = these_headers;
 
-            let in_flight = live.start_request();
             let sent =
                 tokio::time::timeout(retry.per_try_timeout, sender.try_send_request(upstream_req))
                     .await;
