@@ -354,6 +354,15 @@ impl RouteIndex {
         (index, rejected)
     }
 
+    /// Every route, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.exact
+            .values()
+            .flatten()
+            .chain(self.wildcard.values().flatten())
+            .chain(self.any.iter())
+    }
+
     /// The route for a request: the most specific host group that has a
     /// route whose prefix matches, and in it the longest prefix.
     pub fn find(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
