@@ -79,6 +79,12 @@ pub struct Global {
     /// Trust X-Forwarded-Proto/-Host sent by clients (only behind another
     /// proxy you run).
     pub trust_forwarded_headers: bool,
+    /// HAProxy-compatible runtime API on this Unix socket (mode 0600).
+    /// Read at start only.
+    pub runtime_socket: Option<PathBuf>,
+    /// HAProxy-compatible runtime API on this TCP address; loopback only.
+    /// Read at start only.
+    pub runtime_api: Option<SocketAddr>,
 }
 
 /// A duration written as `"3s"`, `"250ms"`.
@@ -99,6 +105,8 @@ impl Default for Global {
             request_timeout: None,
             upstream_idle_timeout: Duration::from_secs(30),
             trust_forwarded_headers: false,
+            runtime_socket: None,
+            runtime_api: None,
         }
     }
 }
@@ -308,6 +316,15 @@ impl Config {
                 key,
                 message,
             };
+
+        if let Some(addr) = raw.global.runtime_api {
+            crate::runtime::check_loopback(addr).map_err(|message| ConfigError::Invalid {
+                path: origin.to_string(),
+                line: line_of(text, text.find("runtime_api").unwrap_or(0)),
+                key: "global.runtime_api".into(),
+                message,
+            })?;
+        }
 
         let mut listeners = Vec::new();
         let mut names = std::collections::HashSet::new();

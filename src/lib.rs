@@ -20,4 +20,5 @@ pub mod proxy;
 pub mod registry;
 pub mod reload;
 pub mod routing;
+pub mod runtime;
 pub mod upstream;
