@@ -34,6 +34,8 @@ pub struct App {
     tracker: TaskTracker,
     drain_timeout: std::time::Duration,
     _watcher: Option<notify::RecommendedWatcher>,
+    /// The runtime API; removes its socket file when the app goes.
+    _runtime: crate::runtime::Serving,
 }
 
 impl App {
@@ -45,6 +47,7 @@ impl App {
         workers: Vec<tokio::runtime::Handle>,
     ) -> anyhow::Result<App> {
         let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
+        let workers_len = workers.len();
         let limits = Arc::new(ArcSwap::from_pointee(ClientLimits::from(&config.global)));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -60,14 +63,19 @@ impl App {
             workers,
         );
         let bound = listeners.bound();
+        let threads = workers_len.max(1);
         let admin_listener = crate::admin::bind(config.global.admin)
             .await
             .map_err(anyhow::Error::msg)?;
         let admin_addr = admin_listener.local_addr()?;
+        let runtime_listeners = crate::runtime::bind(&config.global).map_err(anyhow::Error::msg)?;
         let drain_timeout = config.global.drain_timeout;
         let file = config.file();
         let initial = config.clone();
 
+        let applied = Arc::new(ArcSwap::from_pointee(config.clone()));
+        let listeners =
+            crate::runtime::ObservedListeners::new(Box::new(listeners), applied.clone());
         let mut control = Control::new(config, table.clone(), Box::new(listeners));
         let (commands, rx) = mpsc::channel(1024);
         control.enable_health_checks(commands.clone());
@@ -77,6 +85,18 @@ impl App {
             control.follow(f.status.clone());
         }
         tokio::spawn(control.run(rx));
+        let handle = ControlHandle {
+            commands: commands.clone(),
+            table: table.clone(),
+        };
+        let runtime = Arc::new(crate::runtime::Runtime::new(
+            handle.clone(),
+            applied,
+            bound.clone(),
+            threads,
+            shutdown.clone(),
+        ));
+        let runtime = runtime_listeners.serve(runtime, shutdown.clone());
 
         let ready = Arc::new(AtomicBool::new(false));
         let reloads = Arc::new(ReloadStats::default());
@@ -105,10 +125,7 @@ impl App {
         ready.store(true, Ordering::Release);
         let listeners = bound.lock().map(|b| b.clone()).unwrap_or_default();
         Ok(App {
-            control: ControlHandle {
-                commands: commands.clone(),
-                table: table.clone(),
-            },
+            control: handle,
             table,
             commands,
             admin_addr,
@@ -117,6 +134,7 @@ impl App {
             tracker,
             drain_timeout,
             _watcher: watcher,
+            _runtime: runtime,
         })
     }
 

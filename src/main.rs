@@ -111,6 +111,14 @@ struct RunArgs {
     /// the registry cannot be reached.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Serve the HAProxy-compatible runtime API on this Unix socket (mode
+    /// 0600): `echo "show stat" | socat stdio unix-connect:PATH`.
+    #[arg(long, value_name = "PATH")]
+    runtime_socket: Option<PathBuf>,
+    /// Serve the HAProxy-compatible runtime API on this loopback TCP
+    /// address (e.g. 127.0.0.1:9999).
+    #[arg(long, value_name = "ADDR")]
+    runtime_api: Option<SocketAddr>,
 }
 
 impl RunArgs {
@@ -146,7 +154,14 @@ impl RunArgs {
     /// The overrides the flags make to any config, including reloaded ones.
     fn overrides(&self) -> Arc<dyn Fn(&mut Config) + Send + Sync> {
         let (listen, admin) = (self.listen, self.admin);
+        let (runtime_socket, runtime_api) = (self.runtime_socket.clone(), self.runtime_api);
         Arc::new(move |c: &mut Config| {
+            if let Some(path) = &runtime_socket {
+                c.global.runtime_socket = Some(path.clone());
+            }
+            if let Some(addr) = runtime_api {
+                c.global.runtime_api = Some(addr);
+            }
             if let Some(addr) = listen {
                 match c
                     .listeners
