@@ -92,7 +92,6 @@ impl App {
         let runtime = Arc::new(crate::runtime::Runtime::new(
             handle.clone(),
             applied,
-            bound.clone(),
             threads,
             shutdown.clone(),
         ));

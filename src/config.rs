@@ -566,6 +566,21 @@ mod tests {
     }
 
     #[test]
+    fn runtime_api_keys_parse_and_the_address_must_be_loopback() {
+        let text = "[global]\nruntime_socket = \"/run/pointsman.sock\"\nruntime_api = \"127.0.0.1:9999\"\n";
+        let c = Config::parse("c.toml", text).expect("valid");
+        assert_eq!(
+            c.global.runtime_socket.as_deref(),
+            Some(Path::new("/run/pointsman.sock"))
+        );
+        assert_eq!(c.global.runtime_api, Some(([127, 0, 0, 1], 9999).into()));
+        let text = "[global]\nadmin = \"127.0.0.1:8404\"\nruntime_api = \"0.0.0.0:9999\"\n";
+        let msg = Config::parse("c.toml", text).unwrap_err().to_string();
+        assert!(msg.starts_with("c.toml:3: global.runtime_api:"), "{msg}");
+        assert!(msg.contains("not a loopback address"), "{msg}");
+    }
+
+    #[test]
     fn tcp_listener_needs_a_service() {
         let text = "[[listeners]]\nname = \"db\"\nbind = \"127.0.0.1:5433\"\nmode = \"tcp\"\n";
         let msg = Config::parse("c.toml", text).unwrap_err().to_string();

@@ -27,9 +27,7 @@ pub use server::{
 };
 pub use show::{server_status, Frontend, ProcessInfo, Snapshot, STAT_FIELDS};
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
@@ -76,10 +74,9 @@ pub struct Runtime {
     control: ControlHandle,
     /// The config last applied (listeners and global settings).
     config: Arc<ArcSwap<Config>>,
-    /// Where each listener is bound, by name.
-    bound: Arc<Mutex<HashMap<String, SocketAddr>>>,
     started: u64,
     threads: usize,
+    node: String,
     shutdown: CancellationToken,
 }
 
@@ -87,16 +84,17 @@ impl Runtime {
     pub fn new(
         control: ControlHandle,
         config: Arc<ArcSwap<Config>>,
-        bound: Arc<Mutex<HashMap<String, SocketAddr>>>,
         threads: usize,
         shutdown: CancellationToken,
     ) -> Runtime {
         Runtime {
             control,
             config,
-            bound,
             started: unix_now(),
             threads,
+            node: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
             shutdown,
         }
     }
@@ -104,17 +102,11 @@ impl Runtime {
     /// The table and facts as of now.
     pub fn snapshot(&self) -> Snapshot {
         let config = self.config.load_full();
-        let bound = self
-            .bound
-            .lock()
-            .map(|b| b.clone())
-            .unwrap_or_else(|e| e.into_inner().clone());
         let mut frontends: Vec<Frontend> = config
             .listeners
             .iter()
             .map(|l| Frontend {
                 name: l.name.clone(),
-                addr: bound.get(&l.name).copied(),
                 mode: l.mode,
                 default_service: l.default_service.clone(),
             })
@@ -130,9 +122,7 @@ impl Runtime {
                 started: self.started,
                 threads: self.threads,
                 stopping: self.shutdown.is_cancelled(),
-                node: std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_string())
-                    .unwrap_or_default(),
+                node: self.node.clone(),
             },
         }
     }
@@ -319,7 +309,6 @@ OTHER = "green"
         Runtime::new(
             ControlHandle { commands, table },
             applied,
-            Default::default(),
             1,
             CancellationToken::new(),
         )

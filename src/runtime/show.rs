@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{Display, Write as _};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pointsman_discovery::AdminState;
@@ -188,7 +187,6 @@ impl StatRow {
 #[derive(Clone, Debug)]
 pub struct Frontend {
     pub name: String,
-    pub addr: Option<SocketAddr>,
     pub mode: ListenerMode,
     pub default_service: Option<String>,
 }
