@@ -134,10 +134,16 @@ impl Runtime {
             Request::Help(words) => Outcome::Text(help(&words)),
             Request::Prompt => Outcome::Prompt,
             Request::Quit => Outcome::Quit,
-            Request::ShowStat(f) => text(self.snapshot().show_stat(&f)),
+            Request::ShowStat(f) => text(self.render(move |s| s.show_stat(&f)).await),
             Request::ShowInfo => Outcome::Text(self.snapshot().show_info()),
-            Request::ShowServersState(b) => text(self.snapshot().show_servers_state(b.as_deref())),
-            Request::ShowServersConn(b) => text(self.snapshot().show_servers_conn(b.as_deref())),
+            Request::ShowServersState(b) => text(
+                self.render(move |s| s.show_servers_state(b.as_deref()))
+                    .await,
+            ),
+            Request::ShowServersConn(b) => text(
+                self.render(move |s| s.show_servers_conn(b.as_deref()))
+                    .await,
+            ),
             Request::ShowBackend => Outcome::Text(self.snapshot().show_backend()),
             Request::ShowMap(None) => Outcome::Text(self.snapshot().show_maps()),
             Request::ShowMap(Some(r)) => text(self.snapshot().show_map(&r)),
@@ -197,6 +203,19 @@ impl Runtime {
                 Err(e) => Outcome::Text(e),
             },
         }
+    }
+
+    /// Builds a per-endpoint listing off the event loop: on a table of
+    /// many thousands of endpoints it takes long enough to delay the
+    /// control task, which shares this event loop.
+    async fn render<F>(&self, f: F) -> Result<String, String>
+    where
+        F: FnOnce(&Snapshot) -> Result<String, String> + Send + 'static,
+    {
+        let snapshot = self.snapshot();
+        tokio::task::spawn_blocking(move || f(&snapshot))
+            .await
+            .unwrap_or_else(|e| Err(format!("Internal error: {e}.\n")))
     }
 
     /// The name of a map a change names: a `#<id>` must exist in `show

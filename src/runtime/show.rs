@@ -147,8 +147,40 @@ pub const STAT_FIELDS: &[&str] = &[
     "h1_spliced_bytes_out",
 ];
 
+/// The position of a `show stat` column, found at compile time (a name
+/// that is not a column does not compile).
+const fn column(name: &str) -> usize {
+    let mut i = 0;
+    while i < STAT_FIELDS.len() {
+        let (a, b) = (STAT_FIELDS[i].as_bytes(), name.as_bytes());
+        if a.len() == b.len() {
+            let mut j = 0;
+            while j < a.len() && a[j] == b[j] {
+                j += 1;
+            }
+            if j == a.len() {
+                return i;
+            }
+        }
+        i += 1;
+    }
+    panic!("not a show stat column")
+}
+
+macro_rules! col {
+    ($name:literal) => {
+        const { column($name) }
+    };
+}
+
 /// The response columns, 1xx to 5xx.
-const HRSP: [&str; 5] = ["hrsp_1xx", "hrsp_2xx", "hrsp_3xx", "hrsp_4xx", "hrsp_5xx"];
+const HRSP: [usize; 5] = [
+    col!("hrsp_1xx"),
+    col!("hrsp_2xx"),
+    col!("hrsp_3xx"),
+    col!("hrsp_4xx"),
+    col!("hrsp_5xx"),
+];
 
 /// One `show stat` row; unset columns stay empty, as HAProxy leaves the
 /// ones it has no value for.
@@ -157,15 +189,13 @@ struct StatRow(Vec<String>);
 impl StatRow {
     fn new() -> StatRow {
         let mut row = StatRow(vec![String::new(); STAT_FIELDS.len()]);
-        row.set("-", "-");
+        row.set(col!("-"), "-");
         row
     }
 
-    fn set(&mut self, field: &str, value: impl Display) {
-        match STAT_FIELDS.iter().position(|f| *f == field) {
-            Some(i) => self.0[i] = value.to_string(),
-            None => debug_assert!(false, "no show stat column {field}"),
-        }
+    /// Sets column `i` (from [`col!`]).
+    fn set(&mut self, i: usize, value: impl Display) {
+        self.0[i] = value.to_string();
     }
 
     fn write(&self, out: &mut String) {
@@ -299,16 +329,16 @@ impl Snapshot {
                 continue;
             }
             let mut row = StatRow::new();
-            row.set("pxname", &fe.name);
-            row.set("svname", "FRONTEND");
-            row.set("slim", self.max_connections);
-            row.set("status", "OPEN");
-            row.set("pid", 1);
-            row.set("iid", iid);
-            row.set("sid", 0);
-            row.set("type", 0);
+            row.set(col!("pxname"), &fe.name);
+            row.set(col!("svname"), "FRONTEND");
+            row.set(col!("slim"), self.max_connections);
+            row.set(col!("status"), "OPEN");
+            row.set(col!("pid"), 1);
+            row.set(col!("iid"), iid);
+            row.set(col!("sid"), 0);
+            row.set(col!("type"), 0);
             row.set(
-                "mode",
+                col!("mode"),
                 match fe.mode {
                     ListenerMode::Http => "http",
                     ListenerMode::Tcp => "tcp",
@@ -355,99 +385,99 @@ impl Snapshot {
                 continue;
             }
             let mut row = StatRow::new();
-            row.set("pxname", &svc.name);
-            row.set("svname", &e.id);
-            row.set("qcur", 0);
-            row.set("qmax", 0);
-            row.set("scur", c.in_flight);
-            row.set("stot", c.requests);
-            row.set("eresp", c.failures);
-            row.set("status", status);
-            row.set("weight", e.weight);
-            row.set("act", 1);
-            row.set("bck", 0);
-            row.set("lastchg", self.now.saturating_sub(c.last_change));
-            row.set("pid", 1);
-            row.set("iid", iid);
-            row.set("sid", sid);
+            row.set(col!("pxname"), &svc.name);
+            row.set(col!("svname"), &e.id);
+            row.set(col!("qcur"), 0);
+            row.set(col!("qmax"), 0);
+            row.set(col!("scur"), c.in_flight);
+            row.set(col!("stot"), c.requests);
+            row.set(col!("eresp"), c.failures);
+            row.set(col!("status"), status);
+            row.set(col!("weight"), e.weight);
+            row.set(col!("act"), 1);
+            row.set(col!("bck"), 0);
+            row.set(col!("lastchg"), self.now.saturating_sub(c.last_change));
+            row.set(col!("pid"), 1);
+            row.set(col!("iid"), iid);
+            row.set(col!("sid"), sid);
             let full = e.weight * WEIGHT_SCALE;
             if e.state == AdminState::Ready && e.balance_weight < full {
                 row.set(
-                    "throttle",
+                    col!("throttle"),
                     u64::from(e.balance_weight) * 100 / u64::from(full),
                 );
             }
-            row.set("lbtot", c.requests);
-            row.set("type", 2);
+            row.set(col!("lbtot"), c.requests);
+            row.set(col!("type"), 2);
             if let Some((name, code, desc, _)) = check_terms(&c) {
-                row.set("chkfail", e.live.check_failures());
-                row.set("check_status", name);
+                row.set(col!("chkfail"), e.live.check_failures());
+                row.set(col!("check_status"), name);
                 if let Some(code) = code {
-                    row.set("check_code", code);
+                    row.set(col!("check_code"), code);
                 }
-                row.set("check_desc", desc);
+                row.set(col!("check_desc"), desc);
             }
             for (field, n) in HRSP.iter().zip(c.responses) {
-                row.set(field, n);
+                row.set(*field, n);
             }
-            row.set("hrsp_other", 0);
-            row.set("addr", &e.address);
+            row.set(col!("hrsp_other"), 0);
+            row.set(col!("addr"), &e.address);
             if svc.settings.algorithm == BalanceAlgorithm::Cookie {
-                row.set("cookie", &e.cookie);
+                row.set(col!("cookie"), &e.cookie);
             }
-            row.set("mode", mode);
-            row.set("srv_icur", c.idle_connections);
-            row.set("src_ilim", MAX_IDLE);
-            row.set("idle_conn_cur", c.idle_connections);
-            row.set("safe_conn_cur", c.idle_connections);
-            row.set("used_conn_cur", c.in_flight);
-            row.set("uweight", e.weight);
+            row.set(col!("mode"), mode);
+            row.set(col!("srv_icur"), c.idle_connections);
+            row.set(col!("src_ilim"), MAX_IDLE);
+            row.set(col!("idle_conn_cur"), c.idle_connections);
+            row.set(col!("safe_conn_cur"), c.idle_connections);
+            row.set(col!("used_conn_cur"), c.in_flight);
+            row.set(col!("uweight"), e.weight);
             row.write(out);
         }
         if f.types & 2 == 0 || f.sid.is_some_and(|s| s != 0) {
             return;
         }
         let mut row = StatRow::new();
-        row.set("pxname", &svc.name);
-        row.set("svname", "BACKEND");
-        row.set("qcur", 0);
-        row.set("qmax", 0);
+        row.set(col!("pxname"), &svc.name);
+        row.set(col!("svname"), "BACKEND");
+        row.set(col!("qcur"), 0);
+        row.set(col!("qmax"), 0);
         row.set(
-            "scur",
+            col!("scur"),
             svc.settings
                 .live
                 .active
                 .load(std::sync::atomic::Ordering::Relaxed),
         );
-        row.set("stot", requests);
-        row.set("eresp", failures);
+        row.set(col!("stot"), requests);
+        row.set(col!("eresp"), failures);
         row.set(
-            "wretr",
+            col!("wretr"),
             svc.settings
                 .live
                 .retries
                 .load(std::sync::atomic::Ordering::Relaxed),
         );
-        row.set("status", if usable > 0 { "UP" } else { "DOWN" });
-        row.set("weight", weight);
-        row.set("act", usable);
-        row.set("bck", 0);
+        row.set(col!("status"), if usable > 0 { "UP" } else { "DOWN" });
+        row.set(col!("weight"), weight);
+        row.set(col!("act"), usable);
+        row.set(col!("bck"), 0);
         if newest_change > 0 {
-            row.set("lastchg", self.now.saturating_sub(newest_change));
+            row.set(col!("lastchg"), self.now.saturating_sub(newest_change));
         }
-        row.set("pid", 1);
-        row.set("iid", iid);
-        row.set("sid", 0);
-        row.set("lbtot", requests);
-        row.set("type", 1);
+        row.set(col!("pid"), 1);
+        row.set(col!("iid"), iid);
+        row.set(col!("sid"), 0);
+        row.set(col!("lbtot"), requests);
+        row.set(col!("type"), 1);
         for (field, n) in HRSP.iter().zip(responses) {
-            row.set(field, n);
+            row.set(*field, n);
         }
-        row.set("hrsp_other", 0);
-        row.set("req_tot", requests);
-        row.set("mode", mode);
-        row.set("algo", svc.settings.algorithm.as_str());
-        row.set("uweight", weight);
+        row.set(col!("hrsp_other"), 0);
+        row.set(col!("req_tot"), requests);
+        row.set(col!("mode"), mode);
+        row.set(col!("algo"), svc.settings.algorithm.as_str());
+        row.set(col!("uweight"), weight);
         row.write(out);
     }
 
