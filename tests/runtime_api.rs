@@ -190,7 +190,7 @@ async fn all_go_to(proxy: &Proxy, n: usize) -> std::collections::BTreeMap<String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operators_blue_green_script_runs_unchanged_and_switches_traffic() {
-    let ups = Upstream::start_many(&["blue", "green"]).await;
+    let mut ups = Upstream::start_many(&["blue", "green"]).await;
     let (blue, green) = (&ups[0], &ups[1]);
     let proxy = Proxy::start_with_args(
         || blue_green(free_addr(), blue, green),
@@ -241,12 +241,9 @@ async fn the_operators_blue_green_script_runs_unchanged_and_switches_traffic() {
         out.ends_with("current connection on blue: 0\n"),
         "it ends once blue is idle:\n{out}"
     );
-    assert!(
-        slow.is_finished(),
-        "readyToDown returned before the request ended"
-    );
-    let resp = slow
+    let resp = tokio::time::timeout(Duration::from_secs(2), slow)
         .await
+        .expect("the slow request has ended when readyToDown returns")
         .expect("slow task")
         .expect("the slow request completes");
     assert_eq!(resp.status(), 200);
@@ -267,6 +264,26 @@ async fn the_operators_blue_green_script_runs_unchanged_and_switches_traffic() {
     // `show map` reports the value in force.
     let shown = cli(addr, "show map hosts").await;
     assert_eq!(shown, "0x1 STATIC blue\n\n");
+
+    // Green stops: its check fails and show stat says DOWN.
+    drop(ups.pop());
+    wait_for(Duration::from_secs(10), "green is DOWN", || async {
+        status_of(addr, "green", "green").await == "DOWN"
+    })
+    .await;
+    let csv = cli(addr, "show stat").await;
+    assert_eq!(stat_field(&csv, "green", "BACKEND", 18), "DOWN");
+    assert_eq!(
+        stat_field(&csv, "green", "green", 37),
+        "L4CON",
+        "check_status"
+    );
+    let chkfail: u64 = stat_field(&csv, "green", "green", 22)
+        .parse()
+        .expect("chkfail");
+    assert!(chkfail >= 2, "fall = 2 failed checks at least: {chkfail}");
+    assert_eq!(stat_field(&csv, "blue", "blue", 37), "L4OK");
+    assert_eq!(stat_field(&csv, "blue", "blue", 22), "0");
 }
 
 // ---------------------------------------------------------------------------
