@@ -829,3 +829,15 @@ async fn the_unix_socket_is_owner_only_replaces_stale_files_and_refuses_live_one
     .await;
     assert!(!sock.exists(), "the socket file is removed on exit");
 }
+
+#[test]
+fn run_help_lists_the_runtime_api_flags() {
+    let (code, out, _) = run_cli(&["run", "--help"]);
+    assert_eq!(code, 0);
+    for flag in ["--runtime-socket <PATH>", "--runtime-api <ADDR>"] {
+        assert!(
+            out.contains(flag),
+            "`pointsman run --help` mentions {flag}:\n{out}"
+        );
+    }
+}
