@@ -47,7 +47,7 @@ impl App {
         workers: Vec<tokio::runtime::Handle>,
     ) -> anyhow::Result<App> {
         let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
-        let workers_len = workers.len();
+        let threads = workers.len().max(1);
         let limits = Arc::new(ArcSwap::from_pointee(ClientLimits::from(&config.global)));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -63,7 +63,6 @@ impl App {
             workers,
         );
         let bound = listeners.bound();
-        let threads = workers_len.max(1);
         let admin_listener = crate::admin::bind(config.global.admin)
             .await
             .map_err(anyhow::Error::msg)?;
