@@ -40,6 +40,8 @@ pub struct App {
     tracker: TaskTracker,
     drain_timeout: std::time::Duration,
     _watcher: Option<notify::RecommendedWatcher>,
+    /// The runtime API; removes its socket file when the app goes.
+    _runtime: crate::runtime::Serving,
 }
 
 impl App {
@@ -64,6 +66,7 @@ impl App {
     ) -> anyhow::Result<App> {
         let taking_over = !inherited.is_empty();
         let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
+        let threads = workers.len().max(1);
         let limits = Arc::new(ArcSwap::from_pointee(ClientLimits::from(&config.global)));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -99,10 +102,14 @@ impl App {
             tracing::warn!(error = %e, "cannot keep a copy of the admin socket: a takeover will bind it afresh");
         }
         let admin_addr = admin_listener.local_addr()?;
+        let runtime_listeners = crate::runtime::bind(&config.global).map_err(anyhow::Error::msg)?;
         let drain_timeout = config.global.drain_timeout;
         let file = config.file();
         let initial = config.clone();
 
+        let applied = Arc::new(ArcSwap::from_pointee(config.clone()));
+        let listeners =
+            crate::runtime::ObservedListeners::new(Box::new(listeners), applied.clone());
         let mut control = Control::new(config, table.clone(), Box::new(listeners));
         let (commands, rx) = mpsc::channel(1024);
         control.enable_health_checks(commands.clone());
@@ -114,6 +121,17 @@ impl App {
         let synced: Vec<_> = followed.iter().map(|f| f.has_data.clone()).collect();
         tokio::spawn(control.run(rx));
         let sources = followed.iter().map(|f| f.status.clone()).collect();
+        let handle = ControlHandle {
+            commands: commands.clone(),
+            table: table.clone(),
+        };
+        let runtime = Arc::new(crate::runtime::Runtime::new(
+            handle.clone(),
+            applied,
+            threads,
+            shutdown.clone(),
+        ));
+        let runtime = runtime_listeners.serve(runtime, shutdown.clone());
 
         let ready = Arc::new(AtomicBool::new(false));
         let reloads = Arc::new(ReloadStats::default());
@@ -154,10 +172,7 @@ impl App {
         ready.store(true, Ordering::Release);
         let listeners = bound.lock().map(|b| b.clone()).unwrap_or_default();
         Ok(App {
-            control: ControlHandle {
-                commands: commands.clone(),
-                table: table.clone(),
-            },
+            control: handle,
             table,
             commands,
             admin_addr,
@@ -168,6 +183,7 @@ impl App {
             tracker,
             drain_timeout,
             _watcher: watcher,
+            _runtime: runtime,
         })
     }
 

@@ -87,6 +87,12 @@ pub struct Global {
     /// The Unix socket of hitless restarts (`run --takeover` takes
     /// precedence); read at start only.
     pub takeover_socket: Option<std::path::PathBuf>,
+    /// HAProxy-compatible runtime API on this Unix socket (mode 0600).
+    /// Read at start only.
+    pub runtime_socket: Option<PathBuf>,
+    /// HAProxy-compatible runtime API on this TCP address; loopback only.
+    /// Read at start only.
+    pub runtime_api: Option<SocketAddr>,
 }
 
 /// A duration written as `"3s"`, `"250ms"`.
@@ -110,6 +116,8 @@ impl Default for Global {
             admin_token: None,
             access_log: false,
             takeover_socket: None,
+            runtime_socket: None,
+            runtime_api: None,
         }
     }
 }
@@ -319,6 +327,15 @@ impl Config {
                 key,
                 message,
             };
+
+        if let Some(addr) = raw.global.runtime_api {
+            crate::runtime::check_loopback(addr).map_err(|message| ConfigError::Invalid {
+                path: origin.to_string(),
+                line: line_of(text, text.find("runtime_api").unwrap_or(0)),
+                key: "global.runtime_api".into(),
+                message,
+            })?;
+        }
 
         let mut listeners = Vec::new();
         let mut names = std::collections::HashSet::new();
@@ -557,6 +574,21 @@ mod tests {
         let text = "[services.web]\nendpoints = [{ id = \"a\", address = \"127.0.0.1:1\", weight = 300 }]\n";
         let msg = Config::parse("c.toml", text).unwrap_err().to_string();
         assert!(msg.contains("weight 300 is out of range"), "{msg}");
+    }
+
+    #[test]
+    fn runtime_api_keys_parse_and_the_address_must_be_loopback() {
+        let text = "[global]\nruntime_socket = \"/run/pointsman.sock\"\nruntime_api = \"127.0.0.1:9999\"\n";
+        let c = Config::parse("c.toml", text).expect("valid");
+        assert_eq!(
+            c.global.runtime_socket.as_deref(),
+            Some(Path::new("/run/pointsman.sock"))
+        );
+        assert_eq!(c.global.runtime_api, Some(([127, 0, 0, 1], 9999).into()));
+        let text = "[global]\nadmin = \"127.0.0.1:8404\"\nruntime_api = \"0.0.0.0:9999\"\n";
+        let msg = Config::parse("c.toml", text).unwrap_err().to_string();
+        assert!(msg.starts_with("c.toml:3: global.runtime_api:"), "{msg}");
+        assert!(msg.contains("not a loopback address"), "{msg}");
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct EndpointState {
     check_status: AtomicU32,
     /// Unix seconds of the last active check.
     check_time: AtomicU64,
+    /// Active checks that failed, since start.
+    check_failures: AtomicU64,
 }
 
 impl Default for EndpointState {
@@ -62,6 +64,7 @@ impl Default for EndpointState {
             check_result: AtomicU8::new(0),
             check_status: AtomicU32::new(0),
             check_time: AtomicU64::new(0),
+            check_failures: AtomicU64::new(0),
         }
     }
 }
@@ -185,6 +188,14 @@ impl EndpointState {
         self.check_result.store(if passed { 1 } else { 2 }, Relaxed);
         self.check_status.store(u32::from(status), Relaxed);
         self.check_time.store(unix_now(), Relaxed);
+        if !passed {
+            self.check_failures.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Active checks that failed, since start (HAProxy's `chkfail`).
+    pub fn check_failures(&self) -> u64 {
+        self.check_failures.load(Relaxed)
     }
 
     pub fn in_flight(&self) -> u32 {

@@ -23,5 +23,6 @@ pub mod register;
 pub mod registry;
 pub mod reload;
 pub mod routing;
+pub mod runtime;
 pub mod takeover;
 pub mod upstream;

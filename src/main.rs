@@ -110,6 +110,14 @@ struct RunArgs {
     /// for the next one. Nothing there: a normal start.
     #[arg(long, value_name = "SOCKET")]
     takeover: Option<PathBuf>,
+    /// Serve the HAProxy-compatible runtime API on this Unix socket (mode
+    /// 0600): `echo "show stat" | socat stdio unix-connect:PATH`.
+    #[arg(long, value_name = "PATH")]
+    runtime_socket: Option<PathBuf>,
+    /// Serve the HAProxy-compatible runtime API on this loopback TCP
+    /// address (e.g. 127.0.0.1:9999).
+    #[arg(long, value_name = "ADDR")]
+    runtime_api: Option<SocketAddr>,
     /// This proxy's id in etcd (<prefix>/proxies/<id>) [default: <host
     /// name>:<admin port>].
     #[arg(long)]
@@ -241,11 +249,18 @@ impl RunArgs {
     fn overrides(&self) -> Arc<dyn Fn(&mut Config) + Send + Sync> {
         let (listen, admin) = (self.listen, self.admin);
         let (token, access_log) = (self.admin_token.clone(), self.access_log);
+        let (runtime_socket, runtime_api) = (self.runtime_socket.clone(), self.runtime_api);
         Arc::new(move |c: &mut Config| {
             if let Some(t) = &token {
                 c.global.admin_token = Some(t.clone());
             }
             c.global.access_log |= access_log;
+            if let Some(path) = &runtime_socket {
+                c.global.runtime_socket = Some(path.clone());
+            }
+            if let Some(addr) = runtime_api {
+                c.global.runtime_api = Some(addr);
+            }
             if let Some(addr) = listen {
                 match c
                     .listeners

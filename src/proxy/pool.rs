@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use super::body::UpstreamBody;
 
 /// Idle connections kept per endpoint; more are closed when released.
-const MAX_IDLE: usize = 256;
+pub const MAX_IDLE: usize = 256;
 
 pub type Sender = SendRequest<UpstreamBody>;
 

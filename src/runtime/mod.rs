@@ -1,0 +1,652 @@
+//! The HAProxy-compatible runtime API, on a Unix socket (mode 0600) and on
+//! loopback TCP. Operators' scripts written for HAProxy's stats socket
+//! (`echo "show stat" | socat stdio unix-connect:...`) work unchanged: the
+//! commands, their arguments, their output formats and their error texts
+//! follow HAProxy 2.6's management guide wherever a script could parse them.
+//!
+//! A backend is a service, a server an instance id, a map a routing map.
+//! Changes go through [`ControlHandle::change`] (the local layer of the
+//! control task): like HAProxy's, they are local to this process and last
+//! until it stops. Fleet-wide changes belong in the registry.
+//!
+//! Three parts: `parse` (lines into [`Request`]s: pure), `show` (output
+//! built from one table [`Snapshot`]: pure), and `server` (the listeners
+//! and client connections: [`bind`], [`RuntimeListeners::serve`]); this
+//! module runs the commands.
+
+mod parse;
+mod server;
+mod show;
+
+pub use parse::{
+    map_ref, parse, parse_weight, resolve_weight, split_line, MapRef, Request, ServerRef,
+    StatFilter, WeightArg,
+};
+pub use server::{
+    bind, check_loopback, serve_client, ObservedListeners, RuntimeListeners, Serving, SocketFile,
+};
+pub use show::{server_status, Frontend, ProcessInfo, Snapshot, STAT_FIELDS};
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::control::ControlHandle;
+use crate::endpoint::unix_now;
+use crate::local::{LocalChange, LocalError};
+use parse::{help, UNKNOWN_MAP};
+
+/// Longest command line accepted, in bytes; a longer one is answered with
+/// an error and the connection is closed.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Most commands on one line (separated by `;`).
+pub const MAX_COMMANDS: usize = 64;
+
+/// The answer to a refused change.
+fn refused(e: &LocalError, missing_key: &str) -> String {
+    match e {
+        LocalError::NoSuchService(_) => "No such backend.\n".into(),
+        LocalError::NoSuchServer { .. } => "No such server.\n".into(),
+        LocalError::NoSuchMap(_) => UNKNOWN_MAP.into(),
+        LocalError::NoSuchKey { .. } => missing_key.into(),
+        LocalError::KeyExists { .. } => {
+            "Key already exists: use 'set map' to change its value.\n".into()
+        }
+        LocalError::Stopped => "The proxy is stopping.\n".into(),
+    }
+}
+
+/// What a command does to its connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Print this (possibly nothing).
+    Text(String),
+    /// Toggle interactive mode.
+    Prompt,
+    /// Close the connection.
+    Quit,
+}
+
+/// The runtime API's view of the proxy.
+pub struct Runtime {
+    control: ControlHandle,
+    /// The config last applied (listeners and global settings).
+    config: Arc<ArcSwap<Config>>,
+    started: u64,
+    threads: usize,
+    node: String,
+    shutdown: CancellationToken,
+}
+
+impl Runtime {
+    pub fn new(
+        control: ControlHandle,
+        config: Arc<ArcSwap<Config>>,
+        threads: usize,
+        shutdown: CancellationToken,
+    ) -> Runtime {
+        Runtime {
+            control,
+            config,
+            started: unix_now(),
+            threads,
+            node: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+            shutdown,
+        }
+    }
+
+    /// The table and facts as of now.
+    pub fn snapshot(&self) -> Snapshot {
+        let config = self.config.load_full();
+        let mut frontends: Vec<Frontend> = config
+            .listeners
+            .iter()
+            .map(|l| Frontend {
+                name: l.name.clone(),
+                mode: l.mode,
+                default_service: l.default_service.clone(),
+            })
+            .collect();
+        frontends.sort_by(|a, b| a.name.cmp(&b.name));
+        Snapshot {
+            table: self.control.table.load_full(),
+            frontends,
+            max_connections: config.global.max_connections,
+            now: unix_now(),
+            process: ProcessInfo {
+                pid: std::process::id(),
+                started: self.started,
+                threads: self.threads,
+                stopping: self.shutdown.is_cancelled(),
+                node: self.node.clone(),
+            },
+        }
+    }
+
+    /// Runs one command.
+    pub async fn execute(&self, req: Request) -> Outcome {
+        let text = |r: Result<String, String>| Outcome::Text(r.unwrap_or_else(|e| e));
+        match req {
+            Request::Help(words) => Outcome::Text(help(&words)),
+            Request::Prompt => Outcome::Prompt,
+            Request::Quit => Outcome::Quit,
+            Request::ShowStat(f) => text(self.render(move |s| s.show_stat(&f)).await),
+            Request::ShowInfo => Outcome::Text(self.snapshot().show_info()),
+            Request::ShowServersState(b) => text(
+                self.render(move |s| s.show_servers_state(b.as_deref()))
+                    .await,
+            ),
+            Request::ShowServersConn(b) => text(
+                self.render(move |s| s.show_servers_conn(b.as_deref()))
+                    .await,
+            ),
+            Request::ShowBackend => Outcome::Text(self.snapshot().show_backend()),
+            Request::ShowMap(None) => Outcome::Text(self.snapshot().show_maps()),
+            Request::ShowMap(Some(r)) => text(self.snapshot().show_map(&r)),
+            Request::GetWeight(s) => text(self.snapshot().get_weight(&s)),
+            Request::SetState(s, state) => {
+                self.change(
+                    LocalChange::ServerState {
+                        service: s.backend,
+                        id: s.server,
+                        state,
+                    },
+                    "",
+                )
+                .await
+            }
+            Request::SetWeight(s, w) => {
+                let initial = match self.snapshot().endpoint(&s) {
+                    Ok(e) => e.initial_weight,
+                    Err(e) => return Outcome::Text(e),
+                };
+                self.change(
+                    LocalChange::ServerWeight {
+                        service: s.backend,
+                        id: s.server,
+                        weight: resolve_weight(w, initial),
+                    },
+                    "",
+                )
+                .await
+            }
+            Request::SetMap { map, key, value } => match self.map(&map) {
+                Ok(map) => {
+                    self.change(
+                        LocalChange::MapSet { map, key, value },
+                        "entry not found.\n",
+                    )
+                    .await
+                }
+                Err(e) => Outcome::Text(e),
+            },
+            Request::AddMap { map, key, value } => match self.map(&map) {
+                Ok(map) => {
+                    self.change(LocalChange::MapAdd { map, key, value }, "")
+                        .await
+                }
+                Err(e) => Outcome::Text(e),
+            },
+            Request::DelMap { map, key } => match self.map(&map) {
+                Ok(map) => {
+                    self.change(LocalChange::MapDel { map, key }, "Key not found.\n")
+                        .await
+                }
+                Err(e) => Outcome::Text(e),
+            },
+            Request::ClearMap(map) => match self.map(&map) {
+                Ok(map) => self.change(LocalChange::MapClear { map }, "").await,
+                Err(e) => Outcome::Text(e),
+            },
+        }
+    }
+
+    /// Builds a per-endpoint listing off the event loop: on a table of
+    /// many thousands of endpoints it takes long enough to delay the
+    /// control task, which shares this event loop.
+    async fn render<F>(&self, f: F) -> Result<String, String>
+    where
+        F: FnOnce(&Snapshot) -> Result<String, String> + Send + 'static,
+    {
+        let snapshot = self.snapshot();
+        tokio::task::spawn_blocking(move || f(&snapshot))
+            .await
+            .unwrap_or_else(|e| Err(format!("Internal error: {e}.\n")))
+    }
+
+    /// The name of a map a change names: a `#<id>` must exist in `show
+    /// map`; a name is checked by the control task.
+    fn map(&self, r: &MapRef) -> Result<String, String> {
+        match r {
+            MapRef::Name(n) => Ok(n.clone()),
+            MapRef::Id(_) => self
+                .snapshot()
+                .map_name(r)
+                .ok_or_else(|| UNKNOWN_MAP.to_string()),
+        }
+    }
+
+    async fn change(&self, change: LocalChange, missing_key: &str) -> Outcome {
+        match self.control.change(change).await {
+            Ok(()) => Outcome::Text(String::new()),
+            Err(e) => Outcome::Text(refused(&e, missing_key)),
+        }
+    }
+
+    /// Runs one line: what to send back, and whether to close the
+    /// connection after it. Each command's output is followed by an empty
+    /// line, and in interactive mode by the `> ` prompt, as in HAProxy.
+    pub async fn run_line(&self, line: &str, interactive: &mut bool) -> (String, bool) {
+        let commands = split_line(line);
+        if commands.len() > MAX_COMMANDS {
+            let mut out = format!(
+                "Too many commands on one line: at most {MAX_COMMANDS}, separated by ';'. \
+                 None was run.\n\n"
+            );
+            if *interactive {
+                out.push_str("> ");
+            }
+            return (out, false);
+        }
+        let mut out = String::new();
+        for words in commands {
+            let outcome = match parse(&words) {
+                Ok(req) => self.execute(req).await,
+                Err(e) => Outcome::Text(e),
+            };
+            match outcome {
+                Outcome::Text(t) => out.push_str(&t),
+                Outcome::Prompt => *interactive = !*interactive,
+                Outcome::Quit => return (out, true),
+            }
+            out.push('\n');
+            if *interactive {
+                out.push_str("> ");
+            }
+        }
+        (out, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{Control, ListenerControl, SharedTable};
+    use crate::routing::RoutingTable;
+    use pointsman_discovery::AdminState;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
+
+    struct NoListeners;
+
+    impl ListenerControl for NoListeners {
+        fn reconcile(&mut self, _: &Config) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    const CONFIG: &str = r#"
+[[listeners]]
+name = "web"
+bind = "127.0.0.1:1"
+
+[services.blue]
+endpoints = [{ id = "blue", address = "127.0.0.1:2", weight = 10 }]
+
+[services.green]
+balance = "cookie"
+endpoints = [
+  { id = "green", address = "127.0.0.1:3" },
+  { id = "g2", address = "localhost:4", state = "drain" },
+]
+
+[routes.app]
+path_prefix = "/"
+map = "hosts"
+map_key = "STATIC"
+
+[maps.hosts]
+STATIC = "blue"
+OTHER = "green"
+"#;
+
+    /// A runtime over a real control task with [`CONFIG`] (no sockets).
+    fn runtime() -> Runtime {
+        let config = Config::parse("test.toml", CONFIG).expect("valid config");
+        let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
+        let applied = Arc::new(ArcSwap::from_pointee(config.clone()));
+        let observed = ObservedListeners::new(Box::new(NoListeners), applied.clone());
+        let mut control = Control::new(config, table.clone(), Box::new(observed));
+        control.start().expect("start");
+        let (commands, rx) = mpsc::channel(16);
+        tokio::spawn(control.run(rx));
+        Runtime::new(
+            ControlHandle { commands, table },
+            applied,
+            1,
+            CancellationToken::new(),
+        )
+    }
+
+    async fn run(rt: &Runtime, line: &str) -> String {
+        let mut interactive = false;
+        let (out, _) = rt.run_line(line, &mut interactive).await;
+        out
+    }
+
+    fn column(csv: &str, row: (&str, &str), field: &str) -> String {
+        let i = STAT_FIELDS
+            .iter()
+            .position(|f| *f == field)
+            .expect("a field");
+        csv.lines()
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .find(|r| r.len() > 2 && (r[0], r[1]) == row)
+            .unwrap_or_else(|| panic!("no row {row:?} in\n{csv}"))[i]
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn show_stat_has_frontend_backend_and_server_rows() {
+        let rt = runtime();
+        let csv = run(&rt, "show stat").await;
+        assert!(csv.starts_with("# pxname,svname,qcur,"), "{csv}");
+        assert!(
+            csv.ends_with(",\n\n"),
+            "a trailing comma per row, then an empty line"
+        );
+        for line in csv.lines().filter(|l| !l.is_empty()) {
+            assert_eq!(line.matches(',').count(), STAT_FIELDS.len(), "{line}");
+        }
+        let rows: Vec<(String, String)> = csv
+            .lines()
+            .skip(1)
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let mut f = l.split(',');
+                (f.next().unwrap_or("").into(), f.next().unwrap_or("").into())
+            })
+            .collect();
+        let want: Vec<(String, String)> = [
+            ("web", "FRONTEND"),
+            ("blue", "blue"),
+            ("blue", "BACKEND"),
+            ("green", "g2"),
+            ("green", "green"),
+            ("green", "BACKEND"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        assert_eq!(rows, want);
+        assert_eq!(column(&csv, ("web", "FRONTEND"), "status"), "OPEN");
+        assert_eq!(column(&csv, ("web", "FRONTEND"), "iid"), "1");
+        assert_eq!(column(&csv, ("blue", "blue"), "status"), "no check");
+        assert_eq!(column(&csv, ("blue", "blue"), "weight"), "10");
+        assert_eq!(column(&csv, ("blue", "blue"), "iid"), "2");
+        assert_eq!(column(&csv, ("blue", "blue"), "sid"), "1");
+        assert_eq!(column(&csv, ("blue", "blue"), "type"), "2");
+        assert_eq!(column(&csv, ("blue", "blue"), "addr"), "127.0.0.1:2");
+        assert_eq!(column(&csv, ("blue", "blue"), "scur"), "0");
+        assert_eq!(
+            column(&csv, ("blue", "blue"), "chkfail"),
+            "",
+            "no check, no count"
+        );
+        assert_eq!(column(&csv, ("blue", "BACKEND"), "status"), "UP");
+        assert_eq!(column(&csv, ("blue", "BACKEND"), "algo"), "roundrobin");
+        assert_eq!(column(&csv, ("green", "g2"), "status"), "DRAIN");
+        assert_ne!(column(&csv, ("green", "g2"), "cookie"), "");
+        assert_eq!(
+            column(&csv, ("green", "BACKEND"), "act"),
+            "1",
+            "the draining one is not usable"
+        );
+        assert_eq!(column(&csv, ("green", "BACKEND"), "weight"), "1");
+
+        let disabled = run(&rt, "disable server blue/blue; show stat").await;
+        assert!(disabled.starts_with("\n# pxname"), "{disabled}");
+        assert_eq!(column(&disabled, ("blue", "blue"), "status"), "MAINT");
+        assert_eq!(column(&disabled, ("blue", "BACKEND"), "status"), "DOWN");
+
+        let servers = run(&rt, "show stat green 4 -1").await;
+        assert_eq!(
+            servers.lines().filter(|l| l.starts_with("green,")).count(),
+            2,
+            "{servers}"
+        );
+        assert!(!servers.contains("BACKEND"), "{servers}");
+        let no_maint = run(&rt, "show stat no-maint").await;
+        assert!(!no_maint.contains("blue,blue,"), "{no_maint}");
+        assert!(no_maint.contains("blue,BACKEND,"), "{no_maint}");
+        assert_eq!(run(&rt, "show stat nope -1 -1").await, "No such proxy.\n\n");
+    }
+
+    #[tokio::test]
+    async fn server_commands_change_the_table_and_answer_errors() {
+        let rt = runtime();
+        assert_eq!(
+            run(&rt, "get weight blue/blue").await,
+            "10 (initial 10)\n\n"
+        );
+        assert_eq!(run(&rt, "set server blue/blue weight 50%").await, "\n");
+        assert_eq!(run(&rt, "get weight blue/blue").await, "5 (initial 10)\n\n");
+        assert_eq!(run(&rt, "set weight blue/blue 300%").await, "\n");
+        assert_eq!(
+            run(&rt, "get weight blue/blue").await,
+            "30 (initial 10)\n\n"
+        );
+        assert_eq!(run(&rt, "set server blue/blue weight 0").await, "\n");
+        let table = rt.control.table.load_full();
+        let blue = &table.services["blue"].endpoints[0];
+        assert_eq!((blue.weight, blue.initial_weight), (0, 10));
+
+        assert_eq!(run(&rt, "set server blue/blue state drain").await, "\n");
+        assert_eq!(
+            rt.control.table.load().services["blue"].endpoints[0].state,
+            AdminState::Drain
+        );
+        assert_eq!(run(&rt, "enable server blue/blue").await, "\n");
+        assert_eq!(
+            rt.control.table.load().services["blue"].endpoints[0].state,
+            AdminState::Ready
+        );
+
+        for line in [
+            "get weight nope/x",
+            "disable server nope/x",
+            "set server nope/x state maint",
+            "set server nope/x weight 3",
+        ] {
+            assert_eq!(run(&rt, line).await, "No such backend.\n\n", "{line}");
+        }
+        for line in [
+            "get weight blue/x",
+            "enable server blue/x",
+            "set server blue/x state drain",
+            "set weight blue/x 50%",
+        ] {
+            assert_eq!(run(&rt, line).await, "No such server.\n\n", "{line}");
+        }
+    }
+
+    #[tokio::test]
+    async fn map_commands_follow_the_map_name_rule() {
+        let rt = runtime();
+        let list = run(&rt, "show map").await;
+        assert_eq!(
+            list,
+            "# id (file) description\n1 (hosts) routing map 'hosts' used by route app. entry_cnt=2\n\n"
+        );
+        assert_eq!(
+            run(&rt, "show map hosts").await,
+            "0x1 OTHER green\n0x2 STATIC blue\n\n"
+        );
+        assert_eq!(
+            run(&rt, "set map /etc/haproxy/hosts.map STATIC green").await,
+            "\n"
+        );
+        assert_eq!(
+            run(&rt, "show map #1").await,
+            "0x1 OTHER green\n0x2 STATIC green\n\n"
+        );
+        assert_eq!(
+            run(&rt, "set map hosts NOPE green").await,
+            "entry not found.\n\n"
+        );
+        assert_eq!(run(&rt, "add map hosts NEW blue").await, "\n");
+        assert!(run(&rt, "add map hosts NEW green")
+            .await
+            .starts_with("Key already exists"));
+        assert_eq!(run(&rt, "del map hosts NEW").await, "\n");
+        assert_eq!(run(&rt, "del map hosts NEW").await, "Key not found.\n\n");
+        for line in [
+            "show map nope",
+            "show map #2",
+            "set map nope a b",
+            "add map /x/nope.map a b",
+            "del map #9 a",
+            "clear map nope",
+        ] {
+            assert_eq!(
+                run(&rt, line).await,
+                "Unknown map identifier. Please use #<id> or <file>.\n\n",
+                "{line}"
+            );
+        }
+        assert_eq!(run(&rt, "clear map hosts").await, "\n");
+        assert_eq!(
+            run(&rt, "show map hosts").await,
+            "\n",
+            "still listed: a route reads it"
+        );
+        assert!(run(&rt, "show map").await.contains("entry_cnt=0"));
+    }
+
+    #[tokio::test]
+    async fn servers_state_conn_backend_and_info_formats() {
+        let rt = runtime();
+        let state = run(&rt, "show servers state green").await;
+        let lines: Vec<&str> = state.lines().collect();
+        assert_eq!(lines[0], "1");
+        assert!(lines[1].starts_with("# be_id be_name srv_id srv_name srv_addr srv_op_state"));
+        assert_eq!(lines[1].split(' ').count(), 26, "'#' and 25 names");
+        let g2: Vec<&str> = lines[2].split(' ').collect();
+        assert_eq!(g2.len(), 25, "{}", lines[2]);
+        assert_eq!(&g2[..5], &["3", "green", "1", "g2", "localhost"]);
+        assert_eq!(g2[6], "8", "drain is HAProxy's FDRAIN admin state");
+        assert_eq!(g2[17], "localhost", "a host name is the fqdn");
+        assert_eq!(g2[18], "4");
+        assert_eq!(lines[4], "");
+        assert_eq!(
+            run(&rt, "show servers state nope").await,
+            "Can't find backend.\n\n"
+        );
+
+        let conn = run(&rt, "show servers conn blue $").await;
+        let lines: Vec<&str> = conn.lines().collect();
+        assert_eq!(
+            lines[0],
+            "# bkname/svname bkid/svid addr port - purge_delay used_cur used_max need_est \
+             unsafe_nb safe_nb idle_lim idle_cur idle_per_thr[1]"
+        );
+        assert_eq!(
+            lines[1],
+            "blue/blue 2/1 127.0.0.1 2 - 30000 0 - - 0 0 256 0 0"
+        );
+        assert_eq!(
+            lines[1].split(' ').nth(6),
+            Some("0"),
+            "used_cur is the 7th field"
+        );
+        assert_eq!(
+            run(&rt, "show servers conn 3").await.lines().count(),
+            4,
+            "by id"
+        );
+        assert_eq!(
+            run(&rt, "show servers conn nope").await,
+            "Can't find backend.\n\n"
+        );
+
+        assert_eq!(run(&rt, "show backend").await, "# name\nblue\ngreen\n\n");
+        let info = run(&rt, "show info").await;
+        assert!(info.starts_with("Name: pointsman\nVersion: "), "{info}");
+        assert!(
+            info.contains(&format!("\nPid: {}\n", std::process::id())),
+            "{info}"
+        );
+        assert!(info.contains("\nMaxconn: 10000\n"), "{info}");
+        assert!(info.contains("\nUptime_sec: "), "{info}");
+    }
+
+    #[tokio::test]
+    async fn prompt_mode_prints_prompts_and_quit_stops_the_line() {
+        let rt = runtime();
+        let mut interactive = false;
+        let (out, quit) = rt.run_line("prompt", &mut interactive).await;
+        assert_eq!((out.as_str(), quit, interactive), ("\n> ", false, true));
+        let (out, _) = rt
+            .run_line("get weight blue/blue; show backend", &mut interactive)
+            .await;
+        assert_eq!(out, "10 (initial 10)\n\n> # name\nblue\ngreen\n\n> ");
+        let (out, quit) = rt
+            .run_line(
+                "get weight blue/blue;quit;get weight blue/blue",
+                &mut interactive,
+            )
+            .await;
+        assert_eq!((out.as_str(), quit), ("10 (initial 10)\n\n> ", true));
+        let (out, _) = rt.run_line("prompt", &mut interactive).await;
+        assert_eq!((out.as_str(), interactive), ("\n", false));
+
+        let many = vec!["show backend"; MAX_COMMANDS + 1].join(";");
+        let (out, quit) = rt.run_line(&many, &mut interactive).await;
+        assert!(out.starts_with("Too many commands on one line"), "{out}");
+        assert!(!quit);
+    }
+
+    async fn session(rt: &Runtime, input: &[u8], keep_open: bool) -> String {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        client.write_all(input).await.expect("write");
+        if !keep_open {
+            client.shutdown().await.expect("shutdown");
+        }
+        let stop = CancellationToken::new();
+        let serve = serve_client(server, rt, stop);
+        let mut out = Vec::new();
+        let read = async {
+            client.read_to_end(&mut out).await.expect("read");
+        };
+        tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(serve, read) })
+            .await
+            .expect("the session ends by itself");
+        String::from_utf8(out).expect("UTF-8")
+    }
+
+    #[tokio::test]
+    async fn a_connection_answers_one_line_unless_prompted() {
+        let rt = runtime();
+        // Without prompt: the line (and what came with it) is answered,
+        // then the connection closes although the client keeps it open.
+        let out = session(&rt, b"show backend\n", true).await;
+        assert_eq!(out, "# name\nblue\ngreen\n\n");
+        let out = session(&rt, b"get weight blue/blue\nget weight green/g2\n", true).await;
+        assert_eq!(out, "10 (initial 10)\n\n1 (initial 1)\n\n");
+        // A last line without its newline is run at EOF.
+        let out = session(&rt, b"get weight blue/blue", false).await;
+        assert_eq!(out, "10 (initial 10)\n\n");
+        // Prompt mode: prompts, and the connection stays until quit.
+        let out = session(&rt, b"prompt\r\nshow backend\nquit\nshow backend\n", true).await;
+        assert_eq!(out, "\n> # name\nblue\ngreen\n\n> ");
+        // An over-long line is refused and the connection closed.
+        let long = vec![b'x'; MAX_LINE + 10];
+        let out = session(&rt, &long, true).await;
+        assert!(out.starts_with("Line too long"), "{out}");
+    }
+}

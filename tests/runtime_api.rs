@@ -1,0 +1,843 @@
+//! End to end: the HAProxy-compatible runtime API, through real socat on
+//! the Unix socket and on loopback TCP. The operators' blue/green script
+//! (its shell functions copied unchanged) switches real traffic; every
+//! command and its error answers; `;`-separated lines and prompt mode; the
+//! socket's mode and its start-up checks.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::*;
+
+/// How long one socat call or script step may take.
+const STEP_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The address `--runtime-api 127.0.0.1:0` ended up on, from the log.
+fn runtime_addr(proxy: &Proxy) -> SocketAddr {
+    let err = proxy.stderr();
+    err.lines()
+        .filter(|l| l.contains("runtime API listening"))
+        .find_map(|l| {
+            l.split("addr=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no `runtime API listening addr=` line in:\n{err}"))
+}
+
+/// Runs `program args` with `input` on stdin; its stdout. Panics if it
+/// takes longer than [`STEP_DEADLINE`] or fails.
+async fn run_with_input(program: &str, args: &[&str], input: &str) -> String {
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(input.as_bytes())
+        .await
+        .expect("write stdin");
+    drop(stdin);
+    let out = tokio::time::timeout(STEP_DEADLINE, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} did not finish within {STEP_DEADLINE:?}"))
+        .expect("wait");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}): {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// `echo "<line>" | socat stdio tcp4-connect:<addr>`.
+async fn cli(addr: SocketAddr, line: &str) -> String {
+    let target = format!("tcp4-connect:{addr}");
+    run_with_input("socat", &["stdio", &target], &format!("{line}\n")).await
+}
+
+/// `echo "<line>" | socat stdio unix-connect:<path>`.
+async fn cli_unix(path: &Path, line: &str) -> String {
+    let target = format!("unix-connect:{}", path.display());
+    run_with_input("socat", &["stdio", &target], &format!("{line}\n")).await
+}
+
+/// Field `n` (1-based) of the `show stat` row `pxname,svname`.
+fn stat_field(csv: &str, pxname: &str, svname: &str, n: usize) -> String {
+    csv.lines()
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|f| f.len() > n && f[0] == pxname && f[1] == svname)
+        .unwrap_or_else(|| panic!("no row {pxname},{svname} in:\n{csv}"))[n - 1]
+        .to_string()
+}
+
+/// The status column (18) of a server, as the operators' script cuts it.
+async fn status_of(addr: SocketAddr, backend: &str, server: &str) -> String {
+    stat_field(&cli(addr, "show stat").await, backend, server, 18)
+}
+
+// ---------------------------------------------------------------------------
+// The operators' script
+
+/// The shell functions of the operators' blue/green script, as they wrote
+/// them. Only the runtime API address (`127.0.0.1:9000`) and the map file
+/// path are replaced, by [`seed_functions`].
+const SEED_FUNCTIONS: &str = r#"#!/bin/bash
+function forwardTo(){
+   echo "set map /home/dong/code/learn-haproxy/hosts.map STATIC $1" | socat stdio tcp4-connect:127.0.0.1:9000
+}
+
+function readyToDown(){
+   serverName=$1
+   ok="false"
+   while [[ $ok == "false" ]];
+   do
+      sleep 1
+      count=$(echo "show servers conn $serverName $" | socat stdio tcp4-connect:127.0.0.1:9000 | sed -n 2p | cut -d " " -f 7)
+      echo "current connection on $serverName: ${count}"
+      if [[ $count == "0" ]]; then
+            ok="true"
+      fi;
+   done
+
+}
+
+function waitItUp(){
+   serverName=$1
+   itUp="false"
+   while [[ $itUp == "false" ]];
+   do
+      echo "wait for $serverName up"
+      status=$(echo "show stat" | socat stdio tcp4-connect:127.0.0.1:9000 | cut -d "," -f 2,18 | column -s, -t | grep $serverName | awk "{print \$2}")
+      echo "$serverName status: $status"
+      if [[ $status != "UP" ]]; then
+            sleep 1
+      else
+            itUp="true"
+      fi
+   done
+}
+"#;
+
+/// The functions with this proxy's runtime address and a map path whose
+/// last segment names the map `hosts`.
+fn seed_functions(addr: SocketAddr, dir: &Path) -> String {
+    SEED_FUNCTIONS
+        .replace("127.0.0.1:9000", &addr.to_string())
+        .replace(
+            "/home/dong/code/learn-haproxy/hosts.map",
+            &dir.join("hosts.map").display().to_string(),
+        )
+}
+
+/// Runs `calls` after sourcing `functions`, in bash; its output.
+async fn script(functions: &Path, calls: &str) -> String {
+    let source = format!("source {}\n{calls}\n", functions.display());
+    run_with_input("bash", &["-s"], &source).await
+}
+
+/// Two services, blue and green, one instance each named like its
+/// service, actively checked; every request goes where the map `hosts`
+/// says for the key `STATIC`.
+fn blue_green(listen: SocketAddr, blue: &Upstream, green: &Upstream) -> String {
+    let check = r#"check = { interval = "100ms", timeout = "500ms", rise = 1, fall = 2 }"#;
+    format!(
+        r#"[[listeners]]
+name = "web"
+bind = "{listen}"
+
+[services.blue]
+{check}
+endpoints = [{blue}]
+
+[services.green]
+{check}
+endpoints = [{green}]
+
+[routes.app]
+path_prefix = "/"
+map = "hosts"
+map_key = "STATIC"
+
+[maps.hosts]
+STATIC = "blue"
+"#,
+        blue = endpoint_line(blue, ""),
+        green = endpoint_line(green, ""),
+    )
+}
+
+async fn all_go_to(proxy: &Proxy, n: usize) -> std::collections::BTreeMap<String, usize> {
+    tally(&client(), &proxy.url("/"), n).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_blue_green_script_runs_unchanged_and_switches_traffic() {
+    let mut ups = Upstream::start_many(&["blue", "green"]).await;
+    let (blue, green) = (&ups[0], &ups[1]);
+    let proxy = Proxy::start_with_args(
+        || blue_green(free_addr(), blue, green),
+        &["--runtime-api", "127.0.0.1:0"],
+    )
+    .await;
+    let addr = runtime_addr(&proxy);
+    let functions = proxy.dir().join("deploy-functions.sh");
+    std::fs::write(&functions, seed_functions(addr, proxy.dir())).expect("write the functions");
+
+    wait_for(Duration::from_secs(10), "blue and green are UP", || async {
+        status_of(addr, "blue", "blue").await == "UP"
+            && status_of(addr, "green", "green").await == "UP"
+    })
+    .await;
+    assert_eq!(all_go_to(&proxy, 5).await.get("blue"), Some(&5));
+
+    // A slow request to blue, in flight while the traffic moves to green.
+    let slow_url = proxy.url("/slow?ms=3000");
+    let slow = tokio::spawn(async move { plain_client().get(slow_url).send().await });
+    wait_for(
+        Duration::from_secs(5),
+        "the slow request is in flight",
+        || async {
+            let conn = cli(addr, "show servers conn blue").await;
+            conn.lines().nth(1).and_then(|l| l.split(' ').nth(6)) == Some("1")
+        },
+    )
+    .await;
+
+    let out = script(&functions, "waitItUp green\nforwardTo green").await;
+    assert!(out.contains("green status: UP"), "{out}");
+    let counts = all_go_to(&proxy, 10).await;
+    assert_eq!(
+        counts.get("green"),
+        Some(&10),
+        "after forwardTo green: {counts:?}"
+    );
+
+    // readyToDown waits for blue's last request.
+    let started = Instant::now();
+    let out = script(&functions, "readyToDown blue").await;
+    assert!(
+        out.contains("current connection on blue: 1\n"),
+        "it saw the request in flight:\n{out}"
+    );
+    assert!(
+        out.ends_with("current connection on blue: 0\n"),
+        "it ends once blue is idle:\n{out}"
+    );
+    let resp = tokio::time::timeout(Duration::from_secs(2), slow)
+        .await
+        .expect("the slow request has ended when readyToDown returns")
+        .expect("slow task")
+        .expect("the slow request completes");
+    assert_eq!(resp.status(), 200);
+    assert!(started.elapsed() >= Duration::from_secs(1));
+
+    let out = script(&functions, "waitItUp blue\nforwardTo blue").await;
+    assert!(out.contains("blue status: UP"), "{out}");
+    let counts = all_go_to(&proxy, 10).await;
+    assert_eq!(
+        counts.get("blue"),
+        Some(&10),
+        "after forwardTo blue: {counts:?}"
+    );
+
+    let out = script(&functions, "readyToDown green").await;
+    assert_eq!(out, "current connection on green: 0\n");
+
+    // `show map` reports the value in force.
+    let shown = cli(addr, "show map hosts").await;
+    assert_eq!(shown, "0x1 STATIC blue\n\n");
+
+    // Green stops: its check fails and show stat says DOWN.
+    drop(ups.pop());
+    wait_for(Duration::from_secs(10), "green is DOWN", || async {
+        status_of(addr, "green", "green").await == "DOWN"
+    })
+    .await;
+    let csv = cli(addr, "show stat").await;
+    assert_eq!(stat_field(&csv, "green", "BACKEND", 18), "DOWN");
+    assert_eq!(
+        stat_field(&csv, "green", "green", 37),
+        "L4CON",
+        "check_status"
+    );
+    let chkfail: u64 = stat_field(&csv, "green", "green", 22)
+        .parse()
+        .expect("chkfail");
+    assert!(chkfail >= 2, "fall = 2 failed checks at least: {chkfail}");
+    assert_eq!(stat_field(&csv, "blue", "blue", 37), "L4OK");
+    assert_eq!(stat_field(&csv, "blue", "blue", 22), "0");
+}
+
+// ---------------------------------------------------------------------------
+// Servers: state and weight, seen in traffic
+
+fn two_servers(listen: SocketAddr, a: &Upstream, b: &Upstream) -> String {
+    format!(
+        r#"[[listeners]]
+name = "web"
+bind = "{listen}"
+default_service = "web"
+
+[services.web]
+endpoints = [{a}, {b}]
+
+[routes.m]
+path_prefix = "/m"
+map = "release"
+map_key = "live"
+
+[maps.release]
+live = "web"
+"#,
+        a = endpoint_line(a, ""),
+        b = endpoint_line(b, ""),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_state_and_weight_changes_are_seen_by_requests() {
+    let ups = Upstream::start_many(&["a", "b"]).await;
+    let (a, b) = (&ups[0], &ups[1]);
+    let proxy = Proxy::start_with_args(
+        || two_servers(free_addr(), a, b),
+        &["--runtime-api", "127.0.0.1:0", "--threads", "1"],
+    )
+    .await;
+    let addr = runtime_addr(&proxy);
+    let c = client();
+    let url = proxy.url("/");
+
+    assert_eq!(status_of(addr, "web", "a").await, "no check");
+    assert_eq!(cli(addr, "disable server web/a").await, "\n");
+    assert_eq!(status_of(addr, "web", "a").await, "MAINT");
+    assert_eq!(
+        tally(&c, &url, 10).await.get("b"),
+        Some(&10),
+        "a is in maintenance"
+    );
+
+    assert_eq!(cli(addr, "enable server web/a").await, "\n");
+    assert_eq!(status_of(addr, "web", "a").await, "no check");
+    let both = tally(&c, &url, 10).await;
+    assert_eq!(
+        (both.get("a"), both.get("b")),
+        (Some(&5), Some(&5)),
+        "{both:?}"
+    );
+
+    // Weights: 3 to 1 over a whole number of rounds.
+    assert_eq!(cli(addr, "set server web/a weight 3").await, "\n");
+    assert_eq!(cli(addr, "get weight web/a").await, "3 (initial 1)\n\n");
+    let csv = cli(addr, "show stat").await;
+    assert_eq!(stat_field(&csv, "web", "a", 19), "3", "the weight column");
+    assert_eq!(stat_field(&csv, "web", "BACKEND", 19), "4");
+    let split = tally(&c, &url, 40).await;
+    assert_eq!(
+        (split.get("a"), split.get("b")),
+        (Some(&30), Some(&10)),
+        "{split:?}"
+    );
+
+    // 50% of the initial weight 1 is 0: no new requests.
+    assert_eq!(cli(addr, "set server web/a weight 50%").await, "\n");
+    assert_eq!(cli(addr, "get weight web/a").await, "0 (initial 1)\n\n");
+    assert_eq!(tally(&c, &url, 10).await.get("b"), Some(&10));
+    assert_eq!(cli(addr, "set weight web/a 100%").await, "\n");
+    assert_eq!(cli(addr, "get weight web/a").await, "1 (initial 1)\n\n");
+
+    // Drain: no new requests, status DRAIN; ready again: back in rotation.
+    assert_eq!(cli(addr, "set server web/b state drain").await, "\n");
+    assert_eq!(status_of(addr, "web", "b").await, "DRAIN");
+    assert_eq!(tally(&c, &url, 10).await.get("a"), Some(&10));
+    assert_eq!(cli(addr, "set server web/b state maint").await, "\n");
+    assert_eq!(status_of(addr, "web", "b").await, "MAINT");
+    assert_eq!(cli(addr, "set server web/a state maint").await, "\n");
+    let csv = cli(addr, "show stat").await;
+    assert_eq!(
+        stat_field(&csv, "web", "BACKEND", 18),
+        "DOWN",
+        "no usable server"
+    );
+    let (status, _) = get_echo(&c, &url, &[]).await;
+    assert_eq!(status, 503, "every server in maintenance");
+    assert_eq!(
+        cli(
+            addr,
+            "set server web/a state ready; set server web/b state ready"
+        )
+        .await,
+        "\n\n"
+    );
+    let both = tally(&c, &url, 10).await;
+    assert_eq!(
+        (both.get("a"), both.get("b")),
+        (Some(&5), Some(&5)),
+        "{both:?}"
+    );
+
+    // The per-server counters count what was served.
+    let csv = cli(addr, "show stat").await;
+    let stot: u64 = stat_field(&csv, "web", "a", 8).parse().expect("stot");
+    let hrsp_2xx: u64 = stat_field(&csv, "web", "a", 41).parse().expect("hrsp_2xx");
+    assert!(
+        stot >= 30 && hrsp_2xx == stot,
+        "stot {stot}, hrsp_2xx {hrsp_2xx}"
+    );
+
+    // `show servers state` shows what the commands set.
+    let state = cli(addr, "set server web/a weight 7; show servers state web").await;
+    let row = state
+        .lines()
+        .find(|l| l.starts_with("2 web 1 a "))
+        .unwrap_or_else(|| panic!("no row for web/a:\n{state}"));
+    let f: Vec<&str> = row.split(' ').collect();
+    assert_eq!((f[5], f[6], f[7], f[8]), ("2", "0", "7", "1"), "{row}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_commands_change_where_requests_go() {
+    let ups = Upstream::start_many(&["a", "b"]).await;
+    let (a, b) = (&ups[0], &ups[1]);
+    let proxy = Proxy::start_with_args(
+        || {
+            two_servers(free_addr(), a, b)
+                + &format!(
+                    "\n[services.solo]\nendpoints = [{}]\n",
+                    endpoint_line(b, "")
+                )
+        },
+        &["--runtime-api", "127.0.0.1:0"],
+    )
+    .await;
+    let addr = runtime_addr(&proxy);
+    let c = client();
+    let url = proxy.url("/m/x");
+    let list = cli(addr, "show map").await;
+    assert_eq!(
+        list,
+        "# id (file) description\n1 (release) routing map 'release' used by route m. entry_cnt=1\n\n"
+    );
+
+    assert_eq!(
+        cli(addr, "set map /etc/haproxy/release.map live solo").await,
+        "\n"
+    );
+    assert_eq!(
+        tally(&c, &url, 4).await.get("b"),
+        Some(&4),
+        "solo is b alone"
+    );
+    assert_eq!(cli(addr, "show map #1").await, "0x1 live solo\n\n");
+
+    assert_eq!(cli(addr, "clear map release").await, "\n");
+    let (status, _) = get_echo(&c, &url, &[]).await;
+    assert_eq!(status, 503, "no entry for the key");
+    assert_eq!(cli(addr, "show map release").await, "\n");
+    assert_eq!(
+        cli(addr, "set map release live web").await,
+        "entry not found.\n\n"
+    );
+    assert_eq!(cli(addr, "add map release live web").await, "\n");
+    assert_eq!(tally(&c, &url, 4).await.len(), 2, "web again: a and b");
+    assert!(cli(addr, "add map release live solo")
+        .await
+        .starts_with("Key already exists"));
+    assert_eq!(cli(addr, "del map release live").await, "\n");
+    assert_eq!(
+        cli(addr, "del map release live").await,
+        "Key not found.\n\n"
+    );
+    let (status, _) = get_echo(&c, &url, &[]).await;
+    assert_eq!(status, 503);
+
+    let unknown = "Unknown map identifier. Please use #<id> or <file>.\n\n";
+    for line in [
+        "show map nope",
+        "show map #7",
+        "set map /x/nope.map live web",
+        "add map nope k v",
+        "del map nope k",
+        "clear map nope",
+    ] {
+        assert_eq!(cli(addr, line).await, unknown, "{line}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Every read command, lines of several commands, errors
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_commands_and_error_answers() {
+    let ups = Upstream::start_many(&["a", "b"]).await;
+    let (a, b) = (&ups[0], &ups[1]);
+    let proxy = Proxy::start_with_args(
+        || two_servers(free_addr(), a, b),
+        &["--runtime-api", "127.0.0.1:0"],
+    )
+    .await;
+    let addr = runtime_addr(&proxy);
+
+    let csv = cli(addr, "show stat").await;
+    assert!(
+        csv.starts_with("# pxname,svname,qcur,qmax,scur,smax,slim,stot,"),
+        "{csv}"
+    );
+    let cut: Vec<String> = csv
+        .lines()
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .filter(|f| f.len() > 18)
+        .map(|f| format!("{} {} {}", f[0], f[1], f[17]))
+        .collect();
+    assert_eq!(
+        cut,
+        [
+            "# pxname svname status",
+            "web FRONTEND OPEN",
+            "web a no check",
+            "web b no check",
+            "web BACKEND UP",
+        ]
+    );
+    assert!(csv.ends_with(",\n\n"), "{csv}");
+
+    assert_eq!(cli(addr, "show backend").await, "# name\nweb\n\n");
+    let info = cli(addr, "show info").await;
+    assert!(info.starts_with("Name: pointsman\n"), "{info}");
+    assert!(
+        info.contains(&format!("\nPid: {}\n", proxy.pid())),
+        "{info}"
+    );
+    assert!(info.contains("\nNbthread: 2\n"), "{info}");
+    let state = cli(addr, "show servers state").await;
+    assert!(
+        state.starts_with("1\n# be_id be_name srv_id srv_name srv_addr "),
+        "{state}"
+    );
+    assert_eq!(
+        state.lines().filter(|l| l.starts_with("2 web ")).count(),
+        2,
+        "{state}"
+    );
+    let conn = cli(addr, "show servers conn web").await;
+    assert!(conn.starts_with("# bkname/svname bkid/svid addr port - purge_delay used_cur"));
+    assert_eq!(
+        conn.lines()
+            .nth(1)
+            .map(|l| l.split(' ').take(7).collect::<Vec<_>>().join(" ")),
+        Some(format!(
+            "web/a 2/1 {} {} - 30000 0",
+            a.addr.ip(),
+            a.addr.port()
+        ))
+    );
+    let help = cli(addr, "help").await;
+    for command in [
+        "show stat",
+        "show info",
+        "show servers state",
+        "show servers conn",
+        "show backend",
+        "show map",
+        "disable server",
+        "enable server",
+        "set server",
+        "set weight",
+        "get weight",
+        "set map",
+        "add map",
+        "del map",
+        "clear map",
+        "help",
+        "prompt",
+        "quit",
+    ] {
+        assert!(
+            help.contains(&format!("\n  {command}")),
+            "help lists {command}:\n{help}"
+        );
+    }
+
+    // Several commands on one line, each answer followed by an empty line.
+    assert_eq!(
+        cli(addr, "get weight web/a;get weight web/b ; show backend").await,
+        "1 (initial 1)\n\n1 (initial 1)\n\n# name\nweb\n\n"
+    );
+    // `quit` ends the line.
+    assert_eq!(
+        cli(addr, "get weight web/a; quit; show backend").await,
+        "1 (initial 1)\n\n"
+    );
+
+    let errors = [
+        ("show servers conn nope", "Can't find backend."),
+        ("show servers state nope", "Can't find backend."),
+        ("get weight web", "Require 'backend/server'."),
+        ("get weight nope/a", "No such backend."),
+        ("get weight web/nope", "No such server."),
+        ("disable server", "Require 'backend/server'."),
+        ("disable server nope/a", "No such backend."),
+        ("enable server web/nope", "No such server."),
+        (
+            "set server web/a",
+            "usage: set server <backend>/<server> state ready|drain|maint | weight <weight>[%]",
+        ),
+        (
+            "set server web/a state up",
+            "'set server <srv> state' expects 'ready', 'drain' and 'maint'.",
+        ),
+        ("set server web/nope state drain", "No such server."),
+        ("set server web/a weight", "Require <weight> or <weight%>."),
+        (
+            "set server web/a weight 257",
+            "Absolute weight can only be between 0 and 256 inclusive.",
+        ),
+        (
+            "set server web/a weight heavy",
+            "Empty weight string empty or preceded by garbage.",
+        ),
+        (
+            "set server web/a weight 5kg",
+            "Trailing garbage in weight string.",
+        ),
+        (
+            "set server web/a weight -50%",
+            "Relative weight must be positive.",
+        ),
+        ("set weight nope/a 3", "No such backend."),
+        (
+            "set map release live",
+            "'set map' expects three parameters: map identifier, key and value.",
+        ),
+        ("set map release nope web", "entry not found."),
+        (
+            "del map release",
+            "This command expects two parameters: map identifier and key.",
+        ),
+        ("clear map", "Missing map identifier."),
+        (
+            "show stat json",
+            "'show stat json' is not supported: the output is CSV only.",
+        ),
+    ];
+    for (line, want) in errors {
+        let got = cli(addr, line).await;
+        assert!(
+            got.starts_with(want),
+            "{line:?}: got {got:?}, want {want:?}"
+        );
+        assert!(got.ends_with("\n\n"), "{line:?}: {got:?}");
+    }
+    // Nothing changed on the way.
+    assert_eq!(cli(addr, "get weight web/a").await, "1 (initial 1)\n\n");
+    assert_eq!(status_of(addr, "web", "a").await, "no check");
+
+    // Unknown commands: the closest commands, or all, as HAProxy answers.
+    let got = cli(addr, "show sess").await;
+    assert!(
+        got.starts_with(
+            "Unknown command, but maybe one of the following ones is a better match:\n  show "
+        ),
+        "{got}"
+    );
+    assert!(!got.contains("  set "), "{got}");
+    let got = cli(addr, "frobnicate web/a").await;
+    assert!(
+        got.starts_with("Unknown command. Please enter one of the following commands only:\n"),
+        "{got}"
+    );
+    assert!(got.contains("  set map <map> <key> <value> "), "{got}");
+    // The proxy is still there.
+    assert_eq!(cli(addr, "show backend").await, "# name\nweb\n\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_mode_keeps_the_connection_until_quit() {
+    let ups = Upstream::start_many(&["a", "b"]).await;
+    let (a, b) = (&ups[0], &ups[1]);
+    let proxy = Proxy::start_with_args(
+        || two_servers(free_addr(), a, b),
+        &["--runtime-api", "127.0.0.1:0"],
+    )
+    .await;
+    let addr = runtime_addr(&proxy);
+
+    // Through socat, as a person would pipe it.
+    let out = run_with_input(
+        "socat",
+        &["stdio", &format!("tcp4-connect:{addr}")],
+        "prompt\nget weight web/a\nshow backend\nquit\nget weight web/b\n",
+    )
+    .await;
+    assert_eq!(out, "\n> 1 (initial 1)\n\n> # name\nweb\n\n> ");
+
+    // Over a socket held open: the session waits for the next command.
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"prompt\n").await.expect("send");
+    assert_eq!(read_until(&mut s, "> ").await, "\n> ");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b"disable server web/b\n").await.expect("send");
+    assert_eq!(read_until(&mut s, "> ").await, "\n> ");
+    s.write_all(b"get weight web/b; show stat web 4 2\n")
+        .await
+        .expect("send");
+    let out = read_until(&mut s, "\n\n> ").await;
+    assert!(out.starts_with("1 (initial 1)\n\n> # pxname,"), "{out}");
+    assert!(out.contains("\nweb,b,0,0,0,,,0,"), "{out}");
+    assert!(out.contains(",MAINT,"), "{out}");
+    s.write_all(b"quit\n").await.expect("send");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the connection closes after quit")
+        .expect("read");
+    assert!(rest.is_empty(), "{rest:?}");
+
+    // Without prompt, one line is answered and the connection closed.
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"get weight web/a\n").await.expect("send");
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+        .await
+        .expect("closed after one answer")
+        .expect("read");
+    assert_eq!(String::from_utf8_lossy(&all), "1 (initial 1)\n\n");
+}
+
+/// Reads from `s` until what arrived ends with `end`.
+async fn read_until(s: &mut TcpStream, end: &str) -> String {
+    let mut got = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        while !got.ends_with(end.as_bytes()) {
+            let n = s.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed; got {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .unwrap_or_else(|_| panic!("no {end:?} within 5 s"));
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+// ---------------------------------------------------------------------------
+// The Unix socket
+
+fn socket_mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// `pointsman run` that must refuse to start; its stderr.
+fn refused_start(config: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "run",
+        "--config",
+        config.to_str().expect("UTF-8 path"),
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let (code, _, stderr) = run_cli(&args);
+    assert_eq!(
+        code, 1,
+        "pointsman {args:?} should refuse to start:\n{stderr}"
+    );
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unix_socket_is_owner_only_replaces_stale_files_and_refuses_live_ones() {
+    let ups = Upstream::start_many(&["a", "b"]).await;
+    let (a, b) = (&ups[0], &ups[1]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock: PathBuf = dir.path().join("admin.sock");
+    // A socket file left by a process that died.
+    drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind a stale socket"));
+    assert!(sock.exists());
+
+    let sock_arg = sock.to_str().expect("UTF-8 path").to_string();
+    let proxy = Proxy::start_with_args(
+        || two_servers(free_addr(), a, b),
+        &["--runtime-socket", &sock_arg],
+    )
+    .await;
+    assert_eq!(socket_mode(&sock), 0o600, "mode 0600");
+    assert!(proxy
+        .stderr()
+        .contains("removed a stale runtime socket file"));
+    assert_eq!(cli_unix(&sock, "show backend").await, "# name\nweb\n\n");
+    assert_eq!(
+        cli_unix(&sock, "disable server web/a; get weight web/a").await,
+        "\n1 (initial 1)\n\n"
+    );
+    let c = client();
+    assert_eq!(tally(&c, &proxy.url("/"), 6).await.get("b"), Some(&6));
+
+    // A second proxy on the same path refuses to start.
+    let err = refused_start(proxy.config_path(), &["--runtime-socket", &sock_arg]);
+    assert!(err.contains("another process is serving on it"), "{err}");
+    assert_eq!(
+        cli_unix(&sock, "get weight web/b").await,
+        "1 (initial 1)\n\n",
+        "still served"
+    );
+
+    // A path that is not a socket is never replaced.
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "keep me").expect("write");
+    let err = refused_start(
+        proxy.config_path(),
+        &["--runtime-socket", file.to_str().expect("UTF-8")],
+    );
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), "keep me");
+
+    // The TCP address must be loopback.
+    let err = refused_start(proxy.config_path(), &["--runtime-api", "0.0.0.0:9999"]);
+    assert!(err.contains("not a loopback address"), "{err}");
+
+    // The socket file goes with the proxy.
+    let mut proxy = proxy;
+    sigterm(proxy.pid());
+    wait_exit(
+        proxy.child(),
+        Duration::from_secs(10),
+        "pointsman after SIGTERM",
+    )
+    .await;
+    assert!(!sock.exists(), "the socket file is removed on exit");
+}
+
+#[test]
+fn run_help_lists_the_runtime_api_flags() {
+    let (code, out, _) = run_cli(&["run", "--help"]);
+    assert_eq!(code, 0);
+    for flag in ["--runtime-socket <PATH>", "--runtime-api <ADDR>"] {
+        assert!(
+            out.contains(flag),
+            "`pointsman run --help` mentions {flag}:\n{out}"
+        );
+    }
+}
