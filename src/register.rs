@@ -21,14 +21,13 @@
 //! (a systemd unit beside it) and does the same on SIGTERM, exiting 0.
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
 use std::process::{ExitCode, ExitStatus};
 use std::time::Duration;
 
 use pointsman_discovery::fleet::{http_get, FleetCheck};
 use pointsman_discovery::{
-    Address, AdminState, EtcdOptions, EtcdTls, Expectation, Fleet, FleetError, LeaseState,
-    Prefixes, Registrar, Registration,
+    Address, AdminState, EtcdOptions, Expectation, Fleet, FleetError, LeaseState, Registrar,
+    Registration,
 };
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -46,58 +45,6 @@ const KILL_GRACE: Duration = Duration::from_secs(10);
 /// How often the drain's progress is logged while nothing changes.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
-/// How to reach etcd; the same flags as `pointsman run`.
-#[derive(clap::Args, Clone, Debug)]
-pub struct EtcdArgs {
-    /// etcd client URLs, comma-separated (http://127.0.0.1:2379,http://10.0.0.2:2379).
-    #[arg(long, value_delimiter = ',', env = "POINTSMAN_ETCD", required = true)]
-    pub etcd: Vec<String>,
-    /// Key prefix of service registrations in etcd.
-    #[arg(long, default_value = "/services")]
-    pub etcd_prefix: String,
-    /// Key prefix of routes, maps, overrides and proxies in etcd.
-    #[arg(long, default_value = "/pointsman")]
-    pub etcd_config_prefix: String,
-    /// etcd user name (with --etcd-password, or POINTSMAN_ETCD_PASSWORD).
-    #[arg(long)]
-    pub etcd_user: Option<String>,
-    /// etcd password.
-    #[arg(long, env = "POINTSMAN_ETCD_PASSWORD", hide_env_values = true)]
-    pub etcd_password: Option<String>,
-    /// PEM CA certificate for etcd over TLS.
-    #[arg(long)]
-    pub etcd_ca: Option<PathBuf>,
-    /// PEM client certificate for etcd (with --etcd-key).
-    #[arg(long, requires = "etcd_key")]
-    pub etcd_cert: Option<PathBuf>,
-    /// PEM private key of --etcd-cert.
-    #[arg(long, requires = "etcd_cert")]
-    pub etcd_key: Option<PathBuf>,
-}
-
-impl EtcdArgs {
-    pub fn options(&self) -> Result<EtcdOptions, String> {
-        let mut o = EtcdOptions::new(self.etcd.iter().cloned());
-        o.prefixes = Prefixes {
-            services: self.etcd_prefix.clone(),
-            pointsman: self.etcd_config_prefix.clone(),
-        };
-        o.user = match (&self.etcd_user, &self.etcd_password) {
-            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
-            (None, None) => None,
-            _ => return Err("--etcd-user and --etcd-password go together".to_string()),
-        };
-        o.tls = self.etcd_ca.as_ref().map(|ca| EtcdTls {
-            ca: ca.clone(),
-            cert: self.etcd_cert.clone(),
-            key: self.etcd_key.clone(),
-            domain: None,
-        });
-        o.check().map_err(|e| e.to_string())?;
-        Ok(o)
-    }
-}
-
 const EXAMPLES: &str = "Examples:
   # the app as a child (a container entrypoint):
   pointsman register --etcd http://etcd:2379 --service web --address 10.0.0.5:8080 \\
@@ -110,7 +57,7 @@ const EXAMPLES: &str = "Examples:
 #[command(after_help = EXAMPLES)]
 pub struct RegisterArgs {
     #[command(flatten)]
-    pub etcd: EtcdArgs,
+    pub etcd: crate::cli::EtcdArgs,
     /// Service to register the app in.
     #[arg(long, env = "POINTSMAN_SERVICE")]
     pub service: String,
@@ -425,7 +372,11 @@ struct Sidekick {
 
 impl Sidekick {
     fn new(args: RegisterArgs) -> Result<Sidekick, Exit> {
-        let etcd = args.etcd.options().map_err(usage)?;
+        let etcd = args
+            .etcd
+            .options()
+            .map_err(|e| usage(e.to_string()))?
+            .ok_or_else(|| usage("say where to register: --etcd URL".to_string()))?;
         let id = args.id.clone().unwrap_or_else(|| {
             format!("{}:{}", crate::heartbeat::host_name(), args.address.port())
         });

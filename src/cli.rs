@@ -1,0 +1,95 @@
+//! Command-line options shared by `run`, `ctl`, `register` and `deploy`:
+//! how to reach etcd and Consul.
+
+use std::path::PathBuf;
+
+use pointsman_discovery::{EtcdOptions, EtcdTls, Prefixes};
+
+/// How to reach etcd; shared by `run`, `ctl`, `register` and `deploy`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct EtcdArgs {
+    /// etcd client URLs of the cluster, comma-separated
+    /// (http://127.0.0.1:2379,http://10.0.0.2:2379).
+    #[arg(long, value_delimiter = ',', env = "POINTSMAN_ETCD")]
+    pub etcd: Vec<String>,
+    /// Key prefix of service registrations in etcd.
+    #[arg(long, default_value = "/services")]
+    pub etcd_prefix: String,
+    /// Key prefix of routes, maps, overrides and proxies in etcd.
+    #[arg(long, default_value = "/pointsman")]
+    pub etcd_config_prefix: String,
+    /// etcd user name (with --etcd-password, or POINTSMAN_ETCD_PASSWORD).
+    #[arg(long)]
+    pub etcd_user: Option<String>,
+    /// etcd password.
+    #[arg(long, env = "POINTSMAN_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    /// PEM CA certificate for etcd over TLS.
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd (with --etcd-key).
+    #[arg(long, requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// The options, or `None` when no --etcd was given.
+    pub fn options(&self) -> anyhow::Result<Option<EtcdOptions>> {
+        if self.etcd.is_empty() {
+            return Ok(None);
+        }
+        let mut o = EtcdOptions::new(self.etcd.iter().cloned());
+        o.prefixes = Prefixes {
+            services: self.etcd_prefix.clone(),
+            pointsman: self.etcd_config_prefix.clone(),
+        };
+        o.user = match (&self.etcd_user, &self.etcd_password) {
+            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+            (None, None) => None,
+            _ => anyhow::bail!("--etcd-user and --etcd-password go together"),
+        };
+        o.tls = self.etcd_ca.as_ref().map(|ca| EtcdTls {
+            ca: ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            domain: None,
+        });
+        o.check().map_err(|e| anyhow::anyhow!("etcd: {e}"))?;
+        Ok(Some(o))
+    }
+}
+
+/// How to reach Consul.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ConsulArgs {
+    /// Consul HTTP API URLs (an agent or servers), comma-separated
+    /// (http://127.0.0.1:8500); tried one at a time.
+    #[arg(long, value_delimiter = ',', env = "POINTSMAN_CONSUL")]
+    pub consul: Vec<String>,
+    /// Consul ACL token (sent as X-Consul-Token).
+    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
+    pub consul_token: Option<String>,
+    /// Consul datacenter to read [default: the agent's].
+    #[arg(long)]
+    pub consul_datacenter: Option<String>,
+    /// How long one blocking query may wait for a change.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    pub consul_wait: std::time::Duration,
+}
+
+impl ConsulArgs {
+    pub fn options(&self) -> anyhow::Result<Option<pointsman_discovery::ConsulOptions>> {
+        if self.consul.is_empty() {
+            return Ok(None);
+        }
+        let mut o = pointsman_discovery::ConsulOptions::new(self.consul.iter().cloned());
+        o.token = self.consul_token.clone();
+        o.datacenter = self.consul_datacenter.clone();
+        o.wait = self.consul_wait;
+        o.check().map_err(|e| anyhow::anyhow!("consul: {e}"))?;
+        Ok(Some(o))
+    }
+}
