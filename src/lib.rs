@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod register;
 pub mod registry;
 pub mod reload;
+pub mod rollout;
 pub mod routing;
 pub mod runtime;
 pub mod takeover;

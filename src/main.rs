@@ -54,6 +54,9 @@ enum Command {
     /// Change instance state, weight and maps fleet-wide (--etcd) or on
     /// one proxy (--admin), and show what the proxies serve.
     Ctl(CtlArgs),
+    /// Zero-downtime deploys confirmed by every proxy: rolling, blue/green
+    /// switch and rollback, canary.
+    Deploy(pointsman::rollout::DeployArgs),
     /// Run a small HTTP upstream that echoes what it receives (for demos,
     /// the compose stack and tests).
     Upstream {
@@ -229,6 +232,9 @@ fn main() -> ExitCode {
         },
         Command::Run(args) => serve(args, false),
         Command::Ctl(args) => ctl(args),
+        Command::Deploy(args) => {
+            runtime(Some(1)).and_then(|rt| rt.block_on(pointsman::rollout::run(args)))
+        }
         Command::Demo(args) => serve(args, true),
         Command::Upstream { listen, name } => runtime(Some(1)).and_then(|rt| {
             rt.block_on(async {

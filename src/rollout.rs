@@ -1,0 +1,195 @@
+//! `pointsman deploy`: the rollouts of `pointsman-deploy` on the command
+//! line. Each one writes to etcd and waits until every proxy registered
+//! under `<pointsman>/proxies/` confirms each step, printing progress.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use pointsman_deploy::canary::{self, Canary, Outcome};
+use pointsman_deploy::rolling::{self, Rolling};
+use pointsman_deploy::switch::{self, Switch};
+use pointsman_deploy::watch::Progress;
+use pointsman_deploy::{CanarySteps, Store};
+use pointsman_discovery::fleet::Fleet;
+
+use crate::cli::EtcdArgs;
+
+/// `pointsman deploy`'s arguments.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    #[command(subcommand)]
+    pub command: DeployCommand,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 500ms, 30s, 2m)"))
+}
+
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum DeployCommand {
+    /// Replace every instance of a service, one at a time: drain it on
+    /// every proxy, stop it, start it, wait until every proxy sees it
+    /// healthy, put it back. `{id}`, `{address}` and `{service}` are
+    /// replaced in the commands; the start command must return once the
+    /// instance is started.
+    Rolling {
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        stop_cmd: String,
+        #[arg(long)]
+        start_cmd: String,
+        /// Longest wait for an instance's drain; then the rollout goes on.
+        #[arg(long, value_parser = duration, default_value = "30s")]
+        drain_timeout: Duration,
+        /// Longest wait for a new instance to register and be healthy
+        /// everywhere; then the rollout stops and restores its state.
+        #[arg(long, value_parser = duration, default_value = "60s")]
+        health_timeout: Duration,
+    },
+    /// Blue/green: point a map entry at another service in one write and
+    /// wait until every proxy applied it.
+    Switch {
+        #[arg(long)]
+        map: String,
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        to: String,
+        /// Then wait until no proxy has a request in flight to the previous
+        /// target.
+        #[arg(long)]
+        drain_old: bool,
+        #[arg(long, value_parser = duration, default_value = "60s")]
+        timeout: Duration,
+    },
+    /// Switch a map entry back to the value its last `deploy switch`
+    /// replaced.
+    Rollback {
+        #[arg(long)]
+        map: String,
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        drain_old: bool,
+        #[arg(long, value_parser = duration, default_value = "60s")]
+        timeout: Duration,
+    },
+    /// Move a route's traffic from one service to another in steps,
+    /// comparing the new service's errors and latency with the old one's
+    /// between steps; roll back when it does worse.
+    Canary {
+        /// The route's name (`<pointsman>/routes/<name>`).
+        #[arg(long)]
+        route: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        /// Percentages of traffic for the new service, ending at 100.
+        #[arg(long, default_value = "1,5,25,50,100")]
+        steps: String,
+        /// Time at each step before the comparison.
+        #[arg(long, value_parser = duration, default_value = "30s")]
+        interval: Duration,
+        /// How much higher the new service's error rate may be (0.02 = two
+        /// percentage points).
+        #[arg(long, default_value_t = 0.02)]
+        max_error_increase: f64,
+        /// How many times the old service's mean latency the new one may
+        /// take (and at least 5 ms more before it counts).
+        #[arg(long, default_value_t = 2.0)]
+        max_latency_ratio: f64,
+        /// Fewer requests than this to the new service at a step: no
+        /// verdict at that step.
+        #[arg(long, default_value_t = 20)]
+        min_requests: u64,
+        #[arg(long, value_parser = duration, default_value = "60s")]
+        timeout: Duration,
+    },
+}
+
+pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
+    let Some(etcd) = args.etcd.options()? else {
+        bail!("deploy works through etcd: give --etcd URL");
+    };
+    let mut store = Store::connect(&etcd).await?;
+    let mut fleet = Fleet::new(etcd).context("etcd")?;
+    let progress = Progress::new();
+    match args.command {
+        DeployCommand::Rolling {
+            service,
+            stop_cmd,
+            start_cmd,
+            drain_timeout,
+            health_timeout,
+        } => {
+            let plan = Rolling {
+                service,
+                stop_cmd,
+                start_cmd,
+                drain_timeout,
+                health_timeout,
+            };
+            rolling::rolling(&mut store, &mut fleet, &plan, &progress).await?;
+        }
+        DeployCommand::Switch {
+            map,
+            key,
+            to,
+            drain_old,
+            timeout,
+        } => {
+            let plan = Switch {
+                map,
+                key,
+                to,
+                drain_old,
+                timeout,
+            };
+            switch::switch(&mut store, &mut fleet, &plan, &progress).await?;
+        }
+        DeployCommand::Rollback {
+            map,
+            key,
+            drain_old,
+            timeout,
+        } => {
+            switch::rollback(
+                &mut store, &mut fleet, &map, &key, drain_old, timeout, &progress,
+            )
+            .await?;
+        }
+        DeployCommand::Canary {
+            route,
+            from,
+            to,
+            steps,
+            interval,
+            max_error_increase,
+            max_latency_ratio,
+            min_requests,
+            timeout,
+        } => {
+            let plan = Canary {
+                route,
+                from,
+                to,
+                steps: CanarySteps::parse(&steps)?,
+                interval,
+                max_error_increase,
+                max_latency_ratio,
+                latency_floor: Duration::from_millis(5),
+                min_requests,
+                timeout,
+            };
+            match canary::canary(&mut store, &mut fleet, &plan, &progress).await? {
+                Outcome::Promoted => {}
+                Outcome::RolledBack(why) => bail!("canary aborted and rolled back: {why}"),
+            }
+        }
+    }
+    Ok(())
+}
