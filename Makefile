@@ -8,6 +8,8 @@ BUILD_DEBS := protobuf-compiler libprotobuf-dev
 TEST_DEBS  := etcd-server etcd-client curl socat bsdextrautils chromium python3-prometheus-client
 # The yardsticks for `make bench` and `make soak`.
 BENCH_DEBS := haproxy nginx wrk python3 iproute2 etcd-server etcd-client
+# `make demo` and `make soak`: etcd, and hey as the load (as in the seeds).
+DEMO_DEBS  := etcd-server etcd-client hey curl
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -20,7 +22,7 @@ define install_missing
 	fi
 endef
 
-.PHONY: run test lint fmt deps-build deps-test deps-bench build bench bench-throughput bench-idle bench-scale bench-propagation check-config
+.PHONY: run test lint fmt deps-build deps-test deps-bench deps-demo demo soak build bench bench-throughput bench-idle bench-scale bench-propagation check-config
 
 ## run: the demo (proxy on 127.0.0.1:8080, stats on 127.0.0.1:8404/stats)
 run: deps-build
@@ -34,6 +36,16 @@ test: deps-build deps-test
 	else \
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
+
+## demo: a rolling deploy and a blue/green switch under load (64 keep-alive
+## clients) on two proxies and a throwaway etcd; prints the failed requests
+demo: deps-build deps-demo build
+	bash deploy/demo.sh demo
+
+## soak: the same under 200 clients and 200,000 requests (hey -n 200000 -c 200)
+soak: deps-build deps-demo build
+	@mkdir -p bench/results
+	OUT=bench/results/soak.txt bash deploy/demo.sh soak
 
 ## lint: formatting and clippy, warnings are errors
 lint: deps-build
@@ -78,3 +90,6 @@ deps-test:
 
 deps-bench:
 	$(call install_missing,$(BENCH_DEBS))
+
+deps-demo:
+	$(call install_missing,$(DEMO_DEBS))
