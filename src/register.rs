@@ -1,19 +1,30 @@
 //! `pointsman register`: the sidekick that makes an app safe to stop.
 //!
-//! It registers the app in etcd (under a lease, kept alive) only once the
-//! app passes its check, and takes it out of rotation before it stops:
+//! It registers the app in etcd (under a lease, kept alive) or with the
+//! local Consul agent (with a check) only once the app passes its check,
+//! and takes it out of rotation before it stops:
 //!
 //! 1. start the app (`-- CMD ARGS`) as a child, if given; wait until it
 //!    passes its check (TCP connect by default, or `--check-http PATH`),
 //!    giving up after `--check-timeout`;
-//! 2. register `<services>/<service>/<id>`; keep the lease alive, register
-//!    again under a new lease if etcd loses it; keep checking, and set the
-//!    instance to `maint` while the check keeps failing;
+//! 2. etcd: register `<services>/<service>/<id>`; keep the lease alive,
+//!    register again under a new lease if etcd loses it; keep checking,
+//!    and set the instance to `maint` while the check keeps failing.
+//!    Consul: register through the agent API with an HTTP check that the
+//!    agent runs (`--check-http`) or a TTL check that the sidekick passes
+//!    every TTL/3 while the app passes its check and fails while the check
+//!    keeps failing; register again if the agent forgets the instance;
 //! 3. on SIGTERM or SIGINT: rewrite the registration with state `drain`
-//!    (revision R), wait until every live proxy has applied R and has no
-//!    request in flight to the instance (bounded by `--drain-timeout`),
-//!    delete the registration, then pass the signal to the app and exit
-//!    with its exit code. SIGHUP, SIGUSR1 and SIGUSR2 are passed on as they
+//!    (etcd: at revision R; Consul: meta `pointsman-state: drain`), wait
+//!    until every proxy has stopped sending to the instance and has no
+//!    request in flight to it (bounded by `--drain-timeout`), delete the
+//!    registration, then pass the signal to the app and exit with its exit
+//!    code. With etcd the proxies are the live records under
+//!    `<pointsman>/proxies/`, and each must have applied R; with Consul
+//!    they are the `--proxy-admin` addresses, each asked until it shows the
+//!    instance gone or not ready with nothing in flight twice in a row, or,
+//!    with none given, the proxies following Consul get [`CONSUL_GRACE`]
+//!    to see the drain. SIGHUP, SIGUSR1 and SIGUSR2 are passed on as they
 //!    come. If the app exits on its own, the registration is deleted at
 //!    once and its exit code is ours.
 //!
@@ -22,16 +33,18 @@
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitCode, ExitStatus};
+use std::sync::Arc;
 use std::time::Duration;
 
-use pointsman_discovery::fleet::{http_get, FleetCheck};
+use pointsman_discovery::consul::{Agent, AgentCheck, AgentService, ConsulError, TtlStatus};
+use pointsman_discovery::fleet::{http_get, probe, FleetCheck, ProxyVerdict, ProxyView};
 use pointsman_discovery::{
-    Address, AdminState, EtcdOptions, Expectation, Fleet, FleetError, LeaseState, Registrar,
-    Registration,
+    Address, AdminState, ConsulOptions, EtcdOptions, Expectation, Fleet, FleetError, LeaseState,
+    Registrar, Registration,
 };
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::{watch, Mutex};
 use tokio::time::{sleep, timeout, Instant};
 
 /// Time between checks while waiting for the app to become healthy.
@@ -44,13 +57,31 @@ const RISE: u32 = 2;
 const KILL_GRACE: Duration = Duration::from_secs(10);
 /// How often the drain's progress is logged while nothing changes.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// Time between two rounds of asking the `--proxy-admin` proxies.
+const PROXY_POLL: Duration = Duration::from_millis(100);
+/// Limit of one proxy's answer while draining.
+const PROXY_LIMIT: Duration = Duration::from_secs(2);
+/// With Consul and no `--proxy-admin`: how long the proxies following
+/// Consul get to see the drain (a blocking query wakes on the change, so
+/// they normally see it within milliseconds) before the instance is
+/// deregistered.
+pub const CONSUL_GRACE: Duration = Duration::from_secs(2);
+/// Consul removes an instance whose check has been critical this long: a
+/// sidekick killed without deregistering leaves nothing behind for good.
+const CONSUL_DEREGISTER_AFTER: Duration = Duration::from_secs(60);
+/// Attempts at deregistering from Consul, and the pause between them.
+const CONSUL_DEREGISTER_TRIES: u32 = 3;
+const CONSUL_DEREGISTER_PAUSE: Duration = Duration::from_millis(300);
 
 const EXAMPLES: &str = "Examples:
   # the app as a child (a container entrypoint):
   pointsman register --etcd http://etcd:2379 --service web --address 10.0.0.5:8080 \\
       --check-http /healthz -- /app/server --port 8080
   # an app that runs beside it (a systemd unit of its own):
-  pointsman register --etcd http://127.0.0.1:2379 --service web --address 10.0.0.5:8080";
+  pointsman register --etcd http://127.0.0.1:2379 --service web --address 10.0.0.5:8080
+  # with the local Consul agent, waiting for two proxies on SIGTERM:
+  pointsman register --consul http://127.0.0.1:8500 --service web --address 10.0.0.5:8080 \\
+      --proxy-admin 10.0.0.1:8404 --proxy-admin 10.0.0.2:8404 -- /app/server --port 8080";
 
 /// `pointsman register`'s flags.
 #[derive(clap::Args, Clone, Debug)]
@@ -58,6 +89,15 @@ const EXAMPLES: &str = "Examples:
 pub struct RegisterArgs {
     #[command(flatten)]
     pub etcd: crate::cli::EtcdArgs,
+    /// Register with the Consul agent instead of etcd (give exactly one of
+    /// --etcd and --consul; with several URLs, the first is the agent).
+    #[command(flatten)]
+    pub consul: crate::cli::ConsulArgs,
+    /// With --consul: the admin address of a proxy (repeatable) to ask, on
+    /// SIGTERM, until it has stopped sending to the app [default: none:
+    /// the proxies get 2s to see the drain].
+    #[arg(long = "proxy-admin", value_name = "HOST:PORT", value_parser = parse_address)]
+    pub proxy_admin: Vec<Address>,
     /// Service to register the app in.
     #[arg(long, env = "POINTSMAN_SERVICE")]
     pub service: String,
@@ -67,8 +107,11 @@ pub struct RegisterArgs {
     /// Instance id [default: <host name>:<port of --address>].
     #[arg(long, env = "POINTSMAN_ID")]
     pub id: Option<String>,
-    /// Lease TTL: how long the registration outlives a sidekick killed
-    /// without a chance to deregister.
+    /// etcd: the lease TTL, how long the registration outlives a sidekick
+    /// killed without a chance to deregister. Consul (without
+    /// --check-http): the TTL of the check the sidekick passes every TTL/3;
+    /// the instance is unroutable this long after the sidekick stopped, and
+    /// removed by Consul a minute later.
     #[arg(long, default_value = "10s", value_parser = positive_duration)]
     pub ttl: Duration,
     /// Weight, 0 to 256.
@@ -81,7 +124,8 @@ pub struct RegisterArgs {
     #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
     pub meta: Vec<(String, String)>,
     /// Check the app with GET http://<address><PATH>: 2xx and 3xx pass
-    /// [default: a TCP connect check].
+    /// [default: a TCP connect check]. With --consul, the agent then runs
+    /// this check (an HTTP check) once the app is registered.
     #[arg(long, value_name = "PATH", conflicts_with = "check_tcp")]
     pub check_http: Option<String>,
     /// Check the app by connecting to its address (the default).
@@ -91,11 +135,13 @@ pub struct RegisterArgs {
     /// after start.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub check_timeout: Duration,
-    /// Time between checks once registered.
+    /// Time between checks once registered (with --consul and
+    /// --check-http, the interval of the agent's HTTP check).
     #[arg(long, default_value = "2s", value_parser = positive_duration)]
     pub check_interval: Duration,
     /// Failed checks in a row, once registered, that set the instance to
-    /// `maint` (no traffic) until it passes twice in a row.
+    /// `maint` (etcd) or fail its TTL check (Consul), so it gets no
+    /// traffic until it passes twice in a row.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub check_fall: u32,
     /// Longest wait, on SIGTERM, for every proxy to stop sending to the app
@@ -359,24 +405,38 @@ fn describe(status: &std::io::Result<ExitStatus>) -> String {
     }
 }
 
+/// Where the instance is registered.
+enum Registry {
+    Etcd {
+        options: EtcdOptions,
+        /// Taken when deregistering.
+        registrar: Option<Registrar>,
+    },
+    Consul(ConsulRegistration),
+}
+
+/// What the registry was told when draining started.
+enum Marked {
+    /// etcd: the revision of the write.
+    Etcd(i64),
+    Consul,
+}
+
 struct Sidekick {
     args: RegisterArgs,
-    etcd: EtcdOptions,
     check: Check,
+    /// The registration in logs: its etcd key, or `<service>/<id>` with
+    /// Consul.
     key: String,
     service: String,
     id: String,
-    /// Taken when deregistering.
-    registrar: Option<Registrar>,
+    registry: Registry,
 }
 
 impl Sidekick {
     fn new(args: RegisterArgs) -> Result<Sidekick, Exit> {
-        let etcd = args
-            .etcd
-            .options()
-            .map_err(|e| usage(e.to_string()))?
-            .ok_or_else(|| usage("say where to register: --etcd URL".to_string()))?;
+        let etcd = args.etcd.options().map_err(|e| usage(e.to_string()))?;
+        let consul = args.consul.options().map_err(|e| usage(e.to_string()))?;
         let id = args.id.clone().unwrap_or_else(|| {
             format!("{}:{}", crate::heartbeat::host_name(), args.address.port())
         });
@@ -394,16 +454,51 @@ impl Sidekick {
             None => Check::Tcp,
         };
         let (service, id) = (registration.service.clone(), registration.id.clone());
-        let registrar = Registrar::new(etcd.clone(), args.ttl, registration)
-            .map_err(|e| usage(e.to_string()))?;
+        let (key, registry) = match (etcd, consul) {
+            (Some(_), Some(_)) => {
+                return Err(usage(
+                    "give one registry: --etcd URL or --consul URL (or POINTSMAN_ETCD or POINTSMAN_CONSUL), not both",
+                ))
+            }
+            (None, None) => {
+                return Err(usage(
+                    "say where to register: --etcd URL or --consul URL",
+                ))
+            }
+            (Some(options), None) => {
+                if !args.proxy_admin.is_empty() {
+                    return Err(usage(
+                        "--proxy-admin goes with --consul: with --etcd the proxies are found in etcd",
+                    ));
+                }
+                let registrar = Registrar::new(options.clone(), args.ttl, registration)
+                    .map_err(|e| usage(e.to_string()))?;
+                let key = registrar.key().to_string();
+                let registry = Registry::Etcd {
+                    options,
+                    registrar: Some(registrar),
+                };
+                (key, registry)
+            }
+            (None, Some(options)) => {
+                let consul = ConsulRegistration::new(
+                    &options,
+                    &registration,
+                    &check,
+                    args.ttl,
+                    args.check_interval,
+                )
+                .map_err(usage)?;
+                (format!("{service}/{id}"), Registry::Consul(consul))
+            }
+        };
         Ok(Sidekick {
             args,
-            etcd,
             check,
-            key: registrar.key().to_string(),
+            key,
             service,
             id,
-            registrar: Some(registrar),
+            registry,
         })
     }
 
@@ -477,23 +572,13 @@ impl Sidekick {
         tracing::info!(address = %address, "the app passed its check: registering");
 
         // 2. Registered: keep it so, follow the check, wait for a signal.
-        let Some(registrar) = self.registrar.as_ref() else {
-            return 1;
-        };
-        match registrar.register().await {
-            Ok(rev) => {
-                tracing::info!(key = %key, revision = rev, ttl = ?self.args.ttl, "registered")
-            }
-            Err(e) => {
-                tracing::warn!(key = %key, error = %e, "not registered yet; retrying in the background")
-            }
-        }
-        let mut lease = registrar.lease_state();
-        lease.mark_unchanged();
-        let mut lease_followed = true;
+        let mut lease = self.register(&key).await;
+        let mut lease_followed = lease.is_some();
+        // With Consul's HTTP check, the agent checks the app.
+        let follow_check = !matches!(&self.registry, Registry::Consul(c) if c.ttl.is_none());
         let mut health_tick = tokio::time::interval(self.args.check_interval);
         health_tick.reset();
-        let (mut fails, mut passes, mut maint) = (0u32, 0u32, false);
+        let (mut fails, mut passes, mut failing) = (0u32, 0u32, false);
         let stop = loop {
             tokio::select! {
                 sig = signals.next() => {
@@ -509,35 +594,29 @@ impl Sidekick {
                     self.deregister(&key).await;
                     return exit_code(&status);
                 }
-                changed = lease.changed(), if lease_followed => {
-                    match changed {
-                        Ok(()) => log_lease(&key, &lease),
-                        Err(_) => lease_followed = false,
+                changed = lease_changed(&mut lease), if lease_followed => {
+                    match (changed, &lease) {
+                        (Ok(()), Some(l)) => log_lease(&key, l),
+                        _ => lease_followed = false,
                     }
                 }
-                _ = health_tick.tick() => {
+                _ = health_tick.tick(), if follow_check => {
                     match check_once(&self.args.address, &self.check).await {
                         Ok(()) => {
                             fails = 0;
                             passes += 1;
-                            if maint && passes >= RISE {
-                                maint = false;
-                                tracing::info!(key = %key, "the app passes its check again: state ready");
-                                if let Err(e) = self.set_state(AdminState::Ready).await {
-                                    tracing::warn!(key = %key, error = %e, "cannot set state ready yet; retrying in the background");
-                                }
+                            if failing && passes >= RISE {
+                                failing = false;
+                                self.set_failing(&key, None).await;
                             }
                         }
                         Err(e) => {
                             passes = 0;
                             fails += 1;
                             tracing::warn!(key = %key, failures = fails, "check failed: {e}");
-                            if !maint && fails >= self.args.check_fall {
-                                maint = true;
-                                tracing::warn!(key = %key, "the app failed its check {fails} times in a row: state maint (no traffic) until it passes again");
-                                if let Err(e) = self.set_state(AdminState::Maint).await {
-                                    tracing::warn!(key = %key, error = %e, "cannot set state maint yet; retrying in the background");
-                                }
+                            if !failing && fails >= self.args.check_fall {
+                                failing = true;
+                                self.set_failing(&key, Some((fails, e))).await;
                             }
                         }
                     }
@@ -577,50 +656,88 @@ impl Sidekick {
         }
     }
 
-    /// Sets state drain and waits for the fleet to stop sending.
+    /// Registers the instance; with etcd, the lease to follow.
+    async fn register(&mut self, key: &str) -> Option<watch::Receiver<LeaseState>> {
+        match &mut self.registry {
+            Registry::Etcd { registrar, .. } => {
+                let registrar = registrar.as_ref()?;
+                match registrar.register().await {
+                    Ok(rev) => {
+                        tracing::info!(key = %key, revision = rev, ttl = ?self.args.ttl, "registered")
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %key, error = %e, "not registered yet; retrying in the background")
+                    }
+                }
+                let mut lease = registrar.lease_state();
+                lease.mark_unchanged();
+                Some(lease)
+            }
+            Registry::Consul(consul) => {
+                consul.start(key);
+                None
+            }
+        }
+    }
+
+    /// Takes the instance out of rotation while the app keeps failing its
+    /// check (`Some((failures, last error))`), or puts it back (`None`).
+    async fn set_failing(&mut self, key: &str, failing: Option<(u32, String)>) {
+        match &mut self.registry {
+            Registry::Etcd { registrar, .. } => {
+                let state = match &failing {
+                    Some((fails, _)) => {
+                        tracing::warn!(key = %key, "the app failed its check {fails} times in a row: state maint (no traffic) until it passes again");
+                        AdminState::Maint
+                    }
+                    None => {
+                        tracing::info!(key = %key, "the app passes its check again: state ready");
+                        AdminState::Ready
+                    }
+                };
+                if let Some(r) = registrar.as_mut() {
+                    if let Err(e) = r.set_state(state).await {
+                        tracing::warn!(key = %key, error = %e, "cannot set state {state} yet; retrying in the background");
+                    }
+                }
+            }
+            Registry::Consul(consul) => {
+                match &failing {
+                    Some((fails, _)) => {
+                        tracing::warn!(key = %key, "the app failed its check {fails} times in a row: TTL check failing (no traffic) until it passes again")
+                    }
+                    None => {
+                        tracing::info!(key = %key, "the app passes its check again: TTL check passing")
+                    }
+                }
+                consul.set_health(
+                    failing
+                        .map(|(fails, e)| format!("failed its check {fails} times in a row: {e}")),
+                );
+            }
+        }
+    }
+
+    /// Sets state drain and waits for the proxies to stop sending.
     async fn drain(&mut self, key: &str, signals: &mut Signals, app: &mut Option<App>) -> Drained {
         let deadline = Instant::now() + self.args.drain_timeout;
-        let revision = tokio::select! {
-            r = self.set_state(AdminState::Drain) => r,
+        let marked = tokio::select! {
+            m = self.mark_draining(key) => m,
             status = exited(app) => return Drained::AppExited(status),
         };
-        let revision = match revision {
-            Ok(rev) => rev,
-            Err(e) => {
-                tracing::error!(key = %key, error = %e, "cannot mark the instance draining; the proxies keep sending to it until it is deregistered");
-                return Drained::Done;
-            }
+        let Some(marked) = marked else {
+            return Drained::Done;
         };
-        tracing::info!(key = %key, revision, "state drain written; waiting for every proxy to apply it and finish its requests");
-        let mut fleet = match Fleet::new(self.etcd.clone()) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot ask the proxies");
-                return Drained::Done;
+        let this = &*self;
+        let mut wait = std::pin::pin!(async move {
+            match marked {
+                Marked::Etcd(revision) => this.wait_for_etcd_proxies(revision, deadline).await,
+                Marked::Consul => this.wait_for_consul_proxies(deadline).await,
             }
-        };
-        let (service, id) = (self.service.clone(), self.id.clone());
-        let mut progress = Progress::default();
-        let mut wait = std::pin::pin!(confirmed_twice(
-            &mut fleet,
-            &service,
-            &id,
-            revision,
-            deadline,
-            &mut progress
-        ));
+        });
         loop {
             tokio::select! {
-                result = &mut wait => {
-                    match result {
-                        Ok(check) => tracing::info!("every proxy stopped sending to the instance: {}", check.summary()),
-                        Err(e) => tracing::warn!(
-                            "drain timeout ({:?}) passed: {e}; going on",
-                            self.args.drain_timeout
-                        ),
-                    }
-                    return Drained::Done;
-                }
+                () = &mut wait => return Drained::Done,
                 status = exited(app) => return Drained::AppExited(status),
                 sig = signals.next() => {
                     if sig.stops() {
@@ -635,30 +752,413 @@ impl Sidekick {
         }
     }
 
-    async fn set_state(
-        &mut self,
-        state: AdminState,
-    ) -> Result<i64, pointsman_discovery::EtcdError> {
-        match self.registrar.as_mut() {
-            Some(r) => r.set_state(state).await,
-            None => Err(pointsman_discovery::EtcdError::Config(
-                "already deregistered".to_string(),
-            )),
+    /// Writes state drain; `None` (logged) when it could not be written.
+    async fn mark_draining(&mut self, key: &str) -> Option<Marked> {
+        let written = match &mut self.registry {
+            Registry::Etcd { registrar, .. } => match registrar.as_mut() {
+                Some(r) => r
+                    .set_state(AdminState::Drain)
+                    .await
+                    .map(Marked::Etcd)
+                    .map_err(|e| e.to_string()),
+                None => Err("already deregistered".to_string()),
+            },
+            Registry::Consul(consul) => consul
+                .set_state(AdminState::Drain)
+                .await
+                .map(|()| Marked::Consul)
+                .map_err(|e| e.to_string()),
+        };
+        match written {
+            Ok(Marked::Etcd(revision)) => {
+                tracing::info!(key = %key, revision, "state drain written; waiting for every proxy to apply it and finish its requests");
+                Some(Marked::Etcd(revision))
+            }
+            Ok(Marked::Consul) => {
+                tracing::info!(key = %key, "state drain written to Consul; waiting for the proxies to stop sending to the instance and finish its requests");
+                Some(Marked::Consul)
+            }
+            Err(e) => {
+                tracing::error!(key = %key, error = %e, "cannot mark the instance draining; the proxies keep sending to it until it is deregistered");
+                None
+            }
+        }
+    }
+
+    /// Waits until every proxy recorded in etcd has applied `revision` and
+    /// sends nothing to the instance, or `deadline`.
+    async fn wait_for_etcd_proxies(&self, revision: i64, deadline: Instant) {
+        let Registry::Etcd { options, .. } = &self.registry else {
+            return;
+        };
+        let mut fleet = match Fleet::new(options.clone()) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot ask the proxies");
+                return;
+            }
+        };
+        let mut progress = Progress::default();
+        match confirmed_twice(
+            &mut fleet,
+            &self.service,
+            &self.id,
+            revision,
+            deadline,
+            &mut progress,
+        )
+        .await
+        {
+            Ok(check) => tracing::info!(
+                "every proxy stopped sending to the instance: {}",
+                check.summary()
+            ),
+            Err(e) => tracing::warn!(
+                "drain timeout ({:?}) passed: {e}; going on",
+                self.args.drain_timeout
+            ),
+        }
+    }
+
+    /// Waits until every `--proxy-admin` proxy sends nothing to the
+    /// instance, or `deadline`; without any, gives the proxies following
+    /// Consul [`CONSUL_GRACE`] to see the drain.
+    async fn wait_for_consul_proxies(&self, deadline: Instant) {
+        let proxies: Vec<String> = self
+            .args
+            .proxy_admin
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        if proxies.is_empty() {
+            let grace = CONSUL_GRACE.min(deadline.saturating_duration_since(Instant::now()));
+            tracing::info!("no proxies to ask (no --proxy-admin): giving the proxies that follow Consul {grace:?} to see the drain");
+            sleep(grace).await;
+            return;
+        }
+        let mut progress = Progress::default();
+        match proxies_drained(&proxies, &self.service, &self.id, deadline, &mut progress).await {
+            Ok(check) => tracing::info!(
+                "every proxy stopped sending to the instance: {}",
+                check.summary()
+            ),
+            Err(last) => tracing::warn!(
+                "drain timeout ({:?}) passed: not confirmed: {}; going on",
+                self.args.drain_timeout,
+                last.summary()
+            ),
         }
     }
 
     async fn deregister(&mut self, key: &str) {
-        let Some(registrar) = self.registrar.take() else {
+        match &mut self.registry {
+            Registry::Etcd { registrar, .. } => {
+                let Some(registrar) = registrar.take() else {
+                    return;
+                };
+                match registrar.deregister().await {
+                    Ok(rev) => tracing::info!(key = %key, revision = rev, "deregistered"),
+                    Err(e) => tracing::warn!(
+                        key = %key,
+                        error = %e,
+                        "cannot delete the registration; it expires with its lease within {:?}",
+                        self.args.ttl
+                    ),
+                }
+            }
+            Registry::Consul(consul) => consul.deregister(key).await,
+        }
+    }
+}
+
+/// Waits for `lease` to change; never resolves without one.
+async fn lease_changed(
+    lease: &mut Option<watch::Receiver<LeaseState>>,
+) -> Result<(), watch::error::RecvError> {
+    match lease {
+        Some(l) => l.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The instance as registered with the local Consul agent. Once started, a
+/// task of its own keeps it registered: it registers (retrying with backoff
+/// while the agent is unreachable), passes the TTL check every TTL/3 (or
+/// fails it while the app fails its check), and registers again if the
+/// agent forgets the instance.
+struct ConsulRegistration {
+    agent: Agent,
+    /// What is registered; locked while being written.
+    service: Arc<Mutex<AgentService>>,
+    /// The TTL check's TTL; `None` when the agent runs an HTTP check.
+    ttl: Option<Duration>,
+    /// `None` while the app passes the sidekick's check; why not otherwise.
+    health: watch::Sender<Option<String>>,
+    keeper: Option<tokio::task::JoinHandle<()>>,
+    backoff: (Duration, Duration),
+}
+
+impl ConsulRegistration {
+    /// Checks what can be checked before anything is written: options, and
+    /// a registration the proxies and Consul would accept.
+    fn new(
+        options: &ConsulOptions,
+        registration: &Registration,
+        check: &Check,
+        ttl: Duration,
+        interval: Duration,
+    ) -> Result<ConsulRegistration, String> {
+        let key = pointsman_discovery::registrar::registration_key(
+            &pointsman_discovery::Prefixes::default(),
+            &registration.service,
+            &registration.id,
+        );
+        pointsman_discovery::parse_instance(
+            &key,
+            &registration.service,
+            &registration.id,
+            pointsman_discovery::registrar::registration_value(registration).as_bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+        let agent = Agent::new(options).map_err(|e| e.to_string())?;
+        let (agent_check, ttl) = match check {
+            Check::Http(path) => (
+                AgentCheck::Http {
+                    url: format!("http://{}{path}", registration.address),
+                    interval,
+                    timeout: CHECK_LIMIT,
+                    deregister_critical_after: Some(CONSUL_DEREGISTER_AFTER),
+                },
+                None,
+            ),
+            Check::Tcp => (
+                AgentCheck::Ttl {
+                    ttl,
+                    deregister_critical_after: Some(CONSUL_DEREGISTER_AFTER),
+                },
+                Some(ttl),
+            ),
+        };
+        let service = AgentService::from_registration(registration, Some(agent_check));
+        service.payload().map_err(|e| e.to_string())?;
+        Ok(ConsulRegistration {
+            agent,
+            service: Arc::new(Mutex::new(service)),
+            ttl,
+            health: watch::channel(None).0,
+            keeper: None,
+            backoff: (options.backoff_min, options.backoff_max),
+        })
+    }
+
+    /// Starts the task that registers the instance and keeps it so.
+    fn start(&mut self, key: &str) {
+        if self.keeper.is_none() {
+            self.keeper = Some(tokio::spawn(keep_registered(
+                self.agent.clone(),
+                self.service.clone(),
+                self.ttl,
+                self.health.subscribe(),
+                RetryDelay::new(self.backoff.0, self.backoff.1),
+                key.to_string(),
+            )));
+        }
+    }
+
+    /// Whether the TTL check is to pass (`None`) or fail (with why).
+    fn set_health(&self, failing: Option<String>) {
+        self.health.send_if_modified(|now| {
+            if now.is_some() == failing.is_some() {
+                return false;
+            }
+            *now = failing;
+            true
+        });
+    }
+
+    async fn set_state(&self, state: AdminState) -> Result<(), ConsulError> {
+        let mut service = self.service.lock().await;
+        self.agent.set_state(&mut service, state).await
+    }
+
+    /// Stops keeping the instance registered and deregisters it.
+    async fn deregister(&mut self, key: &str) {
+        let Some(keeper) = self.keeper.take() else {
             return;
         };
-        match registrar.deregister().await {
-            Ok(rev) => tracing::info!(key = %key, revision = rev, "deregistered"),
-            Err(e) => tracing::warn!(
-                key = %key,
-                error = %e,
-                "cannot delete the registration; it expires with its lease within {:?}",
-                self.args.ttl
-            ),
+        keeper.abort();
+        let _ = keeper.await;
+        let id = self.service.lock().await.id.clone();
+        for attempt in 1..=CONSUL_DEREGISTER_TRIES {
+            match self.agent.deregister(&id).await {
+                Ok(()) => {
+                    tracing::info!(key = %key, agent = %self.agent.url(), "deregistered");
+                    return;
+                }
+                Err(e) if status_of(&e) == Some(404) => {
+                    tracing::info!(key = %key, "deregistered (the agent no longer had it)");
+                    return;
+                }
+                Err(e) if attempt < CONSUL_DEREGISTER_TRIES => {
+                    tracing::warn!(key = %key, error = %e, "cannot deregister yet; trying again");
+                    sleep(CONSUL_DEREGISTER_PAUSE).await;
+                }
+                Err(e) => {
+                    let leftover = match self.ttl {
+                        Some(ttl) => format!(
+                            "its TTL check turns critical (no traffic) within {ttl:?} and Consul removes it {CONSUL_DEREGISTER_AFTER:?} later"
+                        ),
+                        None => format!(
+                            "Consul removes it once its HTTP check has been critical for {CONSUL_DEREGISTER_AFTER:?}"
+                        ),
+                    };
+                    tracing::warn!(key = %key, error = %e, "cannot deregister; {leftover}");
+                }
+            }
+        }
+    }
+}
+
+/// The HTTP status Consul refused a request with, if it answered.
+fn status_of(e: &ConsulError) -> Option<u16> {
+    match e {
+        ConsulError::Http(h) => h.status().map(|s| s.as_u16()),
+        _ => None,
+    }
+}
+
+/// Whether a refused TTL update means the agent does not have the check
+/// (any more): Consul answers 404, or 500 "does not have associated TTL"
+/// before 1.11.
+fn check_unknown(e: &ConsulError) -> bool {
+    match e {
+        ConsulError::Http(h @ pointsman_discovery::consul::HttpError::Status { body, .. }) => {
+            h.status().map(|s| s.as_u16()) == Some(404)
+                || body.contains("does not have associated TTL")
+        }
+        _ => false,
+    }
+}
+
+/// What went wrong talking to the agent, for a log line.
+fn trouble(agent: &Agent, what: &str, e: &ConsulError) -> String {
+    match status_of(e) {
+        Some(_) => format!("the Consul agent at {} refused {what}: {e}", agent.url()),
+        None => format!("Consul agent at {} unreachable: {e}", agent.url()),
+    }
+}
+
+/// Exponential backoff with jitter, for retries against the agent.
+struct RetryDelay {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl RetryDelay {
+    fn new(min: Duration, max: Duration) -> RetryDelay {
+        let min = min.max(Duration::from_millis(10));
+        RetryDelay {
+            min,
+            max: max.max(min),
+            next: min,
+        }
+    }
+
+    /// The next delay: between half and all of the current step.
+    fn next(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.max);
+        step.mul_f64(0.5 + fastrand::f64() / 2.0)
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// The task behind [`ConsulRegistration::start`]; runs until aborted.
+async fn keep_registered(
+    agent: Agent,
+    service: Arc<Mutex<AgentService>>,
+    ttl: Option<Duration>,
+    mut health: watch::Receiver<Option<String>>,
+    mut delay: RetryDelay,
+    key: String,
+) {
+    let check_id = service.lock().await.check_id();
+    loop {
+        // Registered (again), retrying while the agent is away.
+        loop {
+            let written = {
+                let s = service.lock().await;
+                agent.register(&s).await.map(|()| s.state)
+            };
+            match written {
+                Ok(state) => {
+                    tracing::info!(key = %key, agent = %agent.url(), state = %state, check = %match ttl {
+                        Some(ttl) => format!("TTL {ttl:?}"),
+                        None => "HTTP".to_string(),
+                    }, "registered");
+                    delay.reset();
+                    break;
+                }
+                Err(e) => {
+                    let wait = delay.next();
+                    tracing::warn!(
+                        key = %key,
+                        "{}; retrying in {:.1}s",
+                        trouble(&agent, "the registration", &e),
+                        wait.as_secs_f64()
+                    );
+                    sleep(wait).await;
+                }
+            }
+        }
+        // With an HTTP check, the agent checks the app from now on.
+        let Some(ttl) = ttl else {
+            return;
+        };
+        let beat = ttl / 3;
+        let mut failed_updates = 0u32;
+        loop {
+            let failing = health.borrow_and_update().clone();
+            let (status, note) = match &failing {
+                None => (TtlStatus::Pass, "the app passes its check".to_string()),
+                Some(why) => (TtlStatus::Fail, why.clone()),
+            };
+            let mut wait = beat;
+            match agent.update_ttl(&check_id, status, Some(&note)).await {
+                Ok(()) => {
+                    if failed_updates > 0 {
+                        tracing::info!(key = %key, "the TTL check is updated again");
+                    }
+                    failed_updates = 0;
+                    delay.reset();
+                }
+                Err(e) if check_unknown(&e) => {
+                    tracing::warn!(key = %key, error = %e, "the Consul agent does not have the instance's check: registering again");
+                    break;
+                }
+                Err(e) => {
+                    failed_updates += 1;
+                    wait = delay.next().min(beat);
+                    tracing::warn!(
+                        key = %key,
+                        "{}; retrying in {:.1}s",
+                        trouble(&agent, "the TTL check update", &e),
+                        wait.as_secs_f64()
+                    );
+                }
+            }
+            tokio::select! {
+                _ = sleep(wait) => {}
+                changed = health.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
         }
     }
 }
@@ -695,6 +1195,91 @@ async fn confirmed_twice(
             return Ok(again);
         }
         progress.log(&again);
+    }
+}
+
+/// Asks the `--proxy-admin` proxies every [`PROXY_POLL`] until each one
+/// sends nothing to `service`/`id` in two rounds in a row, or `deadline`
+/// passes (then the last round is the error). With Consul there is no
+/// revision to compare: a proxy that has not seen the drain yet still shows
+/// the instance ready.
+async fn proxies_drained(
+    proxies: &[String],
+    service: &str,
+    id: &str,
+    deadline: Instant,
+    progress: &mut Progress,
+) -> Result<FleetCheck, FleetCheck> {
+    let mut confirmed_before = false;
+    loop {
+        let limit = PROXY_LIMIT.min(deadline.saturating_duration_since(Instant::now()));
+        let round = ask_proxies(proxies, service, id, limit).await;
+        progress.log(&round);
+        if round.confirmed() {
+            if confirmed_before {
+                return Ok(round);
+            }
+            confirmed_before = true;
+        } else {
+            confirmed_before = false;
+        }
+        if Instant::now() + PROXY_POLL >= deadline {
+            return Err(round);
+        }
+        sleep(PROXY_POLL).await;
+    }
+}
+
+/// One round: every proxy asked at once, each within `limit`.
+async fn ask_proxies(proxies: &[String], service: &str, id: &str, limit: Duration) -> FleetCheck {
+    let mut probes = tokio::task::JoinSet::new();
+    for (i, admin) in proxies.iter().enumerate() {
+        let (admin, service, id) = (admin.clone(), service.to_string(), id.to_string());
+        probes.spawn(async move {
+            let pending = match probe(&admin, limit).await {
+                Ok(view) => judge_drained(&view, &service, &id).err(),
+                Err(e) => Some(format!("admin API did not answer: {e}")),
+            };
+            (i, pending)
+        });
+    }
+    let mut verdicts: Vec<ProxyVerdict> = proxies
+        .iter()
+        .enumerate()
+        .map(|(i, admin)| ProxyVerdict {
+            id: format!("proxy {}", i + 1),
+            admin: admin.clone(),
+            pending: Some("not asked".to_string()),
+        })
+        .collect();
+    while let Some(done) = probes.join_next().await {
+        if let Ok((i, pending)) = done {
+            if let Some(v) = verdicts.get_mut(i) {
+                v.pending = pending;
+            }
+        }
+    }
+    FleetCheck {
+        proxies: verdicts,
+        ..FleetCheck::default()
+    }
+}
+
+/// `Ok` if the proxy sends nothing to `service`/`id`: it does not have the
+/// instance, or takes no new requests to it and has none in flight.
+fn judge_drained(view: &ProxyView, service: &str, id: &str) -> Result<(), String> {
+    match view.endpoint(service, id) {
+        None => Ok(()),
+        Some(e) if e.state == AdminState::Ready => Err(format!(
+            "still sends new requests to {service}/{id} (state ready, {} in flight)",
+            e.in_flight
+        )),
+        Some(e) if e.in_flight > 0 => Err(format!(
+            "{} request{} in flight to {service}/{id}",
+            e.in_flight,
+            if e.in_flight == 1 { "" } else { "s" }
+        )),
+        Some(_) => Ok(()),
     }
 }
 
@@ -761,6 +1346,56 @@ mod tests {
         );
         assert!(parse_meta("=2").is_err());
         assert!(parse_meta("version").is_err());
+    }
+
+    #[test]
+    fn drained_in_consul_terms_needs_no_revision() {
+        use pointsman_discovery::fleet::{EndpointView, ServiceView};
+        let view = |state: AdminState, in_flight: u64| ProxyView {
+            follows_etcd: false,
+            applied_revision: None,
+            services: vec![ServiceView {
+                name: "web".into(),
+                endpoints: vec![EndpointView {
+                    id: "x".into(),
+                    address: "127.0.0.1:1".into(),
+                    state,
+                    healthy: true,
+                    in_flight,
+                }],
+            }],
+        };
+        let ready = judge_drained(&view(AdminState::Ready, 0), "web", "x");
+        assert!(ready.is_err_and(|e| e.contains("still sends new requests")));
+        assert_eq!(
+            judge_drained(&view(AdminState::Drain, 1), "web", "x"),
+            Err("1 request in flight to web/x".to_string())
+        );
+        assert_eq!(
+            judge_drained(&view(AdminState::Drain, 0), "web", "x"),
+            Ok(())
+        );
+        assert_eq!(
+            judge_drained(&view(AdminState::Maint, 0), "web", "x"),
+            Ok(())
+        );
+        assert_eq!(
+            judge_drained(&view(AdminState::Ready, 3), "web", "y"),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn retry_delays_grow_to_the_limit_and_reset() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_millis(400));
+        let mut d = RetryDelay::new(min, max);
+        let steps: Vec<Duration> = (0..5).map(|_| d.next()).collect();
+        for (step, cap) in steps.iter().zip([100u64, 200, 400, 400, 400]) {
+            let cap = Duration::from_millis(cap);
+            assert!(*step >= cap / 2 && *step <= cap, "{steps:?}");
+        }
+        d.reset();
+        assert!(d.next() <= min);
     }
 
     #[test]
