@@ -67,7 +67,7 @@ enum Command {
         #[arg(long, default_value = "upstream")]
         name: String,
     },
-    /// Register an app in etcd once it is healthy, keep it registered, and
+    /// Register an app in etcd or Consul once it is healthy, keep it registered, and
     /// on SIGTERM take it out of rotation and wait until every proxy has
     /// stopped sending to it before passing the signal on.
     Register(Box<pointsman::register::RegisterArgs>),
