@@ -598,6 +598,7 @@ impl Control {
             match Endpoint::new(id.clone(), reg.address.clone(), live.clone(), state, weight) {
                 Ok(mut ep) => {
                     ep.initial_weight = initial_weight;
+                    ep.checked = check.is_some();
                     ep.balance_weight = ramped(
                         weight * WEIGHT_SCALE,
                         slow_start,

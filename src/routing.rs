@@ -174,6 +174,8 @@ pub struct Endpoint {
     /// The weight its registry gives it, before local changes (HAProxy's
     /// "initial weight"; `set server ... weight 50%` is a share of it).
     pub initial_weight: u32,
+    /// Whether an active health check watches it.
+    pub checked: bool,
     /// The weight the balancer uses in this table: `weight` times
     /// [`WEIGHT_SCALE`], lowered while the endpoint slow-starts.
     pub balance_weight: u32,
@@ -202,6 +204,7 @@ impl Endpoint {
             state,
             weight,
             initial_weight: weight,
+            checked: false,
             balance_weight: weight * WEIGHT_SCALE,
             live,
         })

@@ -250,7 +250,7 @@ pub fn server_status(e: &Endpoint, c: &EndpointCounters) -> &'static str {
         "DOWN"
     } else if e.state == AdminState::Drain {
         "DRAIN"
-    } else if c.check.is_some() {
+    } else if e.checked {
         "UP"
     } else {
         "no check"
