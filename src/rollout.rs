@@ -1,6 +1,10 @@
 //! `pointsman deploy`: the rollouts of `pointsman-deploy` on the command
 //! line. Each one writes to etcd and waits until every proxy registered
 //! under `<pointsman>/proxies/` confirms each step, printing progress.
+//!
+//! SIGINT or SIGTERM stops a rollout cleanly: the step under way is undone
+//! (a drained instance put back, a canary's route restored) and the
+//! command exits non-zero; a second signal exits at once.
 
 use std::time::Duration;
 
@@ -8,7 +12,7 @@ use anyhow::{bail, Context};
 use pointsman_deploy::canary::{self, Canary, Outcome};
 use pointsman_deploy::rolling::{self, Rolling};
 use pointsman_deploy::switch::{self, Switch};
-use pointsman_deploy::watch::Progress;
+use pointsman_deploy::watch::{Interrupt, Progress};
 use pointsman_deploy::{CanarySteps, Store};
 use pointsman_discovery::fleet::Fleet;
 
@@ -103,7 +107,8 @@ pub enum DeployCommand {
         #[arg(long, default_value_t = 2.0)]
         max_latency_ratio: f64,
         /// Fewer requests than this to the new service at a step: no
-        /// verdict at that step.
+        /// verdict at that step; with no verdict at any step the new
+        /// service is not promoted.
         #[arg(long, default_value_t = 20)]
         min_requests: u64,
         #[arg(long, value_parser = duration, default_value = "60s")]
@@ -118,6 +123,8 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     let mut store = Store::connect(&etcd).await?;
     let mut fleet = Fleet::new(etcd).context("etcd")?;
     let progress = Progress::new();
+    let interrupt = Interrupt::new();
+    watch_signals(interrupt.clone())?;
     match args.command {
         DeployCommand::Rolling {
             service,
@@ -133,7 +140,7 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
                 drain_timeout,
                 health_timeout,
             };
-            rolling::rolling(&mut store, &mut fleet, &plan, &progress).await?;
+            rolling::rolling(&mut store, &mut fleet, &plan, &progress, &interrupt).await?;
         }
         DeployCommand::Switch {
             map,
@@ -149,7 +156,12 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
                 drain_old,
                 timeout,
             };
-            switch::switch(&mut store, &mut fleet, &plan, &progress).await?;
+            tokio::select! {
+                r = switch::switch(&mut store, &mut fleet, &plan, &progress) => { r?; }
+                _ = interrupt.fired() => bail!(
+                    "interrupted: if the switch was written (see above), it stays; undo it with `deploy rollback`"
+                ),
+            }
         }
         DeployCommand::Rollback {
             map,
@@ -157,10 +169,14 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
             drain_old,
             timeout,
         } => {
-            switch::rollback(
-                &mut store, &mut fleet, &map, &key, drain_old, timeout, &progress,
-            )
-            .await?;
+            tokio::select! {
+                r = switch::rollback(
+                    &mut store, &mut fleet, &map, &key, drain_old, timeout, &progress,
+                ) => { r?; }
+                _ = interrupt.fired() => bail!(
+                    "interrupted: if the rollback was written (see above), it stays"
+                ),
+            }
         }
         DeployCommand::Canary {
             route,
@@ -185,11 +201,34 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
                 min_requests,
                 timeout,
             };
-            match canary::canary(&mut store, &mut fleet, &plan, &progress).await? {
+            match canary::canary(&mut store, &mut fleet, &plan, &progress, &interrupt).await? {
                 Outcome::Promoted => {}
                 Outcome::RolledBack(why) => bail!("canary aborted and rolled back: {why}"),
             }
         }
     }
+    Ok(())
+}
+
+/// Fires `interrupt` on the first SIGINT or SIGTERM, so the rollout undoes
+/// its step under way; exits at once on the second.
+fn watch_signals(interrupt: Interrupt) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        eprintln!("pointsman deploy: {name}: undoing the step under way (again to quit at once)");
+        interrupt.fire();
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("pointsman deploy: second signal: quitting; the registry may be left mid-step");
+        std::process::exit(130);
+    });
     Ok(())
 }

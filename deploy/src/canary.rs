@@ -7,10 +7,10 @@
 use std::time::Duration;
 
 use pointsman_discovery::fleet::{http_get, Fleet};
-use pointsman_discovery::{RouteSpec, SplitSpec};
+use pointsman_discovery::{RouteSpec, RouteTarget, SplitSpec};
 use serde::Deserialize;
 
-use crate::watch::{self, Progress};
+use crate::watch::{self, Interrupt, Progress};
 use crate::{CanarySteps, DeployError, Store};
 
 /// A canary of route `route` from service `from` to service `to`.
@@ -191,26 +191,69 @@ pub enum Outcome {
     RolledBack(String),
 }
 
-pub async fn canary(
+/// What a route sends traffic to, in words.
+fn describe(spec: &RouteSpec) -> String {
+    match spec.target() {
+        Ok(RouteTarget::Service(s)) => format!("sends everything to {s}"),
+        Ok(RouteTarget::Split(arms)) => {
+            let arms: Vec<String> = arms
+                .iter()
+                .map(|a| format!("{} {}", a.service, a.weight))
+                .collect();
+            format!("splits between {}", arms.join(", "))
+        }
+        Ok(RouteTarget::Map { map, key, .. }) => format!("looks its service up in {map}[{key}]"),
+        Err(why) => format!("has no valid target ({why})"),
+    }
+}
+
+/// A canary starts from a route that sends everything to `from`: the
+/// route it restores on abort is then the one the plan says it starts
+/// from.
+fn check_start(original: &RouteSpec, plan: &Canary) -> Result<(), DeployError> {
+    if plan.from == plan.to {
+        return Err(DeployError::Failed(format!(
+            "--from and --to are both {}: nothing to move",
+            plan.to
+        )));
+    }
+    match original.target() {
+        Ok(RouteTarget::Service(s)) if s == plan.from => Ok(()),
+        _ => Err(DeployError::Failed(format!(
+            "route {} {}, not everything to {}: a canary moves a route from one service to another",
+            plan.route,
+            describe(original),
+            plan.from
+        ))),
+    }
+}
+
+/// How the steps ended, before the route is restored or left.
+enum Steps {
+    Promoted,
+    Worse(String),
+}
+
+/// Moves the route step by step, judging `to` between steps.
+async fn steps(
     store: &mut Store,
     fleet: &mut Fleet,
     plan: &Canary,
     progress: &Progress,
-) -> Result<Outcome, DeployError> {
-    let Some(original) = store.route(&plan.route).await? else {
-        return Err(DeployError::Failed(format!(
-            "route {} is not in the registry (<pointsman>/routes/{}): a canary moves a registry route",
-            plan.route, plan.route
-        )));
-    };
-    let original = original.value;
-    progress.say(format!(
-        "canary on route {}: {} -> {} in steps {}",
-        plan.route, plan.from, plan.to, plan.steps
-    ));
+    original: &RouteSpec,
+) -> Result<Steps, DeployError> {
+    // Steps observed, and whether any saw enough requests to `to` to
+    // judge it. A plan of `100` alone observes nothing and asks for none.
+    let (mut observed, mut judged) = (0, false);
     for &pct in plan.steps.steps() {
+        if pct >= 100 && observed > 0 && !judged {
+            return Ok(Steps::Worse(format!(
+                "fewer than {} requests reached {} at every step: not enough to judge it, so it is not promoted (a lower --min-requests promotes on less traffic)",
+                plan.min_requests, plan.to
+            )));
+        }
         let rev = store
-            .put_route(&plan.route, &at_step(&original, plan, pct))
+            .put_route(&plan.route, &at_step(original, plan, pct))
             .await?;
         progress.say(format!("{pct}% to {} (revision {rev})", plan.to));
         watch::until(
@@ -229,6 +272,7 @@ pub async fn canary(
         progress.say(format!("observing for {:?}", plan.interval));
         tokio::time::sleep(plan.interval).await;
         let after = totals(fleet, [&plan.from, &plan.to]).await?;
+        observed += 1;
         let (old, new) = (after[0].since(&before[0]), after[1].since(&before[1]));
         progress.say(format!(
             "  {}: {} requests, {:.1}% errors, {:.1} ms mean; {}: {} requests, {:.1}% errors, {:.1} ms mean",
@@ -246,28 +290,130 @@ pub async fn canary(
                 "  fewer than {} requests reached {}: no verdict at this step",
                 plan.min_requests, plan.to
             ));
+        } else {
+            judged = true;
         }
         if let Some(why) = verdict(plan, &old, &new) {
+            return Ok(Steps::Worse(why));
+        }
+        // The new service may have lost its instances meanwhile: requests
+        // that find none are not counted on any of its endpoints.
+        watch::until(
+            fleet,
+            progress,
+            &format!(
+                "every proxy still has a ready, healthy instance of {}",
+                plan.to
+            ),
+            plan.timeout,
+            |v| watch::serves(v, &plan.to),
+        )
+        .await
+        .map_err(|why| {
+            DeployError::Failed(format!("{} cannot take more traffic: {why}", plan.to))
+        })?;
+    }
+    Ok(Steps::Promoted)
+}
+
+/// Writes the original route back and waits until every proxy applied it.
+async fn restore(
+    store: &mut Store,
+    fleet: &mut Fleet,
+    plan: &Canary,
+    progress: &Progress,
+    original: &RouteSpec,
+) -> Result<(), String> {
+    let rev = store
+        .put_route(&plan.route, original)
+        .await
+        .map_err(|e| e.to_string())?;
+    progress.say(format!("route {} restored (revision {rev})", plan.route));
+    watch::until(
+        fleet,
+        progress,
+        &format!("every proxy applied revision {rev}"),
+        plan.timeout,
+        |v| watch::applied(v, rev),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|w| format!("the restored route is written but not confirmed: {w}"))
+}
+
+pub async fn canary(
+    store: &mut Store,
+    fleet: &mut Fleet,
+    plan: &Canary,
+    progress: &Progress,
+    interrupt: &Interrupt,
+) -> Result<Outcome, DeployError> {
+    let Some(original) = store.route(&plan.route).await? else {
+        return Err(DeployError::Failed(format!(
+            "route {} is not in the registry (<pointsman>/routes/{}): a canary moves a registry route",
+            plan.route, plan.route
+        )));
+    };
+    let original = original.value;
+    check_start(&original, plan)?;
+    progress.say(format!(
+        "canary on route {}: {} -> {} in steps {}",
+        plan.route, plan.from, plan.to, plan.steps
+    ));
+    // No traffic for a service some proxy cannot send it to: its requests
+    // would fail without being counted on any of its instances.
+    watch::until(
+        fleet,
+        progress,
+        &format!("every proxy has a ready, healthy instance of {}", plan.to),
+        plan.timeout,
+        |v| watch::serves(v, &plan.to),
+    )
+    .await
+    .map_err(|why| {
+        DeployError::Failed(format!(
+            "not starting the canary: {why}; route {} is unchanged",
+            plan.route
+        ))
+    })?;
+
+    let moved = tokio::select! {
+        r = steps(store, fleet, plan, progress, &original) => r,
+        _ = interrupt.fired() => Err(DeployError::Failed("interrupted".into())),
+    };
+    match moved {
+        Ok(Steps::Promoted) => {
+            progress.say(format!(
+                "promoted: route {} sends everything to {}",
+                plan.route, plan.to
+            ));
+            Ok(Outcome::Promoted)
+        }
+        Ok(Steps::Worse(why)) => {
             progress.say(format!("abort: {why}"));
-            let rev = store.put_route(&plan.route, &original).await?;
-            progress.say(format!("route {} restored (revision {rev})", plan.route));
-            watch::until(
-                fleet,
-                progress,
-                &format!("every proxy applied revision {rev}"),
-                plan.timeout,
-                |v| watch::applied(v, rev),
-            )
-            .await
-            .map_err(|w| DeployError::Failed(format!("rollback written but not confirmed: {w}")))?;
-            return Ok(Outcome::RolledBack(why));
+            restore(store, fleet, plan, progress, &original)
+                .await
+                .map_err(|w| DeployError::Failed(format!("aborted ({why}), but {w}")))?;
+            Ok(Outcome::RolledBack(why))
+        }
+        // Whatever stopped the canary half way, the route goes back to
+        // where it started rather than staying split.
+        Err(e) => {
+            progress.say(format!(
+                "canary stopped: {e}; putting route {} back",
+                plan.route
+            ));
+            match restore(store, fleet, plan, progress, &original).await {
+                Ok(()) => Err(DeployError::Failed(format!(
+                    "canary stopped and rolled back: {e}"
+                ))),
+                Err(w) => Err(DeployError::Failed(format!(
+                    "canary stopped: {e}; putting route {} back failed: {w}",
+                    plan.route
+                ))),
+            }
         }
     }
-    progress.say(format!(
-        "promoted: route {} sends everything to {}",
-        plan.route, plan.to
-    ));
-    Ok(Outcome::Promoted)
 }
 
 #[cfg(test)]
@@ -315,6 +461,42 @@ mod tests {
         assert_eq!(verdict(&p, &t(100, 0, 1.0), &t(100, 0, 3.0)), None);
         let why = verdict(&p, &t(100, 0, 10.0), &t(100, 0, 40.0)).expect("abort");
         assert!(why.contains("40.0 ms"), "{why}");
+    }
+
+    #[test]
+    fn a_canary_starts_only_from_a_route_on_the_old_service() {
+        let p = plan();
+        let on = |service: &str| RouteSpec {
+            path_prefix: "/".into(),
+            service: Some(service.into()),
+            ..RouteSpec::default()
+        };
+        assert!(check_start(&on("v1"), &p).is_ok());
+        let err = check_start(&on("v0"), &p).expect_err("another service");
+        assert!(
+            err.to_string()
+                .contains("route api sends everything to v0, not everything to v1"),
+            "{err}"
+        );
+        // Half way through an earlier canary: restoring "the original"
+        // would restore the split.
+        let split = at_step(&on("v1"), &p, 10);
+        let err = check_start(&split, &p).expect_err("a split");
+        assert!(
+            err.to_string().contains("splits between v1 90, v2 10"),
+            "{err}"
+        );
+        let mapped = RouteSpec {
+            path_prefix: "/".into(),
+            map: Some("colour".into()),
+            map_key: Some("live".into()),
+            ..RouteSpec::default()
+        };
+        let err = check_start(&mapped, &p).expect_err("a map");
+        assert!(err.to_string().contains("colour[live]"), "{err}");
+        let mut same = plan();
+        same.to = "v1".into();
+        assert!(check_start(&on("v1"), &same).is_err());
     }
 
     #[test]

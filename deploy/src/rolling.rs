@@ -8,7 +8,7 @@ use pointsman_discovery::fleet::Fleet;
 use pointsman_discovery::{AdminState, Override};
 use tokio::time::Instant;
 
-use crate::watch::{self, Progress};
+use crate::watch::{self, Interrupt, Progress};
 use crate::{DeployError, Store};
 
 /// A rolling deploy of every instance of `service`.
@@ -55,6 +55,7 @@ pub async fn rolling(
     fleet: &mut Fleet,
     plan: &Rolling,
     progress: &Progress,
+    interrupt: &Interrupt,
 ) -> Result<(), DeployError> {
     let instances = store.instances(&plan.service).await?;
     if instances.is_empty() {
@@ -71,14 +72,30 @@ pub async fn rolling(
         ids.len(),
         ids.join(", ")
     ));
+    if ids.len() < 2 {
+        progress.say(format!(
+            "warning: {} has a single instance: it gets no traffic while it is replaced",
+            plan.service
+        ));
+    }
     for (n, inst) in instances.iter().enumerate() {
         let (svc, id) = (plan.service.as_str(), inst.value.id.as_str());
+        if interrupt.is_fired() {
+            return Err(DeployError::Failed(format!(
+                "rolling deploy of {svc} interrupted before {id} ({n} of {} done)",
+                ids.len()
+            )));
+        }
         let address = inst.value.address.to_string();
         progress.say(format!("[{}/{}] {svc}/{id} at {address}", n + 1, ids.len()));
         let before = store.override_of(svc, id).await?;
-        let step =
-            async { replace_one(store, fleet, plan, progress, id, &address, before.clone()).await };
-        if let Err(e) = step.await {
+        // An interrupt drops the step where it is (a command under way is
+        // killed) and puts the instance's previous state back below.
+        let step = tokio::select! {
+            r = replace_one(store, fleet, plan, progress, id, &address, before.clone()) => r,
+            _ = interrupt.fired() => Err(DeployError::Failed("interrupted".into())),
+        };
+        if let Err(e) = step {
             progress.say(format!("{svc}/{id}: {e}; putting its previous state back"));
             match store.restore_override(svc, id, before).await {
                 Ok(rev) => progress.say(format!(
@@ -133,8 +150,21 @@ async fn replace_one(
     )
     .await;
     if let Err(why) = drained {
+        // Requests still in flight are given up on; new ones are not: a
+        // proxy that has not applied the drain, or still picks the
+        // instance (a local override, say), would send requests to it
+        // after it stopped.
+        let round = watch::ask_all(fleet).await?;
+        let still_sending = not_draining(&round, svc, id, rev);
+        if !still_sending.is_empty() {
+            return Err(DeployError::Failed(format!(
+                "not drained on every proxy after {:?}, so it is not stopped: {}",
+                plan.drain_timeout,
+                still_sending.join("; ")
+            )));
+        }
         progress.say(format!(
-            "{svc}/{id}: drain timeout ({:?}) passed, going on: {why}",
+            "{svc}/{id}: drain timeout ({:?}) passed with requests in flight, going on: {why}",
             plan.drain_timeout
         ));
     }
@@ -218,9 +248,84 @@ async fn replace_one(
     Ok(())
 }
 
+/// The proxies of `round` that would still send new requests to
+/// `svc`/`id` once it is stopped (drained at revision `rev`), with why.
+fn not_draining(round: &[watch::Answer], svc: &str, id: &str, rev: i64) -> Vec<String> {
+    round
+        .iter()
+        .filter_map(|a| {
+            let why = match &a.view {
+                Err(e) => format!("admin API did not answer: {e}"),
+                Ok(v) => match watch::applied(v, rev) {
+                    Err(why) => why,
+                    Ok(()) => match v.endpoint(svc, id) {
+                        Some(e) if e.state == AdminState::Ready => {
+                            "still sends it new requests (state ready)".to_string()
+                        }
+                        _ => return None,
+                    },
+                },
+            };
+            Some(format!("{} ({}): {why}", a.id, a.admin))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pointsman_discovery::fleet::{EndpointView, ProxyView, ServiceView};
+
+    fn answer(proxy: &str, view: Result<ProxyView, String>) -> watch::Answer {
+        watch::Answer {
+            id: proxy.into(),
+            admin: "127.0.0.1:1".into(),
+            view,
+        }
+    }
+
+    fn with_a1(applied: i64, state: AdminState, in_flight: u64) -> Result<ProxyView, String> {
+        Ok(ProxyView {
+            follows_etcd: true,
+            applied_revision: Some(applied),
+            services: vec![ServiceView {
+                name: "web".into(),
+                endpoints: vec![EndpointView {
+                    id: "a1".into(),
+                    address: "127.0.0.1:2".into(),
+                    state,
+                    healthy: true,
+                    in_flight,
+                }],
+            }],
+        })
+    }
+
+    #[test]
+    fn only_requests_in_flight_are_left_behind_after_a_drain_timeout() {
+        let round = vec![
+            answer("p1", with_a1(7, AdminState::Drain, 3)),
+            answer("p2", with_a1(7, AdminState::Maint, 0)),
+            answer("p3", with_a1(9, AdminState::Ready, 0)),
+            answer("p4", with_a1(6, AdminState::Drain, 0)),
+            answer("p5", Err("connection refused".into())),
+        ];
+        let left = not_draining(&round, "web", "a1", 7);
+        assert_eq!(left.len(), 3, "{left:?}");
+        assert!(left[0].starts_with("p3") && left[0].contains("state ready"));
+        assert!(left[1].starts_with("p4") && left[1].contains("applied revision 6"));
+        assert!(left[2].starts_with("p5") && left[2].contains("connection refused"));
+        // A proxy without the instance sends nothing to it.
+        let gone = vec![answer(
+            "p1",
+            Ok(ProxyView {
+                follows_etcd: true,
+                applied_revision: Some(7),
+                services: vec![],
+            }),
+        )];
+        assert!(not_draining(&gone, "web", "a1", 7).is_empty());
+    }
 
     #[test]
     fn placeholders_are_replaced() {

@@ -35,6 +35,23 @@ pub async fn switch(
     plan: &Switch,
     progress: &Progress,
 ) -> Result<Switched, DeployError> {
+    // Every proxy must be able to serve the new target before all of its
+    // traffic goes there: a switch to a service without a ready instance
+    // would answer every request with 503.
+    watch::until(
+        fleet,
+        progress,
+        &format!("every proxy has a ready, healthy instance of {}", plan.to),
+        plan.timeout,
+        |v| watch::serves(v, &plan.to),
+    )
+    .await
+    .map_err(|why| {
+        DeployError::Failed(format!(
+            "not switching {}[{}] to {}: {why}",
+            plan.map, plan.key, plan.to
+        ))
+    })?;
     let (revision, previous) = store.switch_map(&plan.map, &plan.key, &plan.to).await?;
     progress.say(format!(
         "map {}[{}]: {} -> {} (etcd revision {revision})",
@@ -74,7 +91,11 @@ pub async fn switch(
                     ))
                 })?;
             }
-            _ => progress.say("nothing to drain: there was no previous target"),
+            Some(_) => progress.say(format!(
+                "nothing to drain: {}[{}] was already {}",
+                plan.map, plan.key, plan.to
+            )),
+            None => progress.say("nothing to drain: there was no previous target"),
         }
     }
     progress.say(format!(

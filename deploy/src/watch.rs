@@ -5,9 +5,11 @@
 //! what the step needs (an instance drained, healthy, a service idle). This
 //! module holds that loop and the progress lines a person watches.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pointsman_discovery::fleet::{probe, Fleet, ProxyView};
+use pointsman_discovery::AdminState;
 use tokio::time::Instant;
 
 use crate::DeployError;
@@ -48,6 +50,41 @@ impl Progress {
 impl Default for Progress {
     fn default() -> Self {
         Progress::new()
+    }
+}
+
+/// Tells a rollout to stop (`pointsman deploy` fires it on SIGINT and
+/// SIGTERM). A rollout that sees it undoes the step under way — a drained
+/// instance is put back, a canary's route restored — and returns an error.
+/// Clones share one state.
+#[derive(Clone, Debug)]
+pub struct Interrupt(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Interrupt {
+    /// An interrupt that has not fired.
+    pub fn new() -> Self {
+        Interrupt(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+
+    pub fn fire(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub fn is_fired(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Returns once the interrupt has fired (at once if it already has).
+    pub async fn fired(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives as long as `self`: the wait ends only by firing.
+        let _ = rx.wait_for(|fired| *fired).await;
+    }
+}
+
+impl Default for Interrupt {
+    fn default() -> Self {
+        Interrupt::new()
     }
 }
 
@@ -168,6 +205,37 @@ pub fn applied(view: &ProxyView, revision: i64) -> Result<(), String> {
     }
 }
 
+/// The proxy has an instance of `service` it sends new requests to: ready
+/// and healthy.
+pub fn serves(view: &ProxyView, service: &str) -> Result<(), String> {
+    let endpoints: Vec<_> = view
+        .services
+        .iter()
+        .filter(|s| s.name == service)
+        .flat_map(|s| &s.endpoints)
+        .collect();
+    if endpoints
+        .iter()
+        .any(|e| e.state == AdminState::Ready && e.healthy)
+    {
+        return Ok(());
+    }
+    if endpoints.is_empty() {
+        return Err(format!("has no instance of {service}"));
+    }
+    let seen: Vec<String> = endpoints
+        .iter()
+        .map(|e| {
+            let health = if e.healthy { "healthy" } else { "down" };
+            format!("{} {}, {health}", e.id, e.state)
+        })
+        .collect();
+    Err(format!(
+        "has no ready, healthy instance of {service} ({})",
+        seen.join("; ")
+    ))
+}
+
 /// Requests in flight to any endpoint of `service` on this proxy.
 pub fn service_in_flight(view: &ProxyView, service: &str) -> u64 {
     view.services
@@ -176,4 +244,111 @@ pub fn service_in_flight(view: &ProxyView, service: &str) -> u64 {
         .flat_map(|s| &s.endpoints)
         .map(|e| e.in_flight)
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pointsman_discovery::fleet::{EndpointView, ServiceView};
+
+    fn ep(id: &str, state: AdminState, healthy: bool, in_flight: u64) -> EndpointView {
+        EndpointView {
+            id: id.into(),
+            address: "127.0.0.1:1".into(),
+            state,
+            healthy,
+            in_flight,
+        }
+    }
+
+    fn view(applied: Option<i64>, services: Vec<(&str, Vec<EndpointView>)>) -> ProxyView {
+        ProxyView {
+            follows_etcd: true,
+            applied_revision: applied,
+            services: services
+                .into_iter()
+                .map(|(name, endpoints)| ServiceView {
+                    name: name.into(),
+                    endpoints,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_service_is_served_only_with_a_ready_healthy_instance() {
+        let v = view(
+            Some(1),
+            vec![
+                (
+                    "green",
+                    vec![
+                        ep("g1", AdminState::Drain, true, 0),
+                        ep("g2", AdminState::Ready, false, 0),
+                    ],
+                ),
+                ("blue", vec![ep("b1", AdminState::Ready, true, 0)]),
+            ],
+        );
+        assert_eq!(serves(&v, "blue"), Ok(()));
+        let why = serves(&v, "green").expect_err("no ready, healthy green");
+        assert!(
+            why.contains("g1 drain, healthy") && why.contains("g2 ready, down"),
+            "{why}"
+        );
+        assert_eq!(serves(&v, "red"), Err("has no instance of red".to_string()));
+    }
+
+    #[test]
+    fn applied_needs_etcd_and_the_revision() {
+        assert!(applied(&view(Some(5), vec![]), 5).is_ok());
+        assert!(applied(&view(Some(4), vec![]), 5)
+            .expect_err("behind")
+            .contains("applied revision 4"));
+        assert!(applied(&view(None, vec![]), 5).is_err());
+        let mut v = view(Some(9), vec![]);
+        v.follows_etcd = false;
+        assert!(applied(&v, 5).is_err());
+    }
+
+    #[test]
+    fn in_flight_sums_a_service() {
+        let v = view(
+            Some(1),
+            vec![
+                (
+                    "blue",
+                    vec![
+                        ep("b1", AdminState::Ready, true, 2),
+                        ep("b2", AdminState::Drain, true, 3),
+                    ],
+                ),
+                ("green", vec![ep("g1", AdminState::Ready, true, 7)]),
+            ],
+        );
+        assert_eq!(service_in_flight(&v, "blue"), 5);
+        assert_eq!(service_in_flight(&v, "red"), 0);
+    }
+
+    #[tokio::test]
+    async fn an_interrupt_wakes_every_clone_once_fired() {
+        let i = Interrupt::new();
+        assert!(!i.is_fired());
+        let waiting = tokio::spawn({
+            let i = i.clone();
+            async move { i.fired().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        i.fire();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .expect("the task");
+        assert!(i.is_fired());
+        // Fired already: returns at once.
+        tokio::time::timeout(Duration::from_secs(5), i.fired())
+            .await
+            .expect("at once");
+    }
 }
