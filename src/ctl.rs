@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use pointsman_deploy::Store;
+use pointsman_discovery::fleet::Fleet;
 use pointsman_discovery::registration::MAX_WEIGHT;
 use pointsman_discovery::{AdminState, EtcdOptions};
 use serde_json::Value;
@@ -83,7 +84,7 @@ pub async fn run(target: Target, cmd: CtlCommand) -> anyhow::Result<()> {
 async fn fleet(opts: EtcdOptions, cmd: CtlCommand) -> anyhow::Result<()> {
     let mut store = Store::connect(&opts).await?;
     let rev = match cmd {
-        CtlCommand::Status => return fleet_status(&mut store).await,
+        CtlCommand::Status => return fleet_status(opts).await,
         CtlCommand::State { server, state } => {
             let (svc, id) = split_server(&server)?;
             known(&mut store, svc, id).await?;
@@ -122,25 +123,30 @@ async fn known(store: &mut Store, service: &str, id: &str) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn fleet_status(store: &mut Store) -> anyhow::Result<()> {
-    let prefix = format!("{}proxies/", store.prefixes().pointsman_dir());
-    let proxies = store.proxies().await?;
+/// The proxies' records (the fleet library reads them, as rollouts do),
+/// then what the first proxy serves.
+async fn fleet_status(opts: EtcdOptions) -> anyhow::Result<()> {
+    let dir = pointsman_discovery::fleet::proxies_dir(&opts.prefixes);
+    let mut fleet = Fleet::new(opts).context("etcd")?;
+    let (proxies, malformed) = fleet.proxies().await.context("list the proxies")?;
     println!("proxies ({}):", proxies.len());
-    let mut first_admin = None;
     for p in &proxies {
-        let admin = p["admin"].as_str().unwrap_or("?");
+        let applied = p
+            .applied_revision
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "-".into());
         println!(
-            "  {:<24} admin {:<22} applied revision {}",
-            p["id"].as_str().unwrap_or("?"),
-            admin,
-            p["applied_revision"]
+            "  {:<24} admin {:<22} applied revision {applied}",
+            p.id, p.admin
         );
-        first_admin.get_or_insert_with(|| admin.to_string());
     }
-    match first_admin {
-        Some(admin) => print_services(&admin).await,
+    for m in malformed {
+        println!("  (unreadable record: {m})");
+    }
+    match proxies.first() {
+        Some(p) => print_services(&p.admin).await,
         None => {
-            println!("no proxy has registered under {prefix}");
+            println!("no proxy has registered under {dir}");
             Ok(())
         }
     }

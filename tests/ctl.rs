@@ -176,6 +176,17 @@ async fn fleet_changes_reach_every_proxy_and_local_ones_stay_local() {
     assert_eq!(code, 0, "{err}");
     wait_state(&p1, "a2", ("ready", 1)).await;
 
+    // Fleet status: both proxies' records, then the endpoints one serves.
+    let (code, out, err) = ctl(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("proxies (2):"), "{out}");
+    for p in [&p1, &p2] {
+        let admin = p.admin_url("");
+        let admin = admin.trim_start_matches("http://").trim_end_matches('/');
+        assert!(out.contains(admin), "status misses proxy {admin}: {out}");
+    }
+    assert!(out.contains("a1") && out.contains("g1"), "{out}");
+
     // Status through one proxy's admin API lists every endpoint.
     let (code, out, err) = run_cli(&["ctl", "--admin", &admin, "status"]);
     assert_eq!(code, 0, "{err}");

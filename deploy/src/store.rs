@@ -356,21 +356,6 @@ impl Store {
             },
         }
     }
-
-    /// The records live proxies keep under `<pointsman>/proxies/`.
-    pub async fn proxies(&mut self) -> Result<Vec<serde_json::Value>, DeployError> {
-        let prefix = self.pointsman_key("proxies", &[]) + "/";
-        let resp = self
-            .client
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| etcd(&format!("list {prefix}"), e))?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
-            .collect())
-    }
 }
 
 fn etcd(what: &str, e: etcd_client::Error) -> DeployError {
