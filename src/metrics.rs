@@ -256,6 +256,26 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
     .unwrap_or_else(|e| panic!("version metric: {e}"));
     version.set(i64::try_from(table.version).unwrap_or(i64::MAX));
 
+    let (open, parked, accepted) = crate::proxy::conn::CLIENT_CONNS.snapshot();
+    let clients = IntGauge::new(
+        "pointsman_client_connections",
+        "Client connections open now (HTTP and TCP listeners).",
+    )
+    .unwrap_or_else(|e| panic!("client connections metric: {e}"));
+    clients.set(i64::try_from(open).unwrap_or(i64::MAX));
+    let clients_parked = IntGauge::new(
+        "pointsman_client_connections_parked",
+        "Idle HTTP/1 keep-alive client connections waiting for a request without buffers.",
+    )
+    .unwrap_or_else(|e| panic!("parked connections metric: {e}"));
+    clients_parked.set(i64::try_from(parked).unwrap_or(i64::MAX));
+    let clients_total = prometheus::IntCounter::new(
+        "pointsman_client_connections_total",
+        "Client connections accepted since the process started.",
+    )
+    .unwrap_or_else(|e| panic!("accepted connections metric: {e}"));
+    clients_total.inc_by(accepted);
+
     let registry = Registry::new();
     let collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(requests),
@@ -277,6 +297,9 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
         Box::new(saved),
         Box::new(reload),
         Box::new(version),
+        Box::new(clients),
+        Box::new(clients_parked),
+        Box::new(clients_total),
     ];
     for c in collectors {
         if let Err(e) = registry.register(c) {

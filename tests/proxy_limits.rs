@@ -312,3 +312,100 @@ async fn lowering_max_connections_on_reload_takes_effect_once_connections_leave(
     drop(first);
     assert_eq!(read_response(&mut second).await.status, 200);
 }
+
+/// A gauge's value in the proxy's `/metrics`.
+async fn metric(proxy: &Proxy, name: &str) -> i64 {
+    let text = plain_client()
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_parks_and_serves_its_next_requests() {
+    let up = Upstream::start("app").await;
+    let service = format!("endpoints = [{}]", endpoint_line(&up, ""));
+    let global = "idle_timeout = \"30s\"\nheader_read_timeout = \"5s\"";
+    let proxy = Proxy::start(|| limited(free_addr(), global, &service)).await;
+    let parked = "pointsman_client_connections_parked";
+
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("send");
+    assert_eq!(read_response(&mut s).await.status, 200);
+    // Idle past the park delay (250 ms): it waits without HTTP state.
+    wait_for(
+        Duration::from_secs(5),
+        "the idle connection to park",
+        || async { metric(&proxy, parked).await == 1 },
+    )
+    .await;
+    assert_eq!(metric(&proxy, "pointsman_client_connections").await, 1);
+
+    // The next request on it is served as usual.
+    s.write_all(b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("send after parking");
+    let r = read_response(&mut s).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["path"], "/second");
+
+    // A head that arrives in pieces, slower than the park delay, keeps the
+    // connection in hyper's hands: nothing of it is lost.
+    wait_for(
+        Duration::from_secs(5),
+        "the connection to park again",
+        || async { metric(&proxy, parked).await == 1 },
+    )
+    .await;
+    s.write_all(b"GET /slow-head HTTP/1.1\r\n")
+        .await
+        .expect("send half a head");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        metric(&proxy, parked).await,
+        0,
+        "a half-read head must not park"
+    );
+    s.write_all(b"Host: a\r\n\r\n")
+        .await
+        .expect("send the rest");
+    let r = read_response(&mut s).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["path"], "/slow-head");
+
+    // Two pipelined requests sent to a parked connection both get answers.
+    wait_for(
+        Duration::from_secs(5),
+        "the connection to park a third time",
+        || async { metric(&proxy, parked).await == 1 },
+    )
+    .await;
+    s.write_all(
+        b"GET /p1 HTTP/1.1\r\nHost: a\r\n\r\nGET /p2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("send two requests at once");
+    let (_, got) = wait_closed(&mut s, Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 2, "{text}");
+    assert!(text.contains("/p1") && text.contains("/p2"), "{text}");
+    wait_for(
+        Duration::from_secs(5),
+        "the closed connection to be gone",
+        || async { metric(&proxy, "pointsman_client_connections").await == 0 },
+    )
+    .await;
+    assert_eq!(metric(&proxy, parked).await, 0);
+}

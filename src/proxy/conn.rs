@@ -7,6 +7,10 @@
 //! records its last byte, when it began waiting for a head, and its
 //! requests in flight.
 //!
+//! An HTTP/1 connection that stays idle for [`PARK_AFTER`] gives its
+//! buffers back (see `HttpProxy::serve_connection`): [`ConnActivity::park_in`]
+//! says when that is safe.
+//!
 //! Draining (on shutdown, or when a successor process has taken the
 //! listening sockets over) is race-free for keep-alive clients: an HTTP/1
 //! connection is never closed at the moment a client may be sending on it.
@@ -22,6 +26,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes};
 use http::header::{HeaderValue, CONNECTION};
 use http::{Response, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -39,6 +44,55 @@ pub fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
 }
 
+/// The process's client connections, for `/metrics` and `show info`.
+#[derive(Debug)]
+pub struct ClientConns {
+    open: AtomicUsize,
+    parked: AtomicUsize,
+    total: AtomicU64,
+}
+
+/// Every client connection of this process, HTTP and TCP.
+pub static CLIENT_CONNS: ClientConns = ClientConns {
+    open: AtomicUsize::new(0),
+    parked: AtomicUsize::new(0),
+    total: AtomicU64::new(0),
+};
+
+/// Counts a connection as open (or parked) until dropped.
+#[derive(Debug)]
+pub struct Counted(&'static AtomicUsize);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+impl ClientConns {
+    /// A client connection was accepted.
+    pub fn opened(&'static self) -> Counted {
+        self.total.fetch_add(1, Relaxed);
+        self.open.fetch_add(1, Relaxed);
+        Counted(&self.open)
+    }
+
+    /// A connection waits for its next request without HTTP state.
+    pub fn parked(&'static self) -> Counted {
+        self.parked.fetch_add(1, Relaxed);
+        Counted(&self.parked)
+    }
+
+    /// Open now, parked now, accepted since start.
+    pub fn snapshot(&self) -> (usize, usize, u64) {
+        (
+            self.open.load(Relaxed),
+            self.parked.load(Relaxed),
+            self.total.load(Relaxed),
+        )
+    }
+}
+
 /// When a connection last moved a byte, and how many of its requests are
 /// still being answered.
 #[derive(Debug)]
@@ -50,9 +104,16 @@ pub struct ConnActivity {
     head_since: AtomicU64,
     /// The process is draining: answers carry `Connection: close`.
     draining: AtomicBool,
-    /// A request came over HTTP/2.
-    h2: AtomicBool,
+    /// The last write found the client's socket full: bytes may still wait
+    /// in the HTTP engine's buffer.
+    write_blocked: AtomicBool,
 }
+
+/// How long an HTTP/1 connection with no request in progress and no byte
+/// moving keeps its HTTP state (hyper's read and write buffers, about
+/// 16 KiB); after that it waits for its next request holding none, as
+/// nginx's idle keep-alive connections do.
+pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
 /// How long an idle HTTP/1 keep-alive connection stays open once a drain
 /// began (capped by `idle_timeout`): a client that sends on it in that time
@@ -77,7 +138,7 @@ impl ConnActivity {
             // A new connection owes its first request head.
             head_since: AtomicU64::new(now.max(1)),
             draining: AtomicBool::new(false),
-            h2: AtomicBool::new(false),
+            write_blocked: AtomicBool::new(false),
         })
     }
 
@@ -98,16 +159,26 @@ impl ConnActivity {
         }
     }
 
-    /// Has a request on this connection come over HTTP/2?
-    pub fn is_h2(&self) -> bool {
-        self.h2.load(Relaxed)
+    /// Is the process draining?
+    pub fn draining(&self) -> bool {
+        self.draining.load(Relaxed)
     }
 
-    /// Notes a request's version (HTTP/2 connections close with GOAWAY).
-    pub fn saw_request(&self, version: Version) {
-        if version == Version::HTTP_2 {
-            self.h2.store(true, Relaxed);
+    /// How long until an idle HTTP/1 connection may drop its HTTP state
+    /// (zero: now), or `None` while that is not safe: a request is being
+    /// answered or its head has begun to arrive, the last write is still
+    /// waiting for the client to read, or the process drains (the idle
+    /// grace closes the connection soon anyway).
+    pub fn park_in(&self, after: Duration) -> Option<Duration> {
+        if self.active.load(Relaxed) > 0
+            || self.head_since.load(Relaxed) != 0
+            || self.write_blocked.load(Relaxed)
+            || self.draining.load(Relaxed)
+        {
+            return None;
         }
+        let idle_for = now_ms().saturating_sub(self.last.load(Relaxed));
+        Some(after.saturating_sub(Duration::from_millis(idle_for)))
     }
 
     /// While draining, an HTTP/1 answer tells the client to close the
@@ -126,6 +197,21 @@ impl ConnActivity {
     #[inline]
     fn touch(&self) {
         self.last.store(now_ms(), Relaxed);
+    }
+
+    /// A write returned: bytes moved, or the client's socket is full.
+    #[inline]
+    fn wrote(&self, r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) => {
+                if *n > 0 {
+                    self.touch();
+                }
+                self.write_blocked.store(false, Relaxed);
+            }
+            Poll::Pending => self.write_blocked.store(true, Relaxed),
+            Poll::Ready(Err(_)) => {}
+        }
     }
 
     /// Bytes arrived: with no request active they begin a request head.
@@ -182,15 +268,54 @@ impl Drop for ConnActive {
     }
 }
 
-/// A stream that records its activity.
+/// A client stream that records its activity. Bytes already read from it
+/// (by protocol detection, or left in a parked connection's buffer) are
+/// given back first.
 pub struct ActivityIo<T> {
     inner: T,
     activity: Arc<ConnActivity>,
+    unread: Bytes,
 }
 
 impl<T> ActivityIo<T> {
     pub fn new(inner: T, activity: Arc<ConnActivity>) -> Self {
-        ActivityIo { inner, activity }
+        ActivityIo {
+            inner,
+            activity,
+            unread: Bytes::new(),
+        }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// Puts `bytes` back in front of what is still to be read.
+    pub fn unread(&mut self, bytes: Bytes) {
+        if self.unread.is_empty() {
+            self.unread = bytes;
+        } else if !bytes.is_empty() {
+            let mut both = Vec::with_capacity(bytes.len() + self.unread.len());
+            both.extend_from_slice(&bytes);
+            both.extend_from_slice(&self.unread);
+            self.unread = both.into();
+        }
+    }
+
+    /// Are there bytes to read that were read from the socket before?
+    pub fn has_unread(&self) -> bool {
+        !self.unread.is_empty()
+    }
+}
+
+impl ActivityIo<TcpStream> {
+    /// Reads what the socket holds into `buf` without waiting.
+    pub fn try_read_buf(&mut self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+        let n = self.inner.try_read_buf(buf)?;
+        if n > 0 {
+            self.activity.read_some();
+        }
+        Ok(n)
     }
 }
 
@@ -201,6 +326,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread[..n]);
+            this.unread.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -218,9 +349,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.activity.wrote(&r);
         r
     }
 
@@ -231,9 +360,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.activity.wrote(&r);
         r
     }
 
@@ -350,5 +477,34 @@ pub async fn accept_loop<F>(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_parks_only_when_nothing_is_in_progress() {
+        let a = ConnActivity::new();
+        // A new connection owes its first head.
+        assert_eq!(a.park_in(PARK_AFTER), None);
+        let req = a.start();
+        assert_eq!(a.park_in(PARK_AFTER), None, "a request is being answered");
+        drop(req);
+        let left = a.park_in(PARK_AFTER).expect("idle after its answer");
+        assert!(left > Duration::ZERO && left <= PARK_AFTER, "{left:?}");
+        assert_eq!(a.park_in(Duration::ZERO), Some(Duration::ZERO));
+        // Bytes of the next head arrived.
+        a.read_some();
+        assert_eq!(a.park_in(Duration::ZERO), None, "a head has begun");
+        drop(a.start());
+        // The client's socket was full on the last write.
+        a.wrote(&Poll::Pending);
+        assert_eq!(a.park_in(Duration::ZERO), None, "bytes wait to be written");
+        a.wrote(&Poll::Ready(Ok(10)));
+        assert_eq!(a.park_in(Duration::ZERO), Some(Duration::ZERO));
+        a.begin_drain();
+        assert_eq!(a.park_in(Duration::ZERO), None, "a drain closes it instead");
     }
 }

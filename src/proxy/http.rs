@@ -12,25 +12,27 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::body::UpstreamBody;
-use super::conn::{ActivityIo, ConnActivity, Expired};
+use super::conn::{ActivityIo, ConnActive, ConnActivity, Expired, CLIENT_CONNS, PARK_AFTER};
 use super::forward::{add_forwarded, strip_hop_by_hop, strip_path, wants_upgrade};
 use super::pool;
-use super::{ProxyBody, ProxyError, RequestGuard, ServiceActive, SharedLimits};
+use super::{ClientLimits, ProxyBody, ProxyError, RequestGuard, ServiceActive, SharedLimits};
 use crate::balance::PickContext;
 use crate::control::SharedTable;
 use crate::routing::{find_cookie, Resolved, Service};
@@ -60,7 +62,10 @@ struct Served {
 
 impl HttpProxy {
     /// Serves one client connection until it closes, goes idle, or
-    /// `shutdown` asks it to finish.
+    /// `shutdown` asks it to finish. HTTP/2 with prior knowledge is told
+    /// from HTTP/1 by its first bytes. An HTTP/1 connection that idles for
+    /// [`PARK_AFTER`] drops hyper's state (its buffers) and waits for its
+    /// next request holding none; hyper takes over again when it sends.
     pub async fn serve_connection(
         self: Arc<Self>,
         listener: Arc<str>,
@@ -69,9 +74,9 @@ impl HttpProxy {
         permit: OwnedSemaphorePermit,
         shutdown: CancellationToken,
     ) {
+        let _open = CLIENT_CONNS.opened();
         let limits = self.limits.load_full();
         let activity = ConnActivity::new();
-        let io = TokioIo::new(ActivityIo::new(stream, activity.clone()));
         let ctx = Arc::new(ConnContext {
             proxy: self,
             listener,
@@ -84,66 +89,252 @@ impl HttpProxy {
             let ctx = ctx.clone();
             async move { Ok::<_, Infallible>(ctx.handle(req).await) }
         });
-
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            // Timed by `ConnActivity::check` below: hyper's timer would
-            // also cut idle keep-alive connections at this limit.
-            .header_read_timeout(None)
-            .max_buf_size(limits.max_header_bytes)
-            .keep_alive(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-        let conn = builder.serve_connection_with_upgrades(io, svc);
-        tokio::pin!(conn);
-
-        let mut closing = false;
-        let mut draining = false;
-        loop {
-            let idle = activity.idle_timeout(limits.idle_timeout);
-            let head = limits.header_read_timeout;
-            let wait = activity.check(idle, head).unwrap_or_default();
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                    }
-                    break;
-                }
-                _ = shutdown.cancelled(), if !closing && !draining => {
-                    // HTTP/2 closes with GOAWAY. HTTP/1 (hyper would close
-                    // an idle connection at once, racing a client that is
-                    // sending on it) closes after its next answer or an
-                    // idle grace: see `ConnActivity::begin_drain`.
-                    draining = true;
-                    activity.begin_drain();
-                    if activity.is_h2() {
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                }
-                _ = tokio::time::sleep(wait), if !closing => {
-                    match activity.check(idle, head) {
-                        Err(Expired::Head) => {
-                            // No request is in progress to protect, and hyper's
-                            // graceful close would wait for the head: drop it.
-                            tracing::debug!(%peer, "request head not complete within header_read_timeout; closing");
+        let mut io = ActivityIo::new(stream, activity.clone());
+        let mut client = ClientConn {
+            activity,
+            limits,
+            shutdown,
+            peer,
+        };
+        match client.detect(&mut io).await {
+            Some(Protocol::Http2) => client.serve_h2(io, svc).await,
+            Some(Protocol::Http1) => {
+                let mut parked = Some((io, svc));
+                while let Some((io, svc)) = parked.take() {
+                    parked = client.serve_h1(io, svc).await;
+                    if let Some((io, _)) = &parked {
+                        let _parked = CLIENT_CONNS.parked();
+                        if !client.wait_readable(io).await {
                             break;
                         }
-                        Err(Expired::Idle) => {
-                            conn.as_mut().graceful_shutdown();
-                            closing = true;
-                        }
-                        Ok(_) => {}
+                    }
+                }
+            }
+            None => {}
+        }
+        drop(permit);
+    }
+}
+
+/// The protocol a client connection speaks.
+enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
+}
+
+/// The first bytes of an HTTP/2 connection with prior knowledge.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The first read of a new connection: most request heads fit.
+const FIRST_READ: usize = 1024;
+
+type ClientIo = ActivityIo<TcpStream>;
+
+/// One client connection's timers and drain state, across the phases of
+/// its life: detection, hyper serving it, parked.
+struct ClientConn {
+    activity: Arc<ConnActivity>,
+    limits: Arc<ClientLimits>,
+    shutdown: CancellationToken,
+    peer: SocketAddr,
+}
+
+/// Why a connection's wait ended.
+enum Woke {
+    /// Keep serving: bytes arrived, or a timer found nothing expired.
+    Serve,
+    /// The drain began.
+    Drain,
+    /// A timer expired.
+    Expired(Expired),
+}
+
+impl ClientConn {
+    /// The time left before the next timer may expire.
+    fn timers(&self) -> (Duration, Duration) {
+        let idle = self.activity.idle_timeout(self.limits.idle_timeout);
+        (idle, self.limits.header_read_timeout)
+    }
+
+    /// Reads the connection's first bytes, as long as they may still be
+    /// HTTP/2's preface. `None`: the client closed or timed out first.
+    async fn detect(&mut self, io: &mut ClientIo) -> Option<Protocol> {
+        let mut first = BytesMut::with_capacity(FIRST_READ);
+        let protocol = loop {
+            if !self.wait_readable(io).await {
+                return None;
+            }
+            match io.try_read_buf(&mut first) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "client connection failed");
+                    return None;
+                }
+            }
+            let n = first.len().min(H2_PREFACE.len());
+            if first[..n] != H2_PREFACE[..n] {
+                break Protocol::Http1;
+            }
+            if n == H2_PREFACE.len() {
+                break Protocol::Http2;
+            }
+        };
+        io.unread(first.freeze());
+        Some(protocol)
+    }
+
+    /// Waits, holding no buffer, until the client sends (or closes).
+    /// False: close the connection now (a timer expired, or the drain's
+    /// idle grace is over).
+    async fn wait_readable(&mut self, io: &ClientIo) -> bool {
+        if io.has_unread() {
+            return true;
+        }
+        loop {
+            let (idle, head) = self.timers();
+            let Ok(wait) = self.activity.check(idle, head) else {
+                return false;
+            };
+            let woke = tokio::select! {
+                biased;
+                ready = io.get_ref().readable() => return ready.is_ok(),
+                woke = self.until(wait) => woke,
+            };
+            if let Woke::Expired(_) = woke {
+                return false;
+            }
+        }
+    }
+
+    /// Sleeps for `wait` (or until the drain begins) and says what is due.
+    async fn until(&self, wait: Duration) -> Woke {
+        let draining = self.activity.draining();
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled(), if !draining => {
+                self.activity.begin_drain();
+                Woke::Drain
+            }
+            _ = tokio::time::sleep(wait) => {
+                let (idle, head) = self.timers();
+                match self.activity.check(idle, head) {
+                    Err(expired) => Woke::Expired(expired),
+                    Ok(_) => Woke::Serve,
+                }
+            }
+        }
+    }
+
+    /// Serves HTTP/1 requests with hyper until the connection ends
+    /// (`None`) or idles long enough to park: then its stream and service
+    /// come back, with any bytes hyper had read but not used.
+    async fn serve_h1<S>(&mut self, io: ClientIo, svc: S) -> Option<(ClientIo, S)>
+    where
+        S: hyper::service::Service<
+                Request<Incoming>,
+                Response = Response<ProxyBody>,
+                Error = Infallible,
+            > + Unpin,
+    {
+        let mut http = http1::Builder::new();
+        http
+            // Timed by `ConnActivity::check`: hyper's timer would also cut
+            // idle keep-alive connections at this limit.
+            .header_read_timeout(None)
+            .max_buf_size(self.limits.max_header_bytes)
+            .keep_alive(true);
+        // Boxed: a parked connection's task keeps none of it.
+        let mut conn = Box::new(http.serve_connection(TokioIo::new(io), svc).with_upgrades());
+        let mut closing = false;
+        loop {
+            let (idle, head) = self.timers();
+            let mut wait = self.activity.check(idle, head).unwrap_or_default();
+            if !closing {
+                // Not parkable now (a request is being answered): look
+                // again after `PARK_AFTER`, so a busy connection's timer
+                // fires at most that often.
+                wait = wait.min(self.activity.park_in(PARK_AFTER).unwrap_or(PARK_AFTER));
+            }
+            let woke = tokio::select! {
+                biased;
+                result = &mut *conn => {
+                    if let Err(e) = result {
+                        tracing::debug!(peer = %self.peer, error = %e, "client connection ended with an error");
+                    }
+                    return None;
+                }
+                // Once closing, only the connection itself is waited for.
+                woke = self.until(wait), if !closing => woke,
+            };
+            match woke {
+                // HTTP/1 is not closed at once (hyper would close an idle
+                // connection then, racing a client that is sending on
+                // it): it closes after its next answer, or after the idle
+                // grace. See `ConnActivity::begin_drain`.
+                Woke::Drain => {}
+                Woke::Expired(Expired::Head) => {
+                    // No request is in progress to protect, and hyper's
+                    // graceful close would wait for the head: drop it.
+                    tracing::debug!(peer = %self.peer, "request head not complete within header_read_timeout; closing");
+                    return None;
+                }
+                Woke::Expired(Expired::Idle) => {
+                    Pin::new(&mut *conn).graceful_shutdown();
+                    closing = true;
+                }
+                Woke::Serve => {
+                    if self.activity.park_in(PARK_AFTER) == Some(Duration::ZERO) {
+                        let parts = conn.into_parts()?;
+                        let mut io = parts.io.into_inner();
+                        io.unread(parts.read_buf);
+                        return Some((io, parts.service));
                     }
                 }
             }
         }
-        drop(permit);
+    }
+
+    /// Serves an HTTP/2 connection until it ends; the drain sends GOAWAY.
+    async fn serve_h2<S>(&mut self, io: ClientIo, svc: S)
+    where
+        S: hyper::service::Service<
+                Request<Incoming>,
+                Response = Response<ProxyBody>,
+                Error = Infallible,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let mut http = http2::Builder::new(TokioExecutor::new());
+        http.timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX));
+        let mut conn = Box::pin(http.serve_connection(TokioIo::new(io), svc));
+        let mut closing = false;
+        loop {
+            let (idle, head) = self.timers();
+            let wait = self.activity.check(idle, head).unwrap_or_default();
+            let woke = tokio::select! {
+                biased;
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(peer = %self.peer, error = %e, "client connection ended with an error");
+                    }
+                    return;
+                }
+                woke = self.until(wait), if !closing => woke,
+            };
+            match woke {
+                Woke::Drain | Woke::Expired(Expired::Idle) => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                Woke::Expired(Expired::Head) => return,
+                Woke::Serve => {}
+            }
+        }
     }
 }
 
@@ -177,8 +368,10 @@ impl ConnContext {
 
     async fn respond(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let version = req.version();
-        self.activity.saw_request(version);
-        let mut resp = match self.forward(req).await {
+        // The head is complete: the connection is busy until the response
+        // body ends, whatever the request body and the upstream take.
+        let conn_active = self.activity.start();
+        let mut resp = match self.forward(req, conn_active).await {
             Ok(resp) => resp,
             Err(e) => {
                 match &e {
@@ -229,7 +422,11 @@ impl ConnContext {
         }
     }
 
-    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        conn_active: ConnActive,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let started = Instant::now();
         let (service, rewrite) = self.route(&req)?;
         let settings = &service.settings;
@@ -292,9 +489,6 @@ impl ConnContext {
         );
 
         let service_active = ServiceActive::start(&settings.live);
-        // The client connection is busy from here on, whatever the upstream
-        // takes to answer (its idle timeout must not close it).
-        let conn_active = self.activity.start();
         let mut body = Some(body);
         let mut headers = Some(std::mem::take(&mut parts.headers));
         let mut avoid = None;

@@ -22,6 +22,7 @@ pub async fn serve_connection(
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
+    let _open = super::conn::CLIENT_CONNS.opened();
     let service = {
         let table = table.load();
         table

@@ -583,6 +583,8 @@ OTHER = "green"
         );
         assert!(info.contains("\nMaxconn: 10000\n"), "{info}");
         assert!(info.contains("\nUptime_sec: "), "{info}");
+        assert!(info.contains("\nCurrConns: "), "{info}");
+        assert!(info.contains("\nCumConns: "), "{info}");
     }
 
     #[tokio::test]

@@ -622,6 +622,9 @@ impl Snapshot {
         line("Uptime_sec", &up);
         line("Maxconn", &self.max_connections);
         line("Hard_maxconn", &self.max_connections);
+        let (open, _, accepted) = crate::proxy::conn::CLIENT_CONNS.snapshot();
+        line("CurrConns", &open);
+        line("CumConns", &accepted);
         line("Stopping", &u8::from(p.stopping));
         line("Listeners", &self.frontends.len());
         line("node", &p.node);
