@@ -186,7 +186,9 @@ impl Listeners {
                     return;
                 }
             };
-            let conn_stop = stop.clone();
+            // The connections' own token: each waits on it, so one per
+            // accept loop keeps its lock on this thread.
+            let conn_stop = stop.child_token();
             accept_loop(
                 socket,
                 limit,

@@ -272,8 +272,12 @@ fn serve(args: RunArgs, demo: bool) -> anyhow::Result<()> {
     };
     let control = runtime(Some(1))?;
     if threads == 1 {
-        return control.block_on(run(args, demo, Vec::new()));
+        return control.block_on(async {
+            tokio::spawn(keep_timers_near(CancellationToken::new()));
+            run(args, demo, Vec::new()).await
+        });
     }
+    pointsman::proxy::pool::set_threads(threads);
     let stop = CancellationToken::new();
     let mut handles = Vec::with_capacity(threads);
     let mut joins = Vec::with_capacity(threads);
@@ -284,7 +288,10 @@ fn serve(args: RunArgs, demo: bool) -> anyhow::Result<()> {
         joins.push(
             std::thread::Builder::new()
                 .name(format!("pointsman-worker-{i}"))
-                .spawn(move || rt.block_on(stop.cancelled()))?,
+                .spawn(move || {
+                    pointsman::proxy::pool::enter_thread(i);
+                    rt.block_on(keep_timers_near(stop))
+                })?,
         );
     }
     let result = control.block_on(run(args, demo, handles));
@@ -294,6 +301,22 @@ fn serve(args: RunArgs, demo: bool) -> anyhow::Result<()> {
         let _ = j.join();
     }
     result
+}
+
+/// Keeps a timer due on this event loop at least every 100 ms until
+/// `stop`. tokio wakes a parked event loop (an eventfd write, then an
+/// extra trip through epoll) whenever a new timer is due before every
+/// timer it already has; each client connection arms its idle and header
+/// timers 250 ms or more ahead, so with this tick they never do.
+async fn keep_timers_near(stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+    }
 }
 
 fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {

@@ -34,6 +34,8 @@ struct Echo<'a> {
     server: &'a str,
     method: &'a str,
     path: &'a str,
+    /// The request target as sent: origin form (`/a?b`) or absolute form.
+    target: String,
     headers: BTreeMap<String, String>,
 }
 
@@ -112,6 +114,7 @@ async fn answer(name: &str, req: Request<Incoming>) -> Response<UpBody> {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/"),
+        target: req.uri().to_string(),
         headers: req
             .headers()
             .iter()

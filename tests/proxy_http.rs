@@ -81,6 +81,23 @@ async fn request_hop_by_hop_headers_are_stripped_and_forwarded_headers_set() {
     );
     assert_eq!(seen["x-forwarded-host"], "app.example.com");
     assert_eq!(echo["path"], "/hdr?a=1");
+    assert_eq!(
+        echo["target"], "/hdr?a=1",
+        "the upstream gets the origin form, not the absolute form"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_host_reaches_the_upstream_with_its_address_as_host() {
+    let up = Upstream::start("echo").await;
+    let ep = endpoint_line(&up, "");
+    let proxy = Proxy::start(|| default_to(free_addr(), &ep)).await;
+
+    let resp = raw_request(proxy.addr(), b"GET /old?x=1 HTTP/1.0\r\n\r\n").await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let echo = resp.json();
+    assert_eq!(echo["target"], "/old?x=1");
+    assert_eq!(echo["headers"]["host"], up.addr.to_string());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,6 +230,7 @@ async fn h2c_prior_knowledge_is_proxied() {
         let echo: serde_json::Value = serde_json::from_slice(&body).expect("echo JSON");
         assert_eq!(echo["server"], "h2up");
         assert_eq!(echo["path"], path);
+        assert_eq!(echo["target"], path, "origin form upstream");
         assert_eq!(
             echo["headers"]["host"],
             proxy.addr().to_string(),

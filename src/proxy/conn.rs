@@ -309,6 +309,23 @@ impl<T> ActivityIo<T> {
 }
 
 impl ActivityIo<TcpStream> {
+    /// Reads what the socket holds into `buf` with a plain `recv`, even
+    /// before the event loop has reported the socket readable. Only for a
+    /// first attempt: its `WouldBlock` does not reset tokio's readiness, so
+    /// waiting on `readable` afterwards is still correct.
+    pub fn read_now(&mut self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+        use std::io::Read;
+        let start = buf.len();
+        buf.resize(buf.capacity().max(start + 1), 0);
+        let socket = socket2::SockRef::from(&self.inner);
+        let r = (&*socket).read(&mut buf[start..]);
+        buf.truncate(start + r.as_ref().map_or(0, |n| *n));
+        if matches!(r, Ok(n) if n > 0) {
+            self.activity.read_some();
+        }
+        r
+    }
+
     /// Reads what the socket holds into `buf` without waiting.
     pub fn try_read_buf(&mut self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
         let n = self.inner.try_read_buf(buf)?;

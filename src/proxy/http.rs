@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::header::{self, HeaderValue};
-use http::uri::{PathAndQuery, Scheme, Uri};
+use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -161,11 +161,18 @@ impl ClientConn {
     /// HTTP/2's preface. `None`: the client closed or timed out first.
     async fn detect(&mut self, io: &mut ClientIo) -> Option<Protocol> {
         let mut first = BytesMut::with_capacity(FIRST_READ);
+        // A client sends its request right behind the handshake, so it is
+        // usually there already: read before asking the event loop (as
+        // HAProxy does), which saves a trip through epoll per connection.
+        let mut read = io.read_now(&mut first);
         let protocol = loop {
-            if !self.wait_readable(io).await {
-                return None;
+            if matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+                if !self.wait_readable(io).await {
+                    return None;
+                }
+                read = io.try_read_buf(&mut first);
             }
-            match io.try_read_buf(&mut first) {
+            match std::mem::replace(&mut read, Err(std::io::ErrorKind::WouldBlock.into())) {
                 Ok(0) => return None,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -580,15 +587,19 @@ impl ConnContext {
                 (Some(h), true) => h.clone(),
                 _ => headers.take().unwrap_or_default(),
             };
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(Scheme::HTTP);
-            uri.authority = Some(endpoint.authority.clone());
-            uri.path_and_query = Some(path_and_query.clone());
             let mut upstream_req = Request::new(this_body);
             *upstream_req.method_mut() = parts.method.clone();
-            *upstream_req.uri_mut() =
-                Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("unusable URI"))?;
+            // Origin form (`GET /path HTTP/1.1`), as servers expect from a
+            // client that is not a forward proxy's.
+            *upstream_req.uri_mut() = Uri::from(path_and_query.clone());
             *upstream_req.headers_mut() = these_headers;
+            if host.is_none() {
+                // HTTP/1.1 needs a Host: a client without one (HTTP/1.0)
+                // reaches the endpoint by its address.
+                if let Ok(h) = HeaderValue::from_str(endpoint.authority.as_str()) {
+                    upstream_req.headers_mut().insert(header::HOST, h);
+                }
+            }
 
             let sent =
                 tokio::time::timeout(retry.per_try_timeout, sender.try_send_request(upstream_req))

@@ -5,10 +5,16 @@
 //! whatever the body. A connection goes back to the pool when its response
 //! body is finished, unless the endpoint no longer takes new requests:
 //! draining closes an endpoint's idle connections.
+//!
+//! With several worker threads each keeps its own idle connections per
+//! endpoint: a connection's I/O is driven by the event loop that opened
+//! it, and a request served on another thread would wake that loop (and
+//! be woken by it) across threads on every exchange.
 
-use std::time::{Duration, Instant};
-
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
 use http::uri::Authority;
@@ -19,10 +25,35 @@ use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
 
-/// Idle connections kept per endpoint; more are closed when released.
+/// Idle connections kept per endpoint and worker thread; more are closed
+/// when released.
 pub const MAX_IDLE: usize = 256;
 
 pub type Sender = SendRequest<UpstreamBody>;
+
+/// How many worker threads share the pools (set once at start).
+static THREADS: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    /// This thread's share of every pool (0 outside the worker threads).
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Sets how many worker threads serve requests; call it before the
+/// first request.
+pub fn set_threads(n: usize) {
+    THREADS.store(n.max(1), Relaxed);
+}
+
+/// The most idle connections an endpoint keeps, all threads together.
+pub fn max_idle() -> usize {
+    MAX_IDLE * THREADS.load(Relaxed)
+}
+
+/// Makes this thread worker `i` (of [`set_threads`]'s count).
+pub fn enter_thread(i: usize) {
+    SHARD.with(|s| s.set(i));
+}
 
 struct Idle {
     sender: Sender,
@@ -32,14 +63,20 @@ struct Idle {
     since: Instant,
 }
 
+/// One thread's idle connections to an endpoint.
+#[derive(Default)]
+struct Shard {
+    idle: SegQueue<Idle>,
+    len: AtomicUsize,
+}
+
 /// An endpoint's idle upstream connections. Lock-free; it allocates
 /// nothing until a connection is first given back (a table of 10,000
 /// endpoints that take no traffic costs nothing here), then grows in small
-/// blocks up to `MAX_IDLE`.
+/// blocks up to `MAX_IDLE` per thread.
 #[derive(Default)]
 pub struct Pool {
-    idle: SegQueue<Idle>,
-    len: AtomicUsize,
+    shards: OnceLock<Box<[Shard]>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -60,10 +97,11 @@ pub enum ConnectError {
 }
 
 impl Pool {
-    /// An idle connection to `authority` that is still open and was idle for
-    /// less than `max_idle`, if there is one.
+    /// An idle connection to `authority`, opened by this thread, that is
+    /// still open and was idle for less than `max_idle`, if there is one.
     pub async fn take(&self, authority: &Authority, max_idle: Duration) -> Option<Sender> {
-        while let Some(idle) = self.pop() {
+        let shard = self.mine()?;
+        while let Some(idle) = shard.pop() {
             if idle.since.elapsed() >= max_idle || &idle.authority != authority {
                 continue;
             }
@@ -77,18 +115,64 @@ impl Pool {
         None
     }
 
-    /// Gives a connection back for reuse.
+    /// Gives a connection back for reuse by this thread.
     pub fn put(&self, sender: Sender, authority: Authority) {
         if sender.is_closed() {
             return;
         }
-        self.push(Idle {
+        let shards = self.shards.get_or_init(|| {
+            (0..THREADS.load(Relaxed))
+                .map(|_| Shard::default())
+                .collect()
+        });
+        let i = SHARD.with(Cell::get);
+        shards[i % shards.len()].push(Idle {
             sender,
             authority,
             since: Instant::now(),
         });
     }
 
+    /// This thread's share, if any connection was ever given back.
+    fn mine(&self) -> Option<&Shard> {
+        let shards = self.shards.get()?;
+        let i = SHARD.with(Cell::get);
+        shards.get(i % shards.len())
+    }
+
+    fn all(&self) -> &[Shard] {
+        self.shards.get().map(|s| &s[..]).unwrap_or_default()
+    }
+
+    /// Closes every idle connection.
+    pub fn clear(&self) {
+        for shard in self.all() {
+            while shard.pop().is_some() {}
+        }
+    }
+
+    /// Closes idle connections older than `max_idle`.
+    pub fn expire(&self, max_idle: Duration) {
+        for shard in self.all() {
+            for _ in 0..shard.len.load(Relaxed) {
+                match shard.pop() {
+                    Some(idle) if idle.since.elapsed() < max_idle && !idle.sender.is_closed() => {
+                        shard.push(idle);
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Idle connections, all threads together.
+    pub fn idle(&self) -> usize {
+        self.all().iter().map(|s| s.len.load(Relaxed)).sum()
+    }
+}
+
+impl Shard {
     fn push(&self, idle: Idle) {
         // A full pool drops (closes) the connection.
         if self.len.fetch_add(1, Relaxed) >= MAX_IDLE {
@@ -102,28 +186,6 @@ impl Pool {
         let idle = self.idle.pop()?;
         self.len.fetch_sub(1, Relaxed);
         Some(idle)
-    }
-
-    /// Closes every idle connection.
-    pub fn clear(&self) {
-        while self.pop().is_some() {}
-    }
-
-    /// Closes idle connections older than `max_idle`.
-    pub fn expire(&self, max_idle: Duration) {
-        for _ in 0..self.idle() {
-            match self.pop() {
-                Some(idle) if idle.since.elapsed() < max_idle && !idle.sender.is_closed() => {
-                    self.push(idle);
-                }
-                Some(_) => {}
-                None => break,
-            }
-        }
-    }
-
-    pub fn idle(&self) -> usize {
-        self.len.load(Relaxed)
     }
 }
 

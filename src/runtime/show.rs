@@ -11,7 +11,7 @@ use pointsman_discovery::AdminState;
 use super::parse::{MapRef, ServerRef, StatFilter, UNKNOWN_MAP};
 use crate::config::{BalanceAlgorithm, ListenerMode};
 use crate::endpoint::EndpointCounters;
-use crate::proxy::pool::MAX_IDLE;
+use crate::proxy::pool::max_idle;
 use crate::routing::{Endpoint, RoutingTable, Service, Target, WEIGHT_SCALE};
 
 /// HAProxy 2.6's `show stat` columns, in its order (the ones after `-`
@@ -427,7 +427,7 @@ impl Snapshot {
             }
             row.set(col!("mode"), mode);
             row.set(col!("srv_icur"), c.idle_connections);
-            row.set(col!("src_ilim"), MAX_IDLE);
+            row.set(col!("src_ilim"), max_idle());
             row.set(col!("idle_conn_cur"), c.idle_connections);
             row.set(col!("safe_conn_cur"), c.idle_connections);
             row.set(col!("used_conn_cur"), c.in_flight);
@@ -556,13 +556,14 @@ impl Snapshot {
                 let idle = e.live.pool.idle();
                 let _ = writeln!(
                     out,
-                    "{}/{} {iid}/{} {} {} - {purge} {} - - 0 {idle} {MAX_IDLE} {idle} {idle}",
+                    "{}/{} {iid}/{} {} {} - {purge} {} - - 0 {idle} {} {idle} {idle}",
                     svc.name,
                     e.id,
                     i + 1,
                     e.address.host(),
                     e.address.port(),
                     e.live.in_flight(),
+                    max_idle(),
                 );
             }
         }
