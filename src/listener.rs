@@ -13,8 +13,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,6 +23,7 @@ use crate::config::{Config, Listener, ListenerMode};
 use crate::control::{ListenerControl, SharedTable};
 use crate::proxy::conn::{accept_loop, ConnLimit};
 use crate::proxy::http::HttpProxy;
+use crate::proxy::spread::{OnWorker, Workers};
 use crate::proxy::{tcp, ClientLimits};
 use crate::takeover::{HeldSockets, Inherited, InheritedListener};
 
@@ -48,7 +50,7 @@ pub struct Listeners {
     /// Runtimes that serve clients, one event loop per thread, each with
     /// its own socket per listener (SO_REUSEPORT spreads connections over
     /// them). Empty: serve on the runtime that runs the control task.
-    workers: Vec<Handle>,
+    workers: Workers,
     /// Sockets passed by the previous process, used by the first
     /// reconcile; what it does not use is closed then.
     inherited: Vec<InheritedListener>,
@@ -78,7 +80,7 @@ impl Listeners {
             shutdown,
             tracker,
             bound: Default::default(),
-            workers,
+            workers: Workers::new(workers),
             inherited: Vec::new(),
             held: Arc::new(HeldSockets::default()),
             open: CancellationToken::new(),
@@ -143,30 +145,40 @@ impl Listeners {
     /// workers round robin.
     fn spawn(&self, spec: &Listener, sockets: Vec<std::net::TcpListener>, stop: CancellationToken) {
         for (i, socket) in sockets.into_iter().enumerate() {
-            let accept = self.accept(spec, socket, stop.clone());
+            let worker = (!self.workers.is_empty()).then(|| i % self.workers.len());
+            let accept = self.accept(spec, socket, stop.clone(), worker);
             let tracked = self.tracker.track_future(accept);
-            match self.workers.get(i % self.workers.len().max(1)) {
-                Some(worker) => drop(worker.spawn(tracked)),
+            match worker.and_then(|w| self.workers.handle(w)) {
+                Some(handle) => drop(handle.spawn(tracked)),
                 None => drop(tokio::spawn(tracked)),
             }
         }
     }
 
     /// The accept loop of one socket; it runs on the runtime it is spawned
-    /// on, and so do the connections it accepts.
+    /// on (worker `worker`), and so do the connections it accepts, unless
+    /// another worker serves fewer (see [`Workers::place`]).
     fn accept(
         &self,
         spec: &Listener,
         socket: std::net::TcpListener,
         stop: CancellationToken,
+        worker: Option<usize>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let name: Arc<str> = spec.name.as_str().into();
         let limit = self.conn_limit.clone();
         let tracker = self.tracker.clone();
-        let mode = spec.mode;
-        let proxy = self.proxy.clone();
-        let table = self.table.clone();
+        let workers = self.workers.clone();
         let open = self.open.clone();
+        let serve = Serve {
+            mode: spec.mode,
+            proxy: self.proxy.clone(),
+            table: self.table.clone(),
+            listener: name.clone(),
+            // The connections' own token: each waits on it, so one per
+            // accept loop keeps its lock on this thread.
+            stop: stop.child_token(),
+        };
         async move {
             tokio::select! {
                 _ = open.cancelled() => {}
@@ -186,35 +198,32 @@ impl Listeners {
                     return;
                 }
             };
-            // The connections' own token: each waits on it, so one per
-            // accept loop keeps its lock on this thread.
-            let conn_stop = stop.child_token();
-            accept_loop(
-                socket,
-                limit,
-                stop,
-                move |stream, peer, permit| match mode {
-                    ListenerMode::Http => {
-                        let serve = proxy.clone().serve_connection(
-                            name.clone(),
-                            stream,
-                            peer,
-                            permit,
-                            conn_stop.clone(),
-                        );
-                        tracker.spawn(serve);
-                    }
-                    ListenerMode::Tcp => {
-                        tracker.spawn(tcp::serve_connection(
-                            table.clone(),
-                            name.clone(),
-                            stream,
-                            peer,
-                            permit,
-                        ));
-                    }
-                },
-            )
+            accept_loop(socket, limit, stop, move |stream, peer, permit| {
+                let placed = worker.map(|w| workers.place(w));
+                let elsewhere = placed
+                    .as_ref()
+                    .filter(|p| Some(p.index()) != worker)
+                    .and_then(|p| workers.handle(p.index()));
+                match elsewhere {
+                    None => drop(tracker.spawn(serve.clone().run(
+                        Accepted::Here(stream),
+                        peer,
+                        permit,
+                        placed,
+                    ))),
+                    Some(handle) => match stream.into_std() {
+                        Ok(moved) => {
+                            let run = serve
+                                .clone()
+                                .run(Accepted::Moved(moved), peer, permit, placed);
+                            drop(handle.spawn(tracker.track_future(run)));
+                        }
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "cannot hand a connection to another thread")
+                        }
+                    },
+                }
+            })
             .await
         }
     }
@@ -222,6 +231,54 @@ impl Listeners {
     fn resize(&mut self, max: usize) {
         self.conn_limit.resize(self.max_connections, max);
         self.max_connections = max;
+    }
+}
+
+/// What serving one accepted connection needs.
+#[derive(Clone)]
+struct Serve {
+    mode: ListenerMode,
+    proxy: Arc<HttpProxy>,
+    table: SharedTable,
+    listener: Arc<str>,
+    stop: CancellationToken,
+}
+
+/// A connection accepted on this thread, or handed over by another.
+enum Accepted {
+    Here(TcpStream),
+    Moved(std::net::TcpStream),
+}
+
+impl Serve {
+    async fn run(
+        self,
+        accepted: Accepted,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+        placed: Option<OnWorker>,
+    ) {
+        let stream = match accepted {
+            Accepted::Here(s) => s,
+            Accepted::Moved(s) => match TcpStream::from_std(s) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cannot serve a connection handed over by another thread");
+                    return;
+                }
+            },
+        };
+        match self.mode {
+            ListenerMode::Http => {
+                self.proxy
+                    .serve_connection(self.listener, stream, peer, permit, self.stop)
+                    .await
+            }
+            ListenerMode::Tcp => {
+                tcp::serve_connection(self.table, self.listener, stream, peer, permit).await
+            }
+        }
+        drop(placed);
     }
 }
 

@@ -8,6 +8,7 @@ pub mod conn;
 pub mod forward;
 pub mod http;
 pub mod pool;
+pub mod spread;
 pub mod tcp;
 
 use std::pin::Pin;
