@@ -2,12 +2,15 @@
 //! headers go (both ways, including every header named in `Connection`),
 //! `X-Forwarded-*` are added, `Host` is kept.
 
+use std::fmt::Write;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+const HOPS: usize = 8;
+
 /// Hop-by-hop headers (RFC 9110 7.6.1 and the usual non-standard ones).
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; HOPS] = [
     header::CONNECTION,
     header::TE,
     header::TRAILER,
@@ -37,6 +40,19 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers. With `keep_upgrade`, `Connection: upgrade`
 /// and `Upgrade` survive, as a protocol switch needs them end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // One pass over the names first: most messages carry none of them
+    // (a header named by `Connection` needs `Connection` itself).
+    let mut present = [false; HOPS + 1];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        } else if name == PROXY_CONNECTION {
+            present[HOPS] = true;
+        }
+    }
+    if !present.contains(&true) {
+        return;
+    }
     if let Some(named) = connection_tokens(headers) {
         for name in named {
             headers.remove(name);
@@ -45,10 +61,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let upgrade = keep_upgrade
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
-    for name in &HOP_BY_HOP {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
-    headers.remove(&PROXY_CONNECTION);
+    if present[HOPS] {
+        headers.remove(&PROXY_CONNECTION);
+    }
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
@@ -89,9 +107,8 @@ pub fn add_forwarded(
     host: Option<&HeaderValue>,
     trust: bool,
 ) {
-    let ip = client.to_canonical().to_string();
     // Every X-Forwarded-For line, in order, then this hop's client.
-    let mut xff = String::new();
+    let mut xff = String::with_capacity(40);
     for prev in headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
@@ -103,7 +120,7 @@ pub fn add_forwarded(
             xff.push_str(", ");
         }
     }
-    xff.push_str(&ip);
+    let _ = write!(xff, "{}", client.to_canonical());
     if let Ok(v) = HeaderValue::try_from(xff) {
         // Several X-Forwarded-For lines are folded into one.
         headers.insert(&X_FORWARDED_FOR, v);
@@ -153,6 +170,23 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["host", "x-kept"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_goes_and_others_stay() {
+        for gone in ["proxy-connection", "keep-alive", "te", "connection"] {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("a.com"));
+            h.insert(gone, HeaderValue::from_static("x"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h, false);
+            let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(names, vec!["host", "x-kept"], "{gone}");
+        }
+        let mut clean = HeaderMap::new();
+        clean.insert(header::HOST, HeaderValue::from_static("a.com"));
+        strip_hop_by_hop(&mut clean, false);
+        assert_eq!(clean.len(), 1);
     }
 
     #[test]
