@@ -606,3 +606,46 @@ async fn a_try_past_per_try_timeout_is_retried_for_get_but_not_for_post() {
     );
     assert_eq!(good_hits.of("POST"), 0, "the POST did not go to `good`");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_route_switch_goes_to_the_new_service() {
+    let silent = silent_server().await;
+    let (new, new_hits) = counting_server("new", 200, Duration::ZERO).await;
+    let config = |listen: SocketAddr, to: &str| {
+        format!(
+            "[[listeners]]\nname = \"web\"\nbind = \"{listen}\"\n\n\
+             [routes.all]\nservice = \"{to}\"\n\n\
+             [services.old]\nendpoints = [{}]\n\
+             retry = {{ per_try_timeout = \"1500ms\" }}\n\
+             passive = {{ consecutive_failures = 0 }}\n\n\
+             [services.new]\nendpoints = [{}]\n",
+            ep("silent", silent.addr),
+            ep("new", new.addr)
+        )
+    };
+    let proxy = Proxy::start(|| config(free_addr(), "old")).await;
+    let client = plain_client();
+
+    let start = Instant::now();
+    let url = proxy.url("/");
+    let request = tokio::spawn(async move { get_echo(&client, &url, &[]).await });
+    // The first try waits on `silent`; meanwhile the route moves to `new`.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.reload(&config(proxy.addr(), "new")).await;
+    assert!(
+        start.elapsed() < Duration::from_millis(1400),
+        "the reload took longer than the first try: the test proves nothing"
+    );
+    let (status, echo) = request.await.expect("the request task");
+    let took = start.elapsed();
+    assert_eq!(status, 200, "the retry is answered: {echo}");
+    assert_eq!(
+        echo["server"], "new",
+        "the retry went where the route points now, not to the old service"
+    );
+    assert!(
+        took >= Duration::from_millis(1400),
+        "answered after the first try timed out: {took:?}"
+    );
+    assert_eq!(new_hits.of("GET"), 1);
+}

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
@@ -35,7 +35,7 @@ use super::pool;
 use super::{ClientLimits, ProxyBody, ProxyError, RequestGuard, ServiceActive, SharedLimits};
 use crate::balance::PickContext;
 use crate::control::SharedTable;
-use crate::routing::{find_cookie, Resolved, Service};
+use crate::routing::{find_cookie, Resolved, RoutingTable, Service};
 
 /// What every HTTP listener shares.
 pub struct HttpProxy {
@@ -353,7 +353,7 @@ impl ConnContext {
         let started = Instant::now();
         let method = req.method().clone();
         let uri = req.uri().clone();
-        let host = request_host(&req).to_owned();
+        let host = target_host(req.uri(), req.headers()).to_owned();
         let version = req.version();
         let resp = self.respond(req).await;
         let served = resp.extensions().get::<Served>();
@@ -396,20 +396,20 @@ impl ConnContext {
         resp
     }
 
-    /// Phases 1 to 3: the service and the route's path rewrite.
-    fn route(&self, req: &Request<Incoming>) -> Result<(Arc<Service>, Option<String>), ProxyError> {
-        let table = self.proxy.table.load();
-        let host = request_host(req);
-        let path = req.uri().path();
+    /// Phases 1 to 3 in `table`: the service and the route's path rewrite.
+    fn route(
+        &self,
+        table: &RoutingTable,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<(Arc<Service>, Option<String>), ProxyError> {
+        let host = target_host(uri, headers);
+        let path = uri.path();
         let (resolved, rewrite) = match table.routes.find(host, path) {
             Some(route) => {
-                let resolved = table.resolve(&route.target, host, path, req.headers());
+                let resolved = table.resolve(&route.target, host, path, headers);
                 let rewrite = route.strip_prefix.then(|| {
-                    let pq = req
-                        .uri()
-                        .path_and_query()
-                        .map(|p| p.as_str())
-                        .unwrap_or("/");
+                    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
                     strip_path(pq, &route.path_prefix)
                 });
                 (resolved, rewrite)
@@ -435,13 +435,12 @@ impl ConnContext {
         conn_active: ConnActive,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let started = Instant::now();
-        let (service, rewrite) = self.route(&req)?;
-        let settings = &service.settings;
-        let sticky = settings
-            .cookie
-            .as_deref()
-            .and_then(|name| find_cookie(req.headers(), name))
-            .map(str::to_owned);
+        let (mut service, rewrite, mut routed_in) = {
+            let table = self.proxy.table.load();
+            let (service, rewrite) = self.route(&table, req.uri(), req.headers())?;
+            (service, rewrite, table.version)
+        };
+        let mut sticky = sticky_of(&service, req.headers());
 
         // Phase 4: the upstream request's head, once for every try.
         let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
@@ -471,17 +470,11 @@ impl ConnContext {
             host.as_ref(),
             self.trust_forwarded,
         );
-        let path_and_query = match rewrite {
-            Some(p) => {
-                PathAndQuery::try_from(p).map_err(|_| ProxyError::BadRequest("unusable path"))?
-            }
-            None => parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        };
-        let retry = &settings.retry;
+        let mut path_and_query = forwarded_path(&parts.uri, rewrite)?;
+        // The first service's retry policy holds for the whole request,
+        // even when a retry goes to another service after a switch.
+        let first = service.clone();
+        let retry = &first.settings.retry;
         let body = UpstreamBody::read(body, retry.replay_limit)
             .await
             .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
@@ -495,7 +488,7 @@ impl ConnContext {
                 | Method::TRACE
         );
 
-        let service_active = ServiceActive::start(&settings.live);
+        let mut service_active = ServiceActive::start(&service.settings.live);
         let mut body = Some(body);
         let mut headers = Some(std::mem::take(&mut parts.headers));
         let mut avoid = None;
@@ -504,7 +497,34 @@ impl ConnContext {
         // upstream that closes every connection cannot hold us in a loop.
         let mut unsent_left = 3u32;
         let mut _retry_guard = None;
+        let mut first_try = true;
         loop {
+            if !std::mem::take(&mut first_try) {
+                // A retry goes where the route points now: after a switch
+                // the old service must not get it (a deploy may already
+                // have confirmed that it is drained).
+                let table = self.proxy.table.load();
+                if table.version != routed_in {
+                    routed_in = table.version;
+                    if let Some(h) = &headers {
+                        let (now, rewrite) = self.route(&table, &parts.uri, h)?;
+                        if !Arc::ptr_eq(&now, &service) {
+                            avoid = avoid.and_then(|i| service.endpoints.get(i)).and_then(
+                                |e: &crate::routing::Endpoint| {
+                                    now.endpoints.iter().position(|n| n.id == e.id)
+                                },
+                            );
+                            if now.name != service.name {
+                                service_active = ServiceActive::start(&now.settings.live);
+                            }
+                            sticky = sticky_of(&now, h);
+                            path_and_query = forwarded_path(&parts.uri, rewrite)?;
+                            service = now;
+                        }
+                    }
+                }
+            }
+            let settings = &service.settings;
             tries_left -= 1;
             let pick = service
                 .balancer
@@ -711,16 +731,32 @@ impl ConnContext {
     }
 }
 
+/// The value of `service`'s sticky cookie in `headers`, if it has one.
+fn sticky_of(service: &Service, headers: &HeaderMap) -> Option<String> {
+    service
+        .settings
+        .cookie
+        .as_deref()
+        .and_then(|name| find_cookie(headers, name))
+        .map(str::to_owned)
+}
+
+/// The path and query sent upstream: the route's rewrite, or as received.
+fn forwarded_path(uri: &Uri, rewrite: Option<String>) -> Result<PathAndQuery, ProxyError> {
+    match rewrite {
+        Some(p) => PathAndQuery::try_from(p).map_err(|_| ProxyError::BadRequest("unusable path")),
+        None => Ok(uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))),
+    }
+}
+
 /// The host a request is for: the URI's authority (h2, absolute form) or
 /// the Host header.
-fn request_host(req: &Request<Incoming>) -> &str {
-    req.uri()
-        .host()
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
+fn target_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> &'a str {
+    uri.host()
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
         .unwrap_or("")
 }
 
