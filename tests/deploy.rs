@@ -22,25 +22,21 @@
 
 mod support;
 
-#[path = "../discovery/tests/support/etcd.rs"]
-mod etcd_support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use etcd_support::EtcdServer;
 use http_body_util::Full;
 use serde_json::Value;
+use support::etcd::{del, etcd_source, etcdctl, put, start_proxy, wait_applied, EtcdServer};
+use support::registry::{endpoints, wait_in_flight, wait_ready, CHANGE_DEADLINE};
 use support::*;
 use tokio::task::JoinHandle;
 
-/// How long a registry change gets to reach the proxies.
-const CHANGE_DEADLINE: Duration = Duration::from_secs(10);
 /// Concurrent keep-alive clients during every deploy.
 const CLIENTS: usize = 64;
 /// The load stops by itself after this long, whatever the test does.
@@ -53,39 +49,6 @@ const DEPLOY_LIMIT: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------
 // etcd through etcdctl
-
-async fn etcdctl(etcd: &EtcdServer, args: &[&str]) -> String {
-    let mut cmd = tokio::process::Command::from(etcd.etcdctl());
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(15), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("etcdctl {args:?} did not finish within 15 s"))
-        .unwrap_or_else(|e| panic!("cannot run etcdctl {args:?} (install etcd-client): {e}"));
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Writes `key`; returns the revision of the write.
-async fn put(etcd: &EtcdServer, key: &str, value: &str) -> i64 {
-    let out: Value = serde_json::from_str(&etcdctl(etcd, &["-w", "json", "put", key, value]).await)
-        .expect("etcdctl -w json put");
-    out["header"]["revision"].as_i64().expect("a revision")
-}
-
-async fn del(etcd: &EtcdServer, key: &str) -> i64 {
-    let out: Value = serde_json::from_str(&etcdctl(etcd, &["-w", "json", "del", key]).await)
-        .expect("etcdctl -w json del");
-    out["header"]["revision"].as_i64().expect("a revision")
-}
 
 /// The value of `key` ("" when absent).
 async fn get(etcd: &EtcdServer, key: &str) -> String {
@@ -108,109 +71,12 @@ async fn keys(etcd: &EtcdServer, prefix: &str) -> Vec<String> {
 // ---------------------------------------------------------------------------
 // Proxies
 
-/// One HTTP listener and nothing else: every route comes from etcd.
-fn config(listen: SocketAddr) -> String {
-    format!("[[listeners]]\nname = \"web\"\nbind = \"{listen}\"\n")
-}
-
-async fn start_proxy(etcd: &EtcdServer, id: &str) -> Proxy {
-    let endpoint = etcd.endpoint();
-    Proxy::start_with_args(
-        || config(free_addr()),
-        &["--etcd", &endpoint, "--proxy-id", id, "--threads", "1"],
-    )
-    .await
-}
-
 /// Two proxies following `etcd`, `p1` and `p2`.
 async fn two_proxies(etcd: &EtcdServer) -> (Proxy, Proxy) {
-    let p1 = start_proxy(etcd, "p1").await;
-    let p2 = start_proxy(etcd, "p2").await;
+    // One HTTP listener and nothing else: every route comes from etcd.
+    let p1 = start_proxy(etcd, "p1", None).await;
+    let p2 = start_proxy(etcd, "p2", None).await;
     (p1, p2)
-}
-
-/// The etcd entry of a proxy's `/api/discovery`.
-async fn etcd_source(proxy: &Proxy) -> Option<Value> {
-    let all: Value = plain_client()
-        .get(proxy.admin_url("/api/discovery"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    all.as_array()?
-        .iter()
-        .find(|s| s["source"] == "etcd")
-        .cloned()
-}
-
-async fn wait_applied(proxies: &[&Proxy], rev: i64) {
-    for p in proxies {
-        wait_for(
-            CHANGE_DEADLINE,
-            &format!("proxy {} applied revision {rev}", p.admin),
-            || async {
-                etcd_source(p)
-                    .await
-                    .and_then(|s| s["applied_revision"].as_i64())
-                    >= Some(rev)
-            },
-        )
-        .await;
-    }
-}
-
-/// A service's endpoints on a proxy: id -> (state, requests, in flight).
-async fn endpoints(proxy: &Proxy, service: &str) -> BTreeMap<String, (String, u64, u64)> {
-    let Ok(resp) = plain_client()
-        .get(proxy.admin_url("/api/services"))
-        .send()
-        .await
-    else {
-        return BTreeMap::new();
-    };
-    let all: Value = resp.json().await.unwrap_or(Value::Null);
-    let mut out = BTreeMap::new();
-    if let Some(eps) = all
-        .as_array()
-        .and_then(|a| a.iter().find(|s| s["name"] == service))
-        .and_then(|s| s["endpoints"].as_array())
-    {
-        for e in eps {
-            out.insert(
-                e["id"].as_str().unwrap_or("").to_string(),
-                (
-                    e["state"].as_str().unwrap_or("").to_string(),
-                    e["requests"].as_u64().unwrap_or(0),
-                    e["in_flight"].as_u64().unwrap_or(0),
-                ),
-            );
-        }
-    }
-    out
-}
-
-/// Waits until every proxy has exactly the `ready` endpoints `ids` in
-/// `service`.
-async fn wait_ready(proxies: &[&Proxy], service: &str, ids: &[&str]) {
-    for p in proxies {
-        wait_for(
-            CHANGE_DEADLINE,
-            &format!(
-                "proxy {} has exactly the ready endpoints {service}/{ids:?}",
-                p.admin
-            ),
-            || async {
-                let eps = endpoints(p, service).await;
-                eps.len() == ids.len()
-                    && ids
-                        .iter()
-                        .all(|id| eps.get(*id).is_some_and(|(s, _, _)| s == "ready"))
-            },
-        )
-        .await;
-    }
 }
 
 /// Requests each proxy has sent to each endpoint of `service`, by proxy
@@ -587,13 +453,6 @@ async fn deploy(etcd: &EtcdServer, args: &[&str]) -> Deployed {
     spawn_deploy(etcd, args).finish(DEPLOY_LIMIT).await
 }
 
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("a clock after 1970")
-        .as_nanos()
-}
-
 // ---------------------------------------------------------------------------
 // Instances run by `pointsman register`, started and stopped by shell
 // commands as a deploy runs them
@@ -680,10 +539,7 @@ impl Drop for Instances {
                 .ok()
                 .and_then(|p| p.trim().parse::<u32>().ok())
             {
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .stderr(Stdio::null())
-                    .status();
+                signal(pid, "KILL");
             }
         }
     }
@@ -730,17 +586,7 @@ async fn rolling_deploy_replaces_every_instance_without_a_failed_request() {
         let server = echo["server"].as_str().unwrap_or("").to_string();
         (status, server, sent.elapsed(), sent_ns)
     });
-    wait_for(
-        CHANGE_DEADLINE,
-        "the long request is in flight on w1",
-        || async {
-            endpoints(&p1, "web")
-                .await
-                .get("w1")
-                .is_some_and(|(_, _, n)| *n >= 1)
-        },
-    )
-    .await;
+    wait_in_flight(&p1, "web", "w1").await;
     del(&etcd, "/pointsman/overrides/web/w2").await;
     let rev = del(&etcd, "/pointsman/overrides/web/w3").await;
     wait_applied(&proxies, rev).await;

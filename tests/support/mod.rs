@@ -9,6 +9,13 @@
 //! failed wait panics with what was awaited and, for a proxy, its stderr.
 #![allow(dead_code)]
 
+/// A real etcd, `etcdctl` and proxies following etcd.
+pub mod etcd;
+/// A proxy's view of a registry's services: listener config, endpoints, waits.
+pub mod registry;
+/// `pointsman register` sidekicks, their apps and the load they drain under.
+pub mod sidekick;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fs::File;
@@ -17,7 +24,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -108,6 +115,24 @@ pub fn sigterm(pid: u32) {
         .status()
         .expect("run kill -TERM");
     assert!(status.success(), "kill -TERM {pid} failed: {status}");
+}
+
+/// Sends `kill -<sig>` to a process, ignoring whether it still exists.
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// The time now, in ns since the epoch: comparable with `date +%s%N` in a
+/// shell the test runs.
+pub fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_nanos()
 }
 
 /// Does something accept TCP connections at `addr`?
