@@ -225,7 +225,10 @@ async fn malformed_file_keeps_the_last_good_registration() {
     wait_served_by(&client, &url, "a").await;
     assert_eq!(metric(&proxy, MALFORMED).await, Some(0.0));
 
-    write(dir, "web", "one", "nonsense");
+    // Each bad save lands whole (written aside, then renamed), so the
+    // counter moves by exactly one: a plain write could be read between
+    // its truncation and its bytes and count an empty file too.
+    replace(dir, "web", "one", ".one.tmp", "nonsense");
     wait_malformed(&proxy, 1.0).await;
     tally_only(&client, &url, 40, &["a"]).await;
     assert_eq!(
@@ -234,17 +237,18 @@ async fn malformed_file_keeps_the_last_good_registration() {
     );
 
     // A typo in the JSON form: still the last good registration.
-    write(
+    replace(
         dir,
         "web",
         "one",
+        ".one.tmp",
         &format!(r#"{{"address":"{}","wieght":2}}"#, b.addr),
     );
     wait_malformed(&proxy, 2.0).await;
     tally_only(&client, &url, 20, &["a"]).await;
 
     // A new file that never parsed registers nothing.
-    write(dir, "web", "two", "127.0.0.1");
+    replace(dir, "web", "two", ".two.tmp", "127.0.0.1");
     wait_malformed(&proxy, 3.0).await;
     wait_endpoints(&proxy, "web", &[("one", a, 1)]).await;
 
