@@ -313,22 +313,13 @@ async fn lowering_max_connections_on_reload_takes_effect_once_connections_leave(
     assert_eq!(read_response(&mut second).await.status, 200);
 }
 
-/// A gauge's value in the proxy's `/metrics`.
-async fn metric(proxy: &Proxy, name: &str) -> i64 {
-    let text = plain_client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
+/// A gauge's value in the proxy's `/metrics`; it must be there.
+async fn gauge(proxy: &Proxy, name: &str) -> i64 {
+    let value = proxy
+        .metric(name)
         .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .unwrap_or_else(|| panic!("no {name} in /metrics"));
+    value as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,10 +339,10 @@ async fn an_idle_keep_alive_connection_parks_and_serves_its_next_requests() {
     wait_for(
         Duration::from_secs(5),
         "the idle connection to park",
-        || async { metric(&proxy, parked).await == 1 },
+        || async { gauge(&proxy, parked).await == 1 },
     )
     .await;
-    assert_eq!(metric(&proxy, "pointsman_client_connections").await, 1);
+    assert_eq!(gauge(&proxy, "pointsman_client_connections").await, 1);
 
     // The next request on it is served as usual.
     s.write_all(b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -366,7 +357,7 @@ async fn an_idle_keep_alive_connection_parks_and_serves_its_next_requests() {
     wait_for(
         Duration::from_secs(5),
         "the connection to park again",
-        || async { metric(&proxy, parked).await == 1 },
+        || async { gauge(&proxy, parked).await == 1 },
     )
     .await;
     s.write_all(b"GET /slow-head HTTP/1.1\r\n")
@@ -374,7 +365,7 @@ async fn an_idle_keep_alive_connection_parks_and_serves_its_next_requests() {
         .expect("send half a head");
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(
-        metric(&proxy, parked).await,
+        gauge(&proxy, parked).await,
         0,
         "a half-read head must not park"
     );
@@ -389,7 +380,7 @@ async fn an_idle_keep_alive_connection_parks_and_serves_its_next_requests() {
     wait_for(
         Duration::from_secs(5),
         "the connection to park a third time",
-        || async { metric(&proxy, parked).await == 1 },
+        || async { gauge(&proxy, parked).await == 1 },
     )
     .await;
     s.write_all(
@@ -404,8 +395,8 @@ async fn an_idle_keep_alive_connection_parks_and_serves_its_next_requests() {
     wait_for(
         Duration::from_secs(5),
         "the closed connection to be gone",
-        || async { metric(&proxy, "pointsman_client_connections").await == 0 },
+        || async { gauge(&proxy, "pointsman_client_connections").await == 0 },
     )
     .await;
-    assert_eq!(metric(&proxy, parked).await, 0);
+    assert_eq!(gauge(&proxy, parked).await, 0);
 }

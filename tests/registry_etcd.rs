@@ -166,32 +166,12 @@ async fn discovery(proxy: &Proxy) -> Value {
         .unwrap_or_else(|| panic!("no etcd source in /api/discovery: {all:#}"))
 }
 
-/// The value of one series of `/metrics`, e.g.
-/// `pointsman_registry_malformed_total{source="etcd"}`.
-async fn metric(proxy: &Proxy, series: &str) -> Option<f64> {
-    let text = plain_client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 /// Waits until `series` in `/metrics` equals `want`.
 async fn wait_metric(proxy: &Proxy, series: &str, want: f64, deadline: Duration) {
     wait_for(
         deadline,
         &format!("/metrics shows {series} {want}"),
-        || async { metric(proxy, series).await == Some(want) },
+        || async { proxy.metric(series).await == Some(want) },
     )
     .await;
 }
@@ -696,7 +676,7 @@ async fn saved_state_serves_while_etcd_is_down_until_it_syncs() {
         proxy.stderr()
     );
     let saved = "pointsman_registry_serving_saved_state{source=\"etcd\"}";
-    assert_eq!(metric(&proxy, saved).await, Some(1.0));
+    assert_eq!(proxy.metric(saved).await, Some(1.0));
     assert_eq!(discovery(&proxy).await["serving_saved_state"], true);
     let client = client();
     let url = proxy.url("/");
@@ -723,7 +703,7 @@ async fn malformed_values_are_skipped_counted_and_later_fixed() {
     let client = client();
     let url = proxy.url("/");
     let malformed = "pointsman_registry_malformed_total{source=\"etcd\"}";
-    assert_eq!(metric(&proxy, malformed).await, Some(0.0));
+    assert_eq!(proxy.metric(malformed).await, Some(0.0));
 
     put(&etcd, "/services/web/bad", "nonsense").await;
     wait_metric(&proxy, malformed, 1.0, CHANGE_DEADLINE).await;
@@ -748,7 +728,7 @@ async fn malformed_values_are_skipped_counted_and_later_fixed() {
     wait_applied(&proxy, rev).await;
     let counts = tally_only(&client, &url, 20, &["a", "b"]).await;
     assert_eq!(counts.len(), 2, "the fixed key serves too: {counts:?}");
-    assert_eq!(metric(&proxy, malformed).await, Some(2.0));
+    assert_eq!(proxy.metric(malformed).await, Some(2.0));
 }
 
 /// `/api/discovery` (and `/metrics`) report as applied the etcd revision
@@ -803,11 +783,9 @@ async fn discovery_reports_the_applied_etcd_revision() {
     );
     let rev = applied;
     assert_eq!(
-        metric(
-            &proxy,
-            "pointsman_registry_applied_revision{source=\"etcd\"}"
-        )
-        .await,
+        proxy
+            .metric("pointsman_registry_applied_revision{source=\"etcd\"}")
+            .await,
         Some(rev as f64)
     );
 }

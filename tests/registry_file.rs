@@ -129,31 +129,13 @@ async fn wait_endpoints(proxy: &Proxy, service: &str, want: &[(&str, &Upstream, 
     .await;
 }
 
-async fn metric(proxy: &Proxy, series: &str) -> Option<f64> {
-    let text = plain_client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 const MALFORMED: &str = "pointsman_registry_malformed_total{source=\"file\"}";
 
 async fn wait_malformed(proxy: &Proxy, want: f64) {
     wait_for(
         CHANGE_DEADLINE,
         &format!("/metrics shows {MALFORMED} {want}"),
-        || async { metric(proxy, MALFORMED).await == Some(want) },
+        || async { proxy.metric(MALFORMED).await == Some(want) },
     )
     .await;
 }
@@ -223,7 +205,7 @@ async fn malformed_file_keeps_the_last_good_registration() {
     let client = client();
     let url = proxy.url("/");
     wait_served_by(&client, &url, "a").await;
-    assert_eq!(metric(&proxy, MALFORMED).await, Some(0.0));
+    assert_eq!(proxy.metric(MALFORMED).await, Some(0.0));
 
     // Each bad save lands whole (written aside, then renamed), so the
     // counter moves by exactly one: a plain write could be read between
@@ -311,5 +293,5 @@ async fn editor_style_replace_applies_without_a_gap() {
     assert!(total > 0, "the clients sent nothing");
     // Neither temporary file was taken for an instance.
     assert_eq!(endpoints(&proxy, "web").await.len(), 1);
-    assert_eq!(metric(&proxy, MALFORMED).await, Some(0.0));
+    assert_eq!(proxy.metric(MALFORMED).await, Some(0.0));
 }

@@ -377,17 +377,11 @@ async fn a_503_is_retried_for_get_but_a_post_is_not() {
         .and_then(|a| a.iter().find(|s| s["name"] == "web"))
         .expect("service web in /api/services");
     assert_eq!(web["retries"], 11, "{web}");
-    let metrics = client
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    assert!(
-        metrics.contains("pointsman_service_retries_total{service=\"web\"} 11"),
-        "{metrics}"
+    assert_eq!(
+        proxy
+            .metric("pointsman_service_retries_total{service=\"web\"}")
+            .await,
+        Some(11.0)
     );
 }
 

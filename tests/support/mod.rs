@@ -406,6 +406,27 @@ impl Proxy {
     }
 
     /// `/api/services` as JSON.
+    /// The value of one series of `/metrics`, e.g.
+    /// `pointsman_registry_malformed_total{source="etcd"}`; `None` when the
+    /// scrape fails or the series is not there.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = plain_client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
     pub async fn services(&self) -> Value {
         let resp = plain_client()
             .get(self.admin_url("/api/services"))
