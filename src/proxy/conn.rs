@@ -290,16 +290,12 @@ impl<T> ActivityIo<T> {
         &self.inner
     }
 
-    /// Puts `bytes` back in front of what is still to be read.
+    /// Hands back bytes read from the socket before: they are read first.
+    /// Each hand-back follows a reader that took every byte handed back
+    /// before (hyper's first read has room for the 1 KiB detection read).
     pub fn unread(&mut self, bytes: Bytes) {
-        if self.unread.is_empty() {
-            self.unread = bytes;
-        } else if !bytes.is_empty() {
-            let mut both = Vec::with_capacity(bytes.len() + self.unread.len());
-            both.extend_from_slice(&bytes);
-            both.extend_from_slice(&self.unread);
-            self.unread = both.into();
-        }
+        debug_assert!(self.unread.is_empty(), "bytes handed back twice");
+        self.unread = bytes;
     }
 
     /// Are there bytes to read that were read from the socket before?

@@ -35,7 +35,7 @@ use super::pool;
 use super::{ClientLimits, ProxyBody, ProxyError, RequestGuard, ServiceActive, SharedLimits};
 use crate::balance::PickContext;
 use crate::control::SharedTable;
-use crate::routing::{find_cookie, Resolved, RoutingTable, Service};
+use crate::routing::{find_cookie, Endpoint, Resolved, RoutingTable, Service};
 
 /// What every HTTP listener shares.
 pub struct HttpProxy {
@@ -151,7 +151,8 @@ enum Woke {
 }
 
 impl ClientConn {
-    /// The time left before the next timer may expire.
+    /// The idle timeout in force (shorter while draining) and the header
+    /// read timeout.
     fn timers(&self) -> (Duration, Duration) {
         let idle = self.activity.idle_timeout(self.limits.idle_timeout);
         (idle, self.limits.header_read_timeout)
@@ -166,28 +167,27 @@ impl ClientConn {
         // HAProxy does), which saves a trip through epoll per connection.
         let mut read = io.read_now(&mut first);
         let protocol = loop {
-            if matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
-                if !self.wait_readable(io).await {
-                    return None;
-                }
-                read = io.try_read_buf(&mut first);
-            }
-            match std::mem::replace(&mut read, Err(std::io::ErrorKind::WouldBlock.into())) {
+            match read {
                 Ok(0) => return None,
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Ok(_) => {
+                    let n = first.len().min(H2_PREFACE.len());
+                    if first[..n] != H2_PREFACE[..n] {
+                        break Protocol::Http1;
+                    }
+                    if n == H2_PREFACE.len() {
+                        break Protocol::Http2;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     tracing::debug!(peer = %self.peer, error = %e, "client connection failed");
                     return None;
                 }
             }
-            let n = first.len().min(H2_PREFACE.len());
-            if first[..n] != H2_PREFACE[..n] {
-                break Protocol::Http1;
+            if !self.wait_readable(io).await {
+                return None;
             }
-            if n == H2_PREFACE.len() {
-                break Protocol::Http2;
-            }
+            read = io.try_read_buf(&mut first);
         };
         io.unread(first.freeze());
         Some(protocol)
@@ -402,7 +402,7 @@ impl ConnContext {
         table: &RoutingTable,
         uri: &Uri,
         headers: &HeaderMap,
-    ) -> Result<(Arc<Service>, Option<String>), ProxyError> {
+    ) -> Result<Routed, ProxyError> {
         let host = target_host(uri, headers);
         let path = uri.path();
         let (resolved, rewrite) = match table.routes.find(host, path) {
@@ -427,6 +427,27 @@ impl ConnContext {
             Resolved::UnknownService(name) => Err(ProxyError::UnknownService(name)),
             Resolved::NoMapEntry { map, key } => Err(ProxyError::NoMapEntry { map, key }),
         }
+    }
+
+    /// The service (and path rewrite) a retry goes to when a table newer
+    /// than `routed_in` routes the request to another one than `current`.
+    fn reroute(
+        &self,
+        routed_in: &mut u64,
+        current: &Arc<Service>,
+        uri: &Uri,
+        headers: Option<&HeaderMap>,
+    ) -> Result<Option<Routed>, ProxyError> {
+        let table = self.proxy.table.load();
+        if table.version == *routed_in {
+            return Ok(None);
+        }
+        *routed_in = table.version;
+        let Some(headers) = headers else {
+            return Ok(None);
+        };
+        let (now, rewrite) = self.route(&table, uri, headers)?;
+        Ok((!Arc::ptr_eq(&now, current)).then_some((now, rewrite)))
     }
 
     async fn forward(
@@ -499,30 +520,26 @@ impl ConnContext {
         let mut _retry_guard = None;
         let mut first_try = true;
         loop {
-            if !std::mem::take(&mut first_try) {
-                // A retry goes where the route points now: after a switch
-                // the old service must not get it (a deploy may already
-                // have confirmed that it is drained).
-                let table = self.proxy.table.load();
-                if table.version != routed_in {
-                    routed_in = table.version;
-                    if let Some(h) = &headers {
-                        let (now, rewrite) = self.route(&table, &parts.uri, h)?;
-                        if !Arc::ptr_eq(&now, &service) {
-                            avoid = avoid.and_then(|i| service.endpoints.get(i)).and_then(
-                                |e: &crate::routing::Endpoint| {
-                                    now.endpoints.iter().position(|n| n.id == e.id)
-                                },
-                            );
-                            if now.name != service.name {
-                                service_active = ServiceActive::start(&now.settings.live);
-                            }
-                            sticky = sticky_of(&now, h);
-                            path_and_query = forwarded_path(&parts.uri, rewrite)?;
-                            service = now;
-                        }
-                    }
+            // A retry goes where the route points now: after a switch the
+            // old service must not get it (a deploy may already have
+            // confirmed that it is drained).
+            let rerouted = if std::mem::take(&mut first_try) {
+                None
+            } else {
+                self.reroute(&mut routed_in, &service, &parts.uri, headers.as_ref())?
+            };
+            if let Some((now, rewrite)) = rerouted {
+                avoid = avoid
+                    .and_then(|i| service.endpoints.get(i))
+                    .and_then(|e: &Endpoint| now.endpoints.iter().position(|n| n.id == e.id));
+                if now.name != service.name {
+                    service_active = ServiceActive::start(&now.settings.live);
                 }
+                if let Some(h) = &headers {
+                    sticky = sticky_of(&now, h);
+                }
+                path_and_query = forwarded_path(&parts.uri, rewrite)?;
+                service = now;
             }
             let settings = &service.settings;
             tries_left -= 1;
@@ -730,6 +747,10 @@ impl ConnContext {
         service.count_failure(i);
     }
 }
+
+/// Where a route sends a request: the service, and the path when the
+/// route strips its prefix.
+type Routed = (Arc<Service>, Option<String>);
 
 /// The value of `service`'s sticky cookie in `headers`, if it has one.
 fn sticky_of(service: &Service, headers: &HeaderMap) -> Option<String> {

@@ -23,13 +23,15 @@ pub struct Workers {
 /// A connection counted on its worker until dropped.
 #[derive(Debug)]
 pub struct OnWorker {
-    workers: Workers,
+    load: Arc<[AtomicUsize]>,
     index: usize,
 }
 
 impl Drop for OnWorker {
     fn drop(&mut self) {
-        self.workers.load[self.index].fetch_sub(1, Relaxed);
+        if let Some(l) = self.load.get(self.index) {
+            l.fetch_sub(1, Relaxed);
+        }
     }
 }
 
@@ -75,7 +77,7 @@ impl Workers {
             l.fetch_add(1, Relaxed);
         }
         OnWorker {
-            workers: self.clone(),
+            load: self.load.clone(),
             index,
         }
     }
