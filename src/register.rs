@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pointsman_discovery::consul::{Agent, AgentCheck, AgentService, ConsulError, TtlStatus};
-use pointsman_discovery::fleet::{http_get, probe, FleetCheck, ProxyVerdict, ProxyView};
+use pointsman_discovery::fleet::{ask_all, http_get, judge_drained, FleetCheck};
 use pointsman_discovery::{
     Address, AdminState, ConsulOptions, EtcdOptions, Expectation, Fleet, FleetError, LeaseState,
     Registrar, Registration,
@@ -1232,54 +1232,15 @@ async fn proxies_drained(
 
 /// One round: every proxy asked at once, each within `limit`.
 async fn ask_proxies(proxies: &[String], service: &str, id: &str, limit: Duration) -> FleetCheck {
-    let mut probes = tokio::task::JoinSet::new();
-    for (i, admin) in proxies.iter().enumerate() {
-        let (admin, service, id) = (admin.clone(), service.to_string(), id.to_string());
-        probes.spawn(async move {
-            let pending = match probe(&admin, limit).await {
-                Ok(view) => judge_drained(&view, &service, &id).err(),
-                Err(e) => Some(format!("admin API did not answer: {e}")),
-            };
-            (i, pending)
-        });
-    }
-    let mut verdicts: Vec<ProxyVerdict> = proxies
+    let named = proxies
         .iter()
         .enumerate()
-        .map(|(i, admin)| ProxyVerdict {
-            id: format!("proxy {}", i + 1),
-            admin: admin.clone(),
-            pending: Some("not asked".to_string()),
-        })
+        .map(|(i, admin)| (format!("proxy {}", i + 1), admin.clone()))
         .collect();
-    while let Some(done) = probes.join_next().await {
-        if let Ok((i, pending)) = done {
-            if let Some(v) = verdicts.get_mut(i) {
-                v.pending = pending;
-            }
-        }
-    }
+    let (service, id) = (service.to_string(), id.to_string());
     FleetCheck {
-        proxies: verdicts,
+        proxies: ask_all(named, limit, move |view| judge_drained(view, &service, &id)).await,
         ..FleetCheck::default()
-    }
-}
-
-/// `Ok` if the proxy sends nothing to `service`/`id`: it does not have the
-/// instance, or takes no new requests to it and has none in flight.
-fn judge_drained(view: &ProxyView, service: &str, id: &str) -> Result<(), String> {
-    match view.endpoint(service, id) {
-        None => Ok(()),
-        Some(e) if e.state == AdminState::Ready => Err(format!(
-            "still sends new requests to {service}/{id} (state ready, {} in flight)",
-            e.in_flight
-        )),
-        Some(e) if e.in_flight > 0 => Err(format!(
-            "{} request{} in flight to {service}/{id}",
-            e.in_flight,
-            if e.in_flight == 1 { "" } else { "s" }
-        )),
-        Some(_) => Ok(()),
     }
 }
 
@@ -1350,7 +1311,7 @@ mod tests {
 
     #[test]
     fn drained_in_consul_terms_needs_no_revision() {
-        use pointsman_discovery::fleet::{EndpointView, ServiceView};
+        use pointsman_discovery::fleet::{EndpointView, ProxyView, ServiceView};
         let view = |state: AdminState, in_flight: u64| ProxyView {
             follows_etcd: false,
             applied_revision: None,

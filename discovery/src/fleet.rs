@@ -160,19 +160,7 @@ impl Expectation {
         }
         match self {
             Expectation::Applied { .. } => Ok(()),
-            Expectation::Drained { service, id, .. } => match view.endpoint(service, id) {
-                None => Ok(()),
-                Some(e) if e.state == AdminState::Ready => Err(format!(
-                    "still sends new requests to {service}/{id} (state ready, {} in flight)",
-                    e.in_flight
-                )),
-                Some(e) if e.in_flight > 0 => Err(format!(
-                    "{} request{} in flight to {service}/{id}",
-                    e.in_flight,
-                    if e.in_flight == 1 { "" } else { "s" }
-                )),
-                Some(_) => Ok(()),
-            },
+            Expectation::Drained { service, id, .. } => judge_drained(view, service, id),
             Expectation::Serving { service, id, .. } => match view.endpoint(service, id) {
                 None => Err(format!("does not have {service}/{id} yet")),
                 Some(e) if e.state != AdminState::Ready => {
@@ -190,6 +178,65 @@ impl Expectation {
             },
         }
     }
+}
+
+/// `Ok` if the proxy sends nothing to `service`/`id`: it does not have the
+/// instance, or takes no new requests to it and has none in flight. (The
+/// drain part of [`Expectation::Drained`], for proxies found without a
+/// revision to compare, as with Consul.)
+pub fn judge_drained(view: &ProxyView, service: &str, id: &str) -> Result<(), String> {
+    match view.endpoint(service, id) {
+        None => Ok(()),
+        Some(e) if e.state == AdminState::Ready => Err(format!(
+            "still sends new requests to {service}/{id} (state ready, {} in flight)",
+            e.in_flight
+        )),
+        Some(e) if e.in_flight > 0 => Err(format!(
+            "{} request{} in flight to {service}/{id}",
+            e.in_flight,
+            if e.in_flight == 1 { "" } else { "s" }
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Asks every proxy of `proxies` (id, admin address) at the same time,
+/// each within `limit`, and judges its answer.
+pub async fn ask_all<J>(
+    proxies: Vec<(String, String)>,
+    limit: Duration,
+    judge: J,
+) -> Vec<ProxyVerdict>
+where
+    J: Fn(&ProxyView) -> Result<(), String> + Clone + Send + 'static,
+{
+    let mut probes = tokio::task::JoinSet::new();
+    for (i, (_, admin)) in proxies.iter().enumerate() {
+        let (admin, judge) = (admin.clone(), judge.clone());
+        probes.spawn(async move {
+            let pending = match probe(&admin, limit).await {
+                Ok(view) => judge(&view).err(),
+                Err(e) => Some(format!("admin API did not answer: {e}")),
+            };
+            (i, pending)
+        });
+    }
+    let mut verdicts: Vec<ProxyVerdict> = proxies
+        .into_iter()
+        .map(|(id, admin)| ProxyVerdict {
+            id,
+            admin,
+            pending: Some("not asked".to_string()),
+        })
+        .collect();
+    while let Some(done) = probes.join_next().await {
+        if let Ok((i, pending)) = done {
+            if let Some(v) = verdicts.get_mut(i) {
+                v.pending = pending;
+            }
+        }
+    }
+    verdicts
 }
 
 /// One proxy's answer in a [`FleetCheck`].
@@ -316,32 +363,13 @@ impl Fleet {
                 }
             }
         };
-        let mut probes = tokio::task::JoinSet::new();
-        for (i, record) in records.iter().enumerate() {
-            let (admin, limit, expect) = (record.admin.clone(), self.probe_timeout, expect.clone());
-            probes.spawn(async move {
-                let pending = match probe(&admin, limit).await {
-                    Ok(view) => expect.judge(&view).err(),
-                    Err(e) => Some(format!("admin API did not answer: {e}")),
-                };
-                (i, pending)
-            });
-        }
-        let mut proxies: Vec<ProxyVerdict> = records
-            .into_iter()
-            .map(|r| ProxyVerdict {
-                id: r.id,
-                admin: r.admin,
-                pending: Some("not asked".to_string()),
-            })
-            .collect();
-        while let Some(done) = probes.join_next().await {
-            if let Ok((i, pending)) = done {
-                if let Some(p) = proxies.get_mut(i) {
-                    p.pending = pending;
-                }
-            }
-        }
+        let expect = expect.clone();
+        let proxies = ask_all(
+            records.into_iter().map(|r| (r.id, r.admin)).collect(),
+            self.probe_timeout,
+            move |view| expect.judge(view),
+        )
+        .await;
         FleetCheck {
             proxies,
             malformed,
