@@ -256,15 +256,9 @@ async fn steps(
             .put_route(&plan.route, &at_step(original, plan, pct))
             .await?;
         progress.say(format!("{pct}% to {} (revision {rev})", plan.to));
-        watch::until(
-            fleet,
-            progress,
-            &format!("every proxy applied revision {rev}"),
-            plan.timeout,
-            |v| watch::applied(v, rev),
-        )
-        .await
-        .map_err(|why| DeployError::Failed(format!("step {pct}% not confirmed: {why}")))?;
+        watch::until_applied(fleet, progress, rev, plan.timeout)
+            .await
+            .map_err(|why| DeployError::Failed(format!("step {pct}% not confirmed: {why}")))?;
         if pct >= 100 {
             break;
         }
@@ -329,16 +323,10 @@ async fn restore(
         .await
         .map_err(|e| e.to_string())?;
     progress.say(format!("route {} restored (revision {rev})", plan.route));
-    watch::until(
-        fleet,
-        progress,
-        &format!("every proxy applied revision {rev}"),
-        plan.timeout,
-        |v| watch::applied(v, rev),
-    )
-    .await
-    .map(|_| ())
-    .map_err(|w| format!("the restored route is written but not confirmed: {w}"))
+    watch::until_applied(fleet, progress, rev, plan.timeout)
+        .await
+        .map(|_| ())
+        .map_err(|w| format!("the restored route is written but not confirmed: {w}"))
 }
 
 pub async fn canary(
@@ -362,20 +350,14 @@ pub async fn canary(
     ));
     // No traffic for a service some proxy cannot send it to: its requests
     // would fail without being counted on any of its instances.
-    watch::until(
-        fleet,
-        progress,
-        &format!("every proxy has a ready, healthy instance of {}", plan.to),
-        plan.timeout,
-        |v| watch::serves(v, &plan.to),
-    )
-    .await
-    .map_err(|why| {
-        DeployError::Failed(format!(
-            "not starting the canary: {why}; route {} is unchanged",
-            plan.route
-        ))
-    })?;
+    watch::until_serving(fleet, progress, &plan.to, plan.timeout)
+        .await
+        .map_err(|why| {
+            DeployError::Failed(format!(
+                "not starting the canary: {why}; route {} is unchanged",
+                plan.route
+            ))
+        })?;
 
     let moved = tokio::select! {
         r = steps(store, fleet, plan, progress, &original) => r,

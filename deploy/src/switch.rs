@@ -38,20 +38,14 @@ pub async fn switch(
     // Every proxy must be able to serve the new target before all of its
     // traffic goes there: a switch to a service without a ready instance
     // would answer every request with 503.
-    watch::until(
-        fleet,
-        progress,
-        &format!("every proxy has a ready, healthy instance of {}", plan.to),
-        plan.timeout,
-        |v| watch::serves(v, &plan.to),
-    )
-    .await
-    .map_err(|why| {
-        DeployError::Failed(format!(
-            "not switching {}[{}] to {}: {why}",
-            plan.map, plan.key, plan.to
-        ))
-    })?;
+    watch::until_serving(fleet, progress, &plan.to, plan.timeout)
+        .await
+        .map_err(|why| {
+            DeployError::Failed(format!(
+                "not switching {}[{}] to {}: {why}",
+                plan.map, plan.key, plan.to
+            ))
+        })?;
     let (revision, previous) = store.switch_map(&plan.map, &plan.key, &plan.to).await?;
     progress.say(format!(
         "map {}[{}]: {} -> {} (etcd revision {revision})",
@@ -60,17 +54,11 @@ pub async fn switch(
         previous.as_deref().unwrap_or("(none)"),
         plan.to
     ));
-    let proxies = watch::until(
-        fleet,
-        progress,
-        &format!("every proxy applied revision {revision}"),
-        plan.timeout,
-        |v| watch::applied(v, revision),
-    )
-    .await
-    .map_err(|why| {
-        DeployError::Failed(format!("the switch is written but not confirmed: {why}"))
-    })?;
+    let proxies = watch::until_applied(fleet, progress, revision, plan.timeout)
+        .await
+        .map_err(|why| {
+            DeployError::Failed(format!("the switch is written but not confirmed: {why}"))
+        })?;
     if plan.drain_old {
         match previous.as_deref() {
             Some(old) if old != plan.to => {

@@ -193,6 +193,28 @@ pub async fn until(
     }
 }
 
+/// [`until`] every proxy has applied `revision`.
+pub async fn until_applied(
+    fleet: &mut Fleet,
+    progress: &Progress,
+    revision: i64,
+    limit: Duration,
+) -> Result<usize, String> {
+    let what = format!("every proxy applied revision {revision}");
+    until(fleet, progress, &what, limit, |v| applied(v, revision)).await
+}
+
+/// [`until`] every proxy has a ready, healthy instance of `service`.
+pub async fn until_serving(
+    fleet: &mut Fleet,
+    progress: &Progress,
+    service: &str,
+    limit: Duration,
+) -> Result<usize, String> {
+    let what = format!("every proxy has a ready, healthy instance of {service}");
+    until(fleet, progress, &what, limit, |v| serves(v, service)).await
+}
+
 /// The proxy's applied etcd revision is at least `revision`.
 pub fn applied(view: &ProxyView, revision: i64) -> Result<(), String> {
     if !view.follows_etcd {
