@@ -4,12 +4,9 @@
 
 mod support;
 
-#[path = "../discovery/tests/support/etcd.rs"]
-mod etcd_support;
-
 use std::time::Duration;
 
-use etcd_support::EtcdServer;
+use support::etcd::EtcdServer;
 use support::*;
 
 const CHANGE_DEADLINE: Duration = Duration::from_secs(10);

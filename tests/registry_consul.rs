@@ -11,14 +11,11 @@ mod support;
 
 #[path = "../discovery/tests/support/consul.rs"]
 mod consul_support;
-#[path = "../discovery/tests/support/etcd.rs"]
-mod etcd_support;
-
 use std::time::Duration;
 
 use consul_support::{ConsulDouble, Health};
-use etcd_support::EtcdServer;
 use serde_json::{json, Value};
+use support::etcd::EtcdServer;
 use support::*;
 
 const CHANGE_DEADLINE: Duration = Duration::from_secs(10);

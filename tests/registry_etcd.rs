@@ -10,20 +10,15 @@
 
 mod support;
 
-#[path = "../discovery/tests/support/etcd.rs"]
-mod etcd_support;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_support::EtcdServer;
 use serde_json::Value;
+use support::etcd::{etcdctl, etcdctl_fed, EtcdServer};
 use support::*;
-use tokio::io::AsyncWriteExt;
 
 /// How long a registry change gets to reach the routing table.
 const CHANGE_DEADLINE: Duration = Duration::from_secs(10);
@@ -33,42 +28,6 @@ const RECONNECT_DEADLINE: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------------------
 // etcd through etcdctl
-
-/// Runs `etcdctl <args>` (with `stdin` fed to it, if any) and returns its
-/// stdout; panics with its stderr if it fails.
-async fn etcdctl(etcd: &EtcdServer, args: &[&str], stdin: Option<&str>) -> String {
-    let mut cmd = tokio::process::Command::from(etcd.etcdctl());
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run etcdctl {args:?} (install etcd-client): {e}"));
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().expect("etcdctl's stdin");
-        pipe.write_all(input.as_bytes())
-            .await
-            .expect("write etcdctl's stdin");
-        drop(pipe);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("etcdctl {args:?} did not finish within 15 s"))
-        .unwrap_or_else(|e| panic!("etcdctl {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The revision in the header of an `etcdctl -w json` answer.
 fn header_revision(json: &str) -> i64 {
@@ -81,12 +40,12 @@ fn header_revision(json: &str) -> i64 {
 
 /// `etcdctl put key value`; the revision it created.
 async fn put(etcd: &EtcdServer, key: &str, value: &str) -> i64 {
-    header_revision(&etcdctl(etcd, &["-w", "json", "put", key, value], None).await)
+    header_revision(&etcdctl(etcd, &["-w", "json", "put", key, value]).await)
 }
 
 /// `etcdctl del key`; the revision after it.
 async fn del(etcd: &EtcdServer, key: &str) -> i64 {
-    header_revision(&etcdctl(etcd, &["-w", "json", "del", key], None).await)
+    header_revision(&etcdctl(etcd, &["-w", "json", "del", key]).await)
 }
 
 /// `etcdctl txn` with `ops` as the success operations and no conditions,
@@ -95,7 +54,7 @@ async fn txn(etcd: &EtcdServer, ops: &[String]) -> i64 {
     // An empty line ends the (empty) conditions, the next one the success
     // operations, the last one the (empty) failure operations.
     let script = format!("\n{}\n\n\n", ops.join("\n"));
-    let out = etcdctl(etcd, &["-w", "json", "txn"], Some(&script)).await;
+    let out = etcdctl_fed(etcd, &["-w", "json", "txn"], Some(&script)).await;
     let v: Value = serde_json::from_str(&out).expect("etcdctl txn -w json");
     assert_eq!(v["succeeded"], true, "txn did not succeed: {out}");
     header_revision(&out)
@@ -108,12 +67,12 @@ fn quoted(value: &str) -> String {
 
 /// etcd's current revision.
 async fn etcd_revision(etcd: &EtcdServer) -> i64 {
-    header_revision(&etcdctl(etcd, &["-w", "json", "get", "/no-such-key"], None).await)
+    header_revision(&etcdctl(etcd, &["-w", "json", "get", "/no-such-key"]).await)
 }
 
 /// `etcdctl lease grant <ttl>`; the lease id in hex, as `put --lease` takes it.
 async fn grant_lease(etcd: &EtcdServer, ttl_secs: u32) -> String {
-    let out = etcdctl(etcd, &["lease", "grant", &ttl_secs.to_string()], None).await;
+    let out = etcdctl(etcd, &["lease", "grant", &ttl_secs.to_string()]).await;
     // "lease 694d7f3c2a9b0e11 granted with TTL(2s)"
     out.split_whitespace()
         .nth(1)
@@ -377,7 +336,6 @@ async fn expired_lease_removes_the_instance() {
             "/services/web/b",
             &addr_of(&ups[1]),
         ],
-        None,
     )
     .await;
     wait_served_by(&client, &url, "b").await;
@@ -600,7 +558,7 @@ async fn compacted_history_makes_the_proxy_list_again() {
         put(&etcd, "/services/web/c", &addr_of(&ups[2])).await;
         del(&etcd, "/services/web/a").await;
         let rev = put(&etcd, "/services/web/b", &addr_of(&ups[1])).await;
-        etcdctl(&etcd, &["compact", &rev.to_string()], None).await;
+        etcdctl(&etcd, &["compact", &rev.to_string()]).await;
         rev
     };
     wait_applied(&proxy, compacted).await;

@@ -2,8 +2,6 @@
 //! written with `etcdctl`, and proxies following it (`pointsman run
 //! --etcd`).
 
-// Some test files also include this file themselves.
-#[allow(clippy::duplicate_mod)]
 #[path = "../../discovery/tests/support/etcd.rs"]
 mod server;
 
@@ -11,6 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio::io::AsyncWriteExt;
 
 use super::registry::{listener_config, CHANGE_DEADLINE};
 use super::{free_addr, plain_client, wait_for, Proxy};
@@ -20,16 +19,35 @@ pub use server::EtcdServer;
 /// Runs `etcdctl <args>` against `etcd` and returns its stdout; panics if
 /// it fails or takes more than 15 s.
 pub async fn etcdctl(etcd: &EtcdServer, args: &[&str]) -> String {
+    etcdctl_fed(etcd, args, None).await
+}
+
+/// [`etcdctl`] with `stdin` fed to it (a `txn` script), if any.
+pub async fn etcdctl_fed(etcd: &EtcdServer, args: &[&str], stdin: Option<&str>) -> String {
     let mut cmd = tokio::process::Command::from(etcd.etcdctl());
     cmd.args(args)
-        .stdin(Stdio::null())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(15), cmd.output())
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run etcdctl {args:?} (install etcd-client): {e}"));
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("etcdctl's stdin");
+        pipe.write_all(input.as_bytes())
+            .await
+            .expect("write etcdctl's stdin");
+        drop(pipe);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
         .await
         .unwrap_or_else(|_| panic!("etcdctl {args:?} did not finish within 15 s"))
-        .unwrap_or_else(|e| panic!("cannot run etcdctl {args:?} (install etcd-client): {e}"));
+        .unwrap_or_else(|e| panic!("etcdctl {args:?}: {e}"));
     assert!(
         out.status.success(),
         "etcdctl {args:?} failed ({}): {}",
