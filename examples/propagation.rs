@@ -145,7 +145,11 @@ async fn run(args: Args) -> Result<bool> {
             .await
             .map_err(|e| format!("cannot bind an upstream: {e}"))?;
         let addr = l.local_addr().map_err(|e| e.to_string())?;
-        tokio::spawn(pointsman::upstream::serve(l, name.into(), stop.clone()));
+        tokio::spawn(pointsman::process::upstream::serve(
+            l,
+            name.into(),
+            stop.clone(),
+        ));
         upstreams.push((name, addr));
     }
 

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use pointsman::config::Config;
-use pointsman::control::{Command, Control, ListenerControl, SharedTable};
-use pointsman::routing::RoutingTable;
+use pointsman::control::config::Config;
+use pointsman::control::{Command, Control, ListenerControl};
+use pointsman::engine::table::RoutingTable;
+use pointsman::engine::table::SharedTable;
 use pointsman_discovery::{Address, Change, Entry, Registration, Source, Update, UpdateKind};
 
 struct NoListeners;

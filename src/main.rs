@@ -7,10 +7,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use pointsman::app::{stop_signals, App};
-use pointsman::cli::{ConsulArgs, EtcdArgs};
-use pointsman::config::{Config, Listener, ListenerMode};
-use pointsman::registry::RegistryOptions;
+use pointsman::control::config::{Config, Listener, ListenerMode};
+use pointsman::control::registry::RegistryOptions;
+use pointsman::process::app::{stop_signals, App};
+use pointsman_deploy::cli::{ConsulArgs, EtcdArgs};
 use pointsman_discovery::EtcdOptions;
 use tokio_util::sync::CancellationToken;
 
@@ -56,7 +56,7 @@ enum Command {
     Ctl(CtlArgs),
     /// Zero-downtime deploys confirmed by every proxy: rolling, blue/green
     /// switch and rollback, canary.
-    Deploy(pointsman::rollout::DeployArgs),
+    Deploy(pointsman_deploy::rollout::DeployArgs),
     /// Run a small HTTP upstream that echoes what it receives (for demos,
     /// the compose stack and tests).
     Upstream {
@@ -70,7 +70,7 @@ enum Command {
     /// Register an app in etcd or Consul once it is healthy, keep it registered, and
     /// on SIGTERM take it out of rotation and wait until every proxy has
     /// stopped sending to it before passing the signal on.
-    Register(Box<pointsman::register::RegisterArgs>),
+    Register(Box<pointsman_deploy::register::RegisterArgs>),
 }
 
 #[derive(clap::Args, Clone, Default)]
@@ -146,7 +146,7 @@ struct CtlArgs {
     #[arg(long, env = "POINTSMAN_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
     #[command(subcommand)]
-    command: pointsman::ctl::CtlCommand,
+    command: pointsman_deploy::ctl::CtlCommand,
 }
 
 impl RunArgs {
@@ -200,8 +200,8 @@ impl RunArgs {
 
 fn ctl(args: CtlArgs) -> anyhow::Result<()> {
     let target = match (args.etcd.options()?, args.admin) {
-        (Some(etcd), None) => pointsman::ctl::Target::Fleet(Box::new(etcd)),
-        (None, Some(admin)) => pointsman::ctl::Target::Proxy {
+        (Some(etcd), None) => pointsman_deploy::ctl::Target::Fleet(Box::new(etcd)),
+        (None, Some(admin)) => pointsman_deploy::ctl::Target::Proxy {
             admin,
             token: args.admin_token,
         },
@@ -209,14 +209,14 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
             "say where: --etcd URL (every proxy, through the registry) or --admin HOST:PORT (one proxy)"
         ),
     };
-    runtime(Some(1))?.block_on(pointsman::ctl::run(target, args.command))
+    runtime(Some(1))?.block_on(pointsman_deploy::ctl::run(target, args.command))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Register(args) => return pointsman::register::main(*args),
+        Command::Register(args) => return pointsman_deploy::register::main(*args),
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 println!(
@@ -233,14 +233,14 @@ fn main() -> ExitCode {
         Command::Run(args) => serve(args, false),
         Command::Ctl(args) => ctl(args),
         Command::Deploy(args) => {
-            runtime(Some(1)).and_then(|rt| rt.block_on(pointsman::rollout::run(args)))
+            runtime(Some(1)).and_then(|rt| rt.block_on(pointsman_deploy::rollout::run(args)))
         }
         Command::Demo(args) => serve(args, true),
         Command::Upstream { listen, name } => runtime(Some(1)).and_then(|rt| {
             rt.block_on(async {
                 let stop = CancellationToken::new();
                 let signals = stop_signals()?;
-                pointsman::upstream::start_all(&[(name, listen)], stop.clone())
+                pointsman::process::upstream::start_all(&[(name, listen)], stop.clone())
                     .await
                     .map_err(anyhow::Error::msg)?;
                 signals.await;
@@ -277,7 +277,7 @@ fn serve(args: RunArgs, demo: bool) -> anyhow::Result<()> {
             run(args, demo, Vec::new()).await
         });
     }
-    pointsman::proxy::pool::set_threads(threads);
+    pointsman::engine::pool::set_threads(threads);
     let stop = CancellationToken::new();
     let mut handles = Vec::with_capacity(threads);
     let mut joins = Vec::with_capacity(threads);
@@ -289,7 +289,7 @@ fn serve(args: RunArgs, demo: bool) -> anyhow::Result<()> {
             std::thread::Builder::new()
                 .name(format!("pointsman-worker-{i}"))
                 .spawn(move || {
-                    pointsman::proxy::pool::enter_thread(i);
+                    pointsman::engine::pool::enter_thread(i);
                     rt.block_on(keep_timers_near(stop))
                 })?,
         );
@@ -359,7 +359,7 @@ async fn run(
             .iter()
             .map(|(_, id, addr, _)| (id.to_string(), addr.parse().expect("demo address")))
             .collect();
-        pointsman::upstream::start_all(&instances, upstreams_stop.clone())
+        pointsman::process::upstream::start_all(&instances, upstreams_stop.clone())
             .await
             .map_err(anyhow::Error::msg)?;
         registries.dir = Some(dir.clone());
@@ -372,7 +372,8 @@ async fn run(
         .takeover
         .clone()
         .or_else(|| config.global.takeover_socket.clone());
-    let (takeover, inherited) = pointsman::takeover::begin(takeover_path.as_deref()).await?;
+    let (takeover, inherited) =
+        pointsman::process::takeover::begin(takeover_path.as_deref()).await?;
     let app = App::start_inheriting(config, overrides, registries, workers, inherited).await?;
     let handover = takeover.complete(app.sockets.clone()).await;
     let heartbeat = heartbeat(&args, etcd, &app)?;
@@ -415,8 +416,8 @@ fn heartbeat(
     args: &RunArgs,
     etcd: Option<EtcdOptions>,
     app: &App,
-) -> anyhow::Result<Option<pointsman::heartbeat::Heartbeat>> {
-    use pointsman::heartbeat::{Heartbeat, HeartbeatOptions};
+) -> anyhow::Result<Option<pointsman::process::heartbeat::Heartbeat>> {
+    use pointsman::process::heartbeat::{Heartbeat, HeartbeatOptions};
     let Some(etcd) = etcd else { return Ok(None) };
     let status = app
         .sources

@@ -1,4 +1,13 @@
-//! pointsman-deploy: how backends change safely.
+//! pointsman-deploy: how backends change safely. Everything that writes the
+//! registry and waits on the fleet of proxies lives here; the `pointsman`
+//! binary dispatches its `register`, `ctl` and `deploy` commands to it.
+//!
+//! - [`register`]: the sidekick that registers an app once it is healthy,
+//!   keeps its lease, and on SIGTERM drains it fleet-wide before passing
+//!   the signal on;
+//! - [`ctl`]: instance state, weight and maps, fleet-wide or on one proxy;
+//! - [`rollout`]: the `pointsman deploy` command over the rollouts below;
+//! - [`cli`]: the registry flags the commands share.
 //!
 //! Rollouts drive registry state and wait for every proxy replica to
 //! confirm each step through its admin API:
@@ -15,7 +24,11 @@
 use std::fmt;
 
 pub mod canary;
+pub mod cli;
+pub mod ctl;
+pub mod register;
 pub mod rolling;
+pub mod rollout;
 pub mod store;
 pub mod switch;
 pub mod watch;

@@ -115,6 +115,17 @@ impl<'de> Deserialize<'de> for Address {
     }
 }
 
+/// This host's name, or `localhost` if it has none.
+pub fn host_name() -> String {
+    let uname = rustix::system::uname();
+    let name = uname.nodename().to_string_lossy().trim().to_string();
+    if name.is_empty() {
+        "localhost".to_string()
+    } else {
+        name
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,7 +35,7 @@ pub mod route;
 pub mod status;
 pub mod update;
 
-pub use address::{Address, AddressError};
+pub use address::{host_name, Address, AddressError};
 pub use conn::EtcdError;
 pub use consul::ConsulOptions;
 pub use error::DiscoveryError;

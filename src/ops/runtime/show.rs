@@ -9,10 +9,11 @@ use std::sync::Arc;
 use pointsman_discovery::AdminState;
 
 use super::parse::{MapRef, ServerRef, StatFilter, UNKNOWN_MAP};
-use crate::config::{BalanceAlgorithm, ListenerMode};
-use crate::endpoint::EndpointCounters;
-use crate::proxy::pool::max_idle;
-use crate::routing::{Endpoint, RoutingTable, Service, Target, WEIGHT_SCALE};
+use crate::control::config::ListenerMode;
+use crate::engine::balance::BalanceAlgorithm;
+use crate::engine::endpoint::EndpointCounters;
+use crate::engine::pool::max_idle;
+use crate::engine::table::{Endpoint, RoutingTable, Service, Target, WEIGHT_SCALE};
 
 /// HAProxy 2.6's `show stat` columns, in its order (the ones after `-`
 /// belong to its ssl, h2 and h1 modules; they stay empty here).
@@ -623,7 +624,7 @@ impl Snapshot {
         line("Uptime_sec", &up);
         line("Maxconn", &self.max_connections);
         line("Hard_maxconn", &self.max_connections);
-        let (open, _, accepted) = crate::proxy::conn::CLIENT_CONNS.snapshot();
+        let (open, _, accepted) = crate::engine::conn::CLIENT_CONNS.snapshot();
         line("CurrConns", &open);
         line("CumConns", &accepted);
         line("Stopping", &u8::from(p.stopping));

@@ -8,12 +8,12 @@
 
 use std::time::Duration;
 
+use crate::canary::{self, Canary, Outcome};
+use crate::rolling::{self, Rolling};
+use crate::switch::{self, Switch};
+use crate::watch::{Interrupt, Progress};
+use crate::{CanarySteps, Store};
 use anyhow::{bail, Context};
-use pointsman_deploy::canary::{self, Canary, Outcome};
-use pointsman_deploy::rolling::{self, Rolling};
-use pointsman_deploy::switch::{self, Switch};
-use pointsman_deploy::watch::{Interrupt, Progress};
-use pointsman_deploy::{CanarySteps, Store};
 use pointsman_discovery::fleet::Fleet;
 
 use crate::cli::EtcdArgs;

@@ -13,14 +13,17 @@ use http::uri::Authority;
 use http::HeaderMap;
 use pointsman_discovery::{Address, AdminState, RouteSpec, RouteTarget};
 
-use crate::balance::{cookie_value, pick_split, Balancer};
-use crate::config::BalanceAlgorithm;
-use crate::config::PassiveConfig;
-use crate::endpoint::EndpointState;
+use crate::engine::balance::BalanceAlgorithm;
+use crate::engine::balance::{cookie_value, pick_split, Balancer};
+use crate::engine::endpoint::EndpointState;
+use crate::engine::endpoint::PassiveConfig;
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64,
     Ordering::{Acquire, Relaxed, Release},
 };
+
+/// The table readers load; swapped whole by the one writer.
+pub type SharedTable = Arc<arc_swap::ArcSwap<RoutingTable>>;
 
 /// Everything a request needs to find its endpoint, as of one moment.
 #[derive(Debug, Default)]
@@ -84,7 +87,7 @@ pub struct ServiceState {
     /// Ejections done.
     pub ejections: AtomicU64,
     /// Time from a request's arrival to its response head.
-    pub latency: crate::metrics::LatencyHistogram,
+    pub latency: crate::engine::latency::LatencyHistogram,
     /// Held while one request decides an ejection, so two failures at once
     /// cannot both pass the cap.
     ejecting: AtomicBool,

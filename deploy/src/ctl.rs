@@ -7,13 +7,13 @@
 
 use std::time::Duration;
 
+use crate::Store;
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use pointsman_deploy::Store;
 use pointsman_discovery::fleet::Fleet;
 use pointsman_discovery::registration::MAX_WEIGHT;
 use pointsman_discovery::{AdminState, EtcdOptions};

@@ -1,6 +1,6 @@
 use super::*;
-use crate::endpoint::EndpointState;
-use crate::routing::Endpoint;
+use crate::engine::endpoint::EndpointState;
+use crate::engine::table::Endpoint;
 use pointsman_discovery::{Address, AdminState};
 
 fn endpoints(weights: &[u32]) -> Vec<Endpoint> {

@@ -7,13 +7,40 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Re
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::proxy::conn::now_ms;
-use crate::proxy::pool::Pool;
+use crate::engine::conn::now_ms;
+use crate::engine::pool::Pool;
 
 use pointsman_discovery::AdminState;
 use serde::Serialize;
 
 /// Live state of one endpoint, shared by every table that contains it.
+/// Passive checks: ejecting endpoints that fail real requests.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PassiveConfig {
+    /// Consecutive failures (connect errors, resets, timeouts, 5xx) that
+    /// eject an endpoint; 0 turns passive checks off.
+    pub consecutive_failures: u32,
+    /// First ejection; each further one doubles it, up to `max_ejection`.
+    #[serde(with = "humantime_serde")]
+    pub ejection: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_ejection: Duration,
+    /// Never eject more than this share of a service's endpoints.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for PassiveConfig {
+    fn default() -> Self {
+        PassiveConfig {
+            consecutive_failures: 5,
+            ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct EndpointState {
     admin: AtomicU8,

@@ -1,14 +1,25 @@
-//! Step 5 of the flow: the proxy engines. `http` forwards HTTP/1.1 and h2c
-//! requests (with upgrades) to pooled upstream connections; `tcp` forwards
-//! whole connections. Both read the routing table per request or per
-//! connection and never take a lock on the way.
+//! The data plane: everything a request or a TCP connection touches on its
+//! way to an upstream. It reads the published [`table::RoutingTable`] and
+//! the per-endpoint atomics and never takes a lock; it imports nothing from
+//! `control`, `ops` or `process`.
+//!
+//! In the order of the flow: [`table`] (step 4a: match a route, resolve the
+//! service), [`balance`] (step 4b: pick an endpoint), [`endpoint`] (step 3:
+//! live per-endpoint state), [`http`] and [`conn`] (serving client
+//! connections), [`forward`] (the request's phases), [`pool`] (upstream
+//! connections), [`tcp`] (whole connections). This file holds the vocabulary
+//! they share: [`ProxyError`], [`ProxyBody`], [`ClientLimits`].
 
+pub mod balance;
 pub mod body;
 pub mod conn;
+pub mod endpoint;
 pub mod forward;
 pub mod http;
+pub mod latency;
 pub mod pool;
 pub mod spread;
+pub mod table;
 pub mod tcp;
 
 use std::pin::Pin;
@@ -24,9 +35,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Response, StatusCode};
 
-use crate::config::Global;
-use crate::endpoint::InFlight;
-use crate::routing::ServiceState;
+use crate::engine::endpoint::InFlight;
+use crate::engine::table::ServiceState;
 use conn::ConnActive;
 
 /// Limits and timeouts for client connections, replaced on config reload.
@@ -37,19 +47,6 @@ pub struct ClientLimits {
     pub max_header_bytes: usize,
     pub trust_forwarded_headers: bool,
     pub access_log: bool,
-}
-
-impl From<&Global> for ClientLimits {
-    fn from(g: &Global) -> Self {
-        ClientLimits {
-            header_read_timeout: g.header_read_timeout,
-            idle_timeout: g.idle_timeout,
-            // hyper refuses read buffers below 8 KiB.
-            max_header_bytes: g.max_header_bytes.max(8192),
-            trust_forwarded_headers: g.trust_forwarded_headers,
-            access_log: g.access_log,
-        }
-    }
 }
 
 pub type SharedLimits = Arc<ArcSwap<ClientLimits>>;

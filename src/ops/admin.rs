@@ -23,12 +23,13 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::{ControlHandle, SharedTable};
-use crate::endpoint::{unix_now, EndpointCounters};
-use crate::local::{LocalChange, LocalError};
-use crate::registry::Followed;
-use crate::reload::ReloadStats;
-use crate::routing::{MapKey, RoutingTable, Target};
+use crate::control::local::{LocalChange, LocalError};
+use crate::control::registry::Followed;
+use crate::control::reload::ReloadStats;
+use crate::control::ControlHandle;
+use crate::engine::endpoint::{unix_now, EndpointCounters};
+use crate::engine::table::SharedTable;
+use crate::engine::table::{MapKey, RoutingTable, Target};
 
 /// Largest request body the admin API reads.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -188,7 +189,7 @@ impl Admin {
             ["metrics"] => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                crate::metrics::render(&table, &self.followed, &self.reloads),
+                crate::ops::metrics::render(&table, &self.followed, &self.reloads),
             ),
             ["api", "services"] => json(&services_view(&table)),
             ["api", "services", name] => match services_view(&table)

@@ -3,7 +3,7 @@
 //! the new ones before stopping any old one, so a reload that asks for an
 //! address that cannot be bound changes nothing.
 //!
-//! After a takeover (see [`crate::takeover`]) the first reconcile serves
+//! After a takeover (see [`crate::process::takeover`]) the first reconcile serves
 //! the sockets passed by the previous process instead of binding them; and
 //! every running listener's sockets are recorded in [`HeldSockets`] for the
 //! next takeover.
@@ -19,13 +19,14 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, Listener, ListenerMode};
-use crate::control::{ListenerControl, SharedTable};
-use crate::proxy::conn::{accept_loop, ConnLimit};
-use crate::proxy::http::HttpProxy;
-use crate::proxy::spread::{OnWorker, Workers};
-use crate::proxy::{tcp, ClientLimits};
-use crate::takeover::{HeldSockets, Inherited, InheritedListener};
+use crate::control::config::{Config, Listener, ListenerMode};
+use crate::control::ListenerControl;
+use crate::engine::conn::{accept_loop, ConnLimit};
+use crate::engine::http::HttpProxy;
+use crate::engine::spread::{OnWorker, Workers};
+use crate::engine::table::SharedTable;
+use crate::engine::{tcp, ClientLimits};
+use crate::process::takeover::{HeldSockets, Inherited, InheritedListener};
 
 const BACKLOG: u32 = 1024;
 

@@ -18,9 +18,9 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::control::Command;
-use crate::endpoint::EndpointState;
-use crate::proxy::body::UpstreamBody;
-use crate::proxy::pool;
+use crate::engine::body::UpstreamBody;
+use crate::engine::endpoint::EndpointState;
+use crate::engine::pool;
 
 struct Running {
     address: Address,

@@ -2,87 +2,52 @@
 //! time from the atomics the proxy already keeps (endpoint state, registry
 //! status, reload counts), so the request path pays nothing for metrics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use prometheus::core::Collector;
 use prometheus::{
     Encoder, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::registry::Followed;
-use crate::reload::ReloadStats;
-use crate::routing::RoutingTable;
+use crate::control::registry::Followed;
+use crate::control::reload::ReloadStats;
+use crate::engine::latency::{LatencyHistogram, BUCKETS};
+use crate::engine::table::RoutingTable;
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// Upper bounds of the latency buckets, in seconds.
-const BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// A latency histogram the request path fills with three relaxed atomic
-/// adds and `/metrics` reads; Prometheus's own histogram would put a label
-/// lookup on every request.
-#[derive(Debug, Default)]
-pub struct LatencyHistogram {
-    /// Per bucket (not cumulative); the last one is +Inf.
-    counts: [AtomicU64; BUCKETS.len() + 1],
-    sum_micros: AtomicU64,
-}
-
-impl LatencyHistogram {
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = BUCKETS
+/// One Prometheus histogram sample of `h` with `labels`.
+fn histogram_metric(h: &LatencyHistogram, labels: &[(&str, &str)]) -> prometheus::proto::Metric {
+    use prometheus::proto::{Bucket, Histogram, LabelPair, Metric};
+    let (counts, sum) = h.snapshot();
+    let mut cumulative = 0;
+    let mut buckets = Vec::with_capacity(BUCKETS.len());
+    for (bound, count) in BUCKETS.iter().zip(&counts) {
+        cumulative += count;
+        let mut b = Bucket::default();
+        b.set_upper_bound(*bound);
+        b.set_cumulative_count(cumulative);
+        buckets.push(b);
+    }
+    cumulative += counts[BUCKETS.len()];
+    let mut hist = Histogram::default();
+    hist.set_sample_count(cumulative);
+    hist.set_sample_sum(sum);
+    hist.set_bucket(buckets);
+    let mut m = Metric::default();
+    m.set_label(
+        labels
             .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(BUCKETS.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
-            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-    }
-
-    /// Requests observed and their total time in seconds.
-    pub fn totals(&self) -> (u64, f64) {
-        let count = self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-        (count, self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6)
-    }
-
-    /// One Prometheus histogram sample with `labels`.
-    fn metric(&self, labels: &[(&str, &str)]) -> prometheus::proto::Metric {
-        use prometheus::proto::{Bucket, Histogram, LabelPair, Metric};
-        let mut cumulative = 0;
-        let mut buckets = Vec::with_capacity(BUCKETS.len());
-        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
-            cumulative += count.load(Ordering::Relaxed);
-            let mut b = Bucket::default();
-            b.set_upper_bound(*bound);
-            b.set_cumulative_count(cumulative);
-            buckets.push(b);
-        }
-        cumulative += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
-        let mut h = Histogram::default();
-        h.set_sample_count(cumulative);
-        h.set_sample_sum(self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
-        h.set_bucket(buckets);
-        let mut m = Metric::default();
-        m.set_label(
-            labels
-                .iter()
-                .map(|(k, v)| {
-                    let mut l = LabelPair::default();
-                    l.set_name(k.to_string());
-                    l.set_value(v.to_string());
-                    l
-                })
-                .collect(),
-        );
-        m.set_histogram(h);
-        m
-    }
+            .map(|(k, v)| {
+                let mut l = LabelPair::default();
+                l.set_name(k.to_string());
+                l.set_value(v.to_string());
+                l
+            })
+            .collect(),
+    );
+    m.set_histogram(hist);
+    m
 }
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -256,7 +221,7 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
     .unwrap_or_else(|e| panic!("version metric: {e}"));
     version.set(i64::try_from(table.version).unwrap_or(i64::MAX));
 
-    let (open, parked, accepted) = crate::proxy::conn::CLIENT_CONNS.snapshot();
+    let (open, parked, accepted) = crate::engine::conn::CLIENT_CONNS.snapshot();
     let clients = IntGauge::new(
         "pointsman_client_connections",
         "Client connections open now (HTTP and TCP listeners).",
@@ -326,7 +291,7 @@ fn latency_family(table: &RoutingTable) -> prometheus::proto::MetricFamily {
     f.set_metric(
         services
             .iter()
-            .map(|s| s.settings.live.latency.metric(&[("service", &s.name)]))
+            .map(|s| histogram_metric(&s.settings.live.latency, &[("service", &s.name)]))
             .collect(),
     );
     f
@@ -335,6 +300,7 @@ fn latency_family(table: &RoutingTable) -> prometheus::proto::MetricFamily {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn renders_an_empty_table() {
@@ -352,7 +318,7 @@ mod tests {
         h.observe(Duration::from_micros(300));
         h.observe(Duration::from_millis(30));
         h.observe(Duration::from_secs(20));
-        let m = h.metric(&[("service", "web")]);
+        let m = histogram_metric(&h, &[("service", "web")]);
         let hist = m.get_histogram();
         assert_eq!(hist.get_sample_count(), 3);
         let counts: Vec<u64> = hist

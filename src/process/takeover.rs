@@ -49,7 +49,7 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Listener, ListenerMode};
+use crate::control::config::{Listener, ListenerMode};
 
 /// The protocol version both processes must speak.
 pub const PROTOCOL_VERSION: u32 = 1;

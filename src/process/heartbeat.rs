@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pointsman_discovery::fleet::{proxy_key, ProxyRecord};
-use pointsman_discovery::{EtcdOptions, LeasedKey, SourceStatus};
+use pointsman_discovery::{host_name, EtcdOptions, LeasedKey, SourceStatus};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -72,17 +72,6 @@ impl HeartbeatOptions {
             ttl: TTL,
             poll: POLL,
         })
-    }
-}
-
-/// This host's name, or `localhost` if it has none.
-pub fn host_name() -> String {
-    let uname = rustix::system::uname();
-    let name = uname.nodename().to_string_lossy().trim().to_string();
-    if name.is_empty() {
-        "localhost".to_string()
-    } else {
-        name
     }
 }
 

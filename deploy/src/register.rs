@@ -438,7 +438,11 @@ impl Sidekick {
         let etcd = args.etcd.options().map_err(|e| usage(e.to_string()))?;
         let consul = args.consul.options().map_err(|e| usage(e.to_string()))?;
         let id = args.id.clone().unwrap_or_else(|| {
-            format!("{}:{}", crate::heartbeat::host_name(), args.address.port())
+            format!(
+                "{}:{}",
+                pointsman_discovery::host_name(),
+                args.address.port()
+            )
         });
         let mut registration = Registration::new(&args.service, id, args.address.clone());
         registration.weight = args.weight;

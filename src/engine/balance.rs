@@ -10,8 +10,36 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use crate::config::BalanceAlgorithm;
-use crate::routing::Endpoint;
+use crate::engine::table::Endpoint;
+
+/// How requests are spread over a service's endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BalanceAlgorithm {
+    /// Smooth weighted round robin.
+    #[default]
+    Roundrobin,
+    /// Fewest in-flight requests relative to weight.
+    Leastconn,
+    /// Power of two random choices, weighted.
+    Random,
+    /// Consistent hash on the client IP.
+    Source,
+    /// Sticky sessions with an inserted cookie, round robin otherwise.
+    Cookie,
+}
+
+impl BalanceAlgorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BalanceAlgorithm::Roundrobin => "roundrobin",
+            BalanceAlgorithm::Leastconn => "leastconn",
+            BalanceAlgorithm::Random => "random",
+            BalanceAlgorithm::Source => "source",
+            BalanceAlgorithm::Cookie => "cookie",
+        }
+    }
+}
 
 /// Schedules longer than this are scaled down (weights keep their ratio).
 const MAX_SCHEDULE: u64 = 1 << 16;
@@ -281,7 +309,7 @@ fn two_choices(
 fn build_ring(endpoints: &[Endpoint], weights: &[u32]) -> Vec<(u64, u32)> {
     let mut ring = Vec::new();
     for (i, (e, w)) in endpoints.iter().zip(weights).enumerate() {
-        let units = w.div_ceil(crate::routing::WEIGHT_SCALE);
+        let units = w.div_ceil(crate::engine::table::WEIGHT_SCALE);
         let points = units.min(MAX_WEIGHT_POINTS) * POINTS_PER_WEIGHT;
         for p in 0..points {
             // Points depend only on the endpoint's id, so when one endpoint

@@ -10,12 +10,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pointsman_discovery::registration::{DEFAULT_WEIGHT, MAX_WEIGHT};
+
+use crate::engine::balance::BalanceAlgorithm;
+use crate::engine::endpoint::PassiveConfig;
+use crate::engine::ClientLimits;
 use pointsman_discovery::{Address, AdminState, CheckSpec, Entry, Registration, RouteSpec};
 use serde::Deserialize;
 
 /// The config pointsman runs when given none: one HTTP listener in front of
 /// the demo upstreams that `pointsman demo` starts.
-pub const EMBEDDED_DEMO: &str = include_str!("../examples/demo.toml");
+pub const EMBEDDED_DEMO: &str = include_str!("../../examples/demo.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -152,35 +156,6 @@ fn http_mode() -> ListenerMode {
     ListenerMode::Http
 }
 
-/// How requests are spread over a service's endpoints.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BalanceAlgorithm {
-    /// Smooth weighted round robin.
-    #[default]
-    Roundrobin,
-    /// Fewest in-flight requests relative to weight.
-    Leastconn,
-    /// Power of two random choices, weighted.
-    Random,
-    /// Consistent hash on the client IP.
-    Source,
-    /// Sticky sessions with an inserted cookie, round robin otherwise.
-    Cookie,
-}
-
-impl BalanceAlgorithm {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BalanceAlgorithm::Roundrobin => "roundrobin",
-            BalanceAlgorithm::Leastconn => "leastconn",
-            BalanceAlgorithm::Random => "random",
-            BalanceAlgorithm::Source => "source",
-            BalanceAlgorithm::Cookie => "cookie",
-        }
-    }
-}
-
 /// A service's settings and its static endpoints. Services that are only
 /// known from a registry get `ServiceConfig::default()`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -244,33 +219,6 @@ impl Default for RetryConfig {
     }
 }
 
-/// Passive checks: ejecting endpoints that fail real requests.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PassiveConfig {
-    /// Consecutive failures (connect errors, resets, timeouts, 5xx) that
-    /// eject an endpoint; 0 turns passive checks off.
-    pub consecutive_failures: u32,
-    /// First ejection; each further one doubles it, up to `max_ejection`.
-    #[serde(with = "humantime_serde")]
-    pub ejection: Duration,
-    #[serde(with = "humantime_serde")]
-    pub max_ejection: Duration,
-    /// Never eject more than this share of a service's endpoints.
-    pub max_ejected_percent: u32,
-}
-
-impl Default for PassiveConfig {
-    fn default() -> Self {
-        PassiveConfig {
-            consecutive_failures: 5,
-            ejection: Duration::from_secs(10),
-            max_ejection: Duration::from_secs(300),
-            max_ejected_percent: 50,
-        }
-    }
-}
-
 /// An endpoint written in the config file.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -329,7 +277,7 @@ impl Config {
             };
 
         if let Some(addr) = raw.global.runtime_api {
-            crate::runtime::check_loopback(addr).map_err(|message| ConfigError::Invalid {
+            check_loopback(addr).map_err(|message| ConfigError::Invalid {
                 path: origin.to_string(),
                 line: line_of(text, text.find("runtime_api").unwrap_or(0)),
                 key: "global.runtime_api".into(),
@@ -517,6 +465,32 @@ fn line_of(text: &str, offset: usize) -> usize {
     text.get(..offset)
         .map(|t| t.bytes().filter(|b| *b == b'\n').count() + 1)
         .unwrap_or(1)
+}
+
+impl From<&Global> for ClientLimits {
+    fn from(g: &Global) -> Self {
+        ClientLimits {
+            header_read_timeout: g.header_read_timeout,
+            idle_timeout: g.idle_timeout,
+            // hyper refuses read buffers below 8 KiB.
+            max_header_bytes: g.max_header_bytes.max(8192),
+            trust_forwarded_headers: g.trust_forwarded_headers,
+            access_log: g.access_log,
+        }
+    }
+}
+
+/// Refuses a TCP address that is not loopback: the runtime API has no
+/// authentication, so only local processes may reach it.
+pub fn check_loopback(addr: SocketAddr) -> Result<(), String> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    Err(format!(
+        "runtime API address {addr} is not a loopback address: the runtime API has no \
+         authentication, so it listens on loopback only (from another host, use an SSH \
+         tunnel; for access by file permissions, --runtime-socket)"
+    ))
 }
 
 #[cfg(test)]

@@ -10,26 +10,24 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use pointsman_discovery::{
     Address, AdminState, Change, Entry, EntryKey, Override, Registration, RouteSpec, Source,
     SourceStatus, Update, UpdateKind,
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::balance::Balancer;
-use crate::config::{BalanceAlgorithm, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
-use crate::endpoint::EndpointState;
-use crate::health::HealthChecks;
-use crate::local::{LocalChange, LocalError, LocalLayer};
-use crate::routing::{
+use crate::control::config::{Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
+use crate::control::health::HealthChecks;
+use crate::control::local::{LocalChange, LocalError, LocalLayer};
+use crate::engine::balance::BalanceAlgorithm;
+use crate::engine::balance::Balancer;
+use crate::engine::endpoint::EndpointState;
+use crate::engine::table::SharedTable;
+use crate::engine::table::{
     Endpoint, RetryPolicy, RouteIndex, RoutingTable, Service, ServiceSettings, ServiceState,
     WEIGHT_SCALE,
 };
 use std::time::{Duration, Instant};
-
-/// The table readers load; swapped whole by the control task.
-pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
 
 /// A change for the control task.
 #[derive(Debug)]

@@ -12,16 +12,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::Admin;
-use crate::config::Config;
-use crate::control::{Command, Control, ControlHandle, SharedTable};
-use crate::listener::Listeners;
-use crate::proxy::http::HttpProxy;
-use crate::proxy::ClientLimits;
-use crate::registry::{self, RegistryOptions};
-use crate::reload::{self, Overrides, ReloadStats};
-use crate::routing::RoutingTable;
-use crate::takeover::{HeldSockets, Inherited};
+use crate::control::config::Config;
+use crate::control::registry::{self, RegistryOptions};
+use crate::control::reload::{self, Overrides, ReloadStats};
+use crate::control::{Command, Control, ControlHandle};
+use crate::engine::http::HttpProxy;
+use crate::engine::table::RoutingTable;
+use crate::engine::table::SharedTable;
+use crate::engine::ClientLimits;
+use crate::ops::admin::Admin;
+use crate::process::listener::Listeners;
+use crate::process::takeover::{HeldSockets, Inherited};
 
 /// A running proxy.
 pub struct App {
@@ -41,7 +42,7 @@ pub struct App {
     drain_timeout: std::time::Duration,
     _watcher: Option<notify::RecommendedWatcher>,
     /// The runtime API; removes its socket file when the app goes.
-    _runtime: crate::runtime::Serving,
+    _runtime: crate::ops::runtime::Serving,
 }
 
 impl App {
@@ -94,7 +95,7 @@ impl App {
         }
         let admin_listener = match inherited.take_admin(config.global.admin) {
             Some(l) => tokio::net::TcpListener::from_std(l)?,
-            None => crate::admin::bind(config.global.admin)
+            None => crate::ops::admin::bind(config.global.admin)
                 .await
                 .map_err(anyhow::Error::msg)?,
         };
@@ -102,14 +103,15 @@ impl App {
             tracing::warn!(error = %e, "cannot keep a copy of the admin socket: a takeover will bind it afresh");
         }
         let admin_addr = admin_listener.local_addr()?;
-        let runtime_listeners = crate::runtime::bind(&config.global).map_err(anyhow::Error::msg)?;
+        let runtime_listeners =
+            crate::ops::runtime::bind(&config.global).map_err(anyhow::Error::msg)?;
         let drain_timeout = config.global.drain_timeout;
         let file = config.file();
         let initial = config.clone();
 
         let applied = Arc::new(ArcSwap::from_pointee(config.clone()));
         let listeners =
-            crate::runtime::ObservedListeners::new(Box::new(listeners), applied.clone());
+            crate::ops::runtime::ObservedListeners::new(Box::new(listeners), applied.clone());
         let mut control = Control::new(config, table.clone(), Box::new(listeners));
         let (commands, rx) = mpsc::channel(1024);
         control.enable_health_checks(commands.clone());
@@ -125,7 +127,7 @@ impl App {
             commands: commands.clone(),
             table: table.clone(),
         };
-        let runtime = Arc::new(crate::runtime::Runtime::new(
+        let runtime = Arc::new(crate::ops::runtime::Runtime::new(
             handle.clone(),
             applied,
             threads,
@@ -145,7 +147,7 @@ impl App {
                 table: table.clone(),
             },
             token: admin_token,
-            started: crate::endpoint::unix_now(),
+            started: crate::engine::endpoint::unix_now(),
         });
         tokio::spawn(admin.serve(admin_listener, shutdown.clone()));
         tokio::spawn(expire_idle_upstreams(table.clone(), shutdown.clone()));
@@ -166,7 +168,7 @@ impl App {
         if taking_over {
             // The previous process serves until this one has what it
             // needs: the registries' data too.
-            crate::takeover::wait_synced(&synced).await?;
+            crate::process::takeover::wait_synced(&synced).await?;
         }
         open.cancel();
         ready.store(true, Ordering::Release);

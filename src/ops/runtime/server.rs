@@ -12,7 +12,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::{Runtime, MAX_LINE};
-use crate::config::{Config, Global};
+use crate::control::config::check_loopback;
+use crate::control::config::{Config, Global};
 use crate::control::ListenerControl;
 
 /// Clients connected at once, over both listeners.
@@ -24,19 +25,6 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 const PROMPT_IDLE: Duration = Duration::from_secs(600);
 /// Time a client gets to read an answer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Refuses a TCP address that is not loopback: the runtime API has no
-/// authentication, so only local processes may reach it.
-pub fn check_loopback(addr: SocketAddr) -> Result<(), String> {
-    if addr.ip().is_loopback() {
-        return Ok(());
-    }
-    Err(format!(
-        "runtime API address {addr} is not a loopback address: the runtime API has no \
-         authentication, so it listens on loopback only (from another host, use an SSH \
-         tunnel; for access by file permissions, --runtime-socket)"
-    ))
-}
 
 /// The runtime API's sockets, bound but not yet serving.
 pub struct RuntimeListeners {

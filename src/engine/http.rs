@@ -33,9 +33,9 @@ use super::conn::{ActivityIo, ConnActive, ConnActivity, Expired, CLIENT_CONNS, P
 use super::forward::{add_forwarded, strip_hop_by_hop, strip_path, wants_upgrade};
 use super::pool;
 use super::{ClientLimits, ProxyBody, ProxyError, RequestGuard, ServiceActive, SharedLimits};
-use crate::balance::PickContext;
-use crate::control::SharedTable;
-use crate::routing::{find_cookie, Endpoint, Resolved, RoutingTable, Service};
+use crate::engine::balance::PickContext;
+use crate::engine::table::SharedTable;
+use crate::engine::table::{find_cookie, Endpoint, Resolved, RoutingTable, Service};
 
 /// What every HTTP listener shares.
 pub struct HttpProxy {

@@ -22,9 +22,7 @@ pub use parse::{
     map_ref, parse, parse_weight, resolve_weight, split_line, MapRef, Request, ServerRef,
     StatFilter, WeightArg,
 };
-pub use server::{
-    bind, check_loopback, serve_client, ObservedListeners, RuntimeListeners, Serving, SocketFile,
-};
+pub use server::{bind, serve_client, ObservedListeners, RuntimeListeners, Serving, SocketFile};
 pub use show::{server_status, Frontend, ProcessInfo, Snapshot, STAT_FIELDS};
 
 use std::sync::Arc;
@@ -32,10 +30,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::control::config::Config;
+use crate::control::local::{LocalChange, LocalError};
 use crate::control::ControlHandle;
-use crate::endpoint::unix_now;
-use crate::local::{LocalChange, LocalError};
+use crate::engine::endpoint::unix_now;
 use parse::{help, UNKNOWN_MAP};
 
 /// Longest command line accepted, in bytes; a longer one is answered with
@@ -275,8 +273,9 @@ impl Runtime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{Control, ListenerControl, SharedTable};
-    use crate::routing::RoutingTable;
+    use crate::control::{Control, ListenerControl};
+    use crate::engine::table::RoutingTable;
+    use crate::engine::table::SharedTable;
     use pointsman_discovery::AdminState;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -12,7 +12,7 @@ use std::time::Duration;
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::Config;
+use crate::control::config::Config;
 use crate::control::Command;
 
 /// Counts of reload outcomes, for the admin API and metrics.

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::balance::PickContext;
-use crate::control::SharedTable;
+use crate::engine::balance::PickContext;
+use crate::engine::table::SharedTable;
 
 /// Connect attempts on distinct endpoints before a client is turned away.
 const CONNECT_ATTEMPTS: usize = 3;
