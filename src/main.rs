@@ -79,11 +79,16 @@ struct RunArgs {
     #[arg(long, short, env = "POINTSMAN_CONFIG")]
     config: Option<PathBuf>,
     /// Address of the HTTP listener; replaces the first HTTP listener's
-    /// address, or adds a listener named "web".
-    #[arg(long)]
+    /// address, or adds a listener named "web". With no --config, the
+    /// proxy serves this listener alone.
+    #[arg(long, env = "POINTSMAN_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Where requests to the --listen listener that match no route go (a
+    /// service name), e.g. the one service a sidecar fronts.
+    #[arg(long, env = "POINTSMAN_DEFAULT_SERVICE", requires = "listen")]
+    default_service: Option<String>,
     /// Address of the admin listener (API, stats page).
-    #[arg(long)]
+    #[arg(long, env = "POINTSMAN_ADMIN")]
     admin: Option<SocketAddr>,
     /// Token that admin API changes must carry (`Authorization: Bearer
     /// <token>`); required when --admin is not a loopback address.
@@ -91,7 +96,7 @@ struct RunArgs {
     admin_token: Option<String>,
     /// Log one JSON line per request (with --log-format json, the whole
     /// log is JSON lines).
-    #[arg(long)]
+    #[arg(long, env = "POINTSMAN_ACCESS_LOG")]
     access_log: bool,
     /// Threads serving clients, each its own event loop [default: all
     /// cores].
@@ -103,11 +108,11 @@ struct RunArgs {
     consul: ConsulArgs,
     /// Follow a directory of registration files: <dir>/<service>/<instance-id>
     /// holding `host:port` or JSON, as in etcd.
-    #[arg(long)]
+    #[arg(long, env = "POINTSMAN_REGISTRY_DIR")]
     registry_dir: Option<PathBuf>,
     /// Keep the last good registry state here and serve it at start when
     /// the registry cannot be reached.
-    #[arg(long)]
+    #[arg(long, env = "POINTSMAN_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Hitless restart: take the listening sockets over from the pointsman
     /// serving this Unix socket (it then drains and exits), and serve it
@@ -124,12 +129,12 @@ struct RunArgs {
     runtime_api: Option<SocketAddr>,
     /// This proxy's id in etcd (<prefix>/proxies/<id>) [default: <host
     /// name>:<admin port>].
-    #[arg(long)]
+    #[arg(long, env = "POINTSMAN_PROXY_ID")]
     proxy_id: Option<String>,
     /// The admin address other hosts reach this proxy at, written to its
     /// record in etcd [default: the admin address, or <host name>:<port>
     /// when it binds all interfaces].
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", env = "POINTSMAN_ADVERTISE_ADMIN")]
     advertise_admin: Option<String>,
 }
 
@@ -163,6 +168,7 @@ impl RunArgs {
     /// The overrides the flags make to any config, including reloaded ones.
     fn overrides(&self) -> Arc<dyn Fn(&mut Config) + Send + Sync> {
         let (listen, admin) = (self.listen, self.admin);
+        let default_service = self.default_service.clone();
         let (token, access_log) = (self.admin_token.clone(), self.access_log);
         let (runtime_socket, runtime_api) = (self.runtime_socket.clone(), self.runtime_api);
         Arc::new(move |c: &mut Config| {
@@ -182,12 +188,17 @@ impl RunArgs {
                     .iter_mut()
                     .find(|l| l.mode == ListenerMode::Http)
                 {
-                    Some(l) => l.bind = addr,
+                    Some(l) => {
+                        l.bind = addr;
+                        if default_service.is_some() {
+                            l.default_service.clone_from(&default_service);
+                        }
+                    }
                     None => c.listeners.push(Listener {
                         name: "web".into(),
                         bind: addr,
                         mode: ListenerMode::Http,
-                        default_service: None,
+                        default_service: default_service.clone(),
                     }),
                 }
             }
@@ -345,11 +356,16 @@ async fn run(
     let mut config = match (&args.config, demo) {
         (Some(path), _) => Config::load(path)?,
         (None, true) => Config::embedded_demo(),
-        (None, false) => anyhow::bail!(
-            "no config: pass --config FILE (or run `pointsman demo` for the built-in demo)"
-        ),
+        // A sidecar needs nothing mounted: flags and environment alone.
+        (None, false) => Config::parse("<flags>", "")?,
     };
     overrides(&mut config);
+    if config.listeners.is_empty() {
+        anyhow::bail!(
+            "nothing to serve: pass --listen ADDR (or POINTSMAN_LISTEN) or --config FILE \
+             (or run `pointsman demo` for the built-in demo)"
+        );
+    }
     let upstreams_stop = CancellationToken::new();
     let mut registries = args.registries()?;
     let own_demo_dir = demo && registries.dir.is_none();

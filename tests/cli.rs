@@ -2,6 +2,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use support::*;
 
 const VALID: &str = r#"
@@ -119,4 +121,63 @@ fn help_mentions_every_flag() {
             "`pointsman upstream --help` mentions {flag}:\n{out}"
         );
     }
+}
+
+#[test]
+fn run_with_nothing_to_serve_says_what_to_pass() {
+    let (code, _, err) = run_cli(&["run", "--admin", "127.0.0.1:0"]);
+    assert_ne!(code, 0, "a proxy with no listener must not start: {err}");
+    assert!(
+        err.contains("nothing to serve") && err.contains("--listen") && err.contains("--config"),
+        "the error names what to pass: {err}"
+    );
+}
+
+/// A sidecar container mounts nothing: the environment alone configures
+/// the listener, its default service, the admin listener and the registry.
+#[tokio::test]
+async fn run_from_the_environment_alone() {
+    let upstream = Upstream::start("web1").await;
+    let registry = tempfile::tempdir().expect("temp dir");
+    let service_dir = registry.path().join("web");
+    std::fs::create_dir_all(&service_dir).expect("service dir");
+    std::fs::write(service_dir.join("web1"), upstream.addr.to_string()).expect("register");
+    let (listen, admin) = (free_addr(), free_addr());
+    let mut child = std::process::Command::new(BIN)
+        .arg("run")
+        .env_remove("POINTSMAN_CONFIG")
+        .env("POINTSMAN_LISTEN", listen.to_string())
+        .env("POINTSMAN_ADMIN", admin.to_string())
+        .env("POINTSMAN_DEFAULT_SERVICE", "web")
+        .env("POINTSMAN_REGISTRY_DIR", registry.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start pointsman run");
+    let client = client();
+    let url = format!("http://{listen}/any/path");
+    wait_for(
+        Duration::from_secs(20),
+        "the env-configured proxy serves web1",
+        || {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t.contains("web1")),
+                    _ => false,
+                }
+            }
+        },
+    )
+    .await;
+    let ready = client
+        .get(format!("http://{admin}/readyz"))
+        .send()
+        .await
+        .expect("admin answers on POINTSMAN_ADMIN");
+    assert_eq!(ready.status(), 200);
+    sigterm(child.id());
+    let status = wait_exit(&mut child, Duration::from_secs(20), "pointsman run").await;
+    assert!(status.success(), "a clean stop: {status}");
 }
