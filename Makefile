@@ -10,6 +10,10 @@ TEST_DEBS  := etcd-server etcd-client curl socat bsdextrautils chromium python3-
 BENCH_DEBS := haproxy nginx wrk python3 iproute2 etcd-server etcd-client
 # `make demo` and `make soak`: etcd, and hey as the load (as in the seeds).
 DEMO_DEBS  := etcd-server etcd-client hey curl
+# The compose stack: debootstrap builds the offline base image; etcdctl,
+# curl and python3 drive the scenarios; systemd-analyze checks the units.
+COMPOSE_DEBS := debootstrap etcd-client curl python3 systemd
+COMPOSE := compose/compose.sh
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -22,13 +26,14 @@ define install_missing
 	fi
 endef
 
-.PHONY: run test lint fmt deps-build deps-test deps-bench deps-demo demo soak build bench bench-throughput bench-idle bench-scale bench-propagation check-config
+.PHONY: run test lint fmt deps-build deps-test deps-bench deps-demo deps-compose demo soak build bench bench-throughput bench-idle bench-scale bench-propagation check-config compose-images compose-up compose-down compose-test
 
 ## run: the demo (proxy on 127.0.0.1:8080, stats on 127.0.0.1:8404/stats)
 run: deps-build
 	$(CARGO) run --release -- demo
 
-## test: install what is missing, then run every test of the workspace
+## test: install what is missing, then run every test of the workspace and
+## the zero-downtime scenarios across the compose stack (needs Docker)
 test: deps-build deps-test
 	$(CARGO) build --workspace --all-targets
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
@@ -36,6 +41,7 @@ test: deps-build deps-test
 	else \
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
+	$(MAKE) compose-test
 
 ## demo: a rolling deploy and a blue/green switch under load (64 keep-alive
 ## clients) on two proxies and a throwaway etcd; prints the failed requests
@@ -79,6 +85,25 @@ bench-propagation: deps-bench build
 build: deps-build
 	$(CARGO) build --release
 
+## compose-images: the stack's images, built from Debian's packages and the
+## binary built here (no image registry needed)
+compose-images: deps-build deps-compose build
+	bash compose/offline-images.sh target/release/pointsman
+
+## compose-up: the compose stack (etcd x3, lb0/lb1, api0-2); see compose/README.md
+compose-up: compose-images
+	$(COMPOSE) up -d
+	@echo "proxies: http://127.0.0.1:5000 and :5001; stats: http://127.0.0.1:8404/stats and :8405/stats"
+
+## compose-down: stop the stack and remove its containers, networks and volumes
+compose-down:
+	$(COMPOSE) --profile clients down -v --remove-orphans
+
+## compose-test: the zero-downtime scenarios across the stack, under load
+compose-test: compose-images
+	bash deploy/systemd/verify.sh
+	bash compose/test.sh target/release/pointsman
+
 check-config: build
 	./target/release/pointsman check --config examples/demo.toml
 
@@ -93,3 +118,10 @@ deps-bench:
 
 deps-demo:
 	$(call install_missing,$(DEMO_DEBS))
+
+deps-compose:
+	$(call install_missing,$(COMPOSE_DEBS))
+	@command -v docker >/dev/null || { echo "the compose stack needs a Docker engine: apt-get install docker.io, then start it"; exit 1; }
+	@if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; \
+	fi
