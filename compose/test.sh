@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Zero-downtime scenarios across the real compose stack: three etcd members,
 # lb0 and lb1, api0-api2 under `pointsman register`, and five hey clients
-# (200 concurrent connections over both proxies) as the load. Every
+# as the load: 200 connections over both proxies, each sending at most
+# CLIENT_RATE (5) requests a second, so that on a two-core host the load
+# leaves etcd the CPU it needs to keep its leader. Every
 # scenario counts each non-2xx answer and each client error; a scenario
 # passes with zero of them and its own checks met.
 #
@@ -76,7 +78,7 @@ etcdctl_() { ETCDCTL_API=3 etcdctl --endpoints="$etcd" --command-timeout=5s "$@"
 
 # Starts the five clients: 40 connections each, until stopped.
 load_start() {
-  CLIENT_DURATION=600s CLIENT_CONCURRENCY=40 $compose --profile clients up -d --no-deps "${clients[@]}" >/dev/null 2>&1
+  CLIENT_DURATION=600s CLIENT_CONCURRENCY=40 CLIENT_RATE=${CLIENT_RATE:-5} $compose --profile clients up -d --no-deps "${clients[@]}" >/dev/null 2>&1
   sleep 3 # let every client open its connections before the scenario acts
 }
 
@@ -89,6 +91,12 @@ load_stop() {
   done
   for c in "${clients[@]}"; do
     id=$($compose ps -q "$c")
+    # hey reports and exits on SIGINT; a busy one may miss the first.
+    for _ in 1 2 3 4 5; do
+      [ "$(docker inspect -f '{{.State.Running}}' "$id")" = true ] || break
+      sleep 2
+      docker kill -s INT "$id" >/dev/null 2>&1
+    done
     docker wait "$id" >/dev/null
     out=$(docker logs "$id" 2>&1)
     # "  [200]	1234 responses" under "Status code distribution";
