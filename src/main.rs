@@ -100,7 +100,7 @@ struct RunArgs {
     access_log: bool,
     /// Threads serving clients, each its own event loop [default: all
     /// cores].
-    #[arg(long)]
+    #[arg(long, env = "POINTSMAN_THREADS")]
     threads: Option<usize>,
     #[command(flatten)]
     etcd: EtcdArgs,
@@ -117,15 +117,15 @@ struct RunArgs {
     /// Hitless restart: take the listening sockets over from the pointsman
     /// serving this Unix socket (it then drains and exits), and serve it
     /// for the next one. Nothing there: a normal start.
-    #[arg(long, value_name = "SOCKET")]
+    #[arg(long, value_name = "SOCKET", env = "POINTSMAN_TAKEOVER")]
     takeover: Option<PathBuf>,
     /// Serve the HAProxy-compatible runtime API on this Unix socket (mode
     /// 0600): `echo "show stat" | socat stdio unix-connect:PATH`.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "POINTSMAN_RUNTIME_SOCKET")]
     runtime_socket: Option<PathBuf>,
     /// Serve the HAProxy-compatible runtime API on this loopback TCP
     /// address (e.g. 127.0.0.1:9999).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "POINTSMAN_RUNTIME_API")]
     runtime_api: Option<SocketAddr>,
     /// This proxy's id in etcd (<prefix>/proxies/<id>) [default: <host
     /// name>:<admin port>].
