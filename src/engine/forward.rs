@@ -15,7 +15,8 @@
 //!           ├ send_once         one attempt to one endpoint -> Outcome
 //!           ├ RetryState::decide  Outcome x retry state -> Next
 //!           ├ record_attempt    passive checks learn how the try went
-//!           └ Next::Respond  -> finish: response headers, sticky cookie,
+//!           └ Next::Respond  -> finish: response headers, sticky
+//!                                 cookie, latency, a 101's tunnel
 //!             Next::Fail     -> Failure::give_up: 502 or 504
 //!             Next::Retry / Resend -> the next try
 //! ```
