@@ -1,11 +1,813 @@
+//! One request's way upstream, in named phases (as Pingora's `ProxyHttp`
+//! names its own), each a function of this file:
+//!
+//! ```text
+//! ConnContext::handle           the access log line around all of it
+//!  └ respond                    a ProxyError becomes its status page
+//!     └ forward                 route once, then try until done:
+//!        ├ route                host + path prefix -> service (404, 503)
+//!        ├ upstream_head        origin-form target, Host, hop-by-hop
+//!        │                      headers out, X-Forwarded-* in; once
+//!        ├ RetryState::new      body read (held when small), tries left
+//!        └ each try:
+//!           ├ pick              re-route if the table changed (reroute),
+//!           │                   then the balancer's endpoint (503)
+//!           ├ send_once         one attempt to one endpoint -> Outcome
+//!           ├ RetryState::decide  Outcome x retry state -> Next
+//!           ├ record_attempt    passive checks learn how the try went
+//!           └ Next::Respond  -> finish: response headers, sticky
+//!                                 cookie, latency, a 101's tunnel
+//!             Next::Fail     -> Failure::give_up: 502 or 504
+//!             Next::Retry / Resend -> the next try
+//! ```
+//!
 //! What a careful proxy changes in the headers it forwards: hop-by-hop
 //! headers go (both ways, including every header named in `Connection`),
 //! `X-Forwarded-*` are added, `Host` is kept.
 
 use std::fmt::Write;
 use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::{PathAndQuery, Uri};
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use super::balance::{Pick, PickContext};
+use super::body::UpstreamBody;
+use super::conn::ConnActive;
+use super::endpoint::InFlight;
+use super::http::ConnContext;
+use super::pool::{self, ConnectError};
+use super::table::{
+    find_cookie, Endpoint, Resolved, RetryGuard, RetryPolicy, RoutingTable, Service, ServiceState,
+};
+use super::{ProxyBody, ProxyError, RequestGuard, ServiceActive};
+
+/// Which service and endpoint answered, for the access log.
+#[derive(Clone)]
+struct Served {
+    service: Arc<str>,
+    endpoint: Arc<str>,
+}
+
+/// Where a route sends a request: the service, and the path when the
+/// route strips its prefix.
+type Routed = (Arc<Service>, Option<String>);
+
+/// The upstream request's head, built once for every try (its headers
+/// travel with the retry state, which may have to give them away).
+struct UpstreamHead {
+    /// The client's request head, headers taken out: its URI is routed
+    /// again when a retry is re-routed.
+    parts: Parts,
+    /// The target sent: the current route's rewrite, or as received.
+    path: PathAndQuery,
+    /// Whether the client sent a Host (or an authority in the URI).
+    has_host: bool,
+}
+
+/// Where the request goes now: set by the first route, moved by a retry
+/// that is re-routed after the table changed.
+struct Routing {
+    service: Arc<Service>,
+    /// The table version the route was last looked up in.
+    routed_in: u64,
+    /// The request's value of the service's sticky cookie.
+    sticky: Option<String>,
+    /// Counts the request in its service, for the retry budget.
+    active: ServiceActive,
+}
+
+/// What the tries of one request share.
+struct RetryState {
+    /// Tries left once the current one began.
+    tries_left: u32,
+    /// Pooled connections the upstream closed under us; bounded so an
+    /// upstream that closes every connection cannot hold us in a loop.
+    unsent_left: u32,
+    /// Whether a try began: every later one is re-routed first.
+    tried: bool,
+    /// The endpoint (index in the current service) the next pick avoids:
+    /// the one that just failed.
+    avoid: Option<usize>,
+    /// A slot of the retry budget, taken by the first retry that adds
+    /// load to upstreams and kept for the rest of the request.
+    budget: Option<RetryGuard>,
+    /// Whether the method may be repeated after an answer or a timeout.
+    idempotent: bool,
+    /// The headers and body for the next try; `None` once given away.
+    headers: Option<HeaderMap>,
+    body: Option<UpstreamBody>,
+    /// Whether the current try's body was a copy (the body can be sent
+    /// again).
+    replayable: bool,
+}
+
+/// How one try went.
+enum Outcome {
+    /// An answer, whatever its status.
+    Answered(Answer),
+    /// No answer.
+    Failed(Failure),
+}
+
+/// An upstream's answer and what it holds until its body is finished.
+struct Answer {
+    resp: Response<Incoming>,
+    sender: pool::Sender,
+    in_flight: InFlight,
+}
+
+/// How a try failed to get an answer.
+// Unsent's request is not boxed: boxing would allocate on that path, and
+// hyper's own result that this comes from is as large.
+#[allow(clippy::large_enum_variant)]
+enum Failure {
+    /// No connection to the endpoint: nothing was sent.
+    Refused(ConnectError),
+    /// The upstream closed a pooled connection just as the request was
+    /// to go out: it comes back whole, never written.
+    Unsent(Request<UpstreamBody>, hyper::Error),
+    /// The connection failed after (part of) the request was written.
+    Reset(hyper::Error),
+    /// No answer within the per-try timeout.
+    TimedOut,
+}
+
+/// An [`Outcome`] as [`RetryState::decide`] sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tried {
+    Answered(StatusCode),
+    Refused,
+    Unsent,
+    Reset,
+    TimedOut,
+}
+
+/// What follows a try.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Next {
+    /// Another try, avoiding this endpoint.
+    Retry,
+    /// The request came back unsent: send it again; not counted as a try.
+    Resend,
+    /// Answer with this try's response.
+    Respond,
+    /// Fail the request with this try's failure.
+    Fail,
+}
+
+/// How often a request that came back unsent is sent again.
+const UNSENT_RESENDS: u32 = 3;
+
+impl ConnContext {
+    pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        if !self.access_log {
+            return self.respond(req).await;
+        }
+        let started = Instant::now();
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        let host = target_host(req.uri(), req.headers()).to_owned();
+        let version = req.version();
+        let resp = self.respond(req).await;
+        let served = resp.extensions().get::<Served>();
+        tracing::info!(
+            target: "access",
+            peer = %self.peer,
+            listener = %self.listener,
+            method = %method,
+            host = %host,
+            uri = %uri,
+            version = ?version,
+            status = resp.status().as_u16(),
+            service = served.map(|s| &*s.service),
+            endpoint = served.map(|s| &*s.endpoint),
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+        );
+        resp
+    }
+
+    async fn respond(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let version = req.version();
+        // The head is complete: the connection is busy until the response
+        // body ends, whatever the request body and the upstream take.
+        let conn_active = self.activity.start();
+        let mut resp = match self.forward(req, conn_active).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                match &e {
+                    ProxyError::Connect { .. }
+                    | ProxyError::Timeout { .. }
+                    | ProxyError::Upstream { .. } => {
+                        tracing::warn!(peer = %self.peer, error = %e, "request failed")
+                    }
+                    _ => tracing::debug!(peer = %self.peer, error = %e, "request refused"),
+                }
+                e.response()
+            }
+        };
+        self.activity.mark_response(version, &mut resp);
+        resp
+    }
+
+    /// The phases in order (see the module doc): one route and head, then
+    /// tries until one answers or the retry state gives up.
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        conn_active: ConnActive,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let started = Instant::now();
+        let (service, rewrite, routed_in) = {
+            let table = self.proxy.table.load();
+            let (service, rewrite) = self.route(&table, req.uri(), req.headers())?;
+            (service, rewrite, table.version)
+        };
+        let sticky = sticky_of(&service, req.headers());
+        let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let (mut head, headers) = self.upstream_head(parts, rewrite, upgrade)?;
+        // The first service's retry policy holds for the whole request,
+        // even when a retry goes to another service after a switch.
+        let first = service.clone();
+        let policy = &first.settings.retry;
+        let body = UpstreamBody::read(body, policy.replay_limit)
+            .await
+            .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
+        let mut state = RetryState::new(&head.parts.method, headers, body, policy.attempts);
+        let mut routing = Routing {
+            active: ServiceActive::start(&service.settings.live),
+            service,
+            routed_in,
+            sticky,
+        };
+        loop {
+            let (pick, in_flight) = self.pick(&mut head, &mut routing, &mut state)?;
+            let service = &*routing.service;
+            let endpoint = &service.endpoints[pick.index];
+            let timeout = policy.per_try_timeout;
+            let outcome = self
+                .send_once(&head, service, endpoint, in_flight, &mut state, timeout)
+                .await?;
+            let next = state.decide(outcome.tried(), policy, &service.settings.live, pick.index);
+            self.record_attempt(service, pick.index, &outcome, next);
+            match outcome {
+                Outcome::Answered(answer) if next == Next::Respond => {
+                    let resp =
+                        self.finish(answer, routing, pick, conn_active, client_upgrade, started);
+                    return Ok(resp);
+                }
+                Outcome::Answered(answer) => {
+                    let status = answer.resp.status();
+                    tracing::debug!(endpoint = %endpoint.address, %status, "retrying on another endpoint");
+                }
+                Outcome::Failed(Failure::Unsent(request, _)) if next == Next::Resend => {
+                    state.put_back(request);
+                }
+                Outcome::Failed(failure) => {
+                    if let Some(e) = failure.give_up(next == Next::Retry, endpoint, timeout) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The service and the route's path rewrite: host + longest path
+    /// prefix, or the listener's default service (see `table`).
+    fn route(
+        &self,
+        table: &RoutingTable,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<Routed, ProxyError> {
+        let host = target_host(uri, headers);
+        let path = uri.path();
+        let (resolved, rewrite) = match table.routes.find(host, path) {
+            Some(route) => {
+                let resolved = table.resolve(&route.target, host, path, headers);
+                let rewrite = route.strip_prefix.then(|| {
+                    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                    strip_path(pq, &route.path_prefix)
+                });
+                (resolved, rewrite)
+            }
+            None => match table.defaults.get(&self.listener) {
+                Some(name) => match table.service(name) {
+                    Some(s) => (Resolved::Service(s.clone()), None),
+                    None => (Resolved::UnknownService(name.clone()), None),
+                },
+                None => return Err(ProxyError::NoRoute),
+            },
+        };
+        match resolved {
+            Resolved::Service(s) => Ok((s, rewrite)),
+            Resolved::UnknownService(name) => Err(ProxyError::UnknownService(name)),
+            Resolved::NoMapEntry { map, key } => Err(ProxyError::NoMapEntry { map, key }),
+        }
+    }
+
+    /// The upstream head: the client's headers made fit to forward (they
+    /// come back apart, for the retry state) and the origin-form target.
+    fn upstream_head(
+        &self,
+        mut parts: Parts,
+        rewrite: Option<String>,
+        upgrade: bool,
+    ) -> Result<(UpstreamHead, HeaderMap), ProxyError> {
+        let host = match parts.headers.get(header::HOST) {
+            Some(h) => Some(h.clone()),
+            None => {
+                // h2 and absolute-form requests carry the host in the URI.
+                let h = parts
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+                if let Some(h) = &h {
+                    parts.headers.insert(header::HOST, h.clone());
+                }
+                h
+            }
+        };
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        // We answer `Expect: 100-continue` ourselves: hyper sends the 100
+        // when the body is first read.
+        parts.headers.remove(header::EXPECT);
+        add_forwarded(
+            &mut parts.headers,
+            self.peer.ip(),
+            host.as_ref(),
+            self.trust_forwarded,
+        );
+        let path = forwarded_path(&parts.uri, rewrite)?;
+        let headers = std::mem::take(&mut parts.headers);
+        let has_host = host.is_some();
+        Ok((
+            UpstreamHead {
+                parts,
+                path,
+                has_host,
+            },
+            headers,
+        ))
+    }
+
+    /// Pick: the endpoint for this try, in the service the route points to
+    /// now. It counts as in flight from here on, connecting included: a
+    /// proxy that reports no request in flight to an endpoint has none on
+    /// the way to it either (drain confirmations rely on this).
+    fn pick(
+        &self,
+        head: &mut UpstreamHead,
+        routing: &mut Routing,
+        state: &mut RetryState,
+    ) -> Result<(Pick, InFlight), ProxyError> {
+        // A retry goes where the route points now: after a switch the old
+        // service must not get it (a deploy may already have confirmed
+        // that it is drained).
+        if std::mem::replace(&mut state.tried, true) {
+            let current = &routing.service;
+            let uri = &head.parts.uri;
+            let rerouted =
+                self.reroute(&mut routing.routed_in, current, uri, state.headers.as_ref())?;
+            if let Some((now, rewrite)) = rerouted {
+                state.avoid = state
+                    .avoid
+                    .and_then(|i| current.endpoints.get(i))
+                    .and_then(|e: &Endpoint| now.endpoints.iter().position(|n| n.id == e.id));
+                if now.name != current.name {
+                    routing.active = ServiceActive::start(&now.settings.live);
+                }
+                if let Some(h) = &state.headers {
+                    routing.sticky = sticky_of(&now, h);
+                }
+                head.path = forwarded_path(uri, rewrite)?;
+                routing.service = now;
+            }
+        }
+        state.tries_left -= 1;
+        let service = &routing.service;
+        let pick = service
+            .balancer
+            .pick(
+                &service.endpoints,
+                &PickContext {
+                    client_ip: Some(self.peer.ip()),
+                    sticky: routing.sticky.as_deref(),
+                    avoid: state.avoid,
+                },
+            )
+            .ok_or_else(|| ProxyError::NoEndpoint(service.name.clone()))?;
+        let in_flight = service.endpoints[pick.index].live.start_request();
+        Ok((pick, in_flight))
+    }
+
+    /// The service (and path rewrite) a retry goes to when a table newer
+    /// than `routed_in` routes the request to another one than `current`.
+    fn reroute(
+        &self,
+        routed_in: &mut u64,
+        current: &Arc<Service>,
+        uri: &Uri,
+        headers: Option<&HeaderMap>,
+    ) -> Result<Option<Routed>, ProxyError> {
+        let table = self.proxy.table.load();
+        if table.version == *routed_in {
+            return Ok(None);
+        }
+        *routed_in = table.version;
+        let Some(headers) = headers else {
+            return Ok(None);
+        };
+        let (now, rewrite) = self.route(&table, uri, headers)?;
+        Ok((!Arc::ptr_eq(&now, current)).then_some((now, rewrite)))
+    }
+
+    /// Send once: one attempt to one endpoint, bounded by `timeout`. An
+    /// `Err` ends the request at once (no body left to send).
+    async fn send_once(
+        &self,
+        head: &UpstreamHead,
+        service: &Service,
+        endpoint: &Endpoint,
+        in_flight: InFlight,
+        state: &mut RetryState,
+        timeout: Duration,
+    ) -> Result<Outcome, ProxyError> {
+        let settings = &service.settings;
+        // Connect before giving the body away, so a failed connect can
+        // try another endpoint with any body.
+        let mut sender = match endpoint
+            .live
+            .pool
+            .take(&endpoint.authority, settings.upstream_idle_timeout)
+            .await
+        {
+            Some(s) => s,
+            None => match pool::connect(&endpoint.address, settings.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => return Ok(Outcome::Failed(Failure::Refused(e))),
+            },
+        };
+        let Some((body, headers)) = state.this_try() else {
+            return Err(ProxyError::Upstream {
+                endpoint: endpoint.address.to_string(),
+                reason: "the request body was already sent".into(),
+            });
+        };
+        let req = head.request(body, headers, endpoint);
+        let sent = tokio::time::timeout(timeout, sender.try_send_request(req)).await;
+        Ok(match sent {
+            Ok(Ok(resp)) => Outcome::Answered(Answer {
+                resp,
+                sender,
+                in_flight,
+            }),
+            Ok(Err(mut e)) => Outcome::Failed(match e.take_message() {
+                Some(unsent) => Failure::Unsent(unsent, e.into_error()),
+                None => Failure::Reset(e.into_error()),
+            }),
+            Err(_) => Outcome::Failed(Failure::TimedOut),
+        })
+    }
+
+    /// Passive checks learn how a try went: a 5xx or no answer counts
+    /// against the endpoint. A request that comes back unsent to be sent
+    /// again says nothing about it.
+    fn record_attempt(&self, service: &Service, i: usize, outcome: &Outcome, next: Next) {
+        match outcome {
+            Outcome::Answered(answer) => {
+                let live = &service.endpoints[i].live;
+                let status = answer.resp.status();
+                live.record_status(status.as_u16());
+                if status.is_server_error() {
+                    service.count_failure(i);
+                } else {
+                    live.succeeded();
+                }
+            }
+            Outcome::Failed(Failure::Unsent(..)) if next == Next::Resend => {}
+            Outcome::Failed(_) => self.failed(service, i),
+        }
+    }
+
+    /// A request to endpoint `i` got no answer at all (refused, reset,
+    /// timed out).
+    fn failed(&self, service: &Service, i: usize) {
+        service.endpoints[i].live.record_failure();
+        service.count_failure(i);
+    }
+
+    /// Finish: the answer as the client gets it. Its body keeps the
+    /// request counted (and the upstream connection out of the pool) until
+    /// it ends; a 101 becomes a tunnel between the two upgraded streams.
+    fn finish(
+        &self,
+        answer: Answer,
+        routing: Routing,
+        pick: Pick,
+        conn: ConnActive,
+        client_upgrade: Option<OnUpgrade>,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let Answer {
+            mut resp,
+            sender,
+            in_flight,
+        } = answer;
+        let service = &*routing.service;
+        let settings = &service.settings;
+        let endpoint = &service.endpoints[pick.index];
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let mut guard = RequestGuard {
+            endpoint: in_flight,
+            conn,
+            service: routing.active,
+            upstream: (!switching).then(|| (sender, endpoint.authority.clone())),
+        };
+        let guard = match (switching, client_upgrade) {
+            (true, Some(client_side)) => {
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                guard.upstream = None;
+                tokio::spawn(tunnel(client_side, upstream_side, guard));
+                None
+            }
+            _ => Some(guard),
+        };
+        strip_hop_by_hop(resp.headers_mut(), switching);
+        if pick.set_cookie {
+            if let Some(name) = &settings.cookie {
+                let cookie = format!("{name}={}; Path=/", endpoint.cookie);
+                if let Ok(v) = HeaderValue::try_from(cookie) {
+                    resp.headers_mut().append(header::SET_COOKIE, v);
+                }
+            }
+        }
+        settings.live.latency.observe(started.elapsed());
+        if self.access_log {
+            resp.extensions_mut().insert(Served {
+                service: service.name.clone(),
+                endpoint: endpoint.id.clone(),
+            });
+        }
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(parts, ProxyBody::upstream(body, guard))
+    }
+}
+
+impl UpstreamHead {
+    /// This try's request to `endpoint`.
+    fn request(
+        &self,
+        body: UpstreamBody,
+        headers: HeaderMap,
+        endpoint: &Endpoint,
+    ) -> Request<UpstreamBody> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.parts.method.clone();
+        // Origin form (`GET /path HTTP/1.1`), as servers expect from a
+        // client that is not a forward proxy's.
+        *req.uri_mut() = Uri::from(self.path.clone());
+        *req.headers_mut() = headers;
+        if !self.has_host {
+            // HTTP/1.1 needs a Host: a client without one (HTTP/1.0)
+            // reaches the endpoint by its address.
+            if let Ok(h) = HeaderValue::from_str(endpoint.authority.as_str()) {
+                req.headers_mut().insert(header::HOST, h);
+            }
+        }
+        req
+    }
+}
+
+impl RetryState {
+    fn new(method: &Method, headers: HeaderMap, body: UpstreamBody, attempts: u32) -> Self {
+        RetryState {
+            tries_left: attempts,
+            unsent_left: UNSENT_RESENDS,
+            tried: false,
+            avoid: None,
+            budget: None,
+            idempotent: matches!(
+                *method,
+                Method::GET
+                    | Method::HEAD
+                    | Method::OPTIONS
+                    | Method::PUT
+                    | Method::DELETE
+                    | Method::TRACE
+            ),
+            headers: Some(headers),
+            body: Some(body),
+            replayable: false,
+        }
+    }
+
+    /// The body and headers for this try: copies while more tries may
+    /// follow and the body was held whole, else the originals. `None`: the
+    /// body was already sent.
+    fn this_try(&mut self) -> Option<(UpstreamBody, HeaderMap)> {
+        let body = if self.tries_left > 0 {
+            self.body.as_ref().and_then(UpstreamBody::replay)
+        } else {
+            None
+        }
+        .or_else(|| self.body.take())?;
+        self.replayable = self.body.is_some();
+        let headers = match (&self.headers, self.replayable) {
+            (Some(h), true) => h.clone(),
+            _ => self.headers.take().unwrap_or_default(),
+        };
+        Some((body, headers))
+    }
+
+    /// A request that came back unsent: its headers and body, whole, for
+    /// the next try.
+    fn put_back(&mut self, request: Request<UpstreamBody>) {
+        let (parts, body) = request.into_parts();
+        self.headers = Some(parts.headers);
+        self.body = Some(body);
+    }
+
+    /// Decide: what follows a try to endpoint `picked` of the service
+    /// whose counters are `live`. Only a replayable body is sent again;
+    /// only an idempotent request is repeated after an answer or a
+    /// timeout, and only on `policy.on_status`.
+    fn decide(
+        &mut self,
+        tried: Tried,
+        policy: &RetryPolicy,
+        live: &Arc<ServiceState>,
+        picked: usize,
+    ) -> Next {
+        let repeatable = self.idempotent && self.replayable;
+        let retry = match tried {
+            Tried::Unsent if self.unsent_left > 0 => {
+                // Never written: the request and its body came back whole.
+                self.unsent_left -= 1;
+                self.tries_left += 1;
+                self.avoid = None;
+                return Next::Resend;
+            }
+            // Refused, or reset before any answer: safe to try elsewhere
+            // (when the body can be sent again), without adding load.
+            Tried::Refused => self.may_retry(false, policy, live, picked),
+            Tried::Unsent | Tried::Reset => {
+                self.replayable && self.may_retry(false, policy, live, picked)
+            }
+            Tried::TimedOut => repeatable && self.may_retry(true, policy, live, picked),
+            Tried::Answered(status) => {
+                let on_status = policy.on_status.contains(&status.as_u16());
+                if repeatable && on_status && self.may_retry(true, policy, live, picked) {
+                    return Next::Retry;
+                }
+                return Next::Respond;
+            }
+        };
+        if retry {
+            Next::Retry
+        } else {
+            Next::Fail
+        }
+    }
+
+    /// Whether another try may follow, on another endpoint: tries must be
+    /// left, and a retry that adds load to upstreams (after a status or a
+    /// timeout) needs a slot of the retry budget; a request keeps the slot
+    /// it already holds.
+    fn may_retry(
+        &mut self,
+        adds_load: bool,
+        policy: &RetryPolicy,
+        live: &Arc<ServiceState>,
+        picked: usize,
+    ) -> bool {
+        if self.tries_left == 0 {
+            return false;
+        }
+        if adds_load && self.budget.is_none() {
+            match live.try_retry(policy.budget_percent) {
+                Some(g) => self.budget = Some(g),
+                None => return false,
+            }
+        }
+        live.retries.fetch_add(1, Relaxed);
+        self.avoid = Some(picked);
+        true
+    }
+}
+
+impl Outcome {
+    fn tried(&self) -> Tried {
+        match self {
+            Outcome::Answered(answer) => Tried::Answered(answer.resp.status()),
+            Outcome::Failed(Failure::Refused(_)) => Tried::Refused,
+            Outcome::Failed(Failure::Unsent(..)) => Tried::Unsent,
+            Outcome::Failed(Failure::Reset(_)) => Tried::Reset,
+            Outcome::Failed(Failure::TimedOut) => Tried::TimedOut,
+        }
+    }
+}
+
+impl Failure {
+    /// The error a failed try to `endpoint` ends the request with; `None`
+    /// when another try follows (`retry`), which is logged instead.
+    fn give_up(self, retry: bool, endpoint: &Endpoint, timeout: Duration) -> Option<ProxyError> {
+        let address = &endpoint.address;
+        match self {
+            Failure::Refused(e) if retry => {
+                tracing::debug!(endpoint = %address, error = %e, "connect failed; retrying on another endpoint");
+                None
+            }
+            Failure::Refused(e) => Some(ProxyError::Connect {
+                endpoint: address.to_string(),
+                reason: e.to_string(),
+            }),
+            Failure::Unsent(_, e) | Failure::Reset(e) => {
+                let reason = error_chain(&e);
+                if retry {
+                    tracing::debug!(endpoint = %address, %reason, "upstream failed before answering; retrying");
+                    return None;
+                }
+                Some(ProxyError::Upstream {
+                    endpoint: address.to_string(),
+                    reason,
+                })
+            }
+            Failure::TimedOut => (!retry).then(|| ProxyError::Timeout {
+                endpoint: address.to_string(),
+                timeout,
+            }),
+        }
+    }
+}
+
+/// The value of `service`'s sticky cookie in `headers`, if it has one.
+fn sticky_of(service: &Service, headers: &HeaderMap) -> Option<String> {
+    service
+        .settings
+        .cookie
+        .as_deref()
+        .and_then(|name| find_cookie(headers, name))
+        .map(str::to_owned)
+}
+
+/// The path and query sent upstream: the route's rewrite, or as received.
+fn forwarded_path(uri: &Uri, rewrite: Option<String>) -> Result<PathAndQuery, ProxyError> {
+    match rewrite {
+        Some(p) => PathAndQuery::try_from(p).map_err(|_| ProxyError::BadRequest("unusable path")),
+        None => Ok(uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))),
+    }
+}
+
+/// The host a request is for: the URI's authority (h2, absolute form) or
+/// the Host header.
+fn target_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> &'a str {
+    uri.host()
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or("")
+}
+
+/// Joins both upgraded halves and copies until either side closes.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, guard: RequestGuard) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(error = %e, "tunnel closed with an error");
+    }
+    drop(guard);
+}
+
+/// An error and its causes on one line, for logs.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
 
 const HOPS: usize = 8;
 
@@ -153,6 +955,140 @@ pub fn strip_path(path: &str, prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn policy(on_status: &[u16]) -> RetryPolicy {
+        RetryPolicy {
+            attempts: 3,
+            per_try_timeout: Duration::from_secs(1),
+            on_status: on_status.into(),
+            budget_percent: 20,
+            replay_limit: 1024,
+        }
+    }
+
+    /// A request's retry state as a try to endpoint 1 ended: `tries_left`
+    /// left, its body a copy (`replayable`) or not.
+    fn state(method: Method, tries_left: u32, replayable: bool) -> RetryState {
+        let mut s = RetryState::new(&method, HeaderMap::new(), UpstreamBody::empty(), 3);
+        s.tries_left = tries_left;
+        s.replayable = replayable;
+        s
+    }
+
+    const BUSY: Tried = Tried::Answered(StatusCode::SERVICE_UNAVAILABLE);
+    const OK: Tried = Tried::Answered(StatusCode::OK);
+
+    #[test]
+    fn what_follows_a_try() {
+        use Next::*;
+        use Tried::*;
+        let post = || Method::POST;
+        let get = || Method::GET;
+        // (outcome, method, tries left, replayable) -> next
+        let table = [
+            // A refused connect sent nothing: any request goes elsewhere
+            // while tries are left.
+            (Refused, post(), 1, false, Retry),
+            (Refused, get(), 0, true, Fail),
+            // Reset after (part of) the request went: only a body that
+            // can be sent again, whatever the method.
+            (Reset, post(), 1, true, Retry),
+            (Reset, get(), 1, false, Fail),
+            (Reset, get(), 0, true, Fail),
+            // A timeout repeats work upstream: idempotent and replayable.
+            (TimedOut, get(), 1, true, Retry),
+            (TimedOut, post(), 1, true, Fail),
+            (TimedOut, get(), 1, false, Fail),
+            (TimedOut, get(), 0, true, Fail),
+            // An answer is retried on a listed status only.
+            (BUSY, get(), 1, true, Retry),
+            (BUSY, post(), 1, true, Respond),
+            (BUSY, get(), 1, false, Respond),
+            (BUSY, get(), 0, true, Respond),
+            (OK, get(), 1, true, Respond),
+            (
+                Answered(StatusCode::INTERNAL_SERVER_ERROR),
+                get(),
+                1,
+                true,
+                Respond,
+            ),
+            // Unsent came back whole: sent again, even with no try left.
+            (Unsent, post(), 0, false, Resend),
+        ];
+        for (tried, method, tries_left, replayable, want) in table {
+            let live = Arc::new(ServiceState::default());
+            let mut s = state(method.clone(), tries_left, replayable);
+            let next = s.decide(tried, &policy(&[503]), &live, 1);
+            let case =
+                format!("{tried:?} {method} tries_left={tries_left} replayable={replayable}");
+            assert_eq!(next, want, "{case}");
+            let retries = live.retries.load(Relaxed);
+            match next {
+                Retry => {
+                    assert_eq!(s.avoid, Some(1), "{case}");
+                    assert_eq!(retries, 1, "{case}");
+                    // Only retries that add load take a budget slot.
+                    let adds_load = matches!(tried, TimedOut | Answered(_));
+                    assert_eq!(s.budget.is_some(), adds_load, "{case}");
+                }
+                Resend => {
+                    assert_eq!((s.tries_left, s.avoid, retries), (tries_left + 1, None, 0))
+                }
+                Respond | Fail => assert_eq!((s.avoid, retries), (None, 0), "{case}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_unsent_request_is_sent_again_three_times_then_is_a_reset() {
+        let live = Arc::new(ServiceState::default());
+        let p = policy(&[]);
+        let mut s = state(Method::POST, 1, true);
+        for _ in 0..3 {
+            assert_eq!(s.decide(Tried::Unsent, &p, &live, 0), Next::Resend);
+        }
+        assert_eq!(s.tries_left, 4);
+        assert_eq!(s.decide(Tried::Unsent, &p, &live, 0), Next::Retry);
+        s.replayable = false;
+        assert_eq!(s.decide(Tried::Unsent, &p, &live, 0), Next::Fail);
+    }
+
+    #[test]
+    fn retries_that_add_load_need_the_budget_once() {
+        let live = Arc::new(ServiceState::default());
+        let p = policy(&[503]);
+        // An idle service allows 3 retries in flight: take them all.
+        let held: Vec<_> = (0..3).filter_map(|_| live.try_retry(20)).collect();
+        assert_eq!(held.len(), 3);
+        let mut s = state(Method::GET, 2, true);
+        assert_eq!(s.decide(BUSY, &p, &live, 0), Next::Respond);
+        assert_eq!(s.decide(Tried::TimedOut, &p, &live, 0), Next::Fail);
+        // A refused connect adds no load: no slot needed.
+        assert_eq!(s.decide(Tried::Refused, &p, &live, 0), Next::Retry);
+        assert_eq!(live.retries.load(Relaxed), 1);
+        drop(held);
+        // A request that holds a slot keeps it for its later retries.
+        assert_eq!(s.decide(BUSY, &p, &live, 0), Next::Retry);
+        let _others: Vec<_> = (0..2).filter_map(|_| live.try_retry(20)).collect();
+        assert!(live.try_retry(20).is_none());
+        assert_eq!(s.decide(Tried::TimedOut, &p, &live, 0), Next::Retry);
+        assert_eq!(live.retrying.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn a_try_takes_copies_while_the_body_can_be_sent_again() {
+        let body = UpstreamBody::Full(Some(bytes::Bytes::from_static(b"x")));
+        let mut s = RetryState::new(&Method::PUT, HeaderMap::new(), body, 2);
+        s.tries_left = 1;
+        assert!(s.this_try().is_some());
+        assert!(s.replayable && s.body.is_some() && s.headers.is_some());
+        // The last try gives the originals away.
+        s.tries_left = 0;
+        assert!(s.this_try().is_some());
+        assert!(!s.replayable && s.body.is_none() && s.headers.is_none());
+        assert!(s.this_try().is_none());
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
