@@ -1,10 +1,9 @@
 //! End to end: `pointsman register --consul` beside real apps, in front of
 //! real proxies following Consul (`pointsman run --consul`).
 //!
-//! Consul is played by the test double in
-//! `discovery/tests/support/consul.rs` (no Consul binary can be installed
-//! here): it runs TTL checks but not HTTP checks, whose status the tests
-//! set.
+//! Consul is played by the test double `pointsman_testkit::consul`
+//! (tests/testkit; no Consul binary can be installed here): it runs TTL
+//! checks but not HTTP checks, whose status the tests set.
 //!
 //! What is covered: the app is registered only once it is healthy, with a
 //! TTL check the sidekick keeps passing (and fails while the app fails its
@@ -18,12 +17,9 @@
 
 mod support;
 
-#[path = "../discovery/tests/support/consul.rs"]
-mod consul_support;
-
 use std::time::{Duration, Instant};
 
-use consul_support::{parse_go_duration, ConsulDouble, Health};
+use pointsman_testkit::consul::{parse_go_duration, ConsulDouble, Health};
 use serde_json::json;
 use support::registry::{endpoints, listener_config, wait_in_flight, wait_ready, CHANGE_DEADLINE};
 use support::sidekick::{spawn_long_request, App, DrainLoad, Sidekick};

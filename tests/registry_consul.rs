@@ -3,17 +3,15 @@
 //! processes.
 //!
 //! No Consul binary can be installed here, so Consul is played by the test
-//! double in `discovery/tests/support/consul.rs`: a real HTTP server that
-//! implements the parts of Consul's API pointsman uses, blocking queries
-//! included. It is the only stand-in for a real server in the test suite.
+//! double `pointsman_testkit::consul` (tests/testkit): a real HTTP server
+//! that implements the parts of Consul's API pointsman uses, blocking
+//! queries included. It is the only stand-in for a real server in the test suite.
 
 mod support;
 
-#[path = "../discovery/tests/support/consul.rs"]
-mod consul_support;
 use std::time::Duration;
 
-use consul_support::{ConsulDouble, Health};
+use pointsman_testkit::consul::{ConsulDouble, Health};
 use serde_json::{json, Value};
 use support::etcd::EtcdServer;
 use support::*;

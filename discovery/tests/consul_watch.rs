@@ -1,11 +1,8 @@
 //! The Consul watcher and registrar against the Consul test double (a real
-//! HTTP server on loopback, `support/consul.rs`): what a proxy sees when
+//! HTTP server on loopback, `pointsman_testkit::consul`): what a proxy sees when
 //! instances register, fail their checks, deregister, carry routes in their
 //! tags; when Consul's index goes backwards, Consul goes away and comes
 //! back, or refuses the token.
-
-#[path = "support/consul.rs"]
-mod consul_support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use consul_support::{ConsulDouble, Health};
+use pointsman_testkit::consul::{ConsulDouble, Health};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -928,7 +925,7 @@ async fn the_registrar_sends_the_token() {
 
 #[test]
 fn the_double_reads_go_durations() {
-    use consul_support::parse_go_duration as d;
+    use pointsman_testkit::consul::parse_go_duration as d;
     assert_eq!(d("500ms"), Some(Duration::from_millis(500)));
     assert_eq!(d("5s"), Some(Duration::from_secs(5)));
     assert_eq!(d("1m"), Some(Duration::from_secs(60)));
