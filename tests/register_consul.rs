@@ -91,15 +91,17 @@ async fn registered_once_healthy_with_a_ttl_check_kept_passing() {
         ],
         false,
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The sidekick has judged the app (and found it failing) once it says
+    // it waits; registering it anyway would have come with that judgement.
+    wait_until(
+        CHANGE_DEADLINE,
+        "the sidekick says it waits for the app to pass its check",
+        || s.stderr().contains("waiting for the app to pass its check"),
+    )
+    .await;
     assert!(
         consul.service("t").is_none(),
         "registered before the app answered"
-    );
-    assert!(
-        s.stderr().contains("waiting for the app to pass its check"),
-        "{}",
-        s.stderr()
     );
 
     let app = App::start(addr, "t");
@@ -379,12 +381,22 @@ async fn a_down_agent_is_waited_for_and_check_http_is_an_agent_check() {
         check.definition
     );
     // The double does not run HTTP checks: a new one is critical, so the
-    // instance is not routable until the agent finds it passing.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // instance is not routable until the agent finds it passing. An
+    // instance registered after it, without checks, shows on the proxy
+    // only once the proxy has seen Consul's state with h in it.
+    consul.register(json!({
+        "ID": "later",
+        "Name": "web",
+        "Address": "127.0.0.1",
+        "Port": app.addr.port(),
+    }));
+    wait_ready(&[&proxy], "web", &["later"]).await;
     assert!(
         !endpoints(&proxy, "web").await.contains_key("h"),
         "routable before its check passed"
     );
+    assert!(consul.deregister("later"));
+    wait_ready(&[&proxy], "web", &[]).await;
     assert!(
         !consul
             .requests()

@@ -137,6 +137,19 @@ impl Watch {
         }
     }
 
+    /// Waits until the watcher has failed once more (it counts and retries
+    /// every failure), then checks that it has sent nothing: whatever a
+    /// failed attempt sends is on the channel before the failure is
+    /// counted.
+    async fn fails_again_and_sends_nothing(&mut self) {
+        let status = self.status.clone();
+        let failed = status.reconnects();
+        eventually("another failed attempt", || status.reconnects() > failed).await;
+        if let Ok(u) = self.rx.try_recv() {
+            panic!("expected no update, got {u:?}");
+        }
+    }
+
     fn instance(&self, service: &str, id: &str) -> Option<Registration> {
         instance(&self.view, service, id)
     }
@@ -403,9 +416,21 @@ async fn an_index_that_goes_backwards_is_reset_and_the_view_relisted() {
     w.until("web-2..4 seen", |v| instance(v, "web", "web-4").is_some())
         .await;
     let high = *w.revisions.last().unwrap();
-    // Let every query block again: Consul releases blocked queries on a
-    // restore; one that arrives later with the old index waits for `wait`.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every query must block again first: Consul releases blocked queries
+    // on a restore; one that arrives later with the old index waits for
+    // `wait`. The last registration moved both queries' index to Consul's.
+    let index = consul.index().to_string();
+    eventually("both queries block at the new index", || {
+        let asked = consul.requests();
+        ["/v1/catalog/services", "/v1/health/service/web"]
+            .iter()
+            .all(|path| {
+                asked
+                    .iter()
+                    .any(|r| r.path == *path && r.query.get("index") == Some(&index))
+            })
+    })
+    .await;
 
     let started = Instant::now();
     consul.restore(&before);
@@ -469,7 +494,7 @@ async fn consul_down_keeps_the_view_and_relists_when_back() {
     let error = w.status.last_error().unwrap_or_default();
     assert!(error.contains(&consul.url()), "{error}");
     // Nothing is sent while Consul is away: above all no empty Reset.
-    w.quiet(Duration::from_millis(800)).await;
+    w.fails_again_and_sends_nothing().await;
     assert!(w.status.reconnects() >= 1);
     assert!(w.instance("web", "web-1").is_some());
 
@@ -662,7 +687,7 @@ async fn a_refused_token_is_a_clear_error_and_nothing_is_sent() {
     });
     let status = wrong.status.clone();
     eventually("refused", || status.last_error().is_some()).await;
-    wrong.quiet(Duration::from_millis(500)).await;
+    wrong.fails_again_and_sends_nothing().await;
     let error = wrong.status.last_error().unwrap_or_default();
     assert!(
         error.contains("403") && error.contains("ACL not found") && error.contains("token"),
@@ -757,7 +782,7 @@ async fn several_urls_fail_over_and_the_datacenter_is_sent() {
     });
     let status = elsewhere.status.clone();
     eventually("refused", || status.last_error().is_some()).await;
-    elsewhere.quiet(Duration::from_millis(300)).await;
+    elsewhere.fails_again_and_sends_nothing().await;
     let error = elsewhere.status.last_error().unwrap_or_default();
     assert!(error.contains("No path to datacenter"), "{error}");
 }
