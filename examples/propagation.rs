@@ -49,6 +49,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use pointsman_testkit::etcd::EtcdServer;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -83,9 +84,6 @@ struct Args {
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
 }
-
-#[path = "../discovery/tests/support/etcd.rs"]
-mod etcd_support;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -126,7 +124,7 @@ async fn run(args: Args) -> Result<bool> {
         None => {
             // The tests' throwaway etcd: free loopback ports, its own
             // temporary directory, killed when dropped.
-            let etcd = tokio::task::spawn_blocking(etcd_support::EtcdServer::start)
+            let etcd = tokio::task::spawn_blocking(EtcdServer::start)
                 .await
                 .map_err(|e| format!("starting etcd failed: {e}"))?;
             let e = etcd.endpoint();

@@ -164,8 +164,17 @@ async fn fleet_changes_reach_every_proxy_and_local_ones_stay_local() {
     let (code, out, err) = run_cli(&["ctl", "--admin", &admin, "state", "web/a2", "maint"]);
     assert_eq!(code, 0, "{out}{err}");
     wait_state(&p1, "a2", ("maint", 1)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A fleet-wide change made after it reaches p2: had the admin change
+    // gone through etcd as well, p2 would have applied it first.
+    let (code, _, err) = ctl(&["weight", "web/a1", "3"]);
+    assert_eq!(code, 0, "{err}");
+    wait_state(&p2, "a1", ("ready", 3)).await;
     assert_eq!(state_of(&p2, "a2").await, ("ready".to_string(), 1));
+    let (code, _, err) = ctl(&["reset", "web/a1"]);
+    assert_eq!(code, 0, "{err}");
+    for p in [&p1, &p2] {
+        wait_state(p, "a1", ("ready", 1)).await;
+    }
     let (code, _, err) = run_cli(&["ctl", "--admin", &admin, "state", "web/nope", "maint"]);
     assert_ne!(code, 0);
     assert!(err.contains("no such instance"), "{err}");

@@ -1,10 +1,9 @@
 //! End to end: `pointsman register --consul` beside real apps, in front of
 //! real proxies following Consul (`pointsman run --consul`).
 //!
-//! Consul is played by the test double in
-//! `discovery/tests/support/consul.rs` (no Consul binary can be installed
-//! here): it runs TTL checks but not HTTP checks, whose status the tests
-//! set.
+//! Consul is played by the test double `pointsman_testkit::consul`
+//! (tests/testkit; no Consul binary can be installed here): it runs TTL
+//! checks but not HTTP checks, whose status the tests set.
 //!
 //! What is covered: the app is registered only once it is healthy, with a
 //! TTL check the sidekick keeps passing (and fails while the app fails its
@@ -18,12 +17,9 @@
 
 mod support;
 
-#[path = "../discovery/tests/support/consul.rs"]
-mod consul_support;
-
 use std::time::{Duration, Instant};
 
-use consul_support::{parse_go_duration, ConsulDouble, Health};
+use pointsman_testkit::consul::{parse_go_duration, ConsulDouble, Health};
 use serde_json::json;
 use support::registry::{endpoints, listener_config, wait_in_flight, wait_ready, CHANGE_DEADLINE};
 use support::sidekick::{spawn_long_request, App, DrainLoad, Sidekick};
@@ -95,15 +91,17 @@ async fn registered_once_healthy_with_a_ttl_check_kept_passing() {
         ],
         false,
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The sidekick has judged the app (and found it failing) once it says
+    // it waits; registering it anyway would have come with that judgement.
+    wait_until(
+        CHANGE_DEADLINE,
+        "the sidekick says it waits for the app to pass its check",
+        || s.stderr().contains("waiting for the app to pass its check"),
+    )
+    .await;
     assert!(
         consul.service("t").is_none(),
         "registered before the app answered"
-    );
-    assert!(
-        s.stderr().contains("waiting for the app to pass its check"),
-        "{}",
-        s.stderr()
     );
 
     let app = App::start(addr, "t");
@@ -383,12 +381,22 @@ async fn a_down_agent_is_waited_for_and_check_http_is_an_agent_check() {
         check.definition
     );
     // The double does not run HTTP checks: a new one is critical, so the
-    // instance is not routable until the agent finds it passing.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // instance is not routable until the agent finds it passing. An
+    // instance registered after it, without checks, shows on the proxy
+    // only once the proxy has seen Consul's state with h in it.
+    consul.register(json!({
+        "ID": "later",
+        "Name": "web",
+        "Address": "127.0.0.1",
+        "Port": app.addr.port(),
+    }));
+    wait_ready(&[&proxy], "web", &["later"]).await;
     assert!(
         !endpoints(&proxy, "web").await.contains_key("h"),
         "routable before its check passed"
     );
+    assert!(consul.deregister("later"));
+    wait_ready(&[&proxy], "web", &[]).await;
     assert!(
         !consul
             .requests()

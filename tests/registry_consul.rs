@@ -3,17 +3,15 @@
 //! processes.
 //!
 //! No Consul binary can be installed here, so Consul is played by the test
-//! double in `discovery/tests/support/consul.rs`: a real HTTP server that
-//! implements the parts of Consul's API pointsman uses, blocking queries
-//! included. It is the only stand-in for a real server in the test suite.
+//! double `pointsman_testkit::consul` (tests/testkit): a real HTTP server
+//! that implements the parts of Consul's API pointsman uses, blocking
+//! queries included. It is the only stand-in for a real server in the test suite.
 
 mod support;
 
-#[path = "../discovery/tests/support/consul.rs"]
-mod consul_support;
 use std::time::Duration;
 
-use consul_support::{ConsulDouble, Health};
+use pointsman_testkit::consul::{ConsulDouble, Health};
 use serde_json::{json, Value};
 use support::etcd::EtcdServer;
 use support::*;
@@ -177,8 +175,14 @@ async fn consul_down_keeps_serving_and_saved_state_survives_a_restart() {
     ];
     let proxy = Proxy::start_with_args(|| listener(free_addr()), &args).await;
     wait_ids(&proxy, "app", &["a1"]).await;
-    // Let the relay save the state (at most once a second).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The relay saves the state at most once a second.
+    let saved = state.path().join("consul.state.json");
+    wait_until(
+        CHANGE_DEADLINE,
+        "the proxy saved a1 in its state dir",
+        || std::fs::read_to_string(&saved).is_ok_and(|s| s.contains("a1")),
+    )
+    .await;
 
     consul.stop();
     let c = client();

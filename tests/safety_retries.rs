@@ -624,7 +624,12 @@ async fn a_retry_after_a_route_switch_goes_to_the_new_service() {
     let url = proxy.url("/");
     let request = tokio::spawn(async move { get_echo(&client, &url, &[]).await });
     // The first try waits on `silent`; meanwhile the route moves to `new`.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for(
+        Duration::from_secs(1),
+        "the first try is in flight to old/silent",
+        || async { proxy.endpoint("old", "silent").await["in_flight"] == 1 },
+    )
+    .await;
     proxy.reload(&config(proxy.addr(), "new")).await;
     assert!(
         start.elapsed() < Duration::from_millis(1400),

@@ -1,11 +1,8 @@
 //! The Consul watcher and registrar against the Consul test double (a real
-//! HTTP server on loopback, `support/consul.rs`): what a proxy sees when
+//! HTTP server on loopback, `pointsman_testkit::consul`): what a proxy sees when
 //! instances register, fail their checks, deregister, carry routes in their
 //! tags; when Consul's index goes backwards, Consul goes away and comes
 //! back, or refuses the token.
-
-#[path = "support/consul.rs"]
-mod consul_support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use consul_support::{ConsulDouble, Health};
+use pointsman_testkit::consul::{ConsulDouble, Health};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -136,6 +133,19 @@ impl Watch {
     /// Asserts that nothing is sent for `d`.
     async fn quiet(&mut self, d: Duration) {
         if let Ok(Some(u)) = tokio::time::timeout(d, self.rx.recv()).await {
+            panic!("expected no update, got {u:?}");
+        }
+    }
+
+    /// Waits until the watcher has failed once more (it counts and retries
+    /// every failure), then checks that it has sent nothing: whatever a
+    /// failed attempt sends is on the channel before the failure is
+    /// counted.
+    async fn fails_again_and_sends_nothing(&mut self) {
+        let status = self.status.clone();
+        let failed = status.reconnects();
+        eventually("another failed attempt", || status.reconnects() > failed).await;
+        if let Ok(u) = self.rx.try_recv() {
             panic!("expected no update, got {u:?}");
         }
     }
@@ -406,9 +416,21 @@ async fn an_index_that_goes_backwards_is_reset_and_the_view_relisted() {
     w.until("web-2..4 seen", |v| instance(v, "web", "web-4").is_some())
         .await;
     let high = *w.revisions.last().unwrap();
-    // Let every query block again: Consul releases blocked queries on a
-    // restore; one that arrives later with the old index waits for `wait`.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every query must block again first: Consul releases blocked queries
+    // on a restore; one that arrives later with the old index waits for
+    // `wait`. The last registration moved both queries' index to Consul's.
+    let index = consul.index().to_string();
+    eventually("both queries block at the new index", || {
+        let asked = consul.requests();
+        ["/v1/catalog/services", "/v1/health/service/web"]
+            .iter()
+            .all(|path| {
+                asked
+                    .iter()
+                    .any(|r| r.path == *path && r.query.get("index") == Some(&index))
+            })
+    })
+    .await;
 
     let started = Instant::now();
     consul.restore(&before);
@@ -472,7 +494,7 @@ async fn consul_down_keeps_the_view_and_relists_when_back() {
     let error = w.status.last_error().unwrap_or_default();
     assert!(error.contains(&consul.url()), "{error}");
     // Nothing is sent while Consul is away: above all no empty Reset.
-    w.quiet(Duration::from_millis(800)).await;
+    w.fails_again_and_sends_nothing().await;
     assert!(w.status.reconnects() >= 1);
     assert!(w.instance("web", "web-1").is_some());
 
@@ -665,7 +687,7 @@ async fn a_refused_token_is_a_clear_error_and_nothing_is_sent() {
     });
     let status = wrong.status.clone();
     eventually("refused", || status.last_error().is_some()).await;
-    wrong.quiet(Duration::from_millis(500)).await;
+    wrong.fails_again_and_sends_nothing().await;
     let error = wrong.status.last_error().unwrap_or_default();
     assert!(
         error.contains("403") && error.contains("ACL not found") && error.contains("token"),
@@ -760,7 +782,7 @@ async fn several_urls_fail_over_and_the_datacenter_is_sent() {
     });
     let status = elsewhere.status.clone();
     eventually("refused", || status.last_error().is_some()).await;
-    elsewhere.quiet(Duration::from_millis(300)).await;
+    elsewhere.fails_again_and_sends_nothing().await;
     let error = elsewhere.status.last_error().unwrap_or_default();
     assert!(error.contains("No path to datacenter"), "{error}");
 }
@@ -928,7 +950,7 @@ async fn the_registrar_sends_the_token() {
 
 #[test]
 fn the_double_reads_go_durations() {
-    use consul_support::parse_go_duration as d;
+    use pointsman_testkit::consul::parse_go_duration as d;
     assert_eq!(d("500ms"), Some(Duration::from_millis(500)));
     assert_eq!(d("5s"), Some(Duration::from_secs(5)));
     assert_eq!(d("1m"), Some(Duration::from_secs(60)));

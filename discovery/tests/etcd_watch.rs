@@ -2,9 +2,6 @@
 //! register, leases expire, operators switch traffic in a transaction, and
 //! etcd restarts, freezes, compacts or is cut off.
 
-#[path = "support/etcd.rs"]
-mod etcd_support;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use etcd_support::EtcdServer;
+use pointsman_testkit::etcd::EtcdServer;
 
 const DEADLINE: Duration = Duration::from_secs(15);
 

@@ -1,9 +1,5 @@
-//! A real etcd (the server of `discovery/tests/support/etcd.rs`), read and
-//! written with `etcdctl`, and proxies following it (`pointsman run
-//! --etcd`).
-
-#[path = "../../discovery/tests/support/etcd.rs"]
-mod server;
+//! A real etcd (`pointsman_testkit::etcd`'s server), read and written with
+//! `etcdctl`, and proxies following it (`pointsman run --etcd`).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -14,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use super::registry::{listener_config, CHANGE_DEADLINE};
 use super::{free_addr, plain_client, wait_for, Proxy};
 
-pub use server::EtcdServer;
+pub use pointsman_testkit::etcd::EtcdServer;
 
 /// Runs `etcdctl <args>` against `etcd` and returns its stdout; panics if
 /// it fails or takes more than 15 s.

@@ -1,6 +1,9 @@
 //! A test double of Consul's HTTP API: a real HTTP/1.1 server on a loopback
 //! port, with one agent on one node (`node1`, 127.0.0.1) in datacenter
-//! `dc1`, started and stopped by the test.
+//! `dc1`, started and stopped by the test. No Consul binary can be
+//! installed on the test machines, so this is what every Consul test of the
+//! workspace runs against; it is the only double of a real server in the
+//! tests, and it implements Consul's blocking queries faithfully.
 //!
 //! It follows Consul's documented semantics for what pointsman uses:
 //!
@@ -44,21 +47,16 @@
 //! store), [`ConsulDouble::stop`] and [`ConsulDouble::restart`] (on the
 //! same port, data kept), and [`ConsulDouble::requests`].
 //!
-//! Uses tokio, hyper 1 (server, http1), hyper-util, http-body-util, bytes,
-//! serde_json and fastrand, so any test crate of the workspace can include
-//! it:
+//! A test crate takes it as a dev-dependency on `pointsman-testkit`:
 //!
 //! ```ignore
-//! #[path = "../discovery/tests/support/consul.rs"]
-//! mod consul_support;
-//! let consul = consul_support::ConsulDouble::start();
+//! use pointsman_testkit::consul::ConsulDouble;
+//! let consul = ConsulDouble::start();
 //! let url = consul.url(); // http://127.0.0.1:<port>
 //! ```
 //!
 //! The server runs on its own thread and runtime, so the hooks are plain
 //! functions usable from sync and async tests alike.
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener as StdListener};
