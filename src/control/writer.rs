@@ -100,8 +100,9 @@ struct SourceEntries {
 }
 
 /// What a batch of commands touched.
-#[derive(Default)]
 struct Dirty {
+    /// The batch's clock: drains and slow starts are judged against it.
+    now: Instant,
     services: BTreeSet<String>,
     routes: bool,
     maps: BTreeSet<String>,
@@ -110,6 +111,21 @@ struct Dirty {
     revisions: BTreeMap<Source, i64>,
     /// Local changes that wait for this batch's table.
     replies: Vec<oneshot::Sender<Result<(), LocalError>>>,
+}
+
+impl Dirty {
+    /// Nothing touched yet, in a batch that runs at `now`.
+    fn at(now: Instant) -> Self {
+        Dirty {
+            now,
+            services: BTreeSet::new(),
+            routes: false,
+            maps: BTreeSet::new(),
+            defaults: false,
+            revisions: BTreeMap::new(),
+            replies: Vec::new(),
+        }
+    }
 }
 
 /// The state the control task owns.
@@ -162,7 +178,7 @@ impl Control {
     /// first table.
     pub fn start(&mut self) -> Result<(), String> {
         let config = (*self.config).clone();
-        let mut dirty = Dirty::default();
+        let mut dirty = Dirty::at(Instant::now());
         self.apply_config(config, &mut dirty)?;
         self.publish(dirty);
         Ok(())
@@ -184,15 +200,11 @@ impl Control {
                 },
                 _ = tokio::time::sleep(TICK), if busy => None,
             };
-            let mut dirty = Dirty::default();
+            let mut dirty = Dirty::at(Instant::now());
             if let Some(cmd) = cmd {
                 self.handle(cmd, &mut dirty);
             }
-            // Draining and slow-starting services are looked at again.
-            dirty.services.extend(self.departing.keys().cloned());
-            dirty
-                .services
-                .extend(self.ramping.keys().map(|(s, _)| s.clone()));
+            self.revisit_timed(&mut dirty);
             // Whatever queued up meanwhile lands in the same table.
             while let Ok(cmd) = rx.try_recv() {
                 self.handle(cmd, &mut dirty);
@@ -204,11 +216,28 @@ impl Control {
     /// Applies commands as one batch and publishes one table, in the
     /// caller's task (for tools and benchmarks; the proxy uses `run`).
     pub fn apply_batch(&mut self, cmds: impl IntoIterator<Item = Command>) {
-        let mut dirty = Dirty::default();
+        self.apply_batch_at(Instant::now(), cmds);
+    }
+
+    /// [`Control::apply_batch`] with the batch's clock given: what `run`
+    /// does on each command or tick, so drains and slow starts can be
+    /// stepped through without waiting for them.
+    pub fn apply_batch_at(&mut self, now: Instant, cmds: impl IntoIterator<Item = Command>) {
+        let mut dirty = Dirty::at(now);
         for cmd in cmds {
             self.handle(cmd, &mut dirty);
         }
+        self.revisit_timed(&mut dirty);
         self.publish(dirty);
+    }
+
+    /// Draining and slow-starting services change with time alone, so each
+    /// batch looks at them again.
+    fn revisit_timed(&self, dirty: &mut Dirty) {
+        dirty.services.extend(self.departing.keys().cloned());
+        dirty
+            .services
+            .extend(self.ramping.keys().map(|(s, _)| s.clone()));
     }
 
     fn handle(&mut self, cmd: Command, dirty: &mut Dirty) {
@@ -229,7 +258,7 @@ impl Control {
             Command::Discovery(update) => self.apply_update(update, dirty),
             Command::Health { service, id, up } => {
                 if up && self.slow_start(&service).is_some() {
-                    self.ramping.insert((service.clone(), id), Instant::now());
+                    self.ramping.insert((service.clone(), id), dirty.now);
                     dirty.services.insert(service);
                 }
             }
@@ -391,7 +420,7 @@ impl Control {
         let old = self.table.load_full();
         let mut services = old.services.clone();
         for name in &dirty.services {
-            match self.build_service(name) {
+            match self.build_service(name, dirty.now) {
                 Some(svc) => {
                     services.insert(svc.name.clone(), Arc::new(svc));
                 }
@@ -485,7 +514,7 @@ impl Control {
 
     /// Builds a service from every source's instances of it, or `None` when
     /// nothing defines it any more.
-    fn build_service(&mut self, name: &str) -> Option<Service> {
+    fn build_service(&mut self, name: &str, now: Instant) -> Option<Service> {
         let configured = self.config.services.get(name).cloned();
         let defaults = configured.clone().unwrap_or_default();
         let global = &self.config.global;
@@ -561,7 +590,6 @@ impl Control {
         let mut old_live = self.live.remove(name).unwrap_or_default();
         let mut live_now = HashMap::with_capacity(instances.len());
         let mut checks = Vec::new();
-        let now = Instant::now();
         for (id, reg) in &instances {
             let id: Arc<str> = (*id).into();
             let check = reg.check.as_ref().or(defaults.check.as_ref());
@@ -780,3 +808,6 @@ fn remove(entries: &mut SourceEntries, key: EntryKey, dirty: &mut Dirty) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
