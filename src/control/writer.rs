@@ -54,11 +54,22 @@ pub enum Command {
 /// Sends local changes to the control task and waits for their tables.
 #[derive(Clone)]
 pub struct ControlHandle {
-    pub commands: mpsc::Sender<Command>,
-    pub table: SharedTable,
+    commands: mpsc::Sender<Command>,
+    table: SharedTable,
 }
 
 impl ControlHandle {
+    /// A handle on the control task that reads `commands` and publishes
+    /// `table`.
+    pub fn new(commands: mpsc::Sender<Command>, table: SharedTable) -> Self {
+        ControlHandle { commands, table }
+    }
+
+    /// The table the control task publishes.
+    pub fn table(&self) -> &SharedTable {
+        &self.table
+    }
+
     /// Applies a local change; returns once requests see it.
     pub async fn change(&self, change: LocalChange) -> Result<(), LocalError> {
         let (tx, rx) = oneshot::channel();
