@@ -2,7 +2,8 @@
 //! `check`, or its service's) has a task that probes it by TCP connect or
 //! HTTP request every `interval`, with HAProxy's `rise`/`fall` meaning: an
 //! endpoint goes down after `fall` failures in a row and back up after
-//! `rise` passes. A new endpoint with a check takes traffic only after its
+//! `rise` passes (counted, and an answer's status judged, by
+//! `pointsman_discovery::check`, as `pointsman register` does for its app). A new endpoint with a check takes traffic only after its
 //! first passing check. The control task starts and stops these tasks as
 //! tables are rebuilt; flips go back to it as [`Command::Health`] so slow
 //! start can ramp an endpoint that came back.
