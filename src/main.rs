@@ -447,7 +447,7 @@ fn heartbeat(
         args.advertise_admin.clone(),
         app.admin_addr,
     )?;
-    Heartbeat::start(opts, status).map(Some)
+    Ok(Some(Heartbeat::start(opts, status)?))
 }
 
 /// The demo's instances: (service, id, address, registered at start).

@@ -36,6 +36,7 @@ use std::process::{ExitCode, ExitStatus};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pointsman_discovery::check::{self, ConnectFailure, RiseFall, DEFAULT_EXPECT_STATUS};
 use pointsman_discovery::consul::{Agent, AgentCheck, AgentService, ConsulError, TtlStatus};
 use pointsman_discovery::fleet::{ask_all, http_get, judge_drained, FleetCheck};
 use pointsman_discovery::{
@@ -201,14 +202,16 @@ impl std::fmt::Display for Check {
 pub async fn check_once(address: &Address, check: &Check) -> Result<(), String> {
     let target = address.to_string();
     match check {
-        Check::Tcp => match timeout(CHECK_LIMIT, tokio::net::TcpStream::connect(&target)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("cannot connect to {target}: {e}")),
-            Err(_) => Err(format!("no connection to {target} within {CHECK_LIMIT:?}")),
+        Check::Tcp => match check::tcp_connect(address, CHECK_LIMIT).await {
+            Ok(()) => Ok(()),
+            Err(ConnectFailure::Failed(e)) => Err(format!("cannot connect to {target}: {e}")),
+            Err(ConnectFailure::TimedOut) => {
+                Err(format!("no connection to {target} within {CHECK_LIMIT:?}"))
+            }
         },
         Check::Http(path) => {
             let answer = http_get(&target, path, CHECK_LIMIT).await?;
-            if (200..400).contains(&answer.status) {
+            if check::status_passes(answer.status, DEFAULT_EXPECT_STATUS) {
                 Ok(())
             } else {
                 Err(format!(
@@ -582,7 +585,9 @@ impl Sidekick {
         let follow_check = !matches!(&self.registry, Registry::Consul(c) if c.ttl.is_none());
         let mut health_tick = tokio::time::interval(self.args.check_interval);
         health_tick.reset();
-        let (mut fails, mut passes, mut failing) = (0u32, 0u32, false);
+        // The app passed its check before it was registered: it starts up.
+        let mut rise_fall = RiseFall::new(RISE, self.args.check_fall, true);
+        let mut failing = false;
         let stop = loop {
             tokio::select! {
                 sig = signals.next() => {
@@ -605,20 +610,19 @@ impl Sidekick {
                     }
                 }
                 _ = health_tick.tick(), if follow_check => {
-                    match check_once(&self.args.address, &self.check).await {
+                    let result = check_once(&self.args.address, &self.check).await;
+                    let flip = rise_fall.record(result.is_ok(), !failing);
+                    match result {
                         Ok(()) => {
-                            fails = 0;
-                            passes += 1;
-                            if failing && passes >= RISE {
+                            if flip == Some(true) {
                                 failing = false;
                                 self.set_failing(&key, None).await;
                             }
                         }
                         Err(e) => {
-                            passes = 0;
-                            fails += 1;
+                            let fails = rise_fall.fails();
                             tracing::warn!(key = %key, failures = fails, "check failed: {e}");
-                            if !failing && fails >= self.args.check_fall {
+                            if flip == Some(false) {
                                 failing = true;
                                 self.set_failing(&key, Some((fails, e))).await;
                             }

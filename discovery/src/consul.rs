@@ -396,6 +396,40 @@ enum Event {
     Failed(SessionError),
 }
 
+/// What the first step of a session found.
+struct Listing {
+    /// The catalog's index, where its follower starts.
+    catalog_index: u64,
+    followed: BTreeMap<String, Followed>,
+    /// Whether an ACL hid part of an answer.
+    filtered: bool,
+}
+
+/// One session's followers: one blocking query each, all ended when the
+/// session ends (their set is dropped).
+struct Followers {
+    tasks: JoinSet<()>,
+    http: ConsulHttp,
+    base: String,
+    datacenter: Option<String>,
+    timing: Timing,
+    events: mpsc::Sender<Event>,
+}
+
+impl Followers {
+    fn spawn(&mut self, query: Query, index: u64, path: String) -> AbortHandle {
+        let url = query_url(&self.base, &path, self.datacenter.as_deref());
+        self.tasks.spawn(follow(
+            self.http.clone(),
+            url,
+            query,
+            index,
+            self.timing,
+            self.events.clone(),
+        ))
+    }
+}
+
 /// One service being followed.
 struct Followed {
     index: u64,
@@ -509,10 +543,43 @@ impl Watcher {
             .get(self.url_idx)
             .cloned()
             .ok_or(ConsulError::NoUrls)?;
+        let mut listing = self.list(&http, &base).await?;
+        if !self.deliver_listing(&listing, &base).await {
+            return Ok(Ended::ReceiverGone);
+        }
+        let (events_tx, events) = mpsc::channel::<Event>(64);
+        let mut followers = Followers {
+            tasks: JoinSet::new(),
+            http,
+            base,
+            datacenter: self.opts.datacenter.clone(),
+            timing: Timing {
+                wait: self.opts.wait,
+                request_timeout: self.opts.request_timeout,
+                min_interval: self.opts.min_query_interval,
+            },
+            events: events_tx,
+        };
+        followers.spawn(
+            Query::Catalog,
+            listing.catalog_index,
+            "/v1/catalog/services".to_string(),
+        );
+        for (name, f) in listing.followed.iter_mut() {
+            let query = Query::Health {
+                name: name.clone(),
+                serial: f.serial,
+            };
+            f.task = Some(followers.spawn(query, f.index, health_path(name)));
+        }
+        self.follow(&mut listing.followed, &mut followers, events)
+            .await
+    }
 
-        // 1. List.
+    /// Step 1: the catalog, then every service's health, a few at a time.
+    async fn list(&mut self, http: &ConsulHttp, base: &str) -> Result<Listing, SessionError> {
         let dc = self.opts.datacenter.clone();
-        let catalog_url = query_url(&base, "/v1/catalog/services", dc.as_deref());
+        let catalog_url = query_url(base, "/v1/catalog/services", dc.as_deref());
         let answer = http.get(&catalog_url, self.opts.request_timeout).await?;
         let catalog_index = index_of(&catalog_url, &answer)?;
         let names = decode_catalog(&answer.body).map_err(|reason| SessionError::Decode {
@@ -526,7 +593,7 @@ impl Watcher {
         loop {
             while listing.len() < LIST_CONCURRENCY {
                 let Some(name) = pending.next() else { break };
-                let url = query_url(&base, &health_path(&name), dc.as_deref());
+                let url = query_url(base, &health_path(&name), dc.as_deref());
                 let http = http.clone();
                 let limit = self.opts.request_timeout;
                 listing.spawn(async move {
@@ -557,18 +624,29 @@ impl Watcher {
                 },
             );
         }
-        let listed_max = followed
+        Ok(Listing {
+            catalog_index,
+            followed,
+            filtered,
+        })
+    }
+
+    /// Sends what the listing means as one Reset; false once the receiver
+    /// is gone.
+    async fn deliver_listing(&mut self, listing: &Listing, base: &str) -> bool {
+        let listed_max = listing
+            .followed
             .values()
             .map(|f| f.index)
-            .chain([catalog_index])
+            .chain([listing.catalog_index])
             .max()
             .unwrap_or(1);
         let rev = to_revision(listed_max).max(self.revision.unwrap_or(0));
-        let next = self.derive(&followed);
+        let next = self.derive(&listing.followed);
         let entries: Vec<Entry> = next.values().cloned().collect();
         tracing::info!(
             revision = rev,
-            services = followed.len(),
+            services = listing.followed.len(),
             entries = entries.len(),
             url = %base,
             "consul: listed"
@@ -579,7 +657,7 @@ impl Watcher {
             kind: UpdateKind::Reset(entries),
         };
         if self.tx.send(update).await.is_err() {
-            return Ok(Ended::ReceiverGone);
+            return false;
         }
         self.view = next;
         self.revision = Some(rev);
@@ -588,47 +666,25 @@ impl Watcher {
         self.status.mark_synced();
         self.backoff.reset();
         self.failures = 0;
-        self.acl_filtered(filtered);
+        self.acl_filtered(listing.filtered);
+        true
+    }
 
-        // 2. Follow.
-        let (events_tx, mut events) = mpsc::channel::<Event>(64);
-        let mut tasks = JoinSet::new();
-        let timing = Timing {
-            wait: self.opts.wait,
-            request_timeout: self.opts.request_timeout,
-            min_interval: self.opts.min_query_interval,
-        };
-        let spawn = |tasks: &mut JoinSet<()>, query: Query, index: u64, path: String| {
-            let url = query_url(&base, &path, dc.as_deref());
-            tasks.spawn(follow(
-                http.clone(),
-                url,
-                query,
-                index,
-                timing,
-                events_tx.clone(),
-            ))
-        };
-        spawn(
-            &mut tasks,
-            Query::Catalog,
-            catalog_index,
-            "/v1/catalog/services".to_string(),
-        );
-        for (name, f) in followed.iter_mut() {
-            let query = Query::Health {
-                name: name.clone(),
-                serial: f.serial,
-            };
-            f.task = Some(spawn(&mut tasks, query, f.index, health_path(name)));
-        }
+    /// Step 2: the followers' answers, a batch at a time, each batch that
+    /// changes the view sent as one Changes update.
+    async fn follow(
+        &mut self,
+        followed: &mut BTreeMap<String, Followed>,
+        followers: &mut Followers,
+        mut events: mpsc::Receiver<Event>,
+    ) -> Result<Ended, SessionError> {
         loop {
             let first = tokio::select! {
                 _ = self.tx.closed() => return Ok(Ended::ReceiverGone),
                 ev = events.recv() => ev,
             };
             let Some(first) = first else {
-                // Cannot happen: `spawn` holds a sender.
+                // Cannot happen: `followers` holds a sender.
                 return Ok(Ended::Relist("the followers stopped".to_string()));
             };
             let mut batch = vec![first];
@@ -664,40 +720,7 @@ impl Watcher {
                             }
                         })?;
                         newest = newest.max(index);
-                        let gone: Vec<String> = followed
-                            .keys()
-                            .filter(|n| names.binary_search(n).is_err())
-                            .cloned()
-                            .collect();
-                        for name in gone {
-                            if let Some(f) = followed.remove(&name) {
-                                if let Some(task) = f.task {
-                                    task.abort();
-                                }
-                                changed |= !f.entries.is_empty();
-                            }
-                        }
-                        for name in names {
-                            if followed.contains_key(&name) {
-                                continue;
-                            }
-                            self.serial += 1;
-                            let query = Query::Health {
-                                name: name.clone(),
-                                serial: self.serial,
-                            };
-                            // From index 0: the first answer is immediate.
-                            let task = spawn(&mut tasks, query, 0, health_path(&name));
-                            followed.insert(
-                                name,
-                                Followed {
-                                    index: 0,
-                                    entries: Vec::new(),
-                                    serial: self.serial,
-                                    task: Some(task),
-                                },
-                            );
-                        }
+                        changed |= self.follow_catalog(followed, followers, names);
                     }
                     Query::Health { name, serial } => {
                         let Some(f) = followed.get_mut(&name) else {
@@ -723,27 +746,84 @@ impl Watcher {
             }
             self.status.mark_synced();
             self.acl_filtered(filtered);
-            if !changed {
-                continue;
-            }
-            let next = self.derive(&followed);
-            let changes = diff(&self.view, &next);
-            if changes.is_empty() {
-                continue;
-            }
-            let rev = to_revision(newest).max(self.revision.unwrap_or(0));
-            let update = Update {
-                source: Source::Consul,
-                revision: Some(rev),
-                kind: UpdateKind::Changes(changes),
-            };
-            if self.tx.send(update).await.is_err() {
+            if changed && !self.deliver_changes(followed, newest).await {
                 return Ok(Ended::ReceiverGone);
             }
-            self.view = next;
-            self.revision = Some(rev);
-            self.status.set_seen_revision(rev);
         }
+    }
+
+    /// Makes the followed services match a new catalog: stops following
+    /// those that left it, starts on those that joined (from index 0, so
+    /// their first answer is immediate). True if a service with entries
+    /// left.
+    fn follow_catalog(
+        &mut self,
+        followed: &mut BTreeMap<String, Followed>,
+        followers: &mut Followers,
+        names: Vec<String>,
+    ) -> bool {
+        let mut changed = false;
+        let gone: Vec<String> = followed
+            .keys()
+            .filter(|n| names.binary_search(n).is_err())
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(f) = followed.remove(&name) {
+                if let Some(task) = f.task {
+                    task.abort();
+                }
+                changed |= !f.entries.is_empty();
+            }
+        }
+        for name in names {
+            if followed.contains_key(&name) {
+                continue;
+            }
+            self.serial += 1;
+            let query = Query::Health {
+                name: name.clone(),
+                serial: self.serial,
+            };
+            let task = followers.spawn(query, 0, health_path(&name));
+            followed.insert(
+                name,
+                Followed {
+                    index: 0,
+                    entries: Vec::new(),
+                    serial: self.serial,
+                    task: Some(task),
+                },
+            );
+        }
+        changed
+    }
+
+    /// Sends how the view changed, if it did, at the newest index seen;
+    /// false once the receiver is gone.
+    async fn deliver_changes(
+        &mut self,
+        followed: &BTreeMap<String, Followed>,
+        newest: u64,
+    ) -> bool {
+        let next = self.derive(followed);
+        let changes = diff(&self.view, &next);
+        if changes.is_empty() {
+            return true;
+        }
+        let rev = to_revision(newest).max(self.revision.unwrap_or(0));
+        let update = Update {
+            source: Source::Consul,
+            revision: Some(rev),
+            kind: UpdateKind::Changes(changes),
+        };
+        if self.tx.send(update).await.is_err() {
+            return false;
+        }
+        self.view = next;
+        self.revision = Some(rev);
+        self.status.set_seen_revision(rev);
+        true
     }
 
     /// The entries `followed` means, with its problems logged and counted

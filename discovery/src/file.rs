@@ -65,28 +65,20 @@ async fn watch_dir_batching(
     status: Arc<SourceStatus>,
     quiet: Duration,
 ) -> Result<(), DiscoveryError> {
-    // Absolute but not canonical: if `dir` is a symlink, swapping it to
-    // another directory must count as "replaced", as with a rename.
-    let dir = std::path::absolute(&dir).map_err(|source| DiscoveryError::Io {
-        path: dir.clone(),
-        source,
-    })?;
-    match std::fs::metadata(&dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(DiscoveryError::NotADir { path: dir }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(DiscoveryError::DirMissing { path: dir })
-        }
-        Err(source) => return Err(DiscoveryError::Io { path: dir, source }),
-    }
+    let dir = existing_dir(dir)?;
     let (events_tx, mut events) = mpsc::unbounded_channel::<NotifyEvent>();
     // The watch starts before the first scan so nothing written in between
     // is missed; events for files the scan already saw change nothing.
-    let mut watcher = Some(start_watcher(&dir, events_tx.clone())?);
-    let mut registry = FileRegistry::new(dir.clone(), status.clone());
-    let mut identity = dir_identity(&dir);
+    let mut watch = DirWatch {
+        watcher: Some(start_watcher(&dir, events_tx.clone())?),
+        identity: dir_identity(&dir),
+        registry: FileRegistry::new(dir.clone(), status.clone()),
+        dir,
+        events_tx,
+        status,
+    };
 
-    if !registry.reset(&tx).await {
+    if !watch.registry.reset(&tx).await {
         return Ok(());
     }
     let mut tick = tokio::time::interval(TICK);
@@ -95,47 +87,91 @@ async fn watch_dir_batching(
         tokio::select! {
             _ = tx.closed() => return Ok(()),
             _ = tick.tick() => {
-                let now = dir_identity(&dir);
-                if now.is_none() {
-                    if status.is_connected() {
-                        tracing::warn!(dir = %dir.display(), "file registry directory is gone; keeping the last registrations until it is back");
-                        status.set_error(format!("file registry {}: directory is gone; keeping the last registrations", dir.display()));
-                        status.set_connected(false);
-                    }
-                    watcher = None;
-                } else if now != identity || watcher.is_none() {
-                    // Replaced (e.g. `mv new dir`) or back after removal:
-                    // the old watch follows the old inode, so start over.
-                    tracing::info!(dir = %dir.display(), "file registry directory replaced; watching and listing it again");
-                    match start_watcher(&dir, events_tx.clone()) {
-                        Ok(w) => {
-                            watcher = Some(w);
-                            identity = now;
-                            if !registry.reset(&tx).await {
-                                return Ok(());
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(dir = %dir.display(), error = %e, "file registry: cannot watch the directory again; will retry");
-                            status.set_error(e.to_string());
-                        }
-                    }
-                } else {
-                    status.mark_synced();
+                if !watch.recheck_dir(&tx).await {
+                    return Ok(());
                 }
             }
             first = events.recv() => {
-                // `events_tx` is held here, so the channel never closes.
+                // `watch.events_tx` is held, so the channel never closes.
                 let Some(first) = first else { return Ok(()) };
                 let batch = collect_batch(first, &mut events, quiet).await;
-                if watcher.is_none() || dir_identity(&dir) != identity {
+                if watch.watcher.is_none() || dir_identity(&watch.dir) != watch.identity {
                     continue; // the tick re-lists
                 }
-                if !registry.apply_batch(batch, &tx).await {
+                if !watch.registry.apply_batch(batch, &tx).await {
                     return Ok(());
                 }
             }
         }
+    }
+}
+
+/// `dir` made absolute, once it is known to be a directory. Absolute but
+/// not canonical: if `dir` is a symlink, swapping it to another directory
+/// must count as "replaced", as with a rename.
+fn existing_dir(dir: PathBuf) -> Result<PathBuf, DiscoveryError> {
+    let dir = std::path::absolute(&dir).map_err(|source| DiscoveryError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => Ok(dir),
+        Ok(_) => Err(DiscoveryError::NotADir { path: dir }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(DiscoveryError::DirMissing { path: dir })
+        }
+        Err(source) => Err(DiscoveryError::Io { path: dir, source }),
+    }
+}
+
+/// A watched registry directory and what tells whether it is still the
+/// same one.
+struct DirWatch {
+    dir: PathBuf,
+    events_tx: mpsc::UnboundedSender<NotifyEvent>,
+    /// `None` while the directory is gone or could not be watched again.
+    watcher: Option<RecommendedWatcher>,
+    identity: Option<(u64, u64)>,
+    registry: FileRegistry,
+    status: Arc<SourceStatus>,
+}
+
+impl DirWatch {
+    /// Looks at the directory itself: gone (keep the last registrations),
+    /// replaced or back (watch and list it again), or the same. False once
+    /// the receiver is gone.
+    async fn recheck_dir(&mut self, tx: &mpsc::Sender<Update>) -> bool {
+        let dir = &self.dir;
+        let now = dir_identity(dir);
+        if now.is_none() {
+            if self.status.is_connected() {
+                tracing::warn!(dir = %dir.display(), "file registry directory is gone; keeping the last registrations until it is back");
+                self.status.set_error(format!(
+                    "file registry {}: directory is gone; keeping the last registrations",
+                    dir.display()
+                ));
+                self.status.set_connected(false);
+            }
+            self.watcher = None;
+        } else if now != self.identity || self.watcher.is_none() {
+            // Replaced (e.g. `mv new dir`) or back after removal: the old
+            // watch follows the old inode, so start over.
+            tracing::info!(dir = %dir.display(), "file registry directory replaced; watching and listing it again");
+            match start_watcher(dir, self.events_tx.clone()) {
+                Ok(w) => {
+                    self.watcher = Some(w);
+                    self.identity = now;
+                    return self.registry.reset(tx).await;
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "file registry: cannot watch the directory again; will retry");
+                    self.status.set_error(e.to_string());
+                }
+            }
+        } else {
+            self.status.mark_synced();
+        }
+        true
     }
 }
 

@@ -10,6 +10,8 @@
 //! - [`consul`]: Consul's catalog and health, followed with blocking
 //!   queries; and the agent registrar.
 //! - [`mod@file`]: a directory of registration files, for a single proxy.
+//! - [`check`]: how an active check judges an endpoint (pass rule,
+//!   rise/fall), for the proxy and `pointsman register` alike.
 //! - [`status`]: how each watcher is doing, for the admin API.
 //! - [`persist`]: the last good view on disk, so a restarted proxy can serve
 //!   while its registry is away.
@@ -20,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod address;
+pub mod check;
 pub mod conn;
 pub mod consul;
 pub mod error;

@@ -157,7 +157,7 @@ fn default_method() -> String {
     "GET".to_string()
 }
 fn default_status() -> (u16, u16) {
-    (200, 399)
+    crate::check::DEFAULT_EXPECT_STATUS
 }
 fn default_interval() -> Duration {
     Duration::from_secs(2)

@@ -2,7 +2,8 @@
 //! `check`, or its service's) has a task that probes it by TCP connect or
 //! HTTP request every `interval`, with HAProxy's `rise`/`fall` meaning: an
 //! endpoint goes down after `fall` failures in a row and back up after
-//! `rise` passes. A new endpoint with a check takes traffic only after its
+//! `rise` passes (counted, and an answer's status judged, by
+//! `pointsman_discovery::check`, as `pointsman register` does for its app). A new endpoint with a check takes traffic only after its
 //! first passing check. The control task starts and stops these tasks as
 //! tables are rebuilt; flips go back to it as [`Command::Health`] so slow
 //! start can ramp an endpoint that came back.
@@ -12,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, HeaderValue, Method, Request};
+use pointsman_discovery::check::{self, ConnectFailure, RiseFall};
 use pointsman_discovery::{Address, CheckSpec};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
@@ -111,32 +112,15 @@ async fn check_loop(
     live: Arc<EndpointState>,
     notify: Option<mpsc::Sender<Command>>,
 ) {
-    let (mut passes, mut fails) = (0u32, 0u32);
     // A task restarted for new check settings keeps rise/fall going.
-    let mut checked_before = live.has_check_result();
+    let mut rise_fall = RiseFall::new(spec.rise, spec.fall, live.has_check_result());
     let mut tick = tokio::time::interval(spec.interval.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let (passed, status, detail) = probe(&address, &spec).await;
         live.record_check(passed, status);
-        if passed {
-            passes += 1;
-            fails = 0;
-        } else {
-            fails += 1;
-            passes = 0;
-        }
-        let up = live.healthy();
-        let flip = if !up && passed && (!checked_before || passes >= spec.rise.max(1)) {
-            Some(true)
-        } else if up && !passed && (!checked_before || fails >= spec.fall.max(1)) {
-            Some(false)
-        } else {
-            None
-        };
-        checked_before = true;
-        if let Some(now_up) = flip {
+        if let Some(now_up) = rise_fall.record(passed, live.healthy()) {
             live.set_healthy(now_up);
             if now_up {
                 tracing::info!(%service, %id, %address, "endpoint up: check passed");
@@ -160,17 +144,18 @@ async fn check_loop(
 /// Runs one check: (passed, HTTP status or 0, what went wrong).
 async fn probe(address: &Address, spec: &CheckSpec) -> (bool, u16, String) {
     let Some(path) = &spec.http else {
-        let connect = TcpStream::connect((address.host(), address.port()));
-        return match tokio::time::timeout(spec.timeout, connect).await {
-            Ok(Ok(_)) => (true, 0, String::new()),
-            Ok(Err(e)) => (false, 0, format!("connect failed: {e}")),
-            Err(_) => (
+        return match check::tcp_connect(address, spec.timeout).await {
+            Ok(()) => (true, 0, String::new()),
+            Err(ConnectFailure::Failed(e)) => (false, 0, format!("connect failed: {e}")),
+            Err(ConnectFailure::TimedOut) => (
                 false,
                 0,
                 format!("connect timed out after {:?}", spec.timeout),
             ),
         };
     };
+    // Through the engine's upstream connector rather than a client of its
+    // own: the check reaches the endpoint the way requests do.
     let attempt = async {
         let mut sender = pool::connect(address, spec.timeout)
             .await
@@ -198,7 +183,7 @@ async fn probe(address: &Address, spec: &CheckSpec) -> (bool, u16, String) {
     match tokio::time::timeout(spec.timeout, attempt).await {
         Ok(Ok(status)) => {
             let (lo, hi) = spec.expect_status;
-            let passed = (lo..=hi).contains(&status);
+            let passed = check::status_passes(status, spec.expect_status);
             (
                 passed,
                 status,

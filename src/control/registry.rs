@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pointsman_discovery::consul::ConsulError;
 use pointsman_discovery::{
-    load_state, save_state, state_path, Change, ConsulOptions, Entry, EntryKey, EtcdOptions,
-    Source, SourceStatus, Update, UpdateKind,
+    load_state, save_state, state_path, Change, ConsulOptions, DiscoveryError, Entry, EntryKey,
+    EtcdOptions, Source, SourceStatus, Update, UpdateKind,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -67,14 +68,23 @@ impl Followed {
     }
 }
 
+/// Why the registries could not be followed: options that do not hold up.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("etcd: {0}")]
+    Etcd(DiscoveryError),
+    #[error("consul: {0}")]
+    Consul(ConsulError),
+}
+
 /// Starts a watcher and a relay per configured registry.
 pub fn start(
     opts: &RegistryOptions,
     commands: mpsc::Sender<Command>,
-) -> anyhow::Result<Vec<Followed>> {
+) -> Result<Vec<Followed>, RegistryError> {
     let mut followed = Vec::new();
     if let Some(etcd) = &opts.etcd {
-        etcd.check().map_err(|e| anyhow::anyhow!("etcd: {e}"))?;
+        etcd.check().map_err(RegistryError::Etcd)?;
         let status = Arc::new(SourceStatus::new(Source::Etcd));
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(pointsman_discovery::etcd::run(
@@ -92,7 +102,7 @@ pub fn start(
         tracing::info!(endpoints = ?etcd.endpoints, "following etcd");
     }
     if let Some(consul) = &opts.consul {
-        consul.check().map_err(|e| anyhow::anyhow!("consul: {e}"))?;
+        consul.check().map_err(RegistryError::Consul)?;
         let status = Arc::new(SourceStatus::new(Source::Consul));
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(pointsman_discovery::consul::run(

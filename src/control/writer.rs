@@ -11,12 +11,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use pointsman_discovery::{
-    Address, AdminState, Change, Entry, EntryKey, Override, Registration, RouteSpec, Source,
-    SourceStatus, Update, UpdateKind,
+    Address, AdminState, Change, CheckSpec, Entry, EntryKey, Override, Registration, RouteSpec,
+    Source, SourceStatus, Update, UpdateKind,
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::control::config::{Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT};
+use crate::control::config::{
+    Config, ServiceConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
+};
 use crate::control::health::HealthChecks;
 use crate::control::local::{LocalChange, LocalError, LocalLayer};
 use crate::engine::balance::BalanceAlgorithm;
@@ -52,11 +54,22 @@ pub enum Command {
 /// Sends local changes to the control task and waits for their tables.
 #[derive(Clone)]
 pub struct ControlHandle {
-    pub commands: mpsc::Sender<Command>,
-    pub table: SharedTable,
+    commands: mpsc::Sender<Command>,
+    table: SharedTable,
 }
 
 impl ControlHandle {
+    /// A handle on the control task that reads `commands` and publishes
+    /// `table`.
+    pub fn new(commands: mpsc::Sender<Command>, table: SharedTable) -> Self {
+        ControlHandle { commands, table }
+    }
+
+    /// The table the control task publishes.
+    pub fn table(&self) -> &SharedTable {
+        &self.table
+    }
+
     /// Applies a local change; returns once requests see it.
     pub async fn change(&self, change: LocalChange) -> Result<(), LocalError> {
         let (tx, rx) = oneshot::channel();
@@ -80,6 +93,31 @@ struct Departing {
     deadline: Instant,
 }
 
+/// What one instance of a service should be, after every source, override
+/// and local change had its say.
+struct Wanted {
+    id: Arc<str>,
+    address: Address,
+    check: Option<CheckSpec>,
+    state: AdminState,
+    /// The registry's weight (after overrides), before local changes.
+    initial_weight: u32,
+    weight: u32,
+}
+
+/// A service's registered endpoints as one rebuild leaves them.
+struct Registered {
+    endpoints: Vec<Endpoint>,
+    /// id -> live state, for the next rebuild.
+    live: HashMap<Arc<str>, Arc<EndpointState>>,
+    /// What the health checks of the service must now probe.
+    checks: Vec<CheckTarget>,
+}
+
+/// An endpoint as the health checks see it: id, address, check (if any)
+/// and the live state a check result goes to.
+type CheckTarget = (Arc<str>, Address, Option<CheckSpec>, Arc<EndpointState>);
+
 /// Something the control task must do beyond building tables: (re)binding
 /// listeners when the config changes them.
 pub trait ListenerControl: Send {
@@ -100,8 +138,9 @@ struct SourceEntries {
 }
 
 /// What a batch of commands touched.
-#[derive(Default)]
 struct Dirty {
+    /// The batch's clock: drains and slow starts are judged against it.
+    now: Instant,
     services: BTreeSet<String>,
     routes: bool,
     maps: BTreeSet<String>,
@@ -110,6 +149,21 @@ struct Dirty {
     revisions: BTreeMap<Source, i64>,
     /// Local changes that wait for this batch's table.
     replies: Vec<oneshot::Sender<Result<(), LocalError>>>,
+}
+
+impl Dirty {
+    /// Nothing touched yet, in a batch that runs at `now`.
+    fn at(now: Instant) -> Self {
+        Dirty {
+            now,
+            services: BTreeSet::new(),
+            routes: false,
+            maps: BTreeSet::new(),
+            defaults: false,
+            revisions: BTreeMap::new(),
+            replies: Vec::new(),
+        }
+    }
 }
 
 /// The state the control task owns.
@@ -162,7 +216,7 @@ impl Control {
     /// first table.
     pub fn start(&mut self) -> Result<(), String> {
         let config = (*self.config).clone();
-        let mut dirty = Dirty::default();
+        let mut dirty = Dirty::at(Instant::now());
         self.apply_config(config, &mut dirty)?;
         self.publish(dirty);
         Ok(())
@@ -184,15 +238,11 @@ impl Control {
                 },
                 _ = tokio::time::sleep(TICK), if busy => None,
             };
-            let mut dirty = Dirty::default();
+            let mut dirty = Dirty::at(Instant::now());
             if let Some(cmd) = cmd {
                 self.handle(cmd, &mut dirty);
             }
-            // Draining and slow-starting services are looked at again.
-            dirty.services.extend(self.departing.keys().cloned());
-            dirty
-                .services
-                .extend(self.ramping.keys().map(|(s, _)| s.clone()));
+            self.revisit_timed(&mut dirty);
             // Whatever queued up meanwhile lands in the same table.
             while let Ok(cmd) = rx.try_recv() {
                 self.handle(cmd, &mut dirty);
@@ -204,11 +254,28 @@ impl Control {
     /// Applies commands as one batch and publishes one table, in the
     /// caller's task (for tools and benchmarks; the proxy uses `run`).
     pub fn apply_batch(&mut self, cmds: impl IntoIterator<Item = Command>) {
-        let mut dirty = Dirty::default();
+        self.apply_batch_at(Instant::now(), cmds);
+    }
+
+    /// [`Control::apply_batch`] with the batch's clock given: what `run`
+    /// does on each command or tick, so drains and slow starts can be
+    /// stepped through without waiting for them.
+    pub fn apply_batch_at(&mut self, now: Instant, cmds: impl IntoIterator<Item = Command>) {
+        let mut dirty = Dirty::at(now);
         for cmd in cmds {
             self.handle(cmd, &mut dirty);
         }
+        self.revisit_timed(&mut dirty);
         self.publish(dirty);
+    }
+
+    /// Draining and slow-starting services change with time alone, so each
+    /// batch looks at them again.
+    fn revisit_timed(&self, dirty: &mut Dirty) {
+        dirty.services.extend(self.departing.keys().cloned());
+        dirty
+            .services
+            .extend(self.ramping.keys().map(|(s, _)| s.clone()));
     }
 
     fn handle(&mut self, cmd: Command, dirty: &mut Dirty) {
@@ -229,7 +296,7 @@ impl Control {
             Command::Discovery(update) => self.apply_update(update, dirty),
             Command::Health { service, id, up } => {
                 if up && self.slow_start(&service).is_some() {
-                    self.ramping.insert((service.clone(), id), Instant::now());
+                    self.ramping.insert((service.clone(), id), dirty.now);
                     dirty.services.insert(service);
                 }
             }
@@ -391,7 +458,7 @@ impl Control {
         let old = self.table.load_full();
         let mut services = old.services.clone();
         for name in &dirty.services {
-            match self.build_service(name) {
+            match self.build_service(name, dirty.now) {
                 Some(svc) => {
                     services.insert(svc.name.clone(), Arc::new(svc));
                 }
@@ -485,9 +552,63 @@ impl Control {
 
     /// Builds a service from every source's instances of it, or `None` when
     /// nothing defines it any more.
-    fn build_service(&mut self, name: &str) -> Option<Service> {
+    fn build_service(&mut self, name: &str, now: Instant) -> Option<Service> {
         let configured = self.config.services.get(name).cloned();
         let defaults = configured.clone().unwrap_or_default();
+        let settings = self.service_settings(name, &defaults);
+        let wanted = self.wanted_instances(name, defaults.check.as_ref());
+        let registered_none = wanted.is_empty();
+        let mut departing = self.departing.remove(name).unwrap_or_default();
+        if registered_none
+            && configured.is_none()
+            && departing.is_empty()
+            && !self.live.contains_key(name)
+        {
+            self.service_live.remove(name);
+            return None;
+        }
+
+        let slow_start = defaults.slow_start.map(|d| d.0);
+        let drain_timeout = defaults
+            .drain_timeout
+            .map(|d| d.0)
+            .unwrap_or(DEFAULT_ENDPOINT_DRAIN);
+        let mut old_live = self.live.remove(name).unwrap_or_default();
+        let registered =
+            self.registered_endpoints(name, wanted, &mut old_live, &mut departing, slow_start, now);
+        // Whatever live state is left belongs to endpoints that just left
+        // their registry.
+        self.start_departures(name, old_live, &mut departing, now + drain_timeout);
+        expire_departures(name, &mut departing, now);
+        let mut endpoints = registered.endpoints;
+        endpoints.extend(self.draining_endpoints(&departing));
+        self.checks.sync(
+            name,
+            registered
+                .checks
+                .iter()
+                .map(|(id, a, c, l)| (id, a, c.as_ref(), l)),
+        );
+        if registered_none && configured.is_none() && departing.is_empty() {
+            self.service_live.remove(name);
+            return None;
+        }
+        if !departing.is_empty() {
+            self.departing.insert(name.to_string(), departing);
+        }
+        self.live.insert(name.to_string(), registered.live);
+        let balancer = Balancer::build(settings.algorithm, &endpoints);
+        Some(Service {
+            name: name.into(),
+            endpoints,
+            balancer,
+            settings,
+        })
+    }
+
+    /// A service's settings: its own, else the global ones, else the
+    /// defaults; with its live counters, which outlive every rebuild.
+    fn service_settings(&mut self, name: &str, defaults: &ServiceConfig) -> ServiceSettings {
         let global = &self.config.global;
         let connect_timeout = defaults
             .connect_timeout
@@ -499,7 +620,7 @@ impl Control {
             .or(global.request_timeout)
             .map(|d| d.0)
             .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
-        let settings = ServiceSettings {
+        ServiceSettings {
             algorithm: defaults.balance,
             connect_timeout,
             request_timeout,
@@ -523,8 +644,14 @@ impl Control {
                 .entry(name.to_string())
                 .or_default()
                 .clone(),
-        };
-        // Later sources win: config < file < etcd < consul.
+        }
+    }
+
+    /// What each registered instance of `name` should be, in id order: the
+    /// latest source's registration (config < file < etcd < consul), then
+    /// the sources' overrides field by field, then this proxy's local
+    /// changes, which win over both.
+    fn wanted_instances(&self, name: &str, default_check: Option<&CheckSpec>) -> Vec<Wanted> {
         let mut instances: BTreeMap<&str, &Registration> = BTreeMap::new();
         let mut overrides: BTreeMap<&str, Override> = BTreeMap::new();
         for entries in self.sources.values() {
@@ -541,80 +668,103 @@ impl Control {
                 }
             }
         }
-        let mut departing = self.departing.remove(name).unwrap_or_default();
-        if instances.is_empty()
-            && configured.is_none()
-            && departing.is_empty()
-            && !self.live.contains_key(name)
-        {
-            self.service_live.remove(name);
-            return None;
-        }
+        instances
+            .into_iter()
+            .map(|(id, reg)| {
+                let ov = overrides.get(id);
+                let local = self.local.server(name, id).copied().unwrap_or_default();
+                let initial_weight = u32::from(ov.and_then(|o| o.weight).unwrap_or(reg.weight));
+                Wanted {
+                    id: id.into(),
+                    address: reg.address.clone(),
+                    check: reg.check.as_ref().or(default_check).cloned(),
+                    state: local
+                        .state
+                        .or(ov.and_then(|o| o.state))
+                        .unwrap_or(reg.state),
+                    initial_weight,
+                    weight: local.weight.map(u32::from).unwrap_or(initial_weight),
+                }
+            })
+            .collect()
+    }
 
-        let service: Arc<str> = name.into();
-        let slow_start = defaults.slow_start.map(|d| d.0);
-        let drain_timeout = defaults
-            .drain_timeout
-            .map(|d| d.0)
-            .unwrap_or(DEFAULT_ENDPOINT_DRAIN);
-        let mut endpoints = Vec::with_capacity(instances.len());
-        let mut old_live = self.live.remove(name).unwrap_or_default();
-        let mut live_now = HashMap::with_capacity(instances.len());
-        let mut checks = Vec::new();
-        let now = Instant::now();
-        for (id, reg) in &instances {
-            let id: Arc<str> = (*id).into();
-            let check = reg.check.as_ref().or(defaults.check.as_ref());
+    /// The endpoints of the wanted instances, each keeping the live state
+    /// it had (also when it comes back while draining), and starting or
+    /// going on with its slow start.
+    fn registered_endpoints(
+        &mut self,
+        name: &str,
+        wanted: Vec<Wanted>,
+        old_live: &mut HashMap<Arc<str>, Arc<EndpointState>>,
+        departing: &mut HashMap<Arc<str>, Departing>,
+        slow_start: Option<Duration>,
+        now: Instant,
+    ) -> Registered {
+        let mut out = Registered {
+            endpoints: Vec::with_capacity(wanted.len()),
+            live: HashMap::with_capacity(wanted.len()),
+            checks: Vec::new(),
+        };
+        for w in wanted {
             let (live, is_new) = match old_live
-                .remove(&id)
-                .or_else(|| departing.remove(&id).map(|d| d.live))
+                .remove(&w.id)
+                .or_else(|| departing.remove(&w.id).map(|d| d.live))
             {
                 Some(live) => (live, false),
                 None => (Arc::new(EndpointState::default()), true),
             };
-            if is_new && check.is_some() {
+            if is_new && w.check.is_some() {
                 // Traffic only after the first passing check.
                 live.set_healthy(false);
             }
-            let ov = overrides.get(&*id);
-            let local = self.local.server(name, &id).copied().unwrap_or_default();
-            let state = local
-                .state
-                .or(ov.and_then(|o| o.state))
-                .unwrap_or(reg.state);
             let was = live.admin_state();
-            let initial_weight = u32::from(ov.and_then(|o| o.weight).unwrap_or(reg.weight));
-            let weight = local.weight.map(u32::from).unwrap_or(initial_weight);
-            self.published.push((live.clone(), state, weight));
-            let key = (name.to_string(), id.clone());
+            self.published.push((live.clone(), w.state, w.weight));
+            let key = (name.to_string(), w.id.clone());
             if slow_start.is_some()
-                && (is_new || (was != AdminState::Ready && state == AdminState::Ready))
+                && (is_new || (was != AdminState::Ready && w.state == AdminState::Ready))
             {
                 self.ramping.insert(key.clone(), now);
             }
-            live_now.insert(id.clone(), live.clone());
-            match Endpoint::new(id.clone(), reg.address.clone(), live.clone(), state, weight) {
+            out.live.insert(w.id.clone(), live.clone());
+            match Endpoint::new(
+                w.id.clone(),
+                w.address.clone(),
+                live.clone(),
+                w.state,
+                w.weight,
+            ) {
                 Ok(mut ep) => {
-                    ep.initial_weight = initial_weight;
-                    ep.checked = check.is_some();
+                    ep.initial_weight = w.initial_weight;
+                    ep.checked = w.check.is_some();
                     ep.balance_weight = ramped(
-                        weight * WEIGHT_SCALE,
+                        w.weight * WEIGHT_SCALE,
                         slow_start,
                         &mut self.ramping,
                         &key,
                         now,
                     );
-                    checks.push((id, reg.address.clone(), check.cloned(), live));
-                    endpoints.push(ep);
+                    out.checks.push((w.id, w.address, w.check, live));
+                    out.endpoints.push(ep);
                 }
                 Err(why) => tracing::warn!(service = name, error = %why, "endpoint skipped"),
             }
         }
-        // Endpoints that just left their registry: those still answering
-        // requests drain (no new requests, sticky sessions go on) until
-        // their last request ends or the drain timeout passes.
+        out
+    }
+
+    /// Endpoints that just left their registry: those still answering
+    /// requests drain (no new requests, sticky sessions go on) until their
+    /// last request ends or `deadline` passes; the others leave now.
+    fn start_departures(
+        &mut self,
+        name: &str,
+        gone: HashMap<Arc<str>, Arc<EndpointState>>,
+        departing: &mut HashMap<Arc<str>, Departing>,
+        deadline: Instant,
+    ) {
         let previous = self.table.load().services.get(name).cloned();
-        for (id, live) in old_live {
+        for (id, live) in gone {
             self.ramping.remove(&(name.to_string(), id.clone()));
             let address = previous
                 .as_ref()
@@ -628,26 +778,20 @@ impl Control {
                         Departing {
                             address,
                             live,
-                            deadline: now + drain_timeout,
+                            deadline,
                         },
                     );
                 }
                 _ => live.pool.clear(),
             }
         }
-        departing.retain(|id, d| {
-            let keep = d.live.in_flight() > 0 && now < d.deadline;
-            if !keep {
-                d.live.pool.clear();
-                if d.live.in_flight() > 0 {
-                    tracing::warn!(service = name, %id, in_flight = d.live.in_flight(), "drain timeout: endpoint leaves with requests in flight");
-                } else {
-                    tracing::info!(service = name, %id, "endpoint drained and removed");
-                }
-            }
-            keep
-        });
-        for (id, d) in &departing {
+    }
+
+    /// The draining endpoints as table entries: state `Drain`, and no share
+    /// of new requests.
+    fn draining_endpoints(&mut self, departing: &HashMap<Arc<str>, Departing>) -> Vec<Endpoint> {
+        let mut out = Vec::with_capacity(departing.len());
+        for (id, d) in departing {
             let weight = d.live.weight();
             self.published
                 .push((d.live.clone(), AdminState::Drain, weight));
@@ -659,28 +803,10 @@ impl Control {
                 weight,
             ) {
                 ep.balance_weight = 0;
-                endpoints.push(ep);
+                out.push(ep);
             }
         }
-        self.checks.sync(
-            name,
-            checks.iter().map(|(id, a, c, l)| (id, a, c.as_ref(), l)),
-        );
-        if instances.is_empty() && configured.is_none() && departing.is_empty() {
-            self.service_live.remove(name);
-            return None;
-        }
-        if !departing.is_empty() {
-            self.departing.insert(name.to_string(), departing);
-        }
-        self.live.insert(name.to_string(), live_now);
-        let balancer = Balancer::build(settings.algorithm, &endpoints);
-        Some(Service {
-            name: service,
-            endpoints,
-            balancer,
-            settings,
-        })
+        out
     }
 
     fn slow_start(&self, service: &str) -> Option<Duration> {
@@ -695,6 +821,23 @@ impl Control {
     pub fn config(&self) -> Arc<Config> {
         self.config.clone()
     }
+}
+
+/// Ends the drains that are over: the endpoint's last request ended, or
+/// its deadline passed with requests still in flight.
+fn expire_departures(name: &str, departing: &mut HashMap<Arc<str>, Departing>, now: Instant) {
+    departing.retain(|id, d| {
+        let keep = d.live.in_flight() > 0 && now < d.deadline;
+        if !keep {
+            d.live.pool.clear();
+            if d.live.in_flight() > 0 {
+                tracing::warn!(service = name, %id, in_flight = d.live.in_flight(), "drain timeout: endpoint leaves with requests in flight");
+            } else {
+                tracing::info!(service = name, %id, "endpoint drained and removed");
+            }
+        }
+        keep
+    });
 }
 
 /// A slow-starting endpoint's balance weight: its share of `full` grows
@@ -780,3 +923,6 @@ fn remove(entries: &mut SourceEntries, key: EntryKey, dirty: &mut Dirty) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -45,6 +45,23 @@ pub struct App {
     _runtime: crate::ops::runtime::Serving,
 }
 
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("the admin listener {0} is not on loopback: set --admin-token (or [global] admin_token) so that changes need it, or bind the admin listener to 127.0.0.1")]
+    AdminNeedsToken(std::net::SocketAddr),
+    /// A listener (admin, runtime API or the config's) could not be bound;
+    /// the text says which and why.
+    #[error("{0}")]
+    Bind(String),
+    #[error(transparent)]
+    Registry(#[from] crate::control::registry::RegistryError),
+    #[error(transparent)]
+    Takeover(#[from] crate::process::takeover::NotSynced),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 impl App {
     /// Binds everything the config asks for and starts serving.
     pub async fn start(
@@ -52,7 +69,7 @@ impl App {
         overrides: Overrides,
         registries: RegistryOptions,
         workers: Vec<tokio::runtime::Handle>,
-    ) -> anyhow::Result<App> {
+    ) -> Result<App, AppError> {
         Self::start_inheriting(config, overrides, registries, workers, Inherited::default()).await
     }
 
@@ -64,7 +81,7 @@ impl App {
         registries: RegistryOptions,
         workers: Vec<tokio::runtime::Handle>,
         mut inherited: Inherited,
-    ) -> anyhow::Result<App> {
+    ) -> Result<App, AppError> {
         let taking_over = !inherited.is_empty();
         let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
         let threads = workers.len().max(1);
@@ -88,23 +105,20 @@ impl App {
         let bound = listeners.bound();
         let admin_token = config.global.admin_token.clone().filter(|t| !t.is_empty());
         if !config.global.admin.ip().is_loopback() && admin_token.is_none() {
-            anyhow::bail!(
-                "the admin listener {} is not on loopback: set --admin-token (or [global] admin_token) so that changes need it, or bind the admin listener to 127.0.0.1",
-                config.global.admin
-            );
+            return Err(AppError::AdminNeedsToken(config.global.admin));
         }
         let admin_listener = match inherited.take_admin(config.global.admin) {
             Some(l) => tokio::net::TcpListener::from_std(l)?,
             None => crate::ops::admin::bind(config.global.admin)
                 .await
-                .map_err(anyhow::Error::msg)?,
+                .map_err(AppError::Bind)?,
         };
         if let Err(e) = sockets.set_admin(config.global.admin, &admin_listener) {
             tracing::warn!(error = %e, "cannot keep a copy of the admin socket: a takeover will bind it afresh");
         }
         let admin_addr = admin_listener.local_addr()?;
         let runtime_listeners =
-            crate::ops::runtime::bind(&config.global).map_err(anyhow::Error::msg)?;
+            crate::ops::runtime::bind(&config.global).map_err(AppError::Bind)?;
         let drain_timeout = config.global.drain_timeout;
         let file = config.file();
         let initial = config.clone();
@@ -115,7 +129,7 @@ impl App {
         let mut control = Control::new(config, table.clone(), Box::new(listeners));
         let (commands, rx) = mpsc::channel(1024);
         control.enable_health_checks(commands.clone());
-        control.start().map_err(anyhow::Error::msg)?;
+        control.start().map_err(AppError::Bind)?;
         let followed = registry::start(&registries, commands.clone())?;
         for f in &followed {
             control.follow(f.status.clone());
@@ -123,10 +137,7 @@ impl App {
         let synced: Vec<_> = followed.iter().map(|f| f.has_data.clone()).collect();
         tokio::spawn(control.run(rx));
         let sources = followed.iter().map(|f| f.status.clone()).collect();
-        let handle = ControlHandle {
-            commands: commands.clone(),
-            table: table.clone(),
-        };
+        let handle = ControlHandle::new(commands.clone(), table.clone());
         let runtime = Arc::new(crate::ops::runtime::Runtime::new(
             handle.clone(),
             applied,
@@ -142,10 +153,7 @@ impl App {
             ready: ready.clone(),
             followed,
             reloads: reloads.clone(),
-            control: ControlHandle {
-                commands: commands.clone(),
-                table: table.clone(),
-            },
+            control: ControlHandle::new(commands.clone(), table.clone()),
             token: admin_token,
             started: crate::engine::endpoint::unix_now(),
         });

@@ -38,6 +38,19 @@ pub struct HeartbeatOptions {
     pub poll: Duration,
 }
 
+/// Why this proxy's record cannot be kept in etcd.
+#[derive(Debug, thiserror::Error)]
+pub enum HeartbeatError {
+    #[error(
+        "--proxy-id {0:?}: expected one key segment: not empty, no '/', no spaces (e.g. edge-1)"
+    )]
+    BadProxyId(String),
+    #[error("--advertise-admin: {0}")]
+    BadAdvertise(pointsman_discovery::AddressError),
+    #[error("proxy record: {0}")]
+    Record(String),
+}
+
 impl HeartbeatOptions {
     /// Options from `pointsman run`'s flags: `id` defaults to
     /// [`default_proxy_id`], `advertise` to [`advertised_admin`].
@@ -46,21 +59,19 @@ impl HeartbeatOptions {
         id: Option<String>,
         advertise: Option<String>,
         admin: SocketAddr,
-    ) -> anyhow::Result<HeartbeatOptions> {
+    ) -> Result<HeartbeatOptions, HeartbeatError> {
         let id = id.unwrap_or_else(|| default_proxy_id(admin));
         if id.is_empty()
             || id
                 .chars()
                 .any(|c| c == '/' || c.is_whitespace() || c.is_control())
         {
-            anyhow::bail!(
-                "--proxy-id {id:?}: expected one key segment: not empty, no '/', no spaces (e.g. edge-1)"
-            );
+            return Err(HeartbeatError::BadProxyId(id));
         }
         let admin = match advertise {
             Some(a) => {
                 a.parse::<pointsman_discovery::Address>()
-                    .map_err(|e| anyhow::anyhow!("--advertise-admin: {e}"))?;
+                    .map_err(HeartbeatError::BadAdvertise)?;
                 a
             }
             None => advertised_admin(admin),
@@ -107,10 +118,13 @@ pub struct Heartbeat {
 impl Heartbeat {
     /// Writes the record now and keeps it current; `status` is the etcd
     /// source's status, whose applied revision the record carries.
-    pub fn start(opts: HeartbeatOptions, status: Arc<SourceStatus>) -> anyhow::Result<Heartbeat> {
+    pub fn start(
+        opts: HeartbeatOptions,
+        status: Arc<SourceStatus>,
+    ) -> Result<Heartbeat, HeartbeatError> {
         let key = proxy_key(&opts.etcd.prefixes, &opts.id);
         let lease = LeasedKey::start(opts.etcd.clone(), key.clone(), opts.ttl)
-            .map_err(|e| anyhow::anyhow!("proxy record: {e}"))?;
+            .map_err(|e| HeartbeatError::Record(e.to_string()))?;
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

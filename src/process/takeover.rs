@@ -462,15 +462,18 @@ fn same_user(stream: &UnixStream) -> io::Result<Option<i32>> {
 // ---------------------------------------------------------------------------
 // The new process
 
+/// The registries gave the new process no data in time.
+#[derive(Debug, thiserror::Error)]
+#[error("takeover given up: the registries gave no data within {SYNC_DEADLINE:?} (the running process keeps serving)")]
+pub struct NotSynced;
+
 /// Waits until every followed registry's data is in the table (a sync or
 /// saved state), or gives up after [`SYNC_DEADLINE`].
-pub async fn wait_synced(synced: &[Arc<AtomicBool>]) -> anyhow::Result<()> {
+pub async fn wait_synced(synced: &[Arc<AtomicBool>]) -> Result<(), NotSynced> {
     let end = Instant::now() + SYNC_DEADLINE;
     while !synced.iter().all(|s| s.load(Ordering::Acquire)) {
         if Instant::now() >= end {
-            anyhow::bail!(
-                "takeover given up: the registries gave no data within {SYNC_DEADLINE:?} (the running process keeps serving)"
-            );
+            return Err(NotSynced);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -127,9 +127,7 @@ pub fn derive(
     last: &BTreeMap<EntryKey, Entry>,
 ) -> Derived {
     let mut out = Derived::default();
-    // (host, path) -> service -> (claim, the instance it came from).
-    type Claims = BTreeMap<(Option<String>, String), BTreeMap<String, (Claim, String)>>;
-    let mut claims: Claims = BTreeMap::new();
+    let mut claims = Claims::new();
     for (name, entries) in services {
         for (i, entry) in entries.iter().enumerate() {
             let e = match entry {
@@ -143,96 +141,135 @@ pub fn derive(
                 }
             };
             let label = format!("consul {name}/{}", e.service.id);
-            let passing = is_passing(e);
-            match instance(name, &label, e) {
-                Ok(reg) => {
-                    if passing {
-                        out.entries.insert(
-                            EntryKey::Instance {
-                                service: reg.service.clone(),
-                                id: reg.id.clone(),
-                            },
-                            Entry::Instance(reg),
-                        );
-                    }
-                }
-                Err(err) => {
-                    let key = EntryKey::Instance {
-                        service: name.clone(),
-                        id: e.service.id.clone(),
-                    };
-                    let mut reason = err.to_string();
-                    if passing {
-                        if let Some(good) = last.get(&key) {
-                            out.entries.insert(key, good.clone());
-                            reason.push_str("; keeping its last good value");
-                        }
-                    }
-                    out.problems.insert(label.clone(), reason);
+            out.add_instance(name, &label, e, last);
+            out.claim_routes(&mut claims, name, &label, e, tag_prefix);
+        }
+    }
+    for ((host, path), by_service) in claims {
+        out.add_route(host.as_deref(), &path, by_service, last);
+    }
+    out
+}
+
+/// (host, path) -> service -> (claim, the instance it came from).
+type Claims = BTreeMap<(Option<String>, String), BTreeMap<String, (Claim, String)>>;
+
+impl Derived {
+    /// An instance that decodes and passes becomes an entry; one that does
+    /// not decode is a problem, and keeps its last good value if it passes.
+    fn add_instance(
+        &mut self,
+        name: &str,
+        label: &str,
+        e: &HealthEntry,
+        last: &BTreeMap<EntryKey, Entry>,
+    ) {
+        let passing = is_passing(e);
+        match instance(name, label, e) {
+            Ok(reg) => {
+                if passing {
+                    self.entries.insert(
+                        EntryKey::Instance {
+                            service: reg.service.clone(),
+                            id: reg.id.clone(),
+                        },
+                        Entry::Instance(reg),
+                    );
                 }
             }
-            for tag in &e.service.tags {
-                match parse_tag(tag_prefix, tag) {
-                    None => {}
-                    Some(Err(reason)) => {
-                        out.problems.insert(
-                            format!("{label}: tag {tag:?}"),
-                            format!("{label}: tag {tag:?} is ignored: {reason}"),
-                        );
+            Err(err) => {
+                let key = EntryKey::Instance {
+                    service: name.to_string(),
+                    id: e.service.id.clone(),
+                };
+                let mut reason = err.to_string();
+                if passing {
+                    if let Some(good) = last.get(&key) {
+                        self.entries.insert(key, good.clone());
+                        reason.push_str("; keeping its last good value");
                     }
-                    Some(Ok(t)) => {
-                        let claim = Claim {
-                            service: name.clone(),
-                            strip: t.strip,
-                            weight: t.weight,
-                        };
-                        let on_route = claims.entry((t.host.clone(), t.path.clone())).or_default();
-                        match on_route.get(name) {
-                            None => {
-                                on_route.insert(name.clone(), (claim, e.service.id.clone()));
-                            }
-                            Some((first, from)) if *first != claim => {
-                                out.problems.insert(
-                                    format!("{label}: tag {tag:?}"),
-                                    format!(
-                                        "{label}: tag {tag:?} has other options than the same route on instance {from:?}; using {from:?}'s (the first by id)"
-                                    ),
-                                );
-                            }
-                            Some(_) => {}
+                }
+                self.problems.insert(label.to_string(), reason);
+            }
+        }
+    }
+
+    /// The routes an instance's tags claim, passing or not; the first
+    /// instance by id decides a service's options on a route.
+    fn claim_routes(
+        &mut self,
+        claims: &mut Claims,
+        name: &str,
+        label: &str,
+        e: &HealthEntry,
+        tag_prefix: &str,
+    ) {
+        for tag in &e.service.tags {
+            match parse_tag(tag_prefix, tag) {
+                None => {}
+                Some(Err(reason)) => {
+                    self.problems.insert(
+                        format!("{label}: tag {tag:?}"),
+                        format!("{label}: tag {tag:?} is ignored: {reason}"),
+                    );
+                }
+                Some(Ok(t)) => {
+                    let claim = Claim {
+                        service: name.to_string(),
+                        strip: t.strip,
+                        weight: t.weight,
+                    };
+                    let on_route = claims.entry((t.host.clone(), t.path.clone())).or_default();
+                    match on_route.get(name) {
+                        None => {
+                            on_route.insert(name.to_string(), (claim, e.service.id.clone()));
                         }
+                        Some((first, from)) if *first != claim => {
+                            self.problems.insert(
+                                format!("{label}: tag {tag:?}"),
+                                format!(
+                                    "{label}: tag {tag:?} has other options than the same route on instance {from:?}; using {from:?}'s (the first by id)"
+                                ),
+                            );
+                        }
+                        Some(_) => {}
                     }
                 }
             }
         }
     }
-    for ((host, path), by_service) in claims {
-        let name = route_name(host.as_deref(), &path);
+
+    /// One route from every service's claim on (host, path); a route that
+    /// cannot be built is a problem and keeps its last good value.
+    fn add_route(
+        &mut self,
+        host: Option<&str>,
+        path: &str,
+        by_service: BTreeMap<String, (Claim, String)>,
+        last: &BTreeMap<EntryKey, Entry>,
+    ) {
+        let name = route_name(host, path);
         let list: Vec<Claim> = by_service.into_values().map(|(c, _)| c).collect();
-        let (route, left_out) = build_route(host.as_deref(), &path, &list);
+        let (route, left_out) = build_route(host, path, &list);
         for (service, reason) in left_out {
-            out.problems
+            self.problems
                 .insert(format!("route {name}: service {service}"), reason);
         }
         let key = EntryKey::Route { name: name.clone() };
         match route {
             Ok(spec) => {
-                out.entries.insert(key, Entry::Route { name, spec });
+                self.entries.insert(key, Entry::Route { name, spec });
             }
             Err(reason) => {
-                let mut reason = format!(
-                    "route {name} ({}{path}): {reason}",
-                    host.as_deref().unwrap_or("")
-                );
+                let mut reason = format!("route {name} ({}{path}): {reason}", host.unwrap_or(""));
                 if let Some(good) = last.get(&key) {
-                    out.entries.insert(key, good.clone());
+                    self.entries.insert(key, good.clone());
                     reason.push_str("; keeping its last good value");
                 }
-                out.problems.insert(format!("route {name}"), reason);
+                self.problems.insert(format!("route {name}"), reason);
             }
         }
     }
-    out
 }
 
 /// One Consul instance as a registration.

@@ -111,7 +111,7 @@ impl Runtime {
             .collect();
         frontends.sort_by(|a, b| a.name.cmp(&b.name));
         Snapshot {
-            table: self.control.table.load_full(),
+            table: self.control.table().load_full(),
             frontends,
             max_connections: config.global.max_connections,
             now: unix_now(),
@@ -325,7 +325,7 @@ OTHER = "green"
         let (commands, rx) = mpsc::channel(16);
         tokio::spawn(control.run(rx));
         Runtime::new(
-            ControlHandle { commands, table },
+            ControlHandle::new(commands, table),
             applied,
             1,
             CancellationToken::new(),
@@ -441,18 +441,18 @@ OTHER = "green"
             "30 (initial 10)\n\n"
         );
         assert_eq!(run(&rt, "set server blue/blue weight 0").await, "\n");
-        let table = rt.control.table.load_full();
+        let table = rt.control.table().load_full();
         let blue = &table.services["blue"].endpoints[0];
         assert_eq!((blue.weight, blue.initial_weight), (0, 10));
 
         assert_eq!(run(&rt, "set server blue/blue state drain").await, "\n");
         assert_eq!(
-            rt.control.table.load().services["blue"].endpoints[0].state,
+            rt.control.table().load().services["blue"].endpoints[0].state,
             AdminState::Drain
         );
         assert_eq!(run(&rt, "enable server blue/blue").await, "\n");
         assert_eq!(
-            rt.control.table.load().services["blue"].endpoints[0].state,
+            rt.control.table().load().services["blue"].endpoints[0].state,
             AdminState::Ready
         );
 
