@@ -1327,7 +1327,9 @@ mod tests {
                     state,
                     healthy: true,
                     in_flight,
+                    ..EndpointView::default()
                 }],
+                ..ServiceView::default()
             }],
         };
         let ready = judge_drained(&view(AdminState::Ready, 0), "web", "x");

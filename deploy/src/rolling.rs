@@ -296,7 +296,9 @@ mod tests {
                     state,
                     healthy: true,
                     in_flight,
+                    ..EndpointView::default()
                 }],
+                ..ServiceView::default()
             }],
         })
     }

@@ -280,6 +280,7 @@ mod tests {
             state,
             healthy,
             in_flight,
+            ..EndpointView::default()
         }
     }
 
@@ -292,6 +293,7 @@ mod tests {
                 .map(|(name, endpoints)| ServiceView {
                     name: name.into(),
                     endpoints,
+                    ..ServiceView::default()
                 })
                 .collect(),
         }

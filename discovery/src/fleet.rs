@@ -24,33 +24,16 @@ use etcd_client::GetOptions;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::{header, Request};
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
+use crate::admin_api::SourceView;
+pub use crate::admin_api::{EndpointView, ProxyRecord, ProxyView, ServiceView};
 use crate::conn::{EtcdConn, EtcdError};
 use crate::{AdminState, EtcdOptions, Prefixes};
 
 /// Admin API answers larger than this are refused.
 const MAX_BODY: usize = 32 * 1024 * 1024;
-
-/// What a proxy writes about itself under `<pointsman>/proxies/<id>`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProxyRecord {
-    /// The proxy's id (`--proxy-id`), also the last segment of its key.
-    pub id: String,
-    /// `host:port` of its admin API, as others reach it.
-    pub admin: String,
-    /// The etcd revision its routing table holds; `None` before the first
-    /// sync.
-    #[serde(default)]
-    pub applied_revision: Option<i64>,
-    #[serde(default)]
-    pub pid: u32,
-    /// When it started, in seconds since the Unix epoch.
-    #[serde(default)]
-    pub started: u64,
-}
 
 /// `<pointsman>/proxies/`.
 pub fn proxies_dir(prefixes: &Prefixes) -> String {
@@ -60,54 +43,6 @@ pub fn proxies_dir(prefixes: &Prefixes) -> String {
 /// `<pointsman>/proxies/<id>`.
 pub fn proxy_key(prefixes: &Prefixes, id: &str) -> String {
     format!("{}{id}", proxies_dir(prefixes))
-}
-
-/// What one proxy's admin API says, the parts the fleet needs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ProxyView {
-    /// Whether the proxy follows etcd at all.
-    pub follows_etcd: bool,
-    /// The etcd revision it has applied.
-    pub applied_revision: Option<i64>,
-    pub services: Vec<ServiceView>,
-}
-
-/// A service in `/api/services`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-pub struct ServiceView {
-    pub name: String,
-    #[serde(default)]
-    pub endpoints: Vec<EndpointView>,
-}
-
-/// An endpoint in `/api/services`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct EndpointView {
-    pub id: String,
-    #[serde(default)]
-    pub address: String,
-    #[serde(default)]
-    pub state: AdminState,
-    #[serde(default = "yes")]
-    pub healthy: bool,
-    #[serde(default)]
-    pub in_flight: u64,
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl ProxyView {
-    /// The endpoint `id` of `service`, if the proxy has it.
-    pub fn endpoint(&self, service: &str, id: &str) -> Option<&EndpointView> {
-        self.services
-            .iter()
-            .find(|s| s.name == service)?
-            .endpoints
-            .iter()
-            .find(|e| e.id == id)
-    }
 }
 
 /// What to wait for on every proxy.
@@ -435,22 +370,11 @@ impl Fleet {
 /// Asks one proxy's admin API at `admin` (`host:port`) what it has applied
 /// and what it does with each endpoint, within `limit`.
 pub async fn probe(admin: &str, limit: Duration) -> Result<ProxyView, String> {
-    #[derive(Deserialize)]
-    struct SourceView {
-        source: String,
-        #[serde(default)]
-        applied_revision: Option<i64>,
-    }
     let ask = async {
         let mut conn = HttpConn::open(admin).await?;
         let sources: Vec<SourceView> = conn.get_json(admin, "/api/discovery").await?;
         let services: Vec<ServiceView> = conn.get_json(admin, "/api/services").await?;
-        let etcd = sources.iter().find(|s| s.source == "etcd");
-        Ok(ProxyView {
-            follows_etcd: etcd.is_some(),
-            applied_revision: etcd.and_then(|s| s.applied_revision),
-            services,
-        })
+        Ok(ProxyView::new(&sources, services))
     };
     timeout(limit, ask)
         .await
@@ -563,8 +487,10 @@ mod tests {
                         state: *state,
                         healthy: true,
                         in_flight: *in_flight,
+                        ..EndpointView::default()
                     })
                     .collect(),
+                ..ServiceView::default()
             }],
         }
     }
@@ -635,12 +561,6 @@ mod tests {
     fn records_and_keys() {
         let p = Prefixes::default();
         assert_eq!(proxy_key(&p, "edge-1"), "/pointsman/proxies/edge-1");
-        let r: ProxyRecord =
-            serde_json::from_str(r#"{"id":"edge-1","admin":"10.0.0.1:8404","applied_revision":42,"pid":7,"started":1700000000}"#)
-                .unwrap();
-        assert_eq!(r.applied_revision, Some(42));
-        let minimal: ProxyRecord = serde_json::from_str(r#"{"id":"x","admin":"h:1"}"#).unwrap();
-        assert_eq!(minimal.applied_revision, None);
     }
 
     #[test]

@@ -15,11 +15,14 @@
 //!   while its registry is away.
 //! - [`registrar`] and [`lease`]: the writing side, an instance keeping its
 //!   own registration in etcd under a lease (`pointsman register`).
+//! - [`admin_api`]: the proxy admin API's JSON, for the proxy and for the
+//!   tools that read it.
 //! - [`fleet`]: the proxies that follow etcd, and whether every one of them
 //!   has applied a revision and stopped sending to an instance.
 #![forbid(unsafe_code)]
 
 pub mod address;
+pub mod admin_api;
 pub mod conn;
 pub mod consul;
 pub mod error;
