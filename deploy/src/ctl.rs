@@ -127,7 +127,7 @@ async fn known(store: &mut Store, service: &str, id: &str) -> anyhow::Result<()>
 /// The proxies' records (the fleet library reads them, as rollouts do),
 /// then what the first proxy serves.
 async fn fleet_status(opts: EtcdOptions) -> anyhow::Result<()> {
-    let dir = pointsman_discovery::fleet::proxies_dir(&opts.prefixes);
+    let dir = pointsman_discovery::keys::proxies_dir(&opts.prefixes);
     let mut fleet = Fleet::new(opts).context("etcd")?;
     let (proxies, malformed) = fleet.proxies().await.context("list the proxies")?;
     println!("proxies ({}):", proxies.len());

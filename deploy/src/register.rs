@@ -912,7 +912,7 @@ impl ConsulRegistration {
         ttl: Duration,
         interval: Duration,
     ) -> Result<ConsulRegistration, String> {
-        let key = pointsman_discovery::registrar::registration_key(
+        let key = pointsman_discovery::keys::instance_key(
             &pointsman_discovery::Prefixes::default(),
             &registration.service,
             &registration.id,

@@ -30,20 +30,11 @@ use tokio::time::{timeout, Instant};
 use crate::admin_api::SourceView;
 pub use crate::admin_api::{EndpointView, ProxyRecord, ProxyView, ServiceView};
 use crate::conn::{EtcdConn, EtcdError};
+use crate::keys::proxies_dir;
 use crate::{AdminState, EtcdOptions, Prefixes};
 
 /// Admin API answers larger than this are refused.
 const MAX_BODY: usize = 32 * 1024 * 1024;
-
-/// `<pointsman>/proxies/`.
-pub fn proxies_dir(prefixes: &Prefixes) -> String {
-    format!("{}proxies/", prefixes.pointsman_dir())
-}
-
-/// `<pointsman>/proxies/<id>`.
-pub fn proxy_key(prefixes: &Prefixes, id: &str) -> String {
-    format!("{}{id}", proxies_dir(prefixes))
-}
 
 /// What to wait for on every proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -560,7 +551,10 @@ mod tests {
     #[test]
     fn records_and_keys() {
         let p = Prefixes::default();
-        assert_eq!(proxy_key(&p, "edge-1"), "/pointsman/proxies/edge-1");
+        assert_eq!(
+            crate::keys::proxy_key(&p, "edge-1"),
+            "/pointsman/proxies/edge-1"
+        );
     }
 
     #[test]

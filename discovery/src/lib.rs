@@ -5,6 +5,7 @@
 //! turn a registry into a stream of [`Update`]s for the proxy's one writer
 //! task. Data flows one way: registry -> watcher -> `Update` -> routing table.
 //!
+//! - [`keys`]: the etcd key names, for writers and the parser alike.
 //! - [`parse`]: one key and value -> [`Entry`], for every source.
 //! - [`etcd`]: the fleet-wide registry, listed at one revision then watched.
 //! - [`consul`]: Consul's catalog and health, followed with blocking
@@ -29,6 +30,7 @@ pub mod error;
 pub mod etcd;
 pub mod file;
 pub mod fleet;
+pub mod keys;
 pub mod lease;
 pub mod parse;
 pub mod persist;

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use etcd_client::Client;
 use pointsman_discovery::admin_api::{EndpointView, ServiceView, SourceView};
-use pointsman_discovery::fleet::{probe, proxy_key, Expectation, Fleet, FleetError};
+use pointsman_discovery::fleet::{probe, Expectation, Fleet, FleetError};
+use pointsman_discovery::keys::proxy_key;
 use pointsman_discovery::{EtcdOptions, Prefixes, ProxyRecord, Source, SourceStatusSnapshot};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -13,7 +13,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pointsman_discovery::fleet::{proxy_key, ProxyRecord};
+use pointsman_discovery::admin_api::ProxyRecord;
+use pointsman_discovery::keys::proxy_key;
 use pointsman_discovery::{host_name, EtcdOptions, LeasedKey, SourceStatus};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
