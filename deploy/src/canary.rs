@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
+use crate::fleet::Fleet;
 use pointsman_discovery::admin_api::ServiceView;
-use pointsman_discovery::fleet::{http_get, Fleet};
+use pointsman_discovery::http::http_get;
 use pointsman_discovery::{RouteSpec, RouteTarget, SplitSpec};
 
 use crate::watch::{self, Interrupt, Progress};

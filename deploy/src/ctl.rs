@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use crate::fleet::Fleet;
 use crate::Store;
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
@@ -15,7 +16,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use pointsman_discovery::admin_api::ServiceView;
-use pointsman_discovery::fleet::Fleet;
 use pointsman_discovery::registration::MAX_WEIGHT;
 use pointsman_discovery::{AdminState, EtcdOptions};
 use serde_json::Value;

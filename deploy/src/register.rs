@@ -36,11 +36,13 @@ use std::process::{ExitCode, ExitStatus};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::fleet::{ask_all, judge_drained, FleetCheck};
+use crate::fleet::{Expectation, Fleet, FleetError};
+use crate::registrar::Registrar;
 use pointsman_discovery::consul::{Agent, AgentCheck, AgentService, ConsulError, TtlStatus};
-use pointsman_discovery::fleet::{ask_all, http_get, judge_drained, FleetCheck};
+use pointsman_discovery::http::http_get;
 use pointsman_discovery::{
-    Address, AdminState, ConsulOptions, EtcdOptions, Expectation, Fleet, FleetError, LeaseState,
-    Registrar, Registration,
+    Address, AdminState, ConsulOptions, EtcdOptions, LeaseState, Registration,
 };
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -921,7 +923,7 @@ impl ConsulRegistration {
             &key,
             &registration.service,
             &registration.id,
-            pointsman_discovery::registrar::registration_value(registration).as_bytes(),
+            crate::registrar::registration_value(registration).as_bytes(),
         )
         .map_err(|e| e.to_string())?;
         let agent = Agent::new(options).map_err(|e| e.to_string())?;
@@ -1315,7 +1317,7 @@ mod tests {
 
     #[test]
     fn drained_in_consul_terms_needs_no_revision() {
-        use pointsman_discovery::fleet::{EndpointView, ProxyView, ServiceView};
+        use pointsman_discovery::admin_api::{EndpointView, ProxyView, ServiceView};
         let view = |state: AdminState, in_flight: u64| ProxyView {
             follows_etcd: false,
             applied_revision: None,

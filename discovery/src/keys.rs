@@ -1,6 +1,6 @@
 //! The etcd key names of the contract, built in one place for everyone who
 //! writes them (the register sidekick, `ctl`, rollouts, the proxy's own
-//! record) and matched by the same section names in [`crate::parse`], so a
+//! record) and matched by the same section names in `parse.rs`, so a
 //! key written here always reads back as the entry it was meant to be.
 //! `SCHEMA.md` describes the layout:
 //!

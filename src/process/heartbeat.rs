@@ -7,7 +7,7 @@
 //!
 //! `pointsman register` and rollouts read these records and ask each
 //! proxy's admin API what it has applied and what it still has in flight
-//! (`pointsman_discovery::fleet`).
+//! (`pointsman_deploy::fleet`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

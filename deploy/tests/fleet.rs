@@ -2,7 +2,8 @@
 //! admin APIs: which proxies are live, who has applied a revision, who still
 //! has requests in flight to an instance, and what waiting reports.
 
-#[path = "support/etcd.rs"]
+// The etcd test server is discovery's own, shared rather than copied.
+#[path = "../../discovery/tests/support/etcd.rs"]
 mod etcd_support;
 
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,6 @@ use std::time::Duration;
 
 use etcd_client::Client;
 use pointsman_discovery::admin_api::{EndpointView, ServiceView, SourceView};
-use pointsman_discovery::fleet::{probe, Expectation, Fleet, FleetError};
 use pointsman_discovery::keys::proxy_key;
 use pointsman_discovery::{EtcdOptions, Prefixes, ProxyRecord, Source, SourceStatusSnapshot};
 use serde_json::json;
@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use etcd_support::EtcdServer;
+use pointsman_deploy::fleet::{probe, Expectation, Fleet, FleetError};
 
 /// What a stand-in admin API reports.
 #[derive(Clone, Debug)]

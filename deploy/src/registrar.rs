@@ -2,7 +2,7 @@
 //! itself, as `pointsman register` does for the app beside it.
 //!
 //! A [`Registrar`] keeps `<services>/<service>/<id>` in etcd under a lease
-//! (see [`crate::lease`]): it is written by [`register`](Registrar::register),
+//! (see [`pointsman_discovery::lease`]): it is written by [`register`](Registrar::register),
 //! rewritten in place by [`set_state`](Registrar::set_state) (`drain` takes
 //! the instance out of rotation while its requests finish), kept alive, and
 //! written again under a new lease if etcd loses the old one. Each write
@@ -15,11 +15,11 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::conn::EtcdError;
-use crate::keys;
-use crate::lease::{LeaseState, LeasedKey};
-use crate::parse::parse_instance;
-use crate::{Address, AdminState, CheckSpec, EtcdOptions, ParseError, Registration};
+use pointsman_discovery::conn::EtcdError;
+use pointsman_discovery::keys;
+use pointsman_discovery::lease::{LeaseState, LeasedKey};
+use pointsman_discovery::parse::parse_instance;
+use pointsman_discovery::{Address, AdminState, CheckSpec, EtcdOptions, ParseError, Registration};
 
 /// Why a registrar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +136,11 @@ mod tests {
         reg.state = AdminState::Drain;
         reg.tags = vec!["green".into()];
         reg.meta.insert("version".into(), "2".into());
-        let key = keys::instance_key(&crate::Prefixes::default(), "web", "host1:8080");
+        let key = keys::instance_key(
+            &pointsman_discovery::Prefixes::default(),
+            "web",
+            "host1:8080",
+        );
         assert_eq!(key, "/services/web/host1:8080");
         let value = registration_value(&reg);
         assert_eq!(

@@ -19,22 +19,13 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use etcd_client::GetOptions;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::{header, Request};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use pointsman_discovery::admin_api::{ProxyRecord, ProxyView, ServiceView, SourceView};
+use pointsman_discovery::conn::{EtcdConn, EtcdError};
+use pointsman_discovery::http::HttpConn;
+use pointsman_discovery::keys::proxies_dir;
+use pointsman_discovery::{AdminState, EtcdOptions, Prefixes};
 use tokio::time::{timeout, Instant};
-
-use crate::admin_api::SourceView;
-pub use crate::admin_api::{EndpointView, ProxyRecord, ProxyView, ServiceView};
-use crate::conn::{EtcdConn, EtcdError};
-use crate::keys::proxies_dir;
-use crate::{AdminState, EtcdOptions, Prefixes};
-
-/// Admin API answers larger than this are refused.
-const MAX_BODY: usize = 32 * 1024 * 1024;
 
 /// What to wait for on every proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -372,97 +363,10 @@ pub async fn probe(admin: &str, limit: Duration) -> Result<ProxyView, String> {
         .map_err(|_| format!("no answer from {admin} within {limit:?}"))?
 }
 
-/// The answer to a plain HTTP/1.1 GET.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HttpAnswer {
-    pub status: u16,
-    pub body: Bytes,
-}
-
-/// GET `http://<addr><path>` on a fresh connection, within `limit`: what
-/// `pointsman register`'s HTTP health check and the fleet's probes send.
-pub async fn http_get(addr: &str, path: &str, limit: Duration) -> Result<HttpAnswer, String> {
-    let ask = async {
-        let mut conn = HttpConn::open(addr).await?;
-        conn.get(addr, path).await
-    };
-    timeout(limit, ask)
-        .await
-        .map_err(|_| format!("no answer from {addr} within {limit:?}"))?
-}
-
-/// One HTTP/1.1 connection, for a few GETs in a row.
-struct HttpConn {
-    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
-    driver: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for HttpConn {
-    fn drop(&mut self) {
-        self.driver.abort();
-    }
-}
-
-impl HttpConn {
-    async fn open(addr: &str) -> Result<HttpConn, String> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?;
-        let driver = tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(HttpConn { sender, driver })
-    }
-
-    async fn get(&mut self, addr: &str, path: &str) -> Result<HttpAnswer, String> {
-        let req = Request::get(path)
-            .header(header::HOST, addr)
-            .header(header::USER_AGENT, "pointsman")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| format!("GET {path}: {e}"))?;
-        self.sender
-            .ready()
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?;
-        let resp = self
-            .sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("GET http://{addr}{path}: {e}"))?;
-        let status = resp.status().as_u16();
-        let body = Limited::new(resp.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| format!("GET http://{addr}{path}: reading the body: {e}"))?
-            .to_bytes();
-        Ok(HttpAnswer { status, body })
-    }
-
-    async fn get_json<T: serde::de::DeserializeOwned>(
-        &mut self,
-        addr: &str,
-        path: &str,
-    ) -> Result<T, String> {
-        let answer = self.get(addr, path).await?;
-        if answer.status != 200 {
-            return Err(format!(
-                "GET http://{addr}{path}: status {}: {}",
-                answer.status,
-                String::from_utf8_lossy(&answer.body).trim()
-            ));
-        }
-        serde_json::from_slice(&answer.body)
-            .map_err(|e| format!("GET http://{addr}{path}: not the expected JSON: {e}"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pointsman_discovery::admin_api::EndpointView;
 
     fn view(applied: Option<i64>, endpoints: &[(&str, AdminState, u64)]) -> ProxyView {
         ProxyView {
@@ -552,7 +456,7 @@ mod tests {
     fn records_and_keys() {
         let p = Prefixes::default();
         assert_eq!(
-            crate::keys::proxy_key(&p, "edge-1"),
+            pointsman_discovery::keys::proxy_key(&p, "edge-1"),
             "/pointsman/proxies/edge-1"
         );
     }
