@@ -23,8 +23,8 @@ use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, PutOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{timeout, Instant};
 
+use crate::backoff::Backoff;
 use crate::conn::{EtcdConn, EtcdError};
-use crate::etcd::Backoff;
 use crate::EtcdOptions;
 
 /// Where a [`LeasedKey`] stands, as its task last saw it.

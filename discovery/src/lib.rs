@@ -23,6 +23,7 @@
 
 pub mod address;
 pub mod admin_api;
+pub mod backoff;
 pub mod conn;
 pub mod consul;
 pub mod error;
