@@ -25,7 +25,9 @@ impl Backoff {
         }
     }
 
-    /// The next delay: between half and all of the current step.
+    /// The next delay: between half and all of the current step. (Not an
+    /// `Iterator`: `next` is called by name in every reconnecting loop.)
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Duration {
         let step = self.step;
         self.step = (self.step * 2).min(self.max);
