@@ -485,4 +485,75 @@ mod tests {
         );
         assert!(FleetCheck::default().confirmed());
     }
+
+    /// A stand-in admin API whose `/api/services` lacks `in_flight`, as a
+    /// proxy that renamed the field would send.
+    async fn admin_without_in_flight() -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 1024];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end);
+                        let body = if head.starts_with("GET /api/discovery") {
+                            r#"[{"source":"etcd","connected":true,"seen_revision":5,"applied_revision":5,"last_sync_unix_ms":null,"staleness_secs":null,"malformed":0,"reconnects":0,"resets":0,"last_error":null,"serving_saved_state":false}]"#.to_string()
+                        } else {
+                            let mut services = serde_json::to_value(vec![ServiceView {
+                                name: "web".into(),
+                                endpoints: vec![EndpointView {
+                                    id: "a".into(),
+                                    ..EndpointView::default()
+                                }],
+                                ..ServiceView::default()
+                            }])
+                            .unwrap();
+                            if let Some(e) = services[0]["endpoints"][0].as_object_mut() {
+                                e.remove("in_flight");
+                            }
+                            services.to_string()
+                        };
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_proxy_answer_without_in_flight_is_refused_by_name() {
+        let admin = admin_without_in_flight().await;
+        let err = probe(&admin, Duration::from_secs(5))
+            .await
+            .expect_err("an endpoint without in_flight read as drained");
+        assert!(err.contains("missing field `in_flight`"), "{err}");
+        assert!(err.contains(&admin), "{err}");
+        let verdicts = ask_all(
+            vec![("edge-1".into(), admin.clone())],
+            Duration::from_secs(5),
+            |view| judge_drained(view, "web", "a"),
+        )
+        .await;
+        let pending = verdicts[0].pending.as_deref().unwrap_or("");
+        assert!(pending.contains("in_flight"), "{pending}");
+        assert_eq!(verdicts[0].id, "edge-1");
+    }
 }
