@@ -6,9 +6,10 @@
 
 use std::time::Duration;
 
-use pointsman_discovery::fleet::{http_get, Fleet};
+use crate::fleet::Fleet;
+use pointsman_discovery::admin_api::ServiceView;
+use pointsman_discovery::http::http_get;
 use pointsman_discovery::{RouteSpec, RouteTarget, SplitSpec};
-use serde::Deserialize;
 
 use crate::watch::{self, Interrupt, Progress};
 use crate::{CanarySteps, DeployError, Store};
@@ -73,27 +74,6 @@ impl Totals {
     }
 }
 
-#[derive(Deserialize)]
-struct ServiceCounters {
-    name: String,
-    #[serde(default)]
-    latency_count: u64,
-    #[serde(default)]
-    latency_sum_seconds: f64,
-    #[serde(default)]
-    endpoints: Vec<EndpointCounters>,
-}
-
-#[derive(Deserialize)]
-struct EndpointCounters {
-    #[serde(default)]
-    requests: u64,
-    #[serde(default)]
-    responses: [u64; 5],
-    #[serde(default)]
-    failures: u64,
-}
-
 /// Sums the counters of services `names` over every live proxy.
 pub async fn totals(fleet: &mut Fleet, names: [&str; 2]) -> Result<[Totals; 2], DeployError> {
     let (records, _) = fleet.proxies().await.map_err(|e| DeployError::Registry {
@@ -105,7 +85,7 @@ pub async fn totals(fleet: &mut Fleet, names: [&str; 2]) -> Result<[Totals; 2], 
         let answer = http_get(&r.admin, "/api/services", fleet.probe_timeout)
             .await
             .map_err(|e| DeployError::Failed(format!("proxy {} ({}): {e}", r.id, r.admin)))?;
-        let services: Vec<ServiceCounters> = serde_json::from_slice(&answer.body).map_err(|e| {
+        let services: Vec<ServiceView> = serde_json::from_slice(&answer.body).map_err(|e| {
             DeployError::Failed(format!("proxy {}: /api/services did not parse: {e}", r.id))
         })?;
         for s in services {

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use crate::fleet::Fleet;
 use crate::Store;
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
@@ -14,7 +15,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use pointsman_discovery::fleet::Fleet;
+use pointsman_discovery::admin_api::ServiceView;
 use pointsman_discovery::registration::MAX_WEIGHT;
 use pointsman_discovery::{AdminState, EtcdOptions};
 use serde_json::Value;
@@ -126,7 +127,7 @@ async fn known(store: &mut Store, service: &str, id: &str) -> anyhow::Result<()>
 /// The proxies' records (the fleet library reads them, as rollouts do),
 /// then what the first proxy serves.
 async fn fleet_status(opts: EtcdOptions) -> anyhow::Result<()> {
-    let dir = pointsman_discovery::fleet::proxies_dir(&opts.prefixes);
+    let dir = pointsman_discovery::keys::proxies_dir(&opts.prefixes);
     let mut fleet = Fleet::new(opts).context("etcd")?;
     let (proxies, malformed) = fleet.proxies().await.context("list the proxies")?;
     println!("proxies ({}):", proxies.len());
@@ -207,24 +208,22 @@ async fn print_services(admin: &str) -> anyhow::Result<()> {
     if !status.is_success() {
         bail!("{admin}/api/services: {status}");
     }
-    let services: Vec<Value> = serde_json::from_slice(&body)
+    let services: Vec<ServiceView> = serde_json::from_slice(&body)
         .with_context(|| format!("{admin}/api/services is not the JSON expected"))?;
     for s in services {
-        println!("{} ({})", s["name"].as_str().unwrap_or("?"), s["balance"]);
-        for e in s["endpoints"].as_array().into_iter().flatten() {
+        // The balance is shown as JSON (quoted), and the numbers unpadded,
+        // as they have always been.
+        println!("{} ({})", s.name, Value::from(s.balance));
+        for e in s.endpoints {
             println!(
-                "  {:<20} {:<22} {:<6} weight {:<4} {:<9} in flight {:<4} requests {}",
-                e["id"].as_str().unwrap_or("?"),
-                e["address"].as_str().unwrap_or("?"),
-                e["state"].as_str().unwrap_or("?"),
-                e["weight"],
-                if e["healthy"] == true {
-                    "healthy"
-                } else {
-                    "unhealthy"
-                },
-                e["in_flight"],
-                e["requests"],
+                "  {:<20} {:<22} {:<6} weight {} {:<9} in flight {} requests {}",
+                e.id,
+                e.address,
+                e.state.as_str(),
+                e.weight,
+                if e.healthy { "healthy" } else { "unhealthy" },
+                e.in_flight,
+                e.requests,
             );
         }
     }

@@ -7,7 +7,10 @@
 //!   the signal on;
 //! - [`ctl`]: instance state, weight and maps, fleet-wide or on one proxy;
 //! - [`rollout`]: the `pointsman deploy` command over the rollouts below;
-//! - [`cli`]: the registry flags the commands share.
+//! - [`cli`]: the registry flags the commands share;
+//! - [`registrar`]: one instance's registration kept in etcd under a lease;
+//! - [`fleet`]: the proxies that follow etcd, and whether every one of them
+//!   has applied a revision and stopped sending to an instance.
 //!
 //! Rollouts drive registry state and wait for every proxy replica to
 //! confirm each step through its admin API:
@@ -26,7 +29,9 @@ use std::fmt;
 pub mod canary;
 pub mod cli;
 pub mod ctl;
+pub mod fleet;
 pub mod register;
+pub mod registrar;
 pub mod rolling;
 pub mod rollout;
 pub mod store;

@@ -36,12 +36,15 @@ use std::process::{ExitCode, ExitStatus};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::fleet::{ask_all, judge_drained, FleetCheck};
+use crate::fleet::{Expectation, Fleet, FleetError};
+use crate::registrar::Registrar;
+use pointsman_discovery::backoff::Backoff;
 use pointsman_discovery::check::{self, ConnectFailure, RiseFall, DEFAULT_EXPECT_STATUS};
 use pointsman_discovery::consul::{Agent, AgentCheck, AgentService, ConsulError, TtlStatus};
-use pointsman_discovery::fleet::{ask_all, http_get, judge_drained, FleetCheck};
+use pointsman_discovery::http::http_get;
 use pointsman_discovery::{
-    Address, AdminState, ConsulOptions, EtcdOptions, Expectation, Fleet, FleetError, LeaseState,
-    Registrar, Registration,
+    Address, AdminState, ConsulOptions, EtcdOptions, LeaseState, Registration,
 };
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -916,7 +919,7 @@ impl ConsulRegistration {
         ttl: Duration,
         interval: Duration,
     ) -> Result<ConsulRegistration, String> {
-        let key = pointsman_discovery::registrar::registration_key(
+        let key = pointsman_discovery::keys::instance_key(
             &pointsman_discovery::Prefixes::default(),
             &registration.service,
             &registration.id,
@@ -925,7 +928,7 @@ impl ConsulRegistration {
             &key,
             &registration.service,
             &registration.id,
-            pointsman_discovery::registrar::registration_value(registration).as_bytes(),
+            crate::registrar::registration_value(registration).as_bytes(),
         )
         .map_err(|e| e.to_string())?;
         let agent = Agent::new(options).map_err(|e| e.to_string())?;
@@ -967,7 +970,7 @@ impl ConsulRegistration {
                 self.service.clone(),
                 self.ttl,
                 self.health.subscribe(),
-                RetryDelay::new(self.backoff.0, self.backoff.1),
+                retry_delay(self.backoff.0, self.backoff.1),
                 key.to_string(),
             )));
         }
@@ -1056,33 +1059,10 @@ fn trouble(agent: &Agent, what: &str, e: &ConsulError) -> String {
     }
 }
 
-/// Exponential backoff with jitter, for retries against the agent.
-struct RetryDelay {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl RetryDelay {
-    fn new(min: Duration, max: Duration) -> RetryDelay {
-        let min = min.max(Duration::from_millis(10));
-        RetryDelay {
-            min,
-            max: max.max(min),
-            next: min,
-        }
-    }
-
-    /// The next delay: between half and all of the current step.
-    fn next(&mut self) -> Duration {
-        let step = self.next;
-        self.next = (self.next * 2).min(self.max);
-        step.mul_f64(0.5 + fastrand::f64() / 2.0)
-    }
-
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
+/// The delay between attempts to register with the Consul agent: the
+/// watchers' backoff, never under 10 ms.
+fn retry_delay(min: Duration, max: Duration) -> Backoff {
+    Backoff::new(min.max(Duration::from_millis(10)), max)
 }
 
 /// The task behind [`ConsulRegistration::start`]; runs until aborted.
@@ -1091,7 +1071,7 @@ async fn keep_registered(
     service: Arc<Mutex<AgentService>>,
     ttl: Option<Duration>,
     mut health: watch::Receiver<Option<String>>,
-    mut delay: RetryDelay,
+    mut delay: Backoff,
     key: String,
 ) {
     let check_id = service.lock().await.check_id();
@@ -1319,7 +1299,7 @@ mod tests {
 
     #[test]
     fn drained_in_consul_terms_needs_no_revision() {
-        use pointsman_discovery::fleet::{EndpointView, ProxyView, ServiceView};
+        use pointsman_discovery::admin_api::{EndpointView, ProxyView, ServiceView};
         let view = |state: AdminState, in_flight: u64| ProxyView {
             follows_etcd: false,
             applied_revision: None,
@@ -1331,7 +1311,9 @@ mod tests {
                     state,
                     healthy: true,
                     in_flight,
+                    ..EndpointView::default()
                 }],
+                ..ServiceView::default()
             }],
         };
         let ready = judge_drained(&view(AdminState::Ready, 0), "web", "x");
@@ -1357,7 +1339,7 @@ mod tests {
     #[test]
     fn retry_delays_grow_to_the_limit_and_reset() {
         let (min, max) = (Duration::from_millis(100), Duration::from_millis(400));
-        let mut d = RetryDelay::new(min, max);
+        let mut d = retry_delay(min, max);
         let steps: Vec<Duration> = (0..5).map(|_| d.next()).collect();
         for (step, cap) in steps.iter().zip([100u64, 200, 400, 400, 400]) {
             let cap = Duration::from_millis(cap);

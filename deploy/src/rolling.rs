@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pointsman_discovery::fleet::Fleet;
+use crate::fleet::Fleet;
 use pointsman_discovery::{AdminState, Override};
 use tokio::time::Instant;
 
@@ -274,7 +274,7 @@ fn not_draining(round: &[watch::Answer], svc: &str, id: &str, rev: i64) -> Vec<S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pointsman_discovery::fleet::{EndpointView, ProxyView, ServiceView};
+    use pointsman_discovery::admin_api::{EndpointView, ProxyView, ServiceView};
 
     fn answer(proxy: &str, view: Result<ProxyView, String>) -> watch::Answer {
         watch::Answer {
@@ -296,7 +296,9 @@ mod tests {
                     state,
                     healthy: true,
                     in_flight,
+                    ..EndpointView::default()
                 }],
+                ..ServiceView::default()
             }],
         })
     }

@@ -9,12 +9,12 @@
 use std::time::Duration;
 
 use crate::canary::{self, Canary, Outcome};
+use crate::fleet::Fleet;
 use crate::rolling::{self, Rolling};
 use crate::switch::{self, Switch};
 use crate::watch::{Interrupt, Progress};
 use crate::{CanarySteps, Store};
 use anyhow::{bail, Context};
-use pointsman_discovery::fleet::Fleet;
 
 use crate::cli::EtcdArgs;
 

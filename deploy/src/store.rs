@@ -10,6 +10,7 @@ use pointsman_discovery::{
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::DeployError;
+use pointsman_discovery::keys;
 
 /// A connection to the registry with the key layout of one deployment.
 pub struct Store {
@@ -40,18 +41,9 @@ impl Store {
         &self.prefixes
     }
 
-    fn pointsman_key(&self, section: &str, rest: &[&str]) -> String {
-        let mut k = format!("{}{section}", self.prefixes.pointsman_dir());
-        for r in rest {
-            k.push('/');
-            k.push_str(r);
-        }
-        k
-    }
-
     /// The key of a service instance.
     pub fn instance_key(&self, service: &str, id: &str) -> String {
-        format!("{}{service}/{id}", self.prefixes.services_dir())
+        keys::instance_key(&self.prefixes, service, id)
     }
 
     /// The current revision of the registry.
@@ -155,7 +147,7 @@ impl Store {
         service: &str,
         id: &str,
     ) -> Result<Option<Override>, DeployError> {
-        let key = self.pointsman_key("overrides", &[service, id]);
+        let key = keys::override_key(&self.prefixes, service, id);
         Ok(self.get_json::<Override>(&key).await?.map(|v| v.value))
     }
 
@@ -168,7 +160,7 @@ impl Store {
         state: Option<AdminState>,
         weight: Option<u16>,
     ) -> Result<i64, DeployError> {
-        let key = self.pointsman_key("overrides", &[service, id]);
+        let key = keys::override_key(&self.prefixes, service, id);
         self.update_json::<Override, _>(&key, |cur| {
             let mut o = cur.unwrap_or_default();
             o.state = state.or(o.state);
@@ -185,7 +177,7 @@ impl Store {
         id: &str,
         previous: Option<Override>,
     ) -> Result<i64, DeployError> {
-        let key = self.pointsman_key("overrides", &[service, id]);
+        let key = keys::override_key(&self.prefixes, service, id);
         self.update_json::<Override, _>(&key, |_| previous.clone())
             .await
     }
@@ -196,7 +188,7 @@ impl Store {
         map: &str,
         key: &str,
     ) -> Result<Option<Versioned<String>>, DeployError> {
-        let k = self.pointsman_key("maps", &[map, key]);
+        let k = keys::map_key(&self.prefixes, map, key);
         Ok(self.get_raw(&k).await?.map(|(raw, rev)| Versioned {
             value: String::from_utf8_lossy(&raw).trim().to_string(),
             mod_revision: rev,
@@ -205,7 +197,7 @@ impl Store {
 
     /// Sets a map entry; returns its revision.
     pub async fn set_map(&mut self, map: &str, key: &str, value: &str) -> Result<i64, DeployError> {
-        let k = self.pointsman_key("maps", &[map, key]);
+        let k = keys::map_key(&self.prefixes, map, key);
         let resp = self
             .client
             .put(k.as_str(), value, None)
@@ -223,8 +215,8 @@ impl Store {
         key: &str,
         value: &str,
     ) -> Result<(i64, Option<String>), DeployError> {
-        let k = self.pointsman_key("maps", &[map, key]);
-        let history = self.pointsman_key("history", &["maps", map, key]);
+        let k = keys::map_key(&self.prefixes, map, key);
+        let history = keys::map_history_key(&self.prefixes, map, key);
         for _ in 0..16 {
             let current = self.get_raw(&k).await?;
             let cmp = match &current {
@@ -256,7 +248,7 @@ impl Store {
         map: &str,
         key: &str,
     ) -> Result<Option<String>, DeployError> {
-        let history = self.pointsman_key("history", &["maps", map, key]);
+        let history = keys::map_history_key(&self.prefixes, map, key);
         Ok(self
             .get_raw(&history)
             .await?
@@ -266,7 +258,7 @@ impl Store {
     /// Deletes a map entry; returns the revision (the current one if it
     /// was not there).
     pub async fn delete_map(&mut self, map: &str, key: &str) -> Result<i64, DeployError> {
-        let k = self.pointsman_key("maps", &[map, key]);
+        let k = keys::map_key(&self.prefixes, map, key);
         let resp = self
             .client
             .delete(k.as_str(), None)
@@ -277,13 +269,13 @@ impl Store {
 
     /// A route from the registry.
     pub async fn route(&mut self, name: &str) -> Result<Option<Versioned<RouteSpec>>, DeployError> {
-        let key = self.pointsman_key("routes", &[name]);
+        let key = keys::route_key(&self.prefixes, name);
         self.get_json(&key).await
     }
 
     /// Writes a route; returns its revision.
     pub async fn put_route(&mut self, name: &str, spec: &RouteSpec) -> Result<i64, DeployError> {
-        let key = self.pointsman_key("routes", &[name]);
+        let key = keys::route_key(&self.prefixes, name);
         spec.target().map_err(|why| DeployError::Malformed {
             key: key.clone(),
             reason: why,
@@ -307,7 +299,7 @@ impl Store {
         &mut self,
         service: &str,
     ) -> Result<Vec<Versioned<Registration>>, DeployError> {
-        let prefix = format!("{}{service}/", self.prefixes.services_dir());
+        let prefix = keys::service_dir(&self.prefixes, service);
         let resp = self
             .client
             .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))

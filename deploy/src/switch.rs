@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pointsman_discovery::fleet::Fleet;
+use crate::fleet::Fleet;
 
 use crate::watch::{self, Progress};
 use crate::{DeployError, Store};

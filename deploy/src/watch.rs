@@ -8,7 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pointsman_discovery::fleet::{probe, Fleet, ProxyView};
+use crate::fleet::{probe, Fleet};
+use pointsman_discovery::admin_api::ProxyView;
 use pointsman_discovery::AdminState;
 use tokio::time::Instant;
 
@@ -271,7 +272,7 @@ pub fn service_in_flight(view: &ProxyView, service: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pointsman_discovery::fleet::{EndpointView, ServiceView};
+    use pointsman_discovery::admin_api::{EndpointView, ServiceView};
 
     fn ep(id: &str, state: AdminState, healthy: bool, in_flight: u64) -> EndpointView {
         EndpointView {
@@ -280,6 +281,7 @@ mod tests {
             state,
             healthy,
             in_flight,
+            ..EndpointView::default()
         }
     }
 
@@ -292,6 +294,7 @@ mod tests {
                 .map(|(name, endpoints)| ServiceView {
                     name: name.into(),
                     endpoints,
+                    ..ServiceView::default()
                 })
                 .collect(),
         }

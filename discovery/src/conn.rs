@@ -1,4 +1,5 @@
-//! A connection to etcd for the writers and the fleet queries: one member at
+//! A connection to etcd for the writers (the lease, `pointsman_deploy`'s
+//! registrar and fleet queries): one member at
 //! a time, every request bounded by `request_timeout`, and on a failure the
 //! client is dropped and the next member is tried, as the watcher does (see
 //! [`crate::etcd`] for why one pinned member beats tonic's balancer).
@@ -49,7 +50,7 @@ impl EtcdError {
 }
 
 /// A client pinned to one member, rebuilt on the next one after a failure.
-pub(crate) struct EtcdConn {
+pub struct EtcdConn {
     opts: EtcdOptions,
     client: Option<Client>,
     idx: usize,
@@ -57,7 +58,7 @@ pub(crate) struct EtcdConn {
 
 impl EtcdConn {
     /// Checks what retrying cannot fix; connects lazily.
-    pub(crate) fn new(opts: EtcdOptions) -> Result<EtcdConn, EtcdError> {
+    pub fn new(opts: EtcdOptions) -> Result<EtcdConn, EtcdError> {
         opts.check().map_err(|e| EtcdError::Config(e.to_string()))?;
         Ok(EtcdConn {
             opts,
@@ -66,12 +67,12 @@ impl EtcdConn {
         })
     }
 
-    pub(crate) fn opts(&self) -> &EtcdOptions {
+    pub fn opts(&self) -> &EtcdOptions {
         &self.opts
     }
 
     /// The member in use.
-    pub(crate) fn endpoint(&self) -> &str {
+    pub fn endpoint(&self) -> &str {
         self.opts
             .endpoints
             .get(self.idx)
@@ -112,7 +113,7 @@ impl EtcdConn {
     }
 
     /// Drops the client and moves on to the next member.
-    pub(crate) fn failed(&mut self) {
+    pub fn failed(&mut self) {
         self.client = None;
         let n = self.opts.endpoints.len().max(1);
         self.idx = (self.idx + 1) % n;
@@ -120,7 +121,7 @@ impl EtcdConn {
 
     /// Runs one request with the client, bounded by `request_timeout`. A
     /// failure other than a missing lease moves on to the next member.
-    pub(crate) async fn call<T, F, Fut>(&mut self, what: &'static str, f: F) -> Result<T, EtcdError>
+    pub async fn call<T, F, Fut>(&mut self, what: &'static str, f: F) -> Result<T, EtcdError>
     where
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,

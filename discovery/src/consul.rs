@@ -89,7 +89,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
-use crate::etcd::Backoff;
+use crate::backoff::Backoff;
 use crate::{Entry, EntryKey, Source, SourceStatus, Update, UpdateKind};
 
 mod agent;

@@ -1,7 +1,7 @@
 //! One key kept in etcd under a lease for as long as its owner lives: an
-//! instance's registration (`pointsman register`, see [`crate::registrar`])
-//! and each proxy's record under `<pointsman>/proxies/` (see
-//! [`crate::fleet`]).
+//! instance's registration (`pointsman register`, through
+//! `pointsman_deploy::registrar`) and each proxy's record under
+//! `<pointsman>/proxies/` (read by `pointsman_deploy::fleet`).
 //!
 //! A [`LeasedKey`] is a handle on a task that owns the lease:
 //!
@@ -23,8 +23,8 @@ use etcd_client::{LeaseKeepAliveStream, LeaseKeeper, PutOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{timeout, Instant};
 
+use crate::backoff::Backoff;
 use crate::conn::{EtcdConn, EtcdError};
-use crate::etcd::Backoff;
 use crate::EtcdOptions;
 
 /// Where a [`LeasedKey`] stands, as its task last saw it.

@@ -5,6 +5,7 @@
 //! turn a registry into a stream of [`Update`]s for the proxy's one writer
 //! task. Data flows one way: registry -> watcher -> `Update` -> routing table.
 //!
+//! - [`keys`]: the etcd key names, for writers and the parser alike.
 //! - [`parse`]: one key and value -> [`Entry`], for every source.
 //! - [`etcd`]: the fleet-wide registry, listed at one revision then watched.
 //! - [`consul`]: Consul's catalog and health, followed with blocking
@@ -15,40 +16,42 @@
 //! - [`status`]: how each watcher is doing, for the admin API.
 //! - [`persist`]: the last good view on disk, so a restarted proxy can serve
 //!   while its registry is away.
-//! - [`registrar`] and [`lease`]: the writing side, an instance keeping its
-//!   own registration in etcd under a lease (`pointsman register`).
-//! - [`fleet`]: the proxies that follow etcd, and whether every one of them
-//!   has applied a revision and stopped sending to an instance.
+//! - [`lease`]: a key kept alive under an etcd lease, for the writers (the
+//!   proxy's own record, `pointsman_deploy`'s registrar).
+//! - [`admin_api`]: the proxy admin API's JSON, for the proxy and for the
+//!   tools that read it.
+//! - [`http`]: the HTTP/1.1 client of the tools that ask proxies and apps.
 #![forbid(unsafe_code)]
 
 pub mod address;
+pub mod admin_api;
+pub mod backoff;
 pub mod check;
 pub mod conn;
 pub mod consul;
 pub mod error;
 pub mod etcd;
 pub mod file;
-pub mod fleet;
+pub mod http;
+pub mod keys;
 pub mod lease;
 pub mod parse;
 pub mod persist;
-pub mod registrar;
 pub mod registration;
 pub mod route;
 pub mod status;
 pub mod update;
 
 pub use address::{host_name, Address, AddressError};
+pub use admin_api::ProxyRecord;
 pub use conn::EtcdError;
 pub use consul::ConsulOptions;
 pub use error::DiscoveryError;
 pub use etcd::{EtcdOptions, EtcdTls};
 pub use file::watch_dir;
-pub use fleet::{Expectation, Fleet, FleetCheck, FleetError, ProxyRecord};
 pub use lease::{LeaseState, LeasedKey};
 pub use parse::{parse_entry, parse_instance, parse_key, ParseError, Prefixes};
 pub use persist::{load_state, save_state, state_path, PersistError, SavedState};
-pub use registrar::{Registrar, RegistrarError};
 pub use registration::{AdminState, CheckSpec, Override, Registration};
 pub use route::{MapKey, RouteSpec, RouteTarget, SplitSpec};
 pub use status::{SourceStatus, SourceStatusSnapshot};

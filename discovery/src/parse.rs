@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::keys;
 use crate::registration::{DEFAULT_WEIGHT, MAX_WEIGHT};
 use crate::{Address, AddressError, AdminState, CheckSpec, Entry, EntryKey, Override};
 use crate::{Registration, RouteSpec};
@@ -207,7 +208,7 @@ fn classify(p: &Prefixes, key: &str) -> Result<Option<EntryKey>, ParseError> {
         return Ok(None);
     };
     match section {
-        "routes" => {
+        keys::ROUTES => {
             if rest.is_empty() || rest.ends_with('/') {
                 return Ok(None);
             }
@@ -223,7 +224,7 @@ fn classify(p: &Prefixes, key: &str) -> Result<Option<EntryKey>, ParseError> {
                 name: rest.to_string(),
             }))
         }
-        "maps" => {
+        keys::MAPS => {
             if rest.is_empty() || rest.ends_with('/') {
                 return Ok(None);
             }
@@ -242,7 +243,7 @@ fn classify(p: &Prefixes, key: &str) -> Result<Option<EntryKey>, ParseError> {
                 key: map_key.to_string(),
             }))
         }
-        "overrides" => {
+        keys::OVERRIDES => {
             let shape = "expected <pointsman>/overrides/<service>/<instance-id>";
             Ok(pair(key, rest, "service", "instance id", shape)?
                 .map(|(service, id)| EntryKey::Override { service, id }))

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Source;
 
@@ -182,13 +182,15 @@ fn revision(raw: i64) -> Option<i64> {
 }
 
 /// A point-in-time copy of a [`SourceStatus`], as the admin API shows it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SourceStatusSnapshot {
     pub source: Source,
     pub connected: bool,
     /// Highest revision the watcher delivered.
     pub seen_revision: Option<i64>,
-    /// Highest revision the proxy applied.
+    /// Highest revision the proxy applied. Required when read: the fleet
+    /// confirms changes by it.
+    #[serde(deserialize_with = "crate::admin_api::required")]
     pub applied_revision: Option<i64>,
     /// Wall-clock time of the last confirmed sync, in ms since the epoch.
     pub last_sync_unix_ms: Option<u64>,

@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use pointsman_discovery::admin_api::{CheckView, EndpointView, ServiceView, SourceView};
 use pointsman_discovery::registration::MAX_WEIGHT;
 use pointsman_discovery::AdminState;
 use serde::{Deserialize, Serialize};
@@ -51,33 +52,6 @@ pub struct Admin {
     pub started: u64,
 }
 
-#[derive(Serialize)]
-pub struct ServiceView {
-    pub name: String,
-    pub balance: &'static str,
-    /// Retries made for the service's requests, since start.
-    pub retries: u64,
-    /// Passive-check ejections of its endpoints, since start.
-    pub ejections: u64,
-    /// Responses and their total time to the response head, since start
-    /// (mean latency = sum / count; rollouts compare these).
-    pub latency_count: u64,
-    pub latency_sum_seconds: f64,
-    pub endpoints: Vec<EndpointView>,
-}
-
-#[derive(Serialize)]
-pub struct EndpointView {
-    pub id: String,
-    pub address: String,
-    /// The registry's weight, before local changes.
-    pub initial_weight: u32,
-    /// Takes new requests now (ready, healthy, not ejected, weight > 0).
-    pub accepting: bool,
-    #[serde(flatten)]
-    pub counters: EndpointCounters,
-}
-
 /// Every service and endpoint with its live counters, sorted by name.
 pub fn services_view(table: &RoutingTable) -> Vec<ServiceView> {
     let mut out: Vec<ServiceView> = table
@@ -89,18 +63,20 @@ pub fn services_view(table: &RoutingTable) -> Vec<ServiceView> {
                 name: s.name.to_string(),
                 latency_count,
                 latency_sum_seconds,
-                balance: s.settings.algorithm.as_str(),
+                balance: s.settings.algorithm.as_str().to_string(),
                 retries: s.settings.live.retries.load(Ordering::Relaxed),
                 ejections: s.settings.live.ejections.load(Ordering::Relaxed),
                 endpoints: s
                     .endpoints
                     .iter()
-                    .map(|e| EndpointView {
-                        id: e.id.to_string(),
-                        address: e.address.to_string(),
-                        initial_weight: e.initial_weight,
-                        accepting: e.accepts_new(),
-                        counters: e.live.snapshot(),
+                    .map(|e| {
+                        endpoint_view(
+                            e.id.to_string(),
+                            e.address.to_string(),
+                            e.initial_weight,
+                            e.accepts_new(),
+                            e.live.snapshot(),
+                        )
                     })
                     .collect(),
             }
@@ -108,6 +84,48 @@ pub fn services_view(table: &RoutingTable) -> Vec<ServiceView> {
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// An endpoint as the admin API shows it: what the table holds and a
+/// snapshot of its live state.
+fn endpoint_view(
+    id: String,
+    address: String,
+    initial_weight: u32,
+    accepting: bool,
+    c: EndpointCounters,
+) -> EndpointView {
+    EndpointView {
+        id,
+        address,
+        initial_weight,
+        accepting,
+        state: c.state,
+        weight: c.weight,
+        healthy: c.healthy,
+        in_flight: u64::from(c.in_flight),
+        requests: c.requests,
+        responses: c.responses,
+        failures: c.failures,
+        last_change: c.last_change,
+        ejected: c.ejected,
+        ejections: c.ejections,
+        check: c.check.map(|k| CheckView {
+            passed: k.passed,
+            status: k.status,
+            at: k.at,
+        }),
+        idle_connections: c.idle_connections as u64,
+    }
+}
+
+/// A followed registry as `/api/discovery` shows it.
+fn source_view(f: &Followed) -> SourceView {
+    let v = f.view();
+    SourceView {
+        status: v.status,
+        serving_saved_state: v.serving_saved_state,
+    }
 }
 
 impl Admin {
@@ -206,7 +224,7 @@ impl Admin {
                 None => error(StatusCode::NOT_FOUND, &format!("no such map: {name}")),
             },
             ["api", "discovery"] => {
-                let view: Vec<_> = self.followed.iter().map(Followed::view).collect();
+                let view: Vec<SourceView> = self.followed.iter().map(source_view).collect();
                 json(&view)
             }
             ["stats"] | [""] => reply(
@@ -510,7 +528,7 @@ fn ago(now: u64, at: u64) -> String {
 }
 
 /// What the health column says: the check result, or the passive state.
-fn health(c: &EndpointCounters, now: u64) -> (String, &'static str) {
+fn health(c: &EndpointView, now: u64) -> (String, &'static str) {
     if c.ejected {
         return ("ejected (passive)".into(), "down");
     }
@@ -590,7 +608,7 @@ fn stats_page(table: &RoutingTable, followed: &[Followed], started: u64) -> Stri
             esc(&s.name),
         );
         for e in &s.endpoints {
-            let c = &e.counters;
+            let c = e;
             let (health, verdict) = health(c, now);
             let class = if verdict == "down" {
                 "down"
@@ -634,4 +652,76 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr).await.map_err(|e| {
         format!("admin listener: cannot bind {addr}: {e} (set --admin or [global] admin)")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::endpoint::CheckView as LiveCheck;
+    use pointsman_discovery::AdminState;
+
+    fn counters(check: Option<LiveCheck>) -> EndpointCounters {
+        EndpointCounters {
+            state: AdminState::Drain,
+            weight: 10,
+            healthy: true,
+            in_flight: 3,
+            requests: 42,
+            responses: [0, 30, 1, 2, 4],
+            failures: 5,
+            last_change: 1_700_000_000,
+            ejected: false,
+            ejections: 1,
+            check,
+            idle_connections: 2,
+        }
+    }
+
+    /// The shape `/api/services` had before its types moved to
+    /// `pointsman_discovery::admin_api`: the bytes must not change.
+    #[derive(Serialize)]
+    struct EndpointBefore {
+        id: String,
+        address: String,
+        initial_weight: u32,
+        accepting: bool,
+        #[serde(flatten)]
+        counters: EndpointCounters,
+    }
+
+    #[test]
+    fn endpoints_are_written_as_before_and_read_back_equal() {
+        for check in [
+            None,
+            Some(LiveCheck {
+                passed: true,
+                status: 200,
+                at: 1_700_000_001,
+            }),
+        ] {
+            let c = counters(check);
+            let view = endpoint_view("a".into(), "127.0.0.1:8081".into(), 100, false, c.clone());
+            let before = EndpointBefore {
+                id: "a".into(),
+                address: "127.0.0.1:8081".into(),
+                initial_weight: 100,
+                accepting: false,
+                counters: c,
+            };
+            let written = serde_json::to_string_pretty(&view).unwrap();
+            assert_eq!(written, serde_json::to_string_pretty(&before).unwrap());
+            let service = ServiceView {
+                name: "web".into(),
+                balance: "roundrobin".into(),
+                retries: 1,
+                ejections: 1,
+                latency_count: 3,
+                latency_sum_seconds: 0.25,
+                endpoints: vec![view],
+            };
+            let body = serde_json::to_string_pretty(&vec![service.clone()]).unwrap();
+            let read: Vec<ServiceView> = serde_json::from_str(&body).unwrap();
+            assert_eq!(read, vec![service]);
+        }
+    }
 }

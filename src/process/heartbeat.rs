@@ -7,13 +7,14 @@
 //!
 //! `pointsman register` and rollouts read these records and ask each
 //! proxy's admin API what it has applied and what it still has in flight
-//! (`pointsman_discovery::fleet`).
+//! (`pointsman_deploy::fleet`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pointsman_discovery::fleet::{proxy_key, ProxyRecord};
+use pointsman_discovery::admin_api::ProxyRecord;
+use pointsman_discovery::keys::proxy_key;
 use pointsman_discovery::{host_name, EtcdOptions, LeasedKey, SourceStatus};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -2,21 +2,20 @@
 //! admin APIs: which proxies are live, who has applied a revision, who still
 //! has requests in flight to an instance, and what waiting reports.
 
-#[path = "support/etcd.rs"]
-mod etcd_support;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::Client;
-use pointsman_discovery::fleet::{probe, proxy_key, Expectation, Fleet, FleetError};
-use pointsman_discovery::{EtcdOptions, Prefixes, ProxyRecord};
+use pointsman_discovery::admin_api::{EndpointView, ServiceView, SourceView};
+use pointsman_discovery::keys::proxy_key;
+use pointsman_discovery::{EtcdOptions, Prefixes, ProxyRecord, Source, SourceStatusSnapshot};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use etcd_support::EtcdServer;
+use pointsman_deploy::fleet::{probe, Expectation, Fleet, FleetError};
+use pointsman_testkit::etcd::EtcdServer;
 
 /// What a stand-in admin API reports.
 #[derive(Clone, Debug)]
@@ -24,6 +23,25 @@ struct State {
     applied: Option<i64>,
     /// (id, state, in_flight) of service `web`.
     endpoints: Vec<(&'static str, &'static str, u64)>,
+}
+
+/// A registry in `/api/discovery`, as a proxy reports it.
+fn source(source: Source, applied: Option<i64>) -> SourceView {
+    SourceView {
+        status: SourceStatusSnapshot {
+            source,
+            connected: true,
+            seen_revision: applied,
+            applied_revision: applied,
+            last_sync_unix_ms: None,
+            staleness_secs: None,
+            malformed: 0,
+            reconnects: 0,
+            resets: 0,
+            last_error: None,
+        },
+        serving_saved_state: false,
+    }
 }
 
 /// An admin API answering `/api/discovery` and `/api/services` from a
@@ -66,16 +84,26 @@ impl FakeAdmin {
                         let st = state.lock().unwrap().clone();
                         let body = match path.as_str() {
                             "/api/discovery" => json!([
-                                {"source": "file", "applied_revision": null},
-                                {"source": "etcd", "applied_revision": st.applied, "connected": true}
+                                source(Source::File, None),
+                                source(Source::Etcd, st.applied),
                             ]),
-                            "/api/services" => json!([{
-                                "name": "web",
-                                "balance": "roundrobin",
-                                "endpoints": st.endpoints.iter().map(|(id, state, n)| json!({
-                                    "id": id, "address": "127.0.0.1:1", "state": state,
-                                    "healthy": true, "in_flight": n, "weight": 1
-                                })).collect::<Vec<_>>()
+                            "/api/services" => json!([ServiceView {
+                                name: "web".into(),
+                                balance: "roundrobin".into(),
+                                endpoints: st
+                                    .endpoints
+                                    .iter()
+                                    .map(|(id, state, n)| EndpointView {
+                                        id: id.to_string(),
+                                        address: "127.0.0.1:1".into(),
+                                        state: state.parse().unwrap(),
+                                        healthy: true,
+                                        in_flight: *n,
+                                        weight: 1,
+                                        ..EndpointView::default()
+                                    })
+                                    .collect(),
+                                ..ServiceView::default()
                             }]),
                             _ => json!({}),
                         }

@@ -2,7 +2,7 @@
 //! itself, as `pointsman register` does for the app beside it.
 //!
 //! A [`Registrar`] keeps `<services>/<service>/<id>` in etcd under a lease
-//! (see [`crate::lease`]): it is written by [`register`](Registrar::register),
+//! (see [`pointsman_discovery::lease`]): it is written by [`register`](Registrar::register),
 //! rewritten in place by [`set_state`](Registrar::set_state) (`drain` takes
 //! the instance out of rotation while its requests finish), kept alive, and
 //! written again under a new lease if etcd loses the old one. Each write
@@ -15,10 +15,11 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::conn::EtcdError;
-use crate::lease::{LeaseState, LeasedKey};
-use crate::parse::parse_instance;
-use crate::{Address, AdminState, CheckSpec, EtcdOptions, ParseError, Prefixes, Registration};
+use pointsman_discovery::conn::EtcdError;
+use pointsman_discovery::keys;
+use pointsman_discovery::lease::{LeaseState, LeasedKey};
+use pointsman_discovery::parse::parse_instance;
+use pointsman_discovery::{Address, AdminState, CheckSpec, EtcdOptions, ParseError, Registration};
 
 /// Why a registrar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +48,7 @@ impl Registrar {
         ttl: Duration,
         registration: Registration,
     ) -> Result<Registrar, RegistrarError> {
-        let key = registration_key(&etcd.prefixes, &registration.service, &registration.id);
+        let key = keys::instance_key(&etcd.prefixes, &registration.service, &registration.id);
         // What the proxies will parse, checked before anything is written.
         parse_instance(
             &key,
@@ -97,11 +98,6 @@ impl Registrar {
     }
 }
 
-/// The key of an instance's registration: `<services>/<service>/<id>`.
-pub fn registration_key(prefixes: &Prefixes, service: &str, id: &str) -> String {
-    format!("{}{service}/{id}", prefixes.services_dir())
-}
-
 /// The JSON value of a registration, as `SCHEMA.md` describes it; empty
 /// tags, meta and a missing check are left out.
 pub fn registration_value(registration: &Registration) -> String {
@@ -140,7 +136,11 @@ mod tests {
         reg.state = AdminState::Drain;
         reg.tags = vec!["green".into()];
         reg.meta.insert("version".into(), "2".into());
-        let key = registration_key(&Prefixes::default(), "web", "host1:8080");
+        let key = keys::instance_key(
+            &pointsman_discovery::Prefixes::default(),
+            "web",
+            "host1:8080",
+        );
         assert_eq!(key, "/services/web/host1:8080");
         let value = registration_value(&reg);
         assert_eq!(

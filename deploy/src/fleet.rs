@@ -19,96 +19,13 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use etcd_client::GetOptions;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::{header, Request};
-use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
+use pointsman_discovery::admin_api::{ProxyRecord, ProxyView, ServiceView, SourceView};
+use pointsman_discovery::conn::{EtcdConn, EtcdError};
+use pointsman_discovery::http::HttpConn;
+use pointsman_discovery::keys::proxies_dir;
+use pointsman_discovery::{AdminState, EtcdOptions, Prefixes};
 use tokio::time::{timeout, Instant};
-
-use crate::conn::{EtcdConn, EtcdError};
-use crate::{AdminState, EtcdOptions, Prefixes};
-
-/// Admin API answers larger than this are refused.
-const MAX_BODY: usize = 32 * 1024 * 1024;
-
-/// What a proxy writes about itself under `<pointsman>/proxies/<id>`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProxyRecord {
-    /// The proxy's id (`--proxy-id`), also the last segment of its key.
-    pub id: String,
-    /// `host:port` of its admin API, as others reach it.
-    pub admin: String,
-    /// The etcd revision its routing table holds; `None` before the first
-    /// sync.
-    #[serde(default)]
-    pub applied_revision: Option<i64>,
-    #[serde(default)]
-    pub pid: u32,
-    /// When it started, in seconds since the Unix epoch.
-    #[serde(default)]
-    pub started: u64,
-}
-
-/// `<pointsman>/proxies/`.
-pub fn proxies_dir(prefixes: &Prefixes) -> String {
-    format!("{}proxies/", prefixes.pointsman_dir())
-}
-
-/// `<pointsman>/proxies/<id>`.
-pub fn proxy_key(prefixes: &Prefixes, id: &str) -> String {
-    format!("{}{id}", proxies_dir(prefixes))
-}
-
-/// What one proxy's admin API says, the parts the fleet needs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ProxyView {
-    /// Whether the proxy follows etcd at all.
-    pub follows_etcd: bool,
-    /// The etcd revision it has applied.
-    pub applied_revision: Option<i64>,
-    pub services: Vec<ServiceView>,
-}
-
-/// A service in `/api/services`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-pub struct ServiceView {
-    pub name: String,
-    #[serde(default)]
-    pub endpoints: Vec<EndpointView>,
-}
-
-/// An endpoint in `/api/services`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct EndpointView {
-    pub id: String,
-    #[serde(default)]
-    pub address: String,
-    #[serde(default)]
-    pub state: AdminState,
-    #[serde(default = "yes")]
-    pub healthy: bool,
-    #[serde(default)]
-    pub in_flight: u64,
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl ProxyView {
-    /// The endpoint `id` of `service`, if the proxy has it.
-    pub fn endpoint(&self, service: &str, id: &str) -> Option<&EndpointView> {
-        self.services
-            .iter()
-            .find(|s| s.name == service)?
-            .endpoints
-            .iter()
-            .find(|e| e.id == id)
-    }
-}
 
 /// What to wait for on every proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -435,119 +352,21 @@ impl Fleet {
 /// Asks one proxy's admin API at `admin` (`host:port`) what it has applied
 /// and what it does with each endpoint, within `limit`.
 pub async fn probe(admin: &str, limit: Duration) -> Result<ProxyView, String> {
-    #[derive(Deserialize)]
-    struct SourceView {
-        source: String,
-        #[serde(default)]
-        applied_revision: Option<i64>,
-    }
     let ask = async {
         let mut conn = HttpConn::open(admin).await?;
         let sources: Vec<SourceView> = conn.get_json(admin, "/api/discovery").await?;
         let services: Vec<ServiceView> = conn.get_json(admin, "/api/services").await?;
-        let etcd = sources.iter().find(|s| s.source == "etcd");
-        Ok(ProxyView {
-            follows_etcd: etcd.is_some(),
-            applied_revision: etcd.and_then(|s| s.applied_revision),
-            services,
-        })
+        Ok(ProxyView::new(&sources, services))
     };
     timeout(limit, ask)
         .await
         .map_err(|_| format!("no answer from {admin} within {limit:?}"))?
 }
 
-/// The answer to a plain HTTP/1.1 GET.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HttpAnswer {
-    pub status: u16,
-    pub body: Bytes,
-}
-
-/// GET `http://<addr><path>` on a fresh connection, within `limit`: what
-/// `pointsman register`'s HTTP health check and the fleet's probes send.
-pub async fn http_get(addr: &str, path: &str, limit: Duration) -> Result<HttpAnswer, String> {
-    let ask = async {
-        let mut conn = HttpConn::open(addr).await?;
-        conn.get(addr, path).await
-    };
-    timeout(limit, ask)
-        .await
-        .map_err(|_| format!("no answer from {addr} within {limit:?}"))?
-}
-
-/// One HTTP/1.1 connection, for a few GETs in a row.
-struct HttpConn {
-    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
-    driver: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for HttpConn {
-    fn drop(&mut self) {
-        self.driver.abort();
-    }
-}
-
-impl HttpConn {
-    async fn open(addr: &str) -> Result<HttpConn, String> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?;
-        let driver = tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(HttpConn { sender, driver })
-    }
-
-    async fn get(&mut self, addr: &str, path: &str) -> Result<HttpAnswer, String> {
-        let req = Request::get(path)
-            .header(header::HOST, addr)
-            .header(header::USER_AGENT, "pointsman")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| format!("GET {path}: {e}"))?;
-        self.sender
-            .ready()
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?;
-        let resp = self
-            .sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("GET http://{addr}{path}: {e}"))?;
-        let status = resp.status().as_u16();
-        let body = Limited::new(resp.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| format!("GET http://{addr}{path}: reading the body: {e}"))?
-            .to_bytes();
-        Ok(HttpAnswer { status, body })
-    }
-
-    async fn get_json<T: serde::de::DeserializeOwned>(
-        &mut self,
-        addr: &str,
-        path: &str,
-    ) -> Result<T, String> {
-        let answer = self.get(addr, path).await?;
-        if answer.status != 200 {
-            return Err(format!(
-                "GET http://{addr}{path}: status {}: {}",
-                answer.status,
-                String::from_utf8_lossy(&answer.body).trim()
-            ));
-        }
-        serde_json::from_slice(&answer.body)
-            .map_err(|e| format!("GET http://{addr}{path}: not the expected JSON: {e}"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pointsman_discovery::admin_api::EndpointView;
 
     fn view(applied: Option<i64>, endpoints: &[(&str, AdminState, u64)]) -> ProxyView {
         ProxyView {
@@ -563,8 +382,10 @@ mod tests {
                         state: *state,
                         healthy: true,
                         in_flight: *in_flight,
+                        ..EndpointView::default()
                     })
                     .collect(),
+                ..ServiceView::default()
             }],
         }
     }
@@ -634,13 +455,10 @@ mod tests {
     #[test]
     fn records_and_keys() {
         let p = Prefixes::default();
-        assert_eq!(proxy_key(&p, "edge-1"), "/pointsman/proxies/edge-1");
-        let r: ProxyRecord =
-            serde_json::from_str(r#"{"id":"edge-1","admin":"10.0.0.1:8404","applied_revision":42,"pid":7,"started":1700000000}"#)
-                .unwrap();
-        assert_eq!(r.applied_revision, Some(42));
-        let minimal: ProxyRecord = serde_json::from_str(r#"{"id":"x","admin":"h:1"}"#).unwrap();
-        assert_eq!(minimal.applied_revision, None);
+        assert_eq!(
+            pointsman_discovery::keys::proxy_key(&p, "edge-1"),
+            "/pointsman/proxies/edge-1"
+        );
     }
 
     #[test]
@@ -666,5 +484,76 @@ mod tests {
             "1 of 2 proxies confirmed; waiting for p2 (h2:1): 1 request in flight to web/a"
         );
         assert!(FleetCheck::default().confirmed());
+    }
+
+    /// A stand-in admin API whose `/api/services` lacks `in_flight`, as a
+    /// proxy that renamed the field would send.
+    async fn admin_without_in_flight() -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 1024];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end);
+                        let body = if head.starts_with("GET /api/discovery") {
+                            r#"[{"source":"etcd","connected":true,"seen_revision":5,"applied_revision":5,"last_sync_unix_ms":null,"staleness_secs":null,"malformed":0,"reconnects":0,"resets":0,"last_error":null,"serving_saved_state":false}]"#.to_string()
+                        } else {
+                            let mut services = serde_json::to_value(vec![ServiceView {
+                                name: "web".into(),
+                                endpoints: vec![EndpointView {
+                                    id: "a".into(),
+                                    ..EndpointView::default()
+                                }],
+                                ..ServiceView::default()
+                            }])
+                            .unwrap();
+                            if let Some(e) = services[0]["endpoints"][0].as_object_mut() {
+                                e.remove("in_flight");
+                            }
+                            services.to_string()
+                        };
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_proxy_answer_without_in_flight_is_refused_by_name() {
+        let admin = admin_without_in_flight().await;
+        let err = probe(&admin, Duration::from_secs(5))
+            .await
+            .expect_err("an endpoint without in_flight read as drained");
+        assert!(err.contains("missing field `in_flight`"), "{err}");
+        assert!(err.contains(&admin), "{err}");
+        let verdicts = ask_all(
+            vec![("edge-1".into(), admin.clone())],
+            Duration::from_secs(5),
+            |view| judge_drained(view, "web", "a"),
+        )
+        .await;
+        let pending = verdicts[0].pending.as_deref().unwrap_or("");
+        assert!(pending.contains("in_flight"), "{pending}");
+        assert_eq!(verdicts[0].id, "edge-1");
     }
 }

@@ -3,17 +3,15 @@
 //! the lease is lost, kept across an etcd restart, and written once an etcd
 //! that was down at start comes up.
 
-#[path = "support/etcd.rs"]
-mod etcd_support;
-
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
+use pointsman_deploy::registrar::Registrar;
 use pointsman_discovery::{
-    parse_instance, AdminState, EtcdError, EtcdOptions, LeaseState, Registrar, Registration,
+    parse_instance, AdminState, EtcdError, EtcdOptions, LeaseState, Registration,
 };
 
-use etcd_support::EtcdServer;
+use pointsman_testkit::etcd::EtcdServer;
 
 const DEADLINE: Duration = Duration::from_secs(15);
 
