@@ -2,10 +2,11 @@
 # Checks the example units with systemd-analyze verify, with the pointsman
 # binary of this tree standing in for /usr/local/bin/pointsman.
 set -euo pipefail
+bin=${1:-$(dirname "$0")/../../target/release/pointsman}
+[ -x "$bin" ] || { echo "no pointsman binary at $bin: run make build" >&2; exit 1; }
+bin=$(realpath "$bin")
 cd "$(dirname "$0")"
 command -v systemd-analyze >/dev/null || { echo "systemd-analyze is needed: apt-get install systemd" >&2; exit 1; }
-bin=$(realpath "${1:-../../target/release/pointsman}")
-[ -x "$bin" ] || { echo "no pointsman binary at $bin: run make build" >&2; exit 1; }
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 sed "s#/usr/local/bin/pointsman#$bin#g" pointsman.service >"$dir/pointsman.service"
