@@ -244,7 +244,7 @@ fn main() -> ExitCode {
         Command::Run(args) => serve(args, false),
         Command::Ctl(args) => ctl(args),
         Command::Deploy(args) => {
-            runtime(Some(1)).and_then(|rt| rt.block_on(pointsman_deploy::rollout::run(args)))
+            runtime(Some(1)).and_then(|rt| Ok(rt.block_on(pointsman_deploy::rollout::run(args))?))
         }
         Command::Demo(args) => serve(args, true),
         Command::Upstream { listen, name } => runtime(Some(1)).and_then(|rt| {

@@ -35,9 +35,20 @@ pub struct EtcdArgs {
     pub etcd_key: Option<PathBuf>,
 }
 
+/// Registry flags that do not make a usable configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    #[error("--etcd-user and --etcd-password go together")]
+    UserWithoutPassword,
+    #[error("etcd: {0}")]
+    Etcd(pointsman_discovery::DiscoveryError),
+    #[error("consul: {0}")]
+    Consul(pointsman_discovery::consul::ConsulError),
+}
+
 impl EtcdArgs {
     /// The options, or `None` when no --etcd was given.
-    pub fn options(&self) -> anyhow::Result<Option<EtcdOptions>> {
+    pub fn options(&self) -> Result<Option<EtcdOptions>, ArgsError> {
         if self.etcd.is_empty() {
             return Ok(None);
         }
@@ -49,7 +60,7 @@ impl EtcdArgs {
         o.user = match (&self.etcd_user, &self.etcd_password) {
             (Some(u), Some(p)) => Some((u.clone(), p.clone())),
             (None, None) => None,
-            _ => anyhow::bail!("--etcd-user and --etcd-password go together"),
+            _ => return Err(ArgsError::UserWithoutPassword),
         };
         o.tls = self.etcd_ca.as_ref().map(|ca| EtcdTls {
             ca: ca.clone(),
@@ -57,7 +68,7 @@ impl EtcdArgs {
             key: self.etcd_key.clone(),
             domain: None,
         });
-        o.check().map_err(|e| anyhow::anyhow!("etcd: {e}"))?;
+        o.check().map_err(ArgsError::Etcd)?;
         Ok(Some(o))
     }
 }
@@ -81,7 +92,7 @@ pub struct ConsulArgs {
 }
 
 impl ConsulArgs {
-    pub fn options(&self) -> anyhow::Result<Option<pointsman_discovery::ConsulOptions>> {
+    pub fn options(&self) -> Result<Option<pointsman_discovery::ConsulOptions>, ArgsError> {
         if self.consul.is_empty() {
             return Ok(None);
         }
@@ -89,7 +100,7 @@ impl ConsulArgs {
         o.token = self.consul_token.clone();
         o.datacenter = self.consul_datacenter.clone();
         o.wait = self.consul_wait;
-        o.check().map_err(|e| anyhow::anyhow!("consul: {e}"))?;
+        o.check().map_err(ArgsError::Consul)?;
         Ok(Some(o))
     }
 }

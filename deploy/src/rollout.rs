@@ -13,10 +13,10 @@ use crate::fleet::Fleet;
 use crate::rolling::{self, Rolling};
 use crate::switch::{self, Switch};
 use crate::watch::{Interrupt, Progress};
-use crate::{CanarySteps, Store};
-use anyhow::{bail, Context};
+use crate::{CanarySteps, DeployError, PlanError, Store};
 
-use crate::cli::EtcdArgs;
+use crate::cli::{ArgsError, EtcdArgs};
+use pointsman_discovery::EtcdError;
 
 /// `pointsman deploy`'s arguments.
 #[derive(clap::Args, Clone, Debug)]
@@ -116,12 +116,44 @@ pub enum DeployCommand {
     },
 }
 
-pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
+/// Why `pointsman deploy` stopped; each message says what happened and,
+/// where there is one, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("deploy works through etcd: give --etcd URL")]
+    NoEtcd,
+    #[error(transparent)]
+    Args(#[from] ArgsError),
+    #[error("etcd")]
+    Fleet(#[source] EtcdError),
+    #[error(transparent)]
+    Deploy(#[from] DeployError),
+    #[error("interrupted: if the switch was written (see above), it stays; undo it with `deploy rollback`")]
+    SwitchInterrupted,
+    #[error("interrupted: if the rollback was written (see above), it stays")]
+    RollbackInterrupted,
+    #[error("canary aborted and rolled back: {0}")]
+    CanaryRolledBack(String),
+    #[error("cannot handle {signal}")]
+    Signal {
+        signal: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<PlanError> for RolloutError {
+    fn from(e: PlanError) -> Self {
+        RolloutError::Deploy(DeployError::Plan(e))
+    }
+}
+
+pub async fn run(args: DeployArgs) -> Result<(), RolloutError> {
     let Some(etcd) = args.etcd.options()? else {
-        bail!("deploy works through etcd: give --etcd URL");
+        return Err(RolloutError::NoEtcd);
     };
     let mut store = Store::connect(&etcd).await?;
-    let mut fleet = Fleet::new(etcd).context("etcd")?;
+    let mut fleet = Fleet::new(etcd).map_err(RolloutError::Fleet)?;
     let progress = Progress::new();
     let interrupt = Interrupt::new();
     watch_signals(interrupt.clone())?;
@@ -158,9 +190,7 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
             };
             tokio::select! {
                 r = switch::switch(&mut store, &mut fleet, &plan, &progress) => { r?; }
-                _ = interrupt.fired() => bail!(
-                    "interrupted: if the switch was written (see above), it stays; undo it with `deploy rollback`"
-                ),
+                _ = interrupt.fired() => return Err(RolloutError::SwitchInterrupted),
             }
         }
         DeployCommand::Rollback {
@@ -173,9 +203,7 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
                 r = switch::rollback(
                     &mut store, &mut fleet, &map, &key, drain_old, timeout, &progress,
                 ) => { r?; }
-                _ = interrupt.fired() => bail!(
-                    "interrupted: if the rollback was written (see above), it stays"
-                ),
+                _ = interrupt.fired() => return Err(RolloutError::RollbackInterrupted),
             }
         }
         DeployCommand::Canary {
@@ -203,7 +231,7 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
             };
             match canary::canary(&mut store, &mut fleet, &plan, &progress, &interrupt).await? {
                 Outcome::Promoted => {}
-                Outcome::RolledBack(why) => bail!("canary aborted and rolled back: {why}"),
+                Outcome::RolledBack(why) => return Err(RolloutError::CanaryRolledBack(why)),
             }
         }
     }
@@ -212,10 +240,16 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
 
 /// Fires `interrupt` on the first SIGINT or SIGTERM, so the rollout undoes
 /// its step under way; exits at once on the second.
-fn watch_signals(interrupt: Interrupt) -> anyhow::Result<()> {
+fn watch_signals(interrupt: Interrupt) -> Result<(), RolloutError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let handle = |kind: SignalKind, name: &'static str| {
+        signal(kind).map_err(|source| RolloutError::Signal {
+            signal: name,
+            source,
+        })
+    };
+    let mut int = handle(SignalKind::interrupt(), "SIGINT")?;
+    let mut term = handle(SignalKind::terminate(), "SIGTERM")?;
     tokio::spawn(async move {
         let name = tokio::select! {
             _ = int.recv() => "SIGINT",
