@@ -41,7 +41,10 @@ async fn send(
     token: Option<&str>,
     body: &str,
 ) -> (u16, Value) {
-    let mut req = plain_client().request(method, &url).body(body.to_string());
+    let mut req = plain_client()
+        .request(method, &url)
+        .header("content-type", "application/json")
+        .body(body.to_string());
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -253,6 +256,107 @@ async fn an_admin_listener_off_loopback_needs_a_token() {
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("--admin-token"), "{err}");
     assert!(err.contains("not on loopback"), "{err}");
+}
+
+#[tokio::test]
+async fn a_blank_token_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("p.toml");
+    let listener = web(
+        "127.0.0.1:0".parse().expect("addr"),
+        "",
+        &[ep("a", free_addr())],
+    );
+    std::fs::write(&path, &listener).expect("write config");
+    let path = path.to_string_lossy().into_owned();
+    let (code, _out, err) = run_cli(&["run", "--config", &path, "--admin-token", "  "]);
+    assert_ne!(
+        code, 0,
+        "a blank --admin-token must not start a proxy: {err}"
+    );
+    assert!(err.contains("admin token is blank"), "{err}");
+    // The same in the file, found by `check` with its line.
+    let blank = format!("[global]\nadmin_token = \" \"\n{listener}");
+    std::fs::write(&path, blank).expect("write config");
+    let (code, _out, err) = run_cli(&["check", "--config", &path]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("admin_token") && err.contains("blank"),
+        "{err}"
+    );
+}
+
+/// A page on another site can make a browser POST to a loopback admin API;
+/// such a change (a foreign Origin, or a form or text body) is refused even
+/// with no token, and changes nothing.
+#[tokio::test]
+async fn changes_a_web_page_could_send_are_refused() {
+    let ups = Upstream::start_many(&["a", "b", "green"]).await;
+    let proxy = Proxy::start(|| config(free_addr(), &ups[0], &ups[1], &ups[2])).await;
+    let url = proxy.admin_url("/api/services/web/endpoints/a");
+    let attempts: [(&[(&str, &str)], u16); 3] = [
+        (&[("content-type", "text/plain")], 415),
+        (&[], 415),
+        (
+            &[
+                ("content-type", "application/json"),
+                ("origin", "http://evil.example"),
+            ],
+            403,
+        ),
+    ];
+    for (headers, status) in attempts {
+        let mut req = plain_client().post(&url).body(r#"{"state":"maint"}"#);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("admin request");
+        assert_eq!(resp.status().as_u16(), status, "{headers:?}");
+        let text = resp.text().await.expect("body");
+        assert!(
+            text.contains("Content-Type: application/json") || text.contains("evil.example"),
+            "the refusal says why: {text}"
+        );
+    }
+    assert_eq!(proxy.endpoint("web", "a").await["state"], "ready");
+    // The same change as a tool sends it applies.
+    let (status, _) = send(reqwest::Method::POST, url, None, r#"{"state":"maint"}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(proxy.endpoint("web", "a").await["state"], "maint");
+}
+
+/// The token is read per change from the config last applied: a reload
+/// that changes it applies at once, and one that would leave an admin
+/// listener off loopback unprotected is refused.
+#[tokio::test]
+async fn a_reload_applies_a_changed_token() {
+    let ups = Upstream::start_many(&["a", "b", "green"]).await;
+    let listen = free_addr();
+    let with_token = |t: &str| {
+        format!(
+            "[global]\nadmin_token = \"{t}\"\n{}",
+            config(listen, &ups[0], &ups[1], &ups[2])
+        )
+    };
+    let first = with_token("old-token");
+    let proxy = Proxy::start(|| first.clone()).await;
+    let url = proxy.admin_url("/api/services/web/endpoints/a");
+    let change = |token: &'static str| {
+        send(
+            reqwest::Method::POST,
+            url.clone(),
+            Some(token),
+            r#"{"weight":3}"#,
+        )
+    };
+    assert_eq!(change("old-token").await.0, 200);
+    proxy.reload(&with_token("new-token")).await;
+    assert_eq!(
+        change("old-token").await.0,
+        401,
+        "the old token no longer works"
+    );
+    assert_eq!(change("new-token").await.0, 200, "the new one does");
 }
 
 #[tokio::test]

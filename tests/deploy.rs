@@ -1152,6 +1152,7 @@ async fn deploys_refuse_what_would_hurt_traffic() {
     // fleet-wide state is put back.
     let resp = plain_client()
         .put(p2.admin_url("/api/services/web/endpoints/a1"))
+        .header("content-type", "application/json")
         .body(r#"{"state":"ready"}"#)
         .send()
         .await

@@ -285,6 +285,15 @@ impl Config {
             })?;
         }
 
+        if matches!(&raw.global.admin_token, Some(t) if t.trim().is_empty()) {
+            return Err(ConfigError::Invalid {
+                path: origin.to_string(),
+                line: line_of(text, text.find("admin_token").unwrap_or(0)),
+                key: "global.admin_token".into(),
+                message: AdminTokenError::Blank.to_string(),
+            });
+        }
+
         let mut listeners = Vec::new();
         let mut names = std::collections::HashSet::new();
         for (i, l) in raw.listeners.into_iter().enumerate() {
@@ -480,6 +489,25 @@ impl From<&Global> for ClientLimits {
     }
 }
 
+/// Why the admin token does not protect the admin listener.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminTokenError {
+    #[error("the admin token is blank: set a secret (--admin-token, POINTSMAN_ADMIN_TOKEN or [global] admin_token), or none at all and keep the admin listener on loopback")]
+    Blank,
+    #[error("the admin listener {0} is not on loopback: set --admin-token (or [global] admin_token) so that changes need it, or bind the admin listener to 127.0.0.1")]
+    NeedsToken(SocketAddr),
+}
+
+/// A token, when there is one, must not be blank; an admin listener off
+/// loopback (`admin`, bound at start) must have one.
+pub fn check_admin_token(global: &Global, admin: SocketAddr) -> Result<(), AdminTokenError> {
+    match global.admin_token.as_deref() {
+        Some(t) if t.trim().is_empty() => Err(AdminTokenError::Blank),
+        None if !admin.ip().is_loopback() => Err(AdminTokenError::NeedsToken(admin)),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses a TCP address that is not loopback: the runtime API has no
 /// authentication, so only local processes may reach it.
 pub fn check_loopback(addr: SocketAddr) -> Result<(), String> {
@@ -496,6 +524,25 @@ pub fn check_loopback(addr: SocketAddr) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_admin_token_may_not_be_blank_nor_missing_off_loopback() {
+        let mut g = Config::embedded_demo().global;
+        let (local, any): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:8404".parse().expect("addr"),
+            "0.0.0.0:8404".parse().expect("addr"),
+        );
+        g.admin_token = None;
+        assert_eq!(check_admin_token(&g, local), Ok(()));
+        assert_eq!(
+            check_admin_token(&g, any),
+            Err(AdminTokenError::NeedsToken(any))
+        );
+        g.admin_token = Some(" \t".into());
+        assert_eq!(check_admin_token(&g, local), Err(AdminTokenError::Blank));
+        g.admin_token = Some("s3cret".into());
+        assert_eq!(check_admin_token(&g, any), Ok(()));
+    }
 
     #[test]
     fn embedded_demo_is_valid() {

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::control::config::Config;
 use crate::control::local::{LocalChange, LocalError};
 use crate::control::registry::Followed;
 use crate::control::reload::ReloadStats;
@@ -45,9 +47,10 @@ pub struct Admin {
     pub reloads: Arc<ReloadStats>,
     /// Where local changes go.
     pub control: ControlHandle,
-    /// Required (as `Authorization: Bearer <token>`) on every change when
-    /// set.
-    pub token: Option<String>,
+    /// The config last applied: its `admin_token`, when set, is required
+    /// (as `Authorization: Bearer <token>`) on every change, so a reload
+    /// that changes the token applies at once.
+    pub applied: Arc<ArcSwap<Config>>,
     /// Unix seconds the proxy started at.
     pub started: u64,
 }
@@ -169,7 +172,7 @@ impl Admin {
         if !matches!(segs.first(), Some(&"api")) {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET here\n");
         }
-        if let Some(denied) = self.check_token(&req) {
+        if let Some(denied) = check_origin(&req).or_else(|| self.check_token(&req)) {
             return denied;
         }
         let body = match Limited::new(req.into_body(), BODY_LIMIT).collect().await {
@@ -326,7 +329,8 @@ impl Admin {
 
     /// `None` when the request may change things.
     fn check_token(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
-        let token = self.token.as_deref()?;
+        let applied = self.applied.load();
+        let token = applied.global.admin_token.as_deref()?;
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -355,6 +359,41 @@ impl Admin {
 struct EndpointChange {
     state: Option<AdminState>,
     weight: Option<u16>,
+}
+
+/// Refuses a change a web page could have sent. A page on another site can
+/// make the browser POST to a loopback admin API, but only with a "simple"
+/// content type and with its own `Origin`: a change must say it is JSON
+/// (which a browser will not send cross-site without asking first, and
+/// this API never says yes) and, when it names an origin, come from this
+/// API's own.
+fn check_origin(req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let header_str = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    if let Some(origin) = header_str(header::ORIGIN) {
+        let own = header_str(header::HOST).map(|host| format!("http://{host}"));
+        if own.as_deref() != Some(origin) {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "a change from the web page at {origin:?} is refused: the admin API takes \
+                     changes from tools (curl, pointsman ctl), not from other sites' pages"
+                ),
+            ));
+        }
+    }
+    let json = header_str(header::CONTENT_TYPE).is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if !json {
+        return Some(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "changes must be sent with `Content-Type: application/json` \
+             (e.g. curl -H 'Content-Type: application/json'), so that no web page can send them",
+        ));
+    }
+    None
 }
 
 fn local_status(e: &LocalError) -> StatusCode {

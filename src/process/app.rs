@@ -48,8 +48,8 @@ pub struct App {
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("the admin listener {0} is not on loopback: set --admin-token (or [global] admin_token) so that changes need it, or bind the admin listener to 127.0.0.1")]
-    AdminNeedsToken(std::net::SocketAddr),
+    #[error(transparent)]
+    AdminToken(#[from] crate::control::config::AdminTokenError),
     /// A listener (admin, runtime API or the config's) could not be bound;
     /// the text says which and why.
     #[error("{0}")]
@@ -103,10 +103,7 @@ impl App {
         let sockets = listeners.held();
         let open = listeners.opener();
         let bound = listeners.bound();
-        let admin_token = config.global.admin_token.clone().filter(|t| !t.is_empty());
-        if !config.global.admin.ip().is_loopback() && admin_token.is_none() {
-            return Err(AppError::AdminNeedsToken(config.global.admin));
-        }
+        crate::control::config::check_admin_token(&config.global, config.global.admin)?;
         let admin_listener = match inherited.take_admin(config.global.admin) {
             Some(l) => tokio::net::TcpListener::from_std(l)?,
             None => crate::ops::admin::bind(config.global.admin)
@@ -140,7 +137,7 @@ impl App {
         let handle = ControlHandle::new(commands.clone(), table.clone());
         let runtime = Arc::new(crate::ops::runtime::Runtime::new(
             handle.clone(),
-            applied,
+            applied.clone(),
             threads,
             shutdown.clone(),
         ));
@@ -154,7 +151,7 @@ impl App {
             followed,
             reloads: reloads.clone(),
             control: ControlHandle::new(commands.clone(), table.clone()),
-            token: admin_token,
+            applied,
             started: crate::engine::endpoint::unix_now(),
         });
         tokio::spawn(admin.serve(admin_listener, shutdown.clone()));

@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::{Runtime, MAX_LINE};
-use crate::control::config::check_loopback;
+use crate::control::config::{check_admin_token, check_loopback};
 use crate::control::config::{Config, Global};
 use crate::control::ListenerControl;
 
@@ -295,22 +295,28 @@ pub struct ObservedListeners {
     inner: Box<dyn ListenerControl>,
     applied: Arc<ArcSwap<Config>>,
     started_with: (Option<PathBuf>, Option<SocketAddr>),
+    /// The admin listener is bound once; a reload may change its token
+    /// but not leave it unprotected.
+    admin: SocketAddr,
 }
 
 impl ObservedListeners {
     pub fn new(inner: Box<dyn ListenerControl>, applied: Arc<ArcSwap<Config>>) -> Self {
         let g = &applied.load().global;
         let started_with = (g.runtime_socket.clone(), g.runtime_api);
+        let admin = g.admin;
         ObservedListeners {
             inner,
             applied,
             started_with,
+            admin,
         }
     }
 }
 
 impl ListenerControl for ObservedListeners {
     fn reconcile(&mut self, config: &Config) -> Result<(), String> {
+        check_admin_token(&config.global, self.admin).map_err(|e| e.to_string())?;
         self.inner.reconcile(config)?;
         let g = &config.global;
         if (&g.runtime_socket, &g.runtime_api) != (&self.started_with.0, &self.started_with.1) {
