@@ -5,6 +5,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::excerpt::quote;
+
 /// Where an endpoint listens: an IP literal or a DNS name, and a port.
 ///
 /// Names are kept as given and resolved when connecting, so a compose
@@ -16,16 +18,17 @@ pub struct Address {
 }
 
 /// Why a `host:port` string is not an address; each message says what to
-/// write instead.
+/// write instead. The string is kept quoted, and cut short when long
+/// ([`crate::excerpt::quote`]).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AddressError {
-    #[error("address {0:?} is empty: expected host:port, e.g. 127.0.0.1:8080")]
+    #[error("address {0} is empty: expected host:port, e.g. 127.0.0.1:8080")]
     Empty(String),
-    #[error("address {0:?} has no port: expected host:port, e.g. 127.0.0.1:8080")]
+    #[error("address {0} has no port: expected host:port, e.g. 127.0.0.1:8080")]
     NoPort(String),
-    #[error("address {0:?} has an invalid port: expected a number from 1 to 65535")]
+    #[error("address {0} has an invalid port: expected a number from 1 to 65535")]
     BadPort(String),
-    #[error("address {0:?} has an invalid host: expected an IP address or a DNS name")]
+    #[error("address {0} has an invalid host: expected an IP address or a DNS name")]
     BadHost(String),
 }
 
@@ -52,34 +55,34 @@ impl FromStr for Address {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         if s.is_empty() {
-            return Err(AddressError::Empty(s.to_string()));
+            return Err(AddressError::Empty(quote(s)));
         }
         // `[::1]:80` for IPv6, `host:port` otherwise.
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
             let (h, p) = rest
                 .split_once("]:")
-                .ok_or_else(|| AddressError::NoPort(s.to_string()))?;
+                .ok_or_else(|| AddressError::NoPort(quote(s)))?;
             if h.parse::<std::net::Ipv6Addr>().is_err() {
-                return Err(AddressError::BadHost(s.to_string()));
+                return Err(AddressError::BadHost(quote(s)));
             }
             (h, p)
         } else {
             let (h, p) = s
                 .rsplit_once(':')
-                .ok_or_else(|| AddressError::NoPort(s.to_string()))?;
+                .ok_or_else(|| AddressError::NoPort(quote(s)))?;
             if h.contains(':') {
                 // A bare IPv6 literal needs brackets to carry a port.
-                return Err(AddressError::BadHost(s.to_string()));
+                return Err(AddressError::BadHost(quote(s)));
             }
             (h, p)
         };
-        let port: u16 = p_parse(port).ok_or_else(|| AddressError::BadPort(s.to_string()))?;
+        let port: u16 = p_parse(port).ok_or_else(|| AddressError::BadPort(quote(s)))?;
         if host.is_empty()
             || !host
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-._:".contains(c))
         {
-            return Err(AddressError::BadHost(s.to_string()));
+            return Err(AddressError::BadHost(quote(s)));
         }
         Ok(Address::new(host, port))
     }

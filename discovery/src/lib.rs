@@ -31,6 +31,7 @@ pub mod conn;
 pub mod consul;
 pub mod error;
 pub mod etcd;
+pub mod excerpt;
 pub mod file;
 pub mod http;
 pub mod keys;

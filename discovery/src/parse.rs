@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::excerpt::shorten;
 use crate::keys;
 use crate::registration::{DEFAULT_WEIGHT, MAX_WEIGHT};
 use crate::{Address, AddressError, AdminState, CheckSpec, Entry, EntryKey, Override};
@@ -376,7 +377,7 @@ pub fn parse_instance(
     let json: InstanceJson = serde_json::from_str(raw).map_err(|e| ParseError::Json {
         key: key.to_string(),
         what: "registration",
-        reason: e.to_string(),
+        reason: shorten(e.to_string()),
     })?;
     let weight = checked_weight(key, json.weight)?;
     if let Some(check) = &json.check {
@@ -412,7 +413,7 @@ fn parse_route(key: &str, value: &[u8]) -> Result<RouteSpec, ParseError> {
     let spec: RouteSpec = serde_json::from_str(raw).map_err(|e| ParseError::Json {
         key: key.to_string(),
         what: "route",
-        reason: e.to_string(),
+        reason: shorten(e.to_string()),
     })?;
     spec.target().map_err(|reason| ParseError::Invalid {
         key: key.to_string(),
@@ -426,7 +427,7 @@ fn parse_override(key: &str, value: &[u8]) -> Result<Override, ParseError> {
     let spec: Override = serde_json::from_str(raw).map_err(|e| ParseError::Json {
         key: key.to_string(),
         what: "override",
-        reason: e.to_string(),
+        reason: shorten(e.to_string()),
     })?;
     if let Some(w) = spec.weight {
         checked_weight(key, u64::from(w))?;

@@ -306,12 +306,14 @@ fn instance(name: &str, label: &str, e: &HealthEntry) -> Result<Registration, Pa
         format!("{host}:{}", e.service.port)
     };
     if host.is_empty() {
-        return Err(address_error(AddressError::Empty(shown)));
+        return Err(address_error(AddressError::Empty(crate::excerpt::quote(
+            &shown,
+        ))));
     }
     let port = u16::try_from(e.service.port)
         .ok()
         .filter(|p| *p != 0)
-        .ok_or_else(|| address_error(AddressError::BadPort(shown.clone())))?;
+        .ok_or_else(|| address_error(AddressError::BadPort(crate::excerpt::quote(&shown))))?;
     let address: Address = shown.parse().map_err(address_error)?;
     debug_assert_eq!(address.port(), port);
 

@@ -414,3 +414,24 @@ fn entry_keys_match_parse_key() {
         assert_eq!(Some(ok(key, value).key()), parse_key(&p(), key), "{key}");
     }
 }
+
+#[test]
+fn a_huge_malformed_value_is_quoted_by_its_length_and_start() {
+    let huge = "y".repeat(1 << 20);
+    for value in [
+        huge.clone(),
+        format!("{{\"address\":{huge:?}}}"),
+        format!("{{\"address\":\"127.0.0.1:80\",\"weight\":{huge:?}}}"),
+    ] {
+        let e = err("/services/web/a1", &value);
+        assert!(
+            e.len() < 400,
+            "an error quoting {} bytes stays short: {} bytes",
+            value.len(),
+            e.len()
+        );
+        assert!(e.starts_with("/services/web/a1"), "{e}");
+    }
+    let e = err("/services/web/a1", &huge);
+    assert!(e.contains("a value of 1048576 bytes starting \"yyy"), "{e}");
+}
