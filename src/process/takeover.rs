@@ -38,7 +38,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags,
@@ -460,6 +459,101 @@ fn same_user(stream: &UnixStream) -> io::Result<Option<i32>> {
 }
 
 // ---------------------------------------------------------------------------
+// Errors
+
+/// Why a takeover failed, on either side. The running process logs it and
+/// keeps serving; a new process exits with it.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    /// Reading or writing the takeover socket, or reading the sockets to
+    /// pass.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("takeover socket {}: the path exists and is not a socket", .path.display())]
+    NotASocket { path: PathBuf },
+    #[error("takeover socket {}: {} is not a directory", .path.display(), .dir.display())]
+    NoDirectory { path: PathBuf, dir: PathBuf },
+    #[error("takeover socket {}", .path.display())]
+    Inspect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot connect to takeover socket {}", .path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The process at the other end runs as another user (or cannot be
+    /// asked).
+    #[error("takeover socket")]
+    Peer(#[source] io::Error),
+    #[error("takeover via {} refused: {reason}", .path.display())]
+    Refused { path: PathBuf, reason: String },
+    /// The exchange with the running process failed. The cause is part of
+    /// the message (not a `source`) so that it comes before the note that
+    /// the running process keeps serving.
+    #[error(
+        "takeover via {} failed: {} (the running process keeps serving)",
+        .path.display(),
+        Causes(.cause.as_ref())
+    )]
+    Failed {
+        path: PathBuf,
+        cause: Box<TakeoverError>,
+    },
+    #[error("no answer within {EXCHANGE_TIMEOUT:?}")]
+    NoAnswer,
+    /// `message` is the message's debug form.
+    #[error("unexpected message {message}")]
+    Unexpected { message: String },
+    #[error("the running process speaks protocol version {version}, this one {PROTOCOL_VERSION}")]
+    Version { version: u32 },
+    #[error("{total} sockets announced; at most {MAX_SOCKETS} are taken")]
+    TooManySockets { total: usize },
+    #[error("expected descriptors, got {message}")]
+    NotDescriptors { message: String },
+    /// A passed descriptor is not the listening socket announced.
+    #[error("socket of {mode} {name:?} from pid {pid}")]
+    Socket {
+        mode: String,
+        name: String,
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("a new process asked for the sockets with protocol version {version} is not {PROTOCOL_VERSION}")]
+    HelloVersion { version: u32 },
+    #[error("no hello within {EXCHANGE_TIMEOUT:?}")]
+    NoHello,
+    #[error("sending the sockets took over {EXCHANGE_TIMEOUT:?}")]
+    SendTimeout,
+    #[error("new process {pid} sent {message} instead of stop")]
+    NotStop { pid: u32, message: String },
+    /// The cause is part of the message: the running process logs only the
+    /// message.
+    #[error("new process {pid} went away before taking over: {cause}")]
+    Gone { pid: u32, cause: io::Error },
+}
+
+/// An error followed by its causes, `: `-separated: the form `main`
+/// prints, so a cause nested in a message reads the same as at the top.
+struct Causes<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(cause) = next {
+            write!(f, ": {cause}")?;
+            next = cause.source();
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The new process
 
 /// The registries gave the new process no data in time.
@@ -491,7 +585,7 @@ pub struct Takeover {
 /// returns them with the [`Takeover`] to complete once they are in use.
 /// Nothing answering (no file, or a socket file nobody listens on) is a
 /// normal start. `None`: no takeover socket at all.
-pub async fn begin(path: Option<&Path>) -> anyhow::Result<(Takeover, Inherited)> {
+pub async fn begin(path: Option<&Path>) -> Result<(Takeover, Inherited), TakeoverError> {
     let Some(path) = path else {
         return Ok((
             Takeover {
@@ -512,25 +606,30 @@ pub async fn begin(path: Option<&Path>) -> anyhow::Result<(Takeover, Inherited)>
         ))
     };
     match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_socket() => anyhow::bail!(
-            "takeover socket {}: the path exists and is not a socket",
-            path.display()
-        ),
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(TakeoverError::NotASocket {
+                path: path.to_path_buf(),
+            })
+        }
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
             if let Some(dir) = dir {
                 if !dir.is_dir() {
-                    anyhow::bail!(
-                        "takeover socket {}: {} is not a directory",
-                        path.display(),
-                        dir.display()
-                    );
+                    return Err(TakeoverError::NoDirectory {
+                        path: path.to_path_buf(),
+                        dir: dir.to_path_buf(),
+                    });
                 }
             }
             return fresh("no process serves the takeover socket yet");
         }
-        Err(e) => return Err(e).context(format!("takeover socket {}", path.display())),
+        Err(source) => {
+            return Err(TakeoverError::Inspect {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
     }
     let deadline = Instant::now() + BUSY_DEADLINE;
     loop {
@@ -542,18 +641,18 @@ pub async fn begin(path: Option<&Path>) -> anyhow::Result<(Takeover, Inherited)>
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return fresh("no process serves the takeover socket")
             }
-            Err(e) => {
-                return Err(e).context(format!(
-                    "cannot connect to takeover socket {}",
-                    path.display()
-                ))
+            Err(source) => {
+                return Err(TakeoverError::Connect {
+                    path: path.to_path_buf(),
+                    source,
+                })
             }
         };
-        same_user(&stream).context("takeover socket")?;
+        same_user(&stream).map_err(TakeoverError::Peer)?;
         let mut wire = Wire::new(stream);
         let received = tokio::time::timeout(EXCHANGE_TIMEOUT, receive(&mut wire))
             .await
-            .map_err(|_| anyhow::anyhow!("no answer within {EXCHANGE_TIMEOUT:?}"))
+            .map_err(|_| TakeoverError::NoAnswer)
             .and_then(|r| r);
         match received {
             Ok(Received::Sockets { pid, inherited }) => {
@@ -570,12 +669,17 @@ pub async fn begin(path: Option<&Path>) -> anyhow::Result<(Takeover, Inherited)>
                 tokio::time::sleep(BUSY_RETRY).await;
             }
             Ok(Received::Refused { reason, .. }) => {
-                anyhow::bail!("takeover via {} refused: {reason}", path.display())
+                return Err(TakeoverError::Refused {
+                    path: path.to_path_buf(),
+                    reason,
+                })
             }
-            Err(e) => anyhow::bail!(
-                "takeover via {} failed: {e:#} (the running process keeps serving)",
-                path.display()
-            ),
+            Err(cause) => {
+                return Err(TakeoverError::Failed {
+                    path: path.to_path_buf(),
+                    cause: Box::new(cause),
+                })
+            }
         }
     }
 }
@@ -585,7 +689,7 @@ enum Received {
     Refused { reason: String, retry: bool },
 }
 
-async fn receive(wire: &mut Wire) -> anyhow::Result<Received> {
+async fn receive(wire: &mut Wire) -> Result<Received, TakeoverError> {
     wire.send(
         &Message::Hello {
             version: PROTOCOL_VERSION,
@@ -601,16 +705,18 @@ async fn receive(wire: &mut Wire) -> anyhow::Result<Received> {
             sockets,
         } => (version, pid, sockets),
         Message::Refused { reason, retry } => return Ok(Received::Refused { reason, retry }),
-        other => anyhow::bail!("unexpected message {other:?}"),
+        other => {
+            return Err(TakeoverError::Unexpected {
+                message: format!("{other:?}"),
+            })
+        }
     };
     if version != PROTOCOL_VERSION {
-        anyhow::bail!(
-            "the running process speaks protocol version {version}, this one {PROTOCOL_VERSION}"
-        );
+        return Err(TakeoverError::Version { version });
     }
     let total: usize = sockets.iter().map(|s| s.count).sum();
     if total > MAX_SOCKETS || sockets.len() > MAX_SOCKETS {
-        anyhow::bail!("{total} sockets announced; at most {MAX_SOCKETS} are taken");
+        return Err(TakeoverError::TooManySockets { total });
     }
     let mut fds = Vec::with_capacity(total);
     while fds.len() < total {
@@ -618,7 +724,11 @@ async fn receive(wire: &mut Wire) -> anyhow::Result<Received> {
             Message::Fds { count } if count <= total - fds.len() => {
                 fds.extend(wire.take_fds(count)?)
             }
-            other => anyhow::bail!("expected descriptors, got {other:?}"),
+            other => {
+                return Err(TakeoverError::NotDescriptors {
+                    message: format!("{other:?}"),
+                })
+            }
         }
     }
     let mut fds = fds.into_iter();
@@ -626,9 +736,13 @@ async fn receive(wire: &mut Wire) -> anyhow::Result<Received> {
     for info in sockets {
         let mut sockets = Vec::with_capacity(info.count);
         for fd in fds.by_ref().take(info.count) {
-            let socket = listening_socket(fd, info.local).with_context(|| {
-                format!("socket of {} {:?} from pid {pid}", info.mode, info.name)
-            })?;
+            let socket =
+                listening_socket(fd, info.local).map_err(|source| TakeoverError::Socket {
+                    mode: info.mode.clone(),
+                    name: info.name.clone(),
+                    pid,
+                    source,
+                })?;
             sockets.push(socket);
         }
         tracing::info!(
@@ -808,7 +922,7 @@ async fn hand_over(
     held: &HeldSockets,
     busy: &AtomicBool,
     taken_over: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), TakeoverError> {
     let peer_pid = same_user(&stream)?;
     let mut wire = Wire::new(stream);
     let refuse = |reason: &str, retry: bool| Message::Refused {
@@ -820,11 +934,15 @@ async fn hand_over(
         Ok(Ok(Message::Hello { version, .. })) => {
             let why = format!("protocol version {version} is not {PROTOCOL_VERSION}");
             wire.send(&refuse(&why, false), &[]).await?;
-            anyhow::bail!("a new process asked for the sockets with {why}");
+            return Err(TakeoverError::HelloVersion { version });
         }
-        Ok(Ok(other)) => anyhow::bail!("unexpected message {other:?}"),
+        Ok(Ok(other)) => {
+            return Err(TakeoverError::Unexpected {
+                message: format!("{other:?}"),
+            })
+        }
         Ok(Err(e)) => return Err(e.into()),
-        Err(_) => anyhow::bail!("no hello within {EXCHANGE_TIMEOUT:?}"),
+        Err(_) => return Err(TakeoverError::NoHello),
     };
     if taken_over.is_cancelled() {
         wire.send(&refuse("this process is stopping", true), &[])
@@ -867,7 +985,7 @@ async fn hand_over(
     };
     tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
         .await
-        .map_err(|_| anyhow::anyhow!("sending the sockets took over {EXCHANGE_TIMEOUT:?}"))??;
+        .map_err(|_| TakeoverError::SendTimeout)??;
     drop(fds);
     // The new process starts serving now; it may take a while (config,
     // registries), or die: either way this process serves until `stop`.
@@ -884,8 +1002,11 @@ async fn hand_over(
             );
             Ok(())
         }
-        Ok(other) => anyhow::bail!("new process {pid} sent {other:?} instead of stop"),
-        Err(e) => anyhow::bail!("new process {pid} went away before taking over: {e}"),
+        Ok(other) => Err(TakeoverError::NotStop {
+            pid,
+            message: format!("{other:?}"),
+        }),
+        Err(cause) => Err(TakeoverError::Gone { pid, cause }),
     }
 }
 
@@ -951,7 +1072,7 @@ mod tests {
     struct Old {
         held: Arc<HeldSockets>,
         taken_over: CancellationToken,
-        task: tokio::task::JoinHandle<anyhow::Result<()>>,
+        task: tokio::task::JoinHandle<Result<(), TakeoverError>>,
     }
 
     /// An "old process" answering on one end of a socket pair.
@@ -1032,7 +1153,7 @@ mod tests {
 
         let mut wire = Wire::new(b);
         let err = match receive(&mut wire).await {
-            Err(e) => format!("{e:#}"),
+            Err(e) => Causes(&e).to_string(),
             Ok(_) => panic!("a socket that does not listen was accepted"),
         };
         assert!(err.contains("not a listening socket"), "{err}");
@@ -1044,6 +1165,29 @@ mod tests {
             "the old process keeps serving"
         );
         assert!(old.held.snapshot().unwrap().is_some());
+    }
+
+    #[test]
+    fn a_failed_takeover_names_every_cause_before_the_note() {
+        let err = TakeoverError::Failed {
+            path: "/run/pointsman.takeover".into(),
+            cause: Box::new(TakeoverError::Socket {
+                mode: "http".into(),
+                name: "web".into(),
+                pid: 7,
+                source: io::Error::other("not a listening socket"),
+            }),
+        };
+        assert_eq!(
+            Causes(&err).to_string(),
+            "takeover via /run/pointsman.takeover failed: socket of http \"web\" from pid 7: \
+             not a listening socket (the running process keeps serving)"
+        );
+        let err = TakeoverError::Inspect {
+            path: "/run/x".into(),
+            source: io::Error::other("denied"),
+        };
+        assert_eq!(Causes(&err).to_string(), "takeover socket /run/x: denied");
     }
 
     #[tokio::test]
