@@ -2,8 +2,15 @@
 //! overrides, map entries and routes under the pointsman root, and the
 //! instances of a service under the services root. Every write returns the
 //! etcd revision it created, which is what proxies confirm they applied.
+//! Requests go through [`EtcdConn`] (bounded, one member at a time), and one
+//! that etcd could not answer for now is tried again on the next member, so
+//! a leader election on a busy cluster does not fail a rollout.
+
+use std::future::Future;
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use pointsman_discovery::backoff::Backoff;
+use pointsman_discovery::conn::{EtcdConn, EtcdError};
 use pointsman_discovery::{
     parse_entry, AdminState, Entry, EtcdOptions, Override, Prefixes, Registration, RouteSpec,
 };
@@ -12,9 +19,13 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::DeployError;
 use pointsman_discovery::keys;
 
+/// Tries of one request while etcd could not answer it (at least one per
+/// member, see [`Store::tries`]).
+const TRIES: usize = 4;
+
 /// A connection to the registry with the key layout of one deployment.
 pub struct Store {
-    client: Client,
+    conn: EtcdConn,
     prefixes: Prefixes,
 }
 
@@ -26,15 +37,78 @@ pub struct Versioned<T> {
 }
 
 impl Store {
+    /// Connects to the first member that answers, tried in order, so that a
+    /// registry nobody can reach fails here rather than mid-rollout.
     pub async fn connect(opts: &EtcdOptions) -> Result<Store, DeployError> {
-        let client = opts.connect().await.map_err(|e| DeployError::Registry {
+        let failed = |reason: String| DeployError::Registry {
             what: "connect".into(),
-            reason: e.to_string(),
-        })?;
-        Ok(Store {
-            client,
+            reason,
+        };
+        let conn = EtcdConn::new(opts.clone()).map_err(|e| failed(e.to_string()))?;
+        let mut store = Store {
+            conn,
             prefixes: opts.prefixes.clone(),
-        })
+        };
+        let mut errors = Vec::new();
+        for _ in 0..opts.endpoints.len() {
+            // A failed call moves the connection on to the next member.
+            match store
+                .conn
+                .call("status", |mut c| async move { c.status().await })
+                .await
+            {
+                Ok(_) => return Ok(store),
+                Err(e) => errors.push(reason(&e)),
+            }
+        }
+        Err(failed(errors.join("; ")))
+    }
+
+    /// How often one request is tried: a few times, and on every member.
+    fn tries(&self) -> usize {
+        TRIES.max(self.conn.opts().endpoints.len() + 1)
+    }
+
+    /// Runs one request, again on the next member after a backoff while
+    /// etcd could not answer it (unreachable, no answer in time, no
+    /// leader). Every request here is safe to repeat: reads, puts and
+    /// deletes of a fixed value, and compare-and-swap txns, whose repeat
+    /// after a write that did land fails its compare and sends the caller
+    /// back to read.
+    async fn request<T, F, Fut>(
+        &mut self,
+        verb: &'static str,
+        what: &str,
+        f: F,
+    ) -> Result<T, DeployError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let opts = self.conn.opts();
+        let mut backoff = Backoff::new(opts.backoff_min, opts.backoff_max);
+        let tries = self.tries();
+        let mut tried = 1;
+        loop {
+            match self.conn.call(verb, &f).await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_transient() && tried < tries => {
+                    let delay = backoff.next();
+                    tracing::warn!(
+                        "registry: {what} failed ({e}); trying {} in {delay:?} ({tried} of {tries} tries)",
+                        self.conn.endpoint()
+                    );
+                    tokio::time::sleep(delay).await;
+                    tried += 1;
+                }
+                Err(e) => {
+                    return Err(DeployError::Registry {
+                        what: what.to_string(),
+                        reason: reason(&e),
+                    })
+                }
+            }
+        }
     }
 
     pub fn prefixes(&self) -> &Prefixes {
@@ -49,19 +123,19 @@ impl Store {
     /// The current revision of the registry.
     pub async fn revision(&mut self) -> Result<i64, DeployError> {
         let resp = self
-            .client
-            .get("/", Some(GetOptions::new().with_count_only()))
-            .await
-            .map_err(|e| etcd("read the revision", e))?;
+            .request("read", "read the revision", |mut c| async move {
+                c.get("/", Some(GetOptions::new().with_count_only())).await
+            })
+            .await?;
         header_revision(resp.header())
     }
 
     async fn get_raw(&mut self, key: &str) -> Result<Option<(Vec<u8>, i64)>, DeployError> {
         let resp = self
-            .client
-            .get(key, None)
-            .await
-            .map_err(|e| etcd(&format!("read {key}"), e))?;
+            .request("read", &format!("read {key}"), |mut c| async move {
+                c.get(key, None).await
+            })
+            .await?;
         Ok(resp
             .kvs()
             .first()
@@ -104,11 +178,13 @@ impl Store {
             Some(v) => TxnOp::put(key, v, None),
             None => TxnOp::delete(key, None),
         };
+        let txn = Txn::new().when([cmp]).and_then([op]);
         let resp = self
-            .client
-            .txn(Txn::new().when([cmp]).and_then([op]))
-            .await
-            .map_err(|e| etcd(&format!("write {key}"), e))?;
+            .request("write", &format!("write {key}"), |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         if !resp.succeeded() {
             return Ok(None);
         }
@@ -199,10 +275,11 @@ impl Store {
     pub async fn set_map(&mut self, map: &str, key: &str, value: &str) -> Result<i64, DeployError> {
         let k = keys::map_key(&self.prefixes, map, key);
         let resp = self
-            .client
-            .put(k.as_str(), value, None)
-            .await
-            .map_err(|e| etcd(&format!("write {k}"), e))?;
+            .request("write", &format!("write {k}"), |mut c| {
+                let k = k.clone();
+                async move { c.put(k, value, None).await }
+            })
+            .await?;
         header_revision(resp.header())
     }
 
@@ -217,8 +294,18 @@ impl Store {
     ) -> Result<(i64, Option<String>), DeployError> {
         let k = keys::map_key(&self.prefixes, map, key);
         let history = keys::map_history_key(&self.prefixes, map, key);
+        // The previous value of an attempt whose compare failed: a retried
+        // txn fails its compare when its first try did land, and then the
+        // entry already holds `value` and `current` no longer tells what
+        // it replaced.
+        let mut replaced: Option<Option<String>> = None;
         for _ in 0..16 {
             let current = self.get_raw(&k).await?;
+            if let (Some((raw, rev)), Some(before)) = (&current, &replaced) {
+                if String::from_utf8_lossy(raw).trim() == value {
+                    return Ok((*rev, before.clone()));
+                }
+            }
             let cmp = match &current {
                 Some((_, rev)) => Compare::mod_revision(k.as_str(), CompareOp::Equal, *rev),
                 None => Compare::version(k.as_str(), CompareOp::Equal, 0),
@@ -230,14 +317,17 @@ impl Store {
                     ops.push(TxnOp::put(history.as_str(), p.as_str(), None));
                 }
             }
+            let txn = Txn::new().when([cmp]).and_then(ops);
             let resp = self
-                .client
-                .txn(Txn::new().when([cmp]).and_then(ops))
-                .await
-                .map_err(|e| etcd(&format!("write {k}"), e))?;
+                .request("write", &format!("write {k}"), |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
             if resp.succeeded() {
                 return Ok((header_revision(resp.header())?, previous));
             }
+            replaced.get_or_insert(previous);
         }
         Err(DeployError::Contended(k))
     }
@@ -260,10 +350,11 @@ impl Store {
     pub async fn delete_map(&mut self, map: &str, key: &str) -> Result<i64, DeployError> {
         let k = keys::map_key(&self.prefixes, map, key);
         let resp = self
-            .client
-            .delete(k.as_str(), None)
-            .await
-            .map_err(|e| etcd(&format!("delete {k}"), e))?;
+            .request("delete", &format!("delete {k}"), |mut c| {
+                let k = k.clone();
+                async move { c.delete(k, None).await }
+            })
+            .await?;
         header_revision(resp.header())
     }
 
@@ -285,10 +376,11 @@ impl Store {
             reason: e.to_string(),
         })?;
         let resp = self
-            .client
-            .put(key.as_str(), value, None)
-            .await
-            .map_err(|e| etcd(&format!("write {key}"), e))?;
+            .request("write", &format!("write {key}"), |mut c| {
+                let (key, value) = (key.clone(), value.clone());
+                async move { c.put(key, value, None).await }
+            })
+            .await?;
         header_revision(resp.header())
     }
 
@@ -301,10 +393,11 @@ impl Store {
     ) -> Result<Vec<Versioned<Registration>>, DeployError> {
         let prefix = keys::service_dir(&self.prefixes, service);
         let resp = self
-            .client
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| etcd(&format!("list {prefix}"), e))?;
+            .request("list", &format!("list {prefix}"), |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         let mut out = Vec::new();
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
@@ -350,10 +443,20 @@ impl Store {
     }
 }
 
-fn etcd(what: &str, e: etcd_client::Error) -> DeployError {
-    DeployError::Registry {
-        what: what.to_string(),
-        reason: e.to_string(),
+/// The final reason of a failed request: etcd's answer behind the member
+/// that gave it (the verb is already in the caller's "cannot ...").
+fn reason(e: &EtcdError) -> String {
+    match e {
+        EtcdError::Request {
+            endpoint, reason, ..
+        }
+        | EtcdError::Unavailable {
+            endpoint, reason, ..
+        } => format!("etcd at {endpoint}: {reason}"),
+        EtcdError::Timeout {
+            endpoint, limit, ..
+        } => format!("etcd at {endpoint}: no answer within {limit:?}"),
+        other => other.to_string(),
     }
 }
 

@@ -1,5 +1,5 @@
 //! A connection to etcd for the writers (the lease, `pointsman_deploy`'s
-//! registrar and fleet queries): one member at
+//! registrar, fleet queries and registry store): one member at
 //! a time, every request bounded by `request_timeout`, and on a failure the
 //! client is dropped and the next member is tried, as the watcher does (see
 //! [`crate::etcd`] for why one pinned member beats tonic's balancer).
@@ -26,6 +26,16 @@ pub enum EtcdError {
         what: &'static str,
         reason: String,
     },
+    /// The member answered but could not serve the request now: its
+    /// cluster is electing a leader ("etcdserver: leader changed", "no
+    /// leader") or the request timed out inside the cluster. Another try,
+    /// on this member or the next, can succeed.
+    #[error("etcd at {endpoint}: {what}: {reason}")]
+    Unavailable {
+        endpoint: String,
+        what: &'static str,
+        reason: String,
+    },
     #[error("etcd at {endpoint}: {what}: no answer within {limit:?}")]
     Timeout {
         endpoint: String,
@@ -40,11 +50,13 @@ pub enum EtcdError {
 
 impl EtcdError {
     /// Whether the error says nothing about etcd's state, only that it could
-    /// not be asked: unreachable, or no answer in time.
+    /// not be asked: unreachable, no answer in time, or no leader to answer.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            EtcdError::Unreachable { .. } | EtcdError::Timeout { .. }
+            EtcdError::Unreachable { .. }
+                | EtcdError::Timeout { .. }
+                | EtcdError::Unavailable { .. }
         )
     }
 }
@@ -139,6 +151,12 @@ impl EtcdConn {
                 self.failed();
                 Err(if is_connection_error(&e) {
                     EtcdError::Unreachable { endpoint, reason }
+                } else if is_unavailable(&e) {
+                    EtcdError::Unavailable {
+                        endpoint,
+                        what,
+                        reason,
+                    }
                 } else {
                     EtcdError::Request {
                         endpoint,
@@ -172,5 +190,69 @@ fn is_connection_error(e: &etcd_client::Error) -> bool {
                 || m.contains("unavailable")
         }
         _ => false,
+    }
+}
+
+/// gRPC's status code UNAVAILABLE, which etcd gives to "leader changed",
+/// "no leader" and "request timed out" (tonic's `Code` is not re-exported
+/// by etcd_client, so the number is compared).
+const GRPC_UNAVAILABLE: i32 = 14;
+
+/// Whether the member could not serve the request for now (see
+/// [`EtcdError::Unavailable`]).
+fn is_unavailable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            status_is_unavailable(i32::from(s.code()), s.message())
+        }
+        _ => false,
+    }
+}
+
+fn status_is_unavailable(code: i32, message: &str) -> bool {
+    code == GRPC_UNAVAILABLE
+        || message.contains("leader changed")
+        || message.contains("no leader")
+        || message.contains("request timed out")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_election_or_a_timeout_inside_the_cluster_is_unavailable() {
+        assert!(status_is_unavailable(14, "etcdserver: leader changed"));
+        assert!(status_is_unavailable(14, "etcdserver: no leader"));
+        assert!(status_is_unavailable(14, "etcdserver: request timed out"));
+        // A different code, as some etcd versions give an election.
+        assert!(status_is_unavailable(2, "etcdserver: leader changed"));
+        assert!(!status_is_unavailable(
+            9,
+            "etcdserver: mvcc: required revision has been compacted"
+        ));
+        assert!(!status_is_unavailable(3, "etcdserver: key is not provided"));
+    }
+
+    #[test]
+    fn only_unreachable_timed_out_and_unavailable_are_transient() {
+        let endpoint = "http://127.0.0.1:2379".to_string();
+        let unavailable = EtcdError::Unavailable {
+            endpoint: endpoint.clone(),
+            what: "read",
+            reason: "etcdserver: leader changed".into(),
+        };
+        assert!(unavailable.is_transient());
+        assert_eq!(
+            unavailable.to_string(),
+            "etcd at http://127.0.0.1:2379: read: etcdserver: leader changed"
+        );
+        let refused = EtcdError::Request {
+            endpoint: endpoint.clone(),
+            what: "read",
+            reason: "permission denied".into(),
+        };
+        assert!(!refused.is_transient());
+        assert!(!EtcdError::LeaseNotFound { endpoint }.is_transient());
     }
 }
