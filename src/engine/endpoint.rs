@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::engine::conn::now_ms;
 use crate::engine::pool::Pool;
 
+use pointsman_discovery::admin_api::CheckView;
 use pointsman_discovery::AdminState;
 use serde::Serialize;
 
@@ -301,18 +302,9 @@ pub struct EndpointCounters {
     /// Ejected by passive checks right now.
     pub ejected: bool,
     pub ejections: u32,
-    /// The last active check, if the endpoint has checks.
+    /// The last active check, if the endpoint has checks (the admin API's
+    /// own type: the engine fills it, the admin API sends it as it is).
     pub check: Option<CheckView>,
     /// Idle upstream keep-alive connections.
     pub idle_connections: usize,
-}
-
-/// The last active check of an endpoint.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct CheckView {
-    pub passed: bool,
-    /// The HTTP status seen (0 for TCP checks and failures to connect).
-    pub status: u16,
-    /// Unix seconds.
-    pub at: u64,
 }

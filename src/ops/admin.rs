@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use pointsman_discovery::admin_api::{CheckView, EndpointView, ServiceView, SourceView};
+use pointsman_discovery::admin_api::{EndpointView, ServiceView, SourceView};
 use pointsman_discovery::registration::MAX_WEIGHT;
 use pointsman_discovery::AdminState;
 use serde::{Deserialize, Serialize};
@@ -113,11 +113,7 @@ fn endpoint_view(
         last_change: c.last_change,
         ejected: c.ejected,
         ejections: c.ejections,
-        check: c.check.map(|k| CheckView {
-            passed: k.passed,
-            status: k.status,
-            at: k.at,
-        }),
+        check: c.check,
         idle_connections: c.idle_connections as u64,
     }
 }
@@ -696,10 +692,10 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::endpoint::CheckView as LiveCheck;
+    use pointsman_discovery::admin_api::CheckView;
     use pointsman_discovery::AdminState;
 
-    fn counters(check: Option<LiveCheck>) -> EndpointCounters {
+    fn counters(check: Option<CheckView>) -> EndpointCounters {
         EndpointCounters {
             state: AdminState::Drain,
             weight: 10,
@@ -732,7 +728,7 @@ mod tests {
     fn endpoints_are_written_as_before_and_read_back_equal() {
         for check in [
             None,
-            Some(LiveCheck {
+            Some(CheckView {
                 passed: true,
                 status: 200,
                 at: 1_700_000_001,
