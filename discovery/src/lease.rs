@@ -7,7 +7,9 @@
 //!
 //! - [`put`](LeasedKey::put) writes the value under the lease, granting one
 //!   first if there is none, and returns the etcd revision of the write;
-//! - the task keeps the lease alive every third of its TTL;
+//! - the task keeps the lease alive every third of its TTL, counted from
+//!   the last renewal: rewriting the value (which etcd does not count as a
+//!   renewal) never puts a keep-alive off;
 //! - if etcd says the lease is gone (it expired during a pause longer than
 //!   the TTL, etcd lost its data, someone revoked it), or no keep-alive was
 //!   answered for a whole TTL, the task grants a new lease and writes the
@@ -255,7 +257,15 @@ impl Keeper {
                             })?;
                     self.written = true;
                     self.backoff.reset();
-                    self.next = Instant::now() + self.keep_alive_every();
+                    // A put under a lease does not renew it: the next
+                    // keep-alive is due a third of the TTL after the last
+                    // renewal, however often the value is rewritten.
+                    let renewed = self
+                        .lease
+                        .as_ref()
+                        .map(|h| h.last_ok)
+                        .unwrap_or_else(Instant::now);
+                    self.next = renewed + self.keep_alive_every();
                     self.state
                         .send_replace(LeaseState::Held { lease, revision });
                     return Ok(revision);
