@@ -415,7 +415,7 @@ async fn run(
         }
         h => h,
     };
-    app.drain().await;
+    app.drain(taken_over).await;
     if let Some(h) = heartbeat {
         h.stop().await;
     }

@@ -1178,9 +1178,9 @@ async fn deploys_refuse_what_would_hurt_traffic() {
     assert_ne!(d.code, 0, "{}{}", d.out, d.err);
     assert!(
         d.err.contains(
-            "stopped at a1 (0 of 2 done): not drained on every proxy after 2s, \
-                 so it is not stopped: p2 (",
-        ) && d.err.contains("still sends it new requests"),
+            "stopped at a1 (0 of 2 done): not drained on every proxy within 2s, \
+                 so it is not stopped: 1 of 2 proxies confirmed; waiting for p2 (",
+        ) && d.err.contains("still sends new requests to web/a1"),
         "{}",
         d.err
     );

@@ -1,9 +1,44 @@
 //! Command-line options shared by `run`, `ctl`, `register` and `deploy`:
-//! how to reach etcd and Consul.
+//! how to reach etcd and Consul, and how the tools wait for the fleet.
 
 use std::path::PathBuf;
 
 use pointsman_discovery::{EtcdOptions, EtcdTls, Prefixes};
+
+pub use crate::fleet::OnUnconfirmed;
+
+/// How `register` and `deploy` wait for the proxies (see
+/// [`crate::fleet`]).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct FleetArgs {
+    /// The proxies' admin token, sent with the drain notices that tell a
+    /// proxy cut off from etcd of a drain directly.
+    #[arg(
+        long,
+        global = true,
+        env = "POINTSMAN_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// When a drain is not confirmed by every proxy within the drain
+    /// timeout: fail (name them, stop, leave the instance serving) or
+    /// proceed (name them and go on).
+    #[arg(long, global = true, value_enum, default_value = "fail")]
+    pub on_unconfirmed: OnUnconfirmed,
+    /// No proxy is expected: waits end at once when no proxy is known,
+    /// instead of failing with "no proxy is known".
+    #[arg(long, global = true)]
+    pub empty_fleet_ok: bool,
+}
+
+impl FleetArgs {
+    /// Sets up `fleet` as these flags ask.
+    pub fn apply(&self, fleet: &mut crate::fleet::Fleet) {
+        fleet.token = self.admin_token.clone().filter(|t| !t.trim().is_empty());
+        fleet.allow_empty = self.empty_fleet_ok;
+        fleet.on_unconfirmed = self.on_unconfirmed;
+    }
+}
 
 /// How to reach etcd; shared by `run`, `ctl`, `register` and `deploy`.
 #[derive(clap::Args, Clone, Debug, Default)]

@@ -37,15 +37,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::fleet::{ask_all, judge_drained, FleetCheck};
-use crate::fleet::{Expectation, Fleet, FleetError};
+use crate::fleet::{Expectation, Fleet, FleetError, OnUnconfirmed};
 use crate::registrar::Registrar;
 use pointsman_discovery::backoff::Backoff;
 use pointsman_discovery::check::{self, ConnectFailure, RiseFall, DEFAULT_EXPECT_STATUS};
 use pointsman_discovery::consul::{Agent, AgentCheck, AgentService, ConsulError, TtlStatus};
 use pointsman_discovery::http::http_get;
-use pointsman_discovery::{
-    Address, AdminState, ConsulOptions, EtcdOptions, LeaseState, Registration,
-};
+use pointsman_discovery::{Address, AdminState, ConsulOptions, LeaseState, Registration};
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{watch, Mutex};
@@ -65,6 +63,11 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 const PROXY_POLL: Duration = Duration::from_millis(100);
 /// Limit of one proxy's answer while draining.
 const PROXY_LIMIT: Duration = Duration::from_secs(2);
+/// The exit code when a drain is not confirmed (EX_TEMPFAIL).
+const UNCONFIRMED_EXIT: u8 = 75;
+/// How often the proxies in etcd are listed while the app runs, so that a
+/// drain also waits for a proxy whose record expired before it started.
+const FLEET_REFRESH: Duration = Duration::from_secs(5);
 /// With Consul and no `--proxy-admin`: how long the proxies following
 /// Consul get to see the drain (a blocking query wakes on the change, so
 /// they normally see it within milliseconds) before the instance is
@@ -97,9 +100,12 @@ pub struct RegisterArgs {
     /// --etcd and --consul; with several URLs, the first is the agent).
     #[command(flatten)]
     pub consul: crate::cli::ConsulArgs,
-    /// With --consul: the admin address of a proxy (repeatable) to ask, on
-    /// SIGTERM, until it has stopped sending to the app [default: none:
-    /// the proxies get 2s to see the drain].
+    #[command(flatten)]
+    pub fleet: crate::cli::FleetArgs,
+    /// The admin address of a proxy (repeatable) to ask, on SIGTERM, until
+    /// it has stopped sending to the app. With --etcd the proxies are found
+    /// in etcd and these are asked as well; with --consul only these are
+    /// asked [default: none: the proxies get 2s to see the drain].
     #[arg(long = "proxy-admin", value_name = "HOST:PORT", value_parser = parse_address)]
     pub proxy_admin: Vec<Address>,
     /// Service to register the app in.
@@ -213,7 +219,9 @@ pub async fn check_once(address: &Address, check: &Check) -> Result<(), String> 
             }
         },
         Check::Http(path) => {
-            let answer = http_get(&target, path, CHECK_LIMIT).await?;
+            let answer = http_get(&target, path, CHECK_LIMIT)
+                .await
+                .map_err(|e| e.to_string())?;
             if check::status_passes(answer.status, DEFAULT_EXPECT_STATUS) {
                 Ok(())
             } else {
@@ -414,7 +422,9 @@ fn describe(status: &std::io::Result<ExitStatus>) -> String {
 /// Where the instance is registered.
 enum Registry {
     Etcd {
-        options: EtcdOptions,
+        /// Every proxy seen since start: a drain waits for each of them
+        /// (see [`crate::fleet`]).
+        fleet: Box<Fleet>,
         /// Taken when deregistering.
         registrar: Option<Registrar>,
     },
@@ -476,16 +486,16 @@ impl Sidekick {
                 ))
             }
             (Some(options), None) => {
-                if !args.proxy_admin.is_empty() {
-                    return Err(usage(
-                        "--proxy-admin goes with --consul: with --etcd the proxies are found in etcd",
-                    ));
-                }
                 let registrar = Registrar::new(options.clone(), args.ttl, registration)
                     .map_err(|e| usage(e.to_string()))?;
                 let key = registrar.key().to_string();
+                let mut fleet = Fleet::new(options).map_err(|e| usage(e.to_string()))?;
+                args.fleet.apply(&mut fleet);
+                for admin in &args.proxy_admin {
+                    fleet.name(&admin.to_string());
+                }
                 let registry = Registry::Etcd {
-                    options,
+                    fleet: Box::new(fleet),
                     registrar: Some(registrar),
                 };
                 (key, registry)
@@ -591,8 +601,10 @@ impl Sidekick {
         // The app passed its check before it was registered: it starts up.
         let mut rise_fall = RiseFall::new(RISE, self.args.check_fall, true);
         let mut failing = false;
+        let mut fleet_tick = tokio::time::interval(FLEET_REFRESH);
         let stop = loop {
             tokio::select! {
+                _ = fleet_tick.tick() => self.refresh_fleet().await,
                 sig = signals.next() => {
                     if sig.stops() {
                         break sig;
@@ -643,6 +655,19 @@ impl Sidekick {
                 self.deregister(&key).await;
                 return exit_code(&status);
             }
+            Drained::Unconfirmed(why) => match self.args.fleet.on_unconfirmed {
+                OnUnconfirmed::Fail => {
+                    tracing::error!(
+                        key = %key,
+                        "the drain is not confirmed: {why}; the app is not signalled and the instance stays registered in state drain until its lease expires (--on-unconfirmed proceed would go on)"
+                    );
+                    return UNCONFIRMED_EXIT;
+                }
+                OnUnconfirmed::Proceed => tracing::warn!(
+                    key = %key,
+                    "the drain is not confirmed: {why}; going on as --on-unconfirmed proceed asks"
+                ),
+            },
             Drained::Done => {}
         }
         self.deregister(&key).await;
@@ -736,10 +761,11 @@ impl Sidekick {
             m = self.mark_draining(key) => m,
             status = exited(app) => return Drained::AppExited(status),
         };
-        let Some(marked) = marked else {
-            return Drained::Done;
+        let marked = match marked {
+            Ok(m) => m,
+            Err(why) => return Drained::Unconfirmed(why),
         };
-        let this = &*self;
+        let this = &mut *self;
         let mut wait = std::pin::pin!(async move {
             match marked {
                 Marked::Etcd(revision) => this.wait_for_etcd_proxies(revision, deadline).await,
@@ -748,7 +774,10 @@ impl Sidekick {
         });
         loop {
             tokio::select! {
-                () = &mut wait => return Drained::Done,
+                waited = &mut wait => return match waited {
+                    Ok(()) => Drained::Done,
+                    Err(why) => Drained::Unconfirmed(why),
+                },
                 status = exited(app) => return Drained::AppExited(status),
                 sig = signals.next() => {
                     if sig.stops() {
@@ -763,8 +792,18 @@ impl Sidekick {
         }
     }
 
-    /// Writes state drain; `None` (logged) when it could not be written.
-    async fn mark_draining(&mut self, key: &str) -> Option<Marked> {
+    /// Lists the proxies in etcd, so a later drain also waits for those
+    /// whose record has expired since (cut off from etcd, or frozen).
+    async fn refresh_fleet(&mut self) {
+        if let Registry::Etcd { fleet, .. } = &mut self.registry {
+            if let Err(e) = fleet.refresh().await {
+                tracing::debug!(error = %e, "cannot list the proxies now; keeping the ones known");
+            }
+        }
+    }
+
+    /// Writes state drain; why not (logged) when it could not be written.
+    async fn mark_draining(&mut self, key: &str) -> Result<Marked, String> {
         let written = match &mut self.registry {
             Registry::Etcd { registrar, .. } => match registrar.as_mut() {
                 Some(r) => r
@@ -783,35 +822,32 @@ impl Sidekick {
         match written {
             Ok(Marked::Etcd(revision)) => {
                 tracing::info!(key = %key, revision, "state drain written; waiting for every proxy to apply it and finish its requests");
-                Some(Marked::Etcd(revision))
+                Ok(Marked::Etcd(revision))
             }
             Ok(Marked::Consul) => {
                 tracing::info!(key = %key, "state drain written to Consul; waiting for the proxies to stop sending to the instance and finish its requests");
-                Some(Marked::Consul)
+                Ok(Marked::Consul)
             }
-            Err(e) => {
-                tracing::error!(key = %key, error = %e, "cannot mark the instance draining; the proxies keep sending to it until it is deregistered");
-                None
-            }
+            Err(e) => Err(format!(
+                "cannot mark the instance draining ({e}): the proxies keep sending to it"
+            )),
         }
     }
 
-    /// Waits until every proxy recorded in etcd has applied `revision` and
-    /// sends nothing to the instance, or `deadline`.
-    async fn wait_for_etcd_proxies(&self, revision: i64, deadline: Instant) {
-        let Registry::Etcd { options, .. } = &self.registry else {
-            return;
-        };
-        let mut fleet = match Fleet::new(options.clone()) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot ask the proxies");
-                return;
-            }
+    /// Waits until every proxy of the fleet (see [`crate::fleet`]) sends
+    /// nothing to the instance and will not before it applies `revision`,
+    /// or `deadline`; then why not.
+    async fn wait_for_etcd_proxies(
+        &mut self,
+        revision: i64,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        let Registry::Etcd { fleet, .. } = &mut self.registry else {
+            return Ok(());
         };
         let mut progress = Progress::default();
         match confirmed_twice(
-            &mut fleet,
+            fleet,
             &self.service,
             &self.id,
             revision,
@@ -820,21 +856,24 @@ impl Sidekick {
         )
         .await
         {
-            Ok(check) => tracing::info!(
-                "every proxy stopped sending to the instance: {}",
-                check.summary()
-            ),
-            Err(e) => tracing::warn!(
-                "drain timeout ({:?}) passed: {e}; going on",
+            Ok(check) => {
+                tracing::info!(
+                    "every proxy stopped sending to the instance: {}",
+                    check.summary()
+                );
+                Ok(())
+            }
+            Err(e) => Err(format!(
+                "drain timeout ({:?}) passed: {e}",
                 self.args.drain_timeout
-            ),
+            )),
         }
     }
 
     /// Waits until every `--proxy-admin` proxy sends nothing to the
     /// instance, or `deadline`; without any, gives the proxies following
     /// Consul [`CONSUL_GRACE`] to see the drain.
-    async fn wait_for_consul_proxies(&self, deadline: Instant) {
+    async fn wait_for_consul_proxies(&self, deadline: Instant) -> Result<(), String> {
         let proxies: Vec<String> = self
             .args
             .proxy_admin
@@ -845,19 +884,22 @@ impl Sidekick {
             let grace = CONSUL_GRACE.min(deadline.saturating_duration_since(Instant::now()));
             tracing::info!("no proxies to ask (no --proxy-admin): giving the proxies that follow Consul {grace:?} to see the drain");
             sleep(grace).await;
-            return;
+            return Ok(());
         }
         let mut progress = Progress::default();
         match proxies_drained(&proxies, &self.service, &self.id, deadline, &mut progress).await {
-            Ok(check) => tracing::info!(
-                "every proxy stopped sending to the instance: {}",
-                check.summary()
-            ),
-            Err(last) => tracing::warn!(
-                "drain timeout ({:?}) passed: not confirmed: {}; going on",
+            Ok(check) => {
+                tracing::info!(
+                    "every proxy stopped sending to the instance: {}",
+                    check.summary()
+                );
+                Ok(())
+            }
+            Err(last) => Err(format!(
+                "drain timeout ({:?}) passed: not confirmed: {}",
                 self.args.drain_timeout,
                 last.summary()
-            ),
+            )),
         }
     }
 
@@ -1153,6 +1195,8 @@ async fn keep_registered(
 
 enum Drained {
     Done,
+    /// Not every proxy confirmed (or the drain could not be written): why.
+    Unconfirmed(String),
     AppExited(std::io::Result<ExitStatus>),
 }
 

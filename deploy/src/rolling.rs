@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::fleet::Fleet;
+use crate::fleet::{Expectation, Fleet, OnUnconfirmed};
 use pointsman_discovery::{AdminState, Override};
 use tokio::time::Instant;
 
@@ -20,7 +20,8 @@ pub struct Rolling {
     /// app in the background, or through a service manager).
     pub stop_cmd: String,
     pub start_cmd: String,
-    /// Limit for an instance's drain; when it passes the rollout goes on.
+    /// Limit for an instance's drain; when it passes, the fleet's
+    /// `on_unconfirmed` decides.
     pub drain_timeout: Duration,
     /// Limit for a new instance to register and be healthy everywhere.
     pub health_timeout: Duration,
@@ -134,39 +135,33 @@ async fn replace_one(
         .set_override(svc, id, Some(AdminState::Drain), None)
         .await?;
     progress.say(format!("{svc}/{id}: drain (revision {rev})"));
-    let drained = watch::until(
+    let expect = Expectation::Drained {
+        service: svc.to_string(),
+        id: id.to_string(),
+        revision: rev,
+    };
+    let drained = watch::until_noticed(
         fleet,
         progress,
         &format!("no proxy sends to {svc}/{id}"),
         plan.drain_timeout,
-        |v| {
-            watch::applied(v, rev)?;
-            match v.endpoint(svc, id) {
-                Some(e) if e.state == AdminState::Ready => Err("still sends new requests".into()),
-                Some(e) if e.in_flight > 0 => Err(format!("{} in flight", e.in_flight)),
-                _ => Ok(()),
-            }
-        },
+        |v| expect.judge(v),
+        expect.notice(),
     )
     .await;
     if let Err(why) = drained {
-        // Requests still in flight are given up on; new ones are not: a
-        // proxy that has not applied the drain, or still picks the
-        // instance (a local override, say), would send requests to it
-        // after it stopped.
-        let round = watch::ask_all(fleet).await?;
-        let still_sending = not_draining(&round, svc, id, rev);
-        if !still_sending.is_empty() {
-            return Err(DeployError::Failed(format!(
-                "not drained on every proxy after {:?}, so it is not stopped: {}",
-                plan.drain_timeout,
-                still_sending.join("; ")
-            )));
+        match fleet.on_unconfirmed {
+            OnUnconfirmed::Fail => {
+                return Err(DeployError::Failed(format!(
+                    "not drained on every proxy within {:?}, so it is not stopped: {why} (--on-unconfirmed proceed stops it anyway)",
+                    plan.drain_timeout
+                )))
+            }
+            OnUnconfirmed::Proceed => progress.say(format!(
+                "{svc}/{id}: drain not confirmed within {:?}; stopping it anyway (--on-unconfirmed proceed): {why}",
+                plan.drain_timeout
+            )),
         }
-        progress.say(format!(
-            "{svc}/{id}: drain timeout ({:?}) passed with requests in flight, going on: {why}",
-            plan.drain_timeout
-        ));
     }
 
     run_cmd(
@@ -248,86 +243,9 @@ async fn replace_one(
     Ok(())
 }
 
-/// The proxies of `round` that would still send new requests to
-/// `svc`/`id` once it is stopped (drained at revision `rev`), with why.
-fn not_draining(round: &[watch::Answer], svc: &str, id: &str, rev: i64) -> Vec<String> {
-    round
-        .iter()
-        .filter_map(|a| {
-            let why = match &a.view {
-                Err(e) => format!("admin API did not answer: {e}"),
-                Ok(v) => match watch::applied(v, rev) {
-                    Err(why) => why,
-                    Ok(()) => match v.endpoint(svc, id) {
-                        Some(e) if e.state == AdminState::Ready => {
-                            "still sends it new requests (state ready)".to_string()
-                        }
-                        _ => return None,
-                    },
-                },
-            };
-            Some(format!("{} ({}): {why}", a.id, a.admin))
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pointsman_discovery::admin_api::{EndpointView, ProxyView, ServiceView};
-
-    fn answer(proxy: &str, view: Result<ProxyView, String>) -> watch::Answer {
-        watch::Answer {
-            id: proxy.into(),
-            admin: "127.0.0.1:1".into(),
-            view,
-        }
-    }
-
-    fn with_a1(applied: i64, state: AdminState, in_flight: u64) -> Result<ProxyView, String> {
-        Ok(ProxyView {
-            follows_etcd: true,
-            applied_revision: Some(applied),
-            services: vec![ServiceView {
-                name: "web".into(),
-                endpoints: vec![EndpointView {
-                    id: "a1".into(),
-                    address: "127.0.0.1:2".into(),
-                    state,
-                    healthy: true,
-                    in_flight,
-                    ..EndpointView::default()
-                }],
-                ..ServiceView::default()
-            }],
-        })
-    }
-
-    #[test]
-    fn only_requests_in_flight_are_left_behind_after_a_drain_timeout() {
-        let round = vec![
-            answer("p1", with_a1(7, AdminState::Drain, 3)),
-            answer("p2", with_a1(7, AdminState::Maint, 0)),
-            answer("p3", with_a1(9, AdminState::Ready, 0)),
-            answer("p4", with_a1(6, AdminState::Drain, 0)),
-            answer("p5", Err("connection refused".into())),
-        ];
-        let left = not_draining(&round, "web", "a1", 7);
-        assert_eq!(left.len(), 3, "{left:?}");
-        assert!(left[0].starts_with("p3") && left[0].contains("state ready"));
-        assert!(left[1].starts_with("p4") && left[1].contains("applied revision 6"));
-        assert!(left[2].starts_with("p5") && left[2].contains("connection refused"));
-        // A proxy without the instance sends nothing to it.
-        let gone = vec![answer(
-            "p1",
-            Ok(ProxyView {
-                follows_etcd: true,
-                applied_revision: Some(7),
-                services: vec![],
-            }),
-        )];
-        assert!(not_draining(&gone, "web", "a1", 7).is_empty());
-    }
 
     #[test]
     fn placeholders_are_replaced() {

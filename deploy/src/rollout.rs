@@ -15,7 +15,7 @@ use crate::switch::{self, Switch};
 use crate::watch::{Interrupt, Progress};
 use crate::{CanarySteps, DeployError, PlanError, Store};
 
-use crate::cli::{ArgsError, EtcdArgs};
+use crate::cli::{ArgsError, EtcdArgs, FleetArgs};
 use pointsman_discovery::EtcdError;
 
 /// `pointsman deploy`'s arguments.
@@ -23,6 +23,8 @@ use pointsman_discovery::EtcdError;
 pub struct DeployArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     #[command(subcommand)]
     pub command: DeployCommand,
 }
@@ -45,7 +47,9 @@ pub enum DeployCommand {
         stop_cmd: String,
         #[arg(long)]
         start_cmd: String,
-        /// Longest wait for an instance's drain; then the rollout goes on.
+        /// Longest wait for an instance's drain on every proxy; then the
+        /// rollout stops with the instance serving (or goes on with
+        /// --on-unconfirmed proceed).
         #[arg(long, value_parser = duration, default_value = "30s")]
         drain_timeout: Duration,
         /// Longest wait for a new instance to register and be healthy
@@ -154,6 +158,7 @@ pub async fn run(args: DeployArgs) -> Result<(), RolloutError> {
     };
     let mut store = Store::connect(&etcd).await?;
     let mut fleet = Fleet::new(etcd).map_err(RolloutError::Fleet)?;
+    args.fleet.apply(&mut fleet);
     let progress = Progress::new();
     let interrupt = Interrupt::new();
     watch_signals(interrupt.clone())?;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::fleet::Fleet;
 
+use crate::fleet::OnUnconfirmed;
 use crate::watch::{self, Progress};
 use crate::{DeployError, Store};
 
@@ -62,7 +63,7 @@ pub async fn switch(
     if plan.drain_old {
         match previous.as_deref() {
             Some(old) if old != plan.to => {
-                watch::until(
+                let idle = watch::until(
                     fleet,
                     progress,
                     &format!("no proxy has a request in flight to {old}"),
@@ -72,12 +73,19 @@ pub async fn switch(
                         n => Err(format!("{n} in flight to {old}")),
                     },
                 )
-                .await
-                .map_err(|why| {
-                    DeployError::Failed(format!(
-                        "switched, but {old} still had requests in flight when the wait ended: {why}"
-                    ))
-                })?;
+                .await;
+                match (idle, fleet.on_unconfirmed) {
+                    (Ok(_), _) => {}
+                    (Err(why), OnUnconfirmed::Fail) => {
+                        return Err(DeployError::Failed(format!(
+                            "switched, but {old} still had requests in flight when the wait ended: {why} (--on-unconfirmed proceed ends the switch anyway)"
+                        )))
+                    }
+                    (Err(why), OnUnconfirmed::Proceed) => progress.say(format!(
+                        "{old} not drained within {:?}; done anyway (--on-unconfirmed proceed): {why}",
+                        plan.timeout
+                    )),
+                }
             }
             Some(_) => progress.say(format!(
                 "nothing to drain: {}[{}] was already {}",

@@ -8,12 +8,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::fleet::{probe, Fleet};
+pub use crate::fleet::applied;
+use crate::fleet::{DrainNotice, Fleet};
 use pointsman_discovery::admin_api::ProxyView;
 use pointsman_discovery::AdminState;
 use tokio::time::Instant;
-
-use crate::DeployError;
 
 /// Prints each step and what it waits for, with the time since the start.
 pub struct Progress {
@@ -89,109 +88,67 @@ impl Default for Interrupt {
     }
 }
 
-/// What one proxy answers: its view, or why it did not answer.
-pub struct Answer {
-    pub id: String,
-    pub admin: String,
-    pub view: Result<ProxyView, String>,
-}
-
-/// Asks every live proxy once, all at the same time.
-pub async fn ask_all(fleet: &mut Fleet) -> Result<Vec<Answer>, DeployError> {
-    let (records, malformed) = fleet.proxies().await.map_err(|e| DeployError::Registry {
-        what: "list the proxies".into(),
-        reason: e.to_string(),
-    })?;
-    for m in malformed {
-        tracing::warn!(record = %m, "proxy record does not parse; it is not asked");
-    }
-    let mut probes = tokio::task::JoinSet::new();
-    for r in records {
-        let limit = fleet.probe_timeout;
-        probes.spawn(async move {
-            let view = probe(&r.admin, limit).await;
-            Answer {
-                id: r.id,
-                admin: r.admin,
-                view,
-            }
-        });
-    }
-    let mut out = Vec::new();
-    while let Some(done) = probes.join_next().await {
-        if let Ok(a) = done {
-            out.push(a);
-        }
-    }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(out)
-}
-
-/// Asks every proxy until `judge` accepts each one's view or `limit`
-/// passes. `what` names the wait in progress lines; who is still pending
-/// is printed at most once a second. Returns how many proxies confirmed,
-/// or the last round's reasons.
-pub async fn until(
+/// Asks every proxy of the fleet until `judge` accepts each one's view or
+/// `limit` passes; with a `notice`, proxies that have not applied its
+/// revision are told of the drain directly (see [`Fleet`]). `what` names
+/// the wait in progress lines; who is still pending is printed at most
+/// once a second, and every proxy that leaves the set at once. Returns how
+/// many proxies confirmed, or the last round's summary.
+pub async fn until_noticed<J>(
     fleet: &mut Fleet,
     progress: &Progress,
     what: &str,
     limit: Duration,
-    judge: impl Fn(&ProxyView) -> Result<(), String>,
-) -> Result<usize, String> {
+    judge: J,
+    notice: Option<DrainNotice>,
+) -> Result<usize, String>
+where
+    J: Fn(&ProxyView) -> Result<(), String> + Sync,
+{
     let started = Instant::now();
     let deadline = started + limit;
     let mut last_report = started;
     progress.say(format!("waiting until {what}"));
     loop {
-        let round = match ask_all(fleet).await {
-            Ok(r) => r,
-            Err(e) => {
-                if Instant::now() >= deadline {
-                    return Err(e.to_string());
-                }
-                tokio::time::sleep(fleet.poll_interval).await;
-                continue;
-            }
-        };
-        let pending: Vec<String> = round
-            .iter()
-            .filter_map(|a| {
-                let why = match &a.view {
-                    Ok(v) => judge(v).err()?,
-                    Err(e) => format!("admin API did not answer: {e}"),
-                };
-                Some(format!("{} ({}): {why}", a.id, a.admin))
-            })
-            .collect();
-        if pending.is_empty() {
-            if round.is_empty() {
-                progress.say(format!(
-                    "  no proxy is registered under <pointsman>/proxies: nothing to confirm ({what})"
-                ));
-            } else {
-                progress.say(format!(
-                    "  {} of {} proxies confirmed in {:.1}s",
-                    round.len(),
-                    round.len(),
-                    started.elapsed().as_secs_f64()
-                ));
-            }
-            return Ok(round.len());
+        let round = fleet.check_with(&judge, notice.clone()).await;
+        for d in &round.left {
+            progress.say(format!(
+                "  {} ({}) left the set of proxies: {}",
+                d.id, d.admin, d.why
+            ));
         }
-        if Instant::now() >= deadline {
-            return Err(pending.join("; "));
+        if round.confirmed() {
+            progress.say(format!(
+                "  {} in {:.1}s",
+                round.summary(),
+                started.elapsed().as_secs_f64()
+            ));
+            return Ok(round.proxies.len());
+        }
+        // No proxy to ask is not worth waiting on: nothing will change it.
+        if round.empty || Instant::now() >= deadline {
+            return Err(round.summary());
         }
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
-            progress.say(format!(
-                "  {} of {} proxies confirmed; waiting for {}",
-                round.len() - pending.len(),
-                round.len(),
-                pending.join("; ")
-            ));
+            progress.say(format!("  {}", round.summary()));
         }
         tokio::time::sleep(fleet.poll_interval).await;
     }
+}
+
+/// [`until_noticed`] without a drain to tell.
+pub async fn until<J>(
+    fleet: &mut Fleet,
+    progress: &Progress,
+    what: &str,
+    limit: Duration,
+    judge: J,
+) -> Result<usize, String>
+where
+    J: Fn(&ProxyView) -> Result<(), String> + Sync,
+{
+    until_noticed(fleet, progress, what, limit, judge, None).await
 }
 
 /// [`until`] every proxy has applied `revision`.
@@ -214,18 +171,6 @@ pub async fn until_serving(
 ) -> Result<usize, String> {
     let what = format!("every proxy has a ready, healthy instance of {service}");
     until(fleet, progress, &what, limit, |v| serves(v, service)).await
-}
-
-/// The proxy's applied etcd revision is at least `revision`.
-pub fn applied(view: &ProxyView, revision: i64) -> Result<(), String> {
-    if !view.follows_etcd {
-        return Err("does not follow etcd".into());
-    }
-    match view.applied_revision {
-        Some(a) if a >= revision => Ok(()),
-        Some(a) => Err(format!("applied revision {a}, waiting for {revision}")),
-        None => Err(format!("applied no revision yet, waiting for {revision}")),
-    }
 }
 
 /// The proxy has an instance of `service` it sends new requests to: ready

@@ -263,20 +263,27 @@ async fn waits_until_every_live_proxy_applied_and_stopped_sending() {
 }
 
 #[tokio::test]
-async fn a_silent_proxy_is_waited_for_until_its_record_goes() {
+async fn a_proxy_leaves_the_set_only_once_it_has_stopped() {
     let etcd = EtcdServer::start();
     let p1 = FakeAdmin::start(State {
         applied: Some(20),
         endpoints: vec![],
     })
     .await;
-    let gone = {
+    // Nothing listens here: a proxy that has exited.
+    let stopped = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
     };
+    // Listens but never answers: a frozen proxy (SIGSTOP) still has its
+    // socket, and the kernel still accepts connections for it.
+    let frozen_socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let frozen = frozen_socket.local_addr().unwrap().to_string();
     put_record(&etcd, "p1", &p1.addr).await;
-    put_record(&etcd, "dead", &gone).await;
+    put_record(&etcd, "stopped", &stopped).await;
+    put_record(&etcd, "frozen", &frozen).await;
     let mut fleet = Fleet::new(EtcdOptions::new([etcd.endpoint()])).expect("fleet");
+    fleet.probe_timeout = Duration::from_millis(300);
     let started = Instant::now();
     let err = fleet
         .wait_until(
@@ -285,26 +292,52 @@ async fn a_silent_proxy_is_waited_for_until_its_record_goes() {
             |_| {},
         )
         .await
-        .expect_err("the dead proxy never answers");
+        .expect_err("neither answers");
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "bounded by the deadline"
     );
     let FleetError::Timeout { last, .. } = &err;
-    assert_eq!(last.pending().count(), 1);
+    assert_eq!(last.pending().count(), 2, "{}", last.summary());
     let text = err.to_string();
     assert!(
         text.contains("not confirmed within")
-            && text.contains("dead (")
+            && text.contains("stopped (")
+            && text.contains("frozen (")
             && text.contains("admin API did not answer"),
         "{text}"
     );
 
-    // Its lease expired: it is no longer part of the fleet.
+    // Both records expire. The one whose address refuses connections has
+    // exited and leaves the set, said so; the frozen one is still waited
+    // for, and named with its record gone.
     let mut c = Client::connect([etcd.endpoint()], None).await.unwrap();
-    c.delete(proxy_key(&Prefixes::default(), "dead"), None)
+    for id in ["stopped", "frozen"] {
+        c.delete(proxy_key(&Prefixes::default(), id), None)
+            .await
+            .unwrap();
+    }
+    let mut rounds = Vec::new();
+    let err = fleet
+        .wait_until(
+            &drained(20),
+            Instant::now() + Duration::from_millis(1500),
+            |c| rounds.push(c.clone()),
+        )
         .await
-        .unwrap();
+        .expect_err("the frozen proxy is still waited for");
+    let left: Vec<_> = rounds.iter().flat_map(|r| r.left.clone()).collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].id, "stopped");
+    assert!(left[0].why.contains("nothing listens"), "{left:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("1 of 2 proxies confirmed")
+            && text.contains("frozen (")
+            && text.contains("record in etcd is gone"),
+        "{text}"
+    );
+    drop(frozen_socket);
     let ok = fleet
         .wait_until(
             &drained(20),
@@ -312,14 +345,41 @@ async fn a_silent_proxy_is_waited_for_until_its_record_goes() {
             |_| {},
         )
         .await
-        .expect("only live proxies count");
-    assert_eq!(ok.summary(), "1 of 1 proxy confirmed");
+        .expect("the frozen one has exited too");
+    assert!(
+        ok.summary().starts_with("1 of 1 proxy confirmed"),
+        "{}",
+        ok.summary()
+    );
 }
 
 #[tokio::test]
-async fn an_empty_fleet_confirms_at_once_and_an_unreachable_etcd_never() {
+async fn a_proxy_named_by_address_is_waited_for_without_a_record() {
+    let etcd = EtcdServer::start();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut fleet = Fleet::new(EtcdOptions::new([etcd.endpoint()])).expect("fleet");
+    fleet.name(&closed);
+    let check = fleet.check(&drained(1)).await;
+    assert!(!check.confirmed(), "{}", check.summary());
+    assert!(check.left.is_empty(), "a named proxy never leaves unasked");
+    assert!(check.summary().contains(&closed), "{}", check.summary());
+}
+
+#[tokio::test]
+async fn an_empty_fleet_confirms_nothing_unless_expected_and_an_unreachable_etcd_never() {
     let mut etcd = EtcdServer::start();
     let mut fleet = Fleet::new(EtcdOptions::new([etcd.endpoint()])).expect("fleet");
+    let check = fleet.check(&drained(1)).await;
+    assert!(!check.confirmed());
+    assert!(
+        check.summary().starts_with("no proxy is known"),
+        "{}",
+        check.summary()
+    );
+    fleet.allow_empty = true;
     assert!(fleet.check(&drained(1)).await.confirmed());
     etcd.stop();
     let mut opts = EtcdOptions::new([etcd.endpoint()]);

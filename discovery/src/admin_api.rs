@@ -67,6 +67,12 @@ pub struct EndpointView {
     pub check: Option<CheckView>,
     /// Idle upstream keep-alive connections.
     pub idle_connections: u64,
+    /// Held in drain on a tool's notice until this proxy has applied this
+    /// etcd revision (`POST /api/drains`); `null` when none is in force.
+    /// Absent from older proxies' answers, which then read as no notice:
+    /// the safe side, since a drain is confirmed only with one.
+    #[serde(default)]
+    pub drain_notice: Option<i64>,
 }
 
 /// The last active check of an endpoint.
@@ -179,6 +185,7 @@ mod tests {
                 at: 1_700_000_001,
             }),
             idle_connections: 2,
+            drain_notice: Some(11),
         }
     }
 

@@ -6,6 +6,14 @@
 //!
 //! The layer holds what was changed, not a copy of the result: a server
 //! whose state was never set locally keeps following its registry.
+//!
+//! Drain notices are the one kind of local change that ends by itself. A
+//! tool that drained an instance in etcd at revision `R` and finds a proxy
+//! that has not applied `R` (cut off from etcd, say) tells that proxy
+//! directly: hold the instance in drain until you have applied `R`. From
+//! then on the registry says the same or more (the instance drained, or
+//! gone), so the notice is dropped. Nothing else removes one, not even
+//! `DELETE /api/local`: the instance is on its way out.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -44,6 +52,13 @@ pub enum LocalChange {
     MapClear { map: String },
     /// Forgets a server's local state and weight.
     ServerReset { service: String, id: String },
+    /// A drain notice: `service`/`id` takes no new requests until this
+    /// proxy has applied etcd revision `revision`.
+    DrainNotice {
+        service: String,
+        id: String,
+        revision: i64,
+    },
     /// Forgets every local change: the registries' values apply again.
     Reset,
 }
@@ -107,6 +122,8 @@ pub struct LocalLayer {
     pub servers: HashMap<String, BTreeMap<String, ServerOverride>>,
     /// map -> its changes.
     pub maps: BTreeMap<String, MapOverride>,
+    /// service -> id -> the etcd revision a drain notice holds it until.
+    pub notices: HashMap<String, BTreeMap<String, i64>>,
 }
 
 impl LocalLayer {
@@ -125,6 +142,44 @@ impl LocalLayer {
                 self.servers.remove(service);
             }
         }
+    }
+
+    /// The revision a drain notice holds `service`/`id` until, if any.
+    pub fn notice(&self, service: &str, id: &str) -> Option<i64> {
+        self.notices.get(service)?.get(id).copied()
+    }
+
+    /// Holds `service`/`id` in drain until `revision` (the later of two
+    /// notices wins).
+    pub fn add_notice(&mut self, service: &str, id: &str, revision: i64) {
+        let held = self
+            .notices
+            .entry(service.to_string())
+            .or_default()
+            .entry(id.to_string())
+            .or_insert(revision);
+        *held = (*held).max(revision);
+    }
+
+    /// Drops the notices that etcd revision `applied` has made true; the
+    /// services whose endpoints they held.
+    pub fn expire_notices(&mut self, applied: i64) -> Vec<String> {
+        let mut touched = Vec::new();
+        self.notices.retain(|service, ids| {
+            let before = ids.len();
+            ids.retain(|_, until| *until > applied);
+            if ids.len() != before {
+                touched.push(service.clone());
+            }
+            !ids.is_empty()
+        });
+        touched
+    }
+
+    /// Forgets every local change but the drain notices.
+    pub fn reset(&mut self) {
+        self.servers.clear();
+        self.maps.clear();
     }
 
     pub fn set_weight(&mut self, service: &str, id: &str, weight: u16) {
@@ -193,6 +248,25 @@ mod tests {
         layer.maps["m"].apply(&mut base);
         assert_eq!(base.len(), 1);
         assert_eq!(base.get("c").map(String::as_str), Some("3"));
+    }
+
+    #[test]
+    fn drain_notices_last_until_their_revision_is_applied() {
+        let mut layer = LocalLayer::default();
+        layer.add_notice("web", "a1", 10);
+        layer.add_notice("web", "a1", 7);
+        layer.add_notice("web", "a2", 12);
+        layer.set_weight("web", "a3", 5);
+        assert_eq!(layer.notice("web", "a1"), Some(10), "the later one wins");
+        assert!(layer.expire_notices(9).is_empty());
+        layer.reset();
+        assert_eq!(layer.notice("web", "a1"), Some(10), "kept by a reset");
+        assert_eq!(layer.server("web", "a3"), None);
+        assert_eq!(layer.expire_notices(10), vec!["web".to_string()]);
+        assert_eq!(layer.notice("web", "a1"), None);
+        assert_eq!(layer.notice("web", "a2"), Some(12));
+        layer.expire_notices(20);
+        assert!(layer.notices.is_empty());
     }
 
     #[test]

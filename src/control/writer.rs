@@ -103,6 +103,8 @@ struct Wanted {
     /// The registry's weight (after overrides), before local changes.
     initial_weight: u32,
     weight: u32,
+    /// A drain notice holds it in drain until this etcd revision.
+    drain_notice: Option<i64>,
 }
 
 /// A service's registered endpoints as one rebuild leaves them.
@@ -336,6 +338,16 @@ impl Control {
                 }
                 dirty.maps.insert(map.clone());
             }
+            LocalChange::DrainNotice {
+                service, revision, ..
+            } => {
+                // The instance need not be known yet: a registration this
+                // proxy has not seen may arrive before the revision does.
+                if self.applied_etcd_revision().is_some_and(|a| a >= *revision) {
+                    return Ok(());
+                }
+                dirty.services.insert(service.clone());
+            }
             LocalChange::MapClear { map } => {
                 self.effective_map(map)?;
                 dirty.maps.insert(map.clone());
@@ -362,7 +374,12 @@ impl Control {
             LocalChange::ServerReset { service, id } => self.local.reset_server(&service, &id),
             LocalChange::MapDel { map, key } => self.local.delete(&map, &key),
             LocalChange::MapClear { map } => self.local.clear(&map),
-            LocalChange::Reset => self.local = LocalLayer::default(),
+            LocalChange::DrainNotice {
+                service,
+                id,
+                revision,
+            } => self.local.add_notice(&service, &id, revision),
+            LocalChange::Reset => self.local.reset(),
         }
         Ok(())
     }
@@ -420,6 +437,12 @@ impl Control {
         Ok(())
     }
 
+    /// The etcd revision the published table holds, if this proxy follows
+    /// etcd.
+    fn applied_etcd_revision(&self) -> Option<i64> {
+        self.statuses.get(&Source::Etcd)?.applied_revision()
+    }
+
     /// Reports, once each table is published, which revision of `status`'s
     /// source it holds.
     pub fn follow(&mut self, status: Arc<SourceStatus>) {
@@ -429,6 +452,9 @@ impl Control {
     fn apply_update(&mut self, update: Update, dirty: &mut Dirty) {
         if let Some(rev) = update.revision {
             dirty.revisions.insert(update.source, rev);
+            if update.source == Source::Etcd {
+                dirty.services.extend(self.local.expire_notices(rev));
+            }
         }
         let entries = self.sources.entry(update.source).or_default();
         match update.kind {
@@ -674,16 +700,24 @@ impl Control {
                 let ov = overrides.get(id);
                 let local = self.local.server(name, id).copied().unwrap_or_default();
                 let initial_weight = u32::from(ov.and_then(|o| o.weight).unwrap_or(reg.weight));
+                let drain_notice = self.local.notice(name, id);
+                let state = local
+                    .state
+                    .or(ov.and_then(|o| o.state))
+                    .unwrap_or(reg.state);
                 Wanted {
                     id: id.into(),
                     address: reg.address.clone(),
                     check: reg.check.as_ref().or(default_check).cloned(),
-                    state: local
-                        .state
-                        .or(ov.and_then(|o| o.state))
-                        .unwrap_or(reg.state),
+                    // A notice wins over every other say but maint, which
+                    // already sends the instance nothing.
+                    state: match (drain_notice, state) {
+                        (Some(_), AdminState::Ready) => AdminState::Drain,
+                        _ => state,
+                    },
                     initial_weight,
                     weight: local.weight.map(u32::from).unwrap_or(initial_weight),
+                    drain_notice,
                 }
             })
             .collect()
@@ -737,6 +771,7 @@ impl Control {
                 Ok(mut ep) => {
                     ep.initial_weight = w.initial_weight;
                     ep.checked = w.check.is_some();
+                    ep.drain_notice = w.drain_notice;
                     ep.balance_weight = ramped(
                         w.weight * WEIGHT_SCALE,
                         slow_start,

@@ -183,6 +183,9 @@ pub struct Endpoint {
     /// [`WEIGHT_SCALE`], lowered while the endpoint slow-starts.
     pub balance_weight: u32,
     pub live: Arc<EndpointState>,
+    /// Held in drain on a tool's notice until the proxy applies this etcd
+    /// revision (see `control::local`); shown by the admin API.
+    pub drain_notice: Option<i64>,
 }
 
 /// Balancers work on weights times this, so even a weight-1 endpoint can
@@ -210,6 +213,7 @@ impl Endpoint {
             checked: false,
             balance_weight: weight * WEIGHT_SCALE,
             live,
+            drain_notice: None,
         })
     }
 

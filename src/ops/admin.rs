@@ -73,13 +73,15 @@ pub fn services_view(table: &RoutingTable) -> Vec<ServiceView> {
                     .endpoints
                     .iter()
                     .map(|e| {
-                        endpoint_view(
+                        let mut view = endpoint_view(
                             e.id.to_string(),
                             e.address.to_string(),
                             e.initial_weight,
                             e.accepts_new(),
                             e.live.snapshot(),
-                        )
+                        );
+                        view.drain_notice = e.drain_notice;
+                        view
                     })
                     .collect(),
             }
@@ -115,6 +117,7 @@ fn endpoint_view(
         ejections: c.ejections,
         check: c.check,
         idle_connections: c.idle_connections as u64,
+        drain_notice: None,
     }
 }
 
@@ -306,6 +309,23 @@ impl Admin {
                     key: key.join("/"),
                 })
             }
+            ("POST", ["api", "drains"]) => {
+                let ask: DrainNoticeBody = serde_json::from_slice(body).map_err(|e| {
+                    bad(format!(
+                        "body must be JSON such as {{\"service\":\"web\",\"id\":\"a1\",\"until_revision\":42}}: {e}"
+                    ))
+                })?;
+                if ask.service.is_empty() || ask.id.is_empty() || ask.until_revision < 1 {
+                    return Err(bad(
+                        "a drain notice names a service, an instance id and the etcd revision (1 or more) that drained it".into(),
+                    ));
+                }
+                Ok(LocalChange::DrainNotice {
+                    service: ask.service,
+                    id: ask.id,
+                    revision: ask.until_revision,
+                })
+            }
             ("DELETE", ["api", "local"]) => Ok(LocalChange::Reset),
             ("DELETE", ["api", "services", service, "endpoints", id]) => {
                 Ok(LocalChange::ServerReset {
@@ -316,6 +336,7 @@ impl Admin {
             _ => Err((
                 StatusCode::NOT_FOUND,
                 "changes: POST /api/services/<service>/endpoints/<id> {\"state\"|\"weight\"}, \
+                 POST /api/drains {\"service\",\"id\",\"until_revision\"}, \
                  DELETE /api/services/<service>/endpoints/<id> (drop its local changes), \
                  PUT or DELETE /api/maps/<map>/<key>, DELETE /api/maps/<map>, DELETE /api/local"
                     .into(),
@@ -347,6 +368,15 @@ impl Admin {
             }
         }
     }
+}
+
+/// The body of a drain notice.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainNoticeBody {
+    service: String,
+    id: String,
+    until_revision: i64,
 }
 
 /// The body of an endpoint change.
@@ -713,7 +743,8 @@ mod tests {
     }
 
     /// The shape `/api/services` had before its types moved to
-    /// `pointsman_discovery::admin_api`: the bytes must not change.
+    /// `pointsman_discovery::admin_api`: the bytes must not change, but
+    /// for fields added since at the end (`drain_notice`).
     #[derive(Serialize)]
     struct EndpointBefore {
         id: String,
@@ -722,6 +753,7 @@ mod tests {
         accepting: bool,
         #[serde(flatten)]
         counters: EndpointCounters,
+        drain_notice: Option<i64>,
     }
 
     #[test]
@@ -742,6 +774,7 @@ mod tests {
                 initial_weight: 100,
                 accepting: false,
                 counters: c,
+                drain_notice: None,
             };
             let written = serde_json::to_string_pretty(&view).unwrap();
             assert_eq!(written, serde_json::to_string_pretty(&before).unwrap());

@@ -38,6 +38,8 @@ pub struct App {
     /// revision the proxy's heartbeat reports).
     pub sources: Vec<Arc<pointsman_discovery::SourceStatus>>,
     shutdown: CancellationToken,
+    /// Stops the admin API, after the drain.
+    admin_stop: CancellationToken,
     tracker: TaskTracker,
     drain_timeout: std::time::Duration,
     _watcher: Option<notify::RecommendedWatcher>,
@@ -154,7 +156,11 @@ impl App {
             applied,
             started: crate::engine::endpoint::unix_now(),
         });
-        tokio::spawn(admin.serve(admin_listener, shutdown.clone()));
+        // The admin API outlives the listeners: while requests drain, the
+        // tools still ask this proxy what it has in flight, and an admin
+        // address that refuses connections means the proxy sends nothing.
+        let admin_stop = CancellationToken::new();
+        tokio::spawn(admin.serve(admin_listener, admin_stop.clone()));
         tokio::spawn(expire_idle_upstreams(table.clone(), shutdown.clone()));
         tracing::info!(addr = %admin_addr, "admin listening (stats at /stats)");
 
@@ -187,6 +193,7 @@ impl App {
             sockets,
             sources,
             shutdown,
+            admin_stop,
             tracker,
             drain_timeout,
             _watcher: watcher,
@@ -196,13 +203,17 @@ impl App {
 
     /// Stops accepting, lets in-flight requests finish within the drain
     /// timeout, and closes keep-alive connections without racing their
-    /// clients (see `proxy::conn`). Returns whether every connection
-    /// finished in time.
-    pub async fn drain(self) -> bool {
+    /// clients (see `proxy::conn`). The admin API answers until then,
+    /// unless the proxy was `handed_over` (the new process answers at the
+    /// same address). Returns whether every connection finished in time.
+    pub async fn drain(self, handed_over: bool) -> bool {
         // A kept copy would hold the listening sockets open with nobody
         // accepting on them.
         self.sockets.clear();
         self.shutdown.cancel();
+        if handed_over {
+            self.admin_stop.cancel();
+        }
         self.tracker.close();
         let finished = tokio::time::timeout(self.drain_timeout, self.tracker.wait())
             .await
@@ -212,6 +223,7 @@ impl App {
         } else {
             tracing::warn!(timeout = ?self.drain_timeout, "drain timeout passed with connections still open");
         }
+        self.admin_stop.cancel();
         finished
     }
 }

@@ -691,3 +691,63 @@ fn applied_revision_is_reported_after_publishing() {
     })]);
     assert_eq!(status.applied_revision(), Some(42));
 }
+
+#[test]
+fn a_drain_notice_holds_an_instance_until_its_revision_is_applied() {
+    let mut w = Writer::new();
+    let status = Arc::new(SourceStatus::new(Source::Etcd));
+    w.control.follow(status.clone());
+    let at = |w: &mut Writer, rev: i64, changes: Vec<Change>| {
+        w.apply([Command::Discovery(Update {
+            source: Source::Etcd,
+            revision: Some(rev),
+            kind: UpdateKind::Changes(changes),
+        })])
+    };
+    at(&mut w, 10, vec![upsert(instance("web", "e1", 9201, 1))]);
+    let notice = |service: &str, id: &str, revision| LocalChange::DrainNotice {
+        service: service.into(),
+        id: id.into(),
+        revision,
+    };
+    // A notice for a revision already applied changes nothing.
+    w.local(notice("web", "e1", 10)).expect("accepted");
+    assert_eq!(
+        w.endpoint("web", "e1").map(|e| e.state),
+        Some(AdminState::Ready)
+    );
+
+    // Ahead of this proxy: held in drain, also for an instance it has not
+    // seen yet, and kept by a reset of the local changes.
+    w.local(notice("web", "e1", 15)).expect("accepted");
+    w.local(notice("web", "e2", 15)).expect("accepted");
+    let e1 = w.endpoint("web", "e1").expect("e1");
+    assert_eq!((e1.state, e1.drain_notice), (AdminState::Drain, Some(15)));
+    w.local(LocalChange::Reset).expect("reset");
+    at(&mut w, 12, vec![upsert(instance("web", "e2", 9202, 1))]);
+    assert_eq!(
+        w.endpoint("web", "e1").map(|e| e.state),
+        Some(AdminState::Drain)
+    );
+    assert_eq!(
+        w.endpoint("web", "e2").map(|e| e.state),
+        Some(AdminState::Drain)
+    );
+    // A local `ready` does not undo it.
+    w.local(LocalChange::ServerState {
+        service: "web".into(),
+        id: "e1".into(),
+        state: AdminState::Ready,
+    })
+    .expect("accepted");
+    assert_eq!(
+        w.endpoint("web", "e1").map(|e| e.state),
+        Some(AdminState::Drain)
+    );
+
+    // The registry catches up: from here on it decides.
+    at(&mut w, 15, vec![remove("web", "e1")]);
+    let e2 = w.endpoint("web", "e2").expect("e2");
+    assert_eq!((e2.state, e2.drain_notice), (AdminState::Ready, None));
+    assert_eq!(w.ids("web"), vec!["a1", "e2"]);
+}
