@@ -2,7 +2,8 @@
 //! the Unix socket and on loopback TCP. The operators' blue/green script
 //! (its shell functions copied unchanged) switches real traffic; every
 //! command and its error answers; `;`-separated lines and prompt mode; the
-//! socket's mode and its start-up checks.
+//! socket's mode and its start-up checks; the TCP listener read-only until
+//! `auth <token>`, and closed on an HTTP request line.
 
 mod support;
 
@@ -67,8 +68,22 @@ async fn run_with_input(program: &str, args: &[&str], input: &str) -> String {
     stdout
 }
 
-/// `echo "<line>" | socat stdio tcp4-connect:<addr>`.
+/// The admin token the proxies here start with (`--admin-token`): what
+/// `auth` on the TCP listener takes.
+const TOKEN: &str = "runtime-test-token";
+
+/// `echo "auth <TOKEN>; <line>" | socat stdio tcp4-connect:<addr>`: the
+/// answer to `line`.
 async fn cli(addr: SocketAddr, line: &str) -> String {
+    let out = cli_as_is(addr, &format!("auth {TOKEN}; {line}")).await;
+    match out.strip_prefix('\n') {
+        Some(rest) => rest.to_string(),
+        None => panic!("auth {TOKEN} was refused: {out}"),
+    }
+}
+
+/// `echo "<line>" | socat stdio tcp4-connect:<addr>`, without `auth`.
+async fn cli_as_is(addr: SocketAddr, line: &str) -> String {
     let target = format!("tcp4-connect:{addr}");
     run_with_input("socat", &["stdio", &target], &format!("{line}\n")).await
 }
@@ -97,8 +112,10 @@ async fn status_of(addr: SocketAddr, backend: &str, server: &str) -> String {
 // The operators' script
 
 /// The shell functions of the operators' blue/green script, as they wrote
-/// them. Only the runtime API address (`127.0.0.1:9000`) and the map file
-/// path are replaced, by [`seed_functions`].
+/// them. Only the runtime API address (`tcp4-connect:127.0.0.1:9000`,
+/// which becomes the Unix socket: `set map` is a change, which the TCP
+/// listener takes only after `auth`) and the map file path are replaced,
+/// by [`seed_functions`].
 const SEED_FUNCTIONS: &str = r#"#!/bin/bash
 function forwardTo(){
    echo "set map /home/dong/code/learn-haproxy/hosts.map STATIC $1" | socat stdio tcp4-connect:127.0.0.1:9000
@@ -136,11 +153,14 @@ function waitItUp(){
 }
 "#;
 
-/// The functions with this proxy's runtime address and a map path whose
+/// The functions with this proxy's runtime socket and a map path whose
 /// last segment names the map `hosts`.
-fn seed_functions(addr: SocketAddr, dir: &Path) -> String {
+fn seed_functions(socket: &Path, dir: &Path) -> String {
     SEED_FUNCTIONS
-        .replace("127.0.0.1:9000", &addr.to_string())
+        .replace(
+            "tcp4-connect:127.0.0.1:9000",
+            &format!("unix-connect:{}", socket.display()),
+        )
         .replace(
             "/home/dong/code/learn-haproxy/hosts.map",
             &dir.join("hosts.map").display().to_string(),
@@ -192,14 +212,24 @@ async fn all_go_to(proxy: &Proxy, n: usize) -> std::collections::BTreeMap<String
 async fn the_operators_blue_green_script_runs_unchanged_and_switches_traffic() {
     let mut ups = Upstream::start_many(&["blue", "green"]).await;
     let (blue, green) = (&ups[0], &ups[1]);
+    let sockets = tempfile::tempdir().expect("temp dir");
+    let sock = sockets.path().join("runtime.sock");
+    let sock_arg = sock.to_str().expect("UTF-8 path").to_string();
     let proxy = Proxy::start_with_args(
         || blue_green(free_addr(), blue, green),
-        &["--runtime-api", "127.0.0.1:0"],
+        &[
+            "--runtime-api",
+            "127.0.0.1:0",
+            "--admin-token",
+            TOKEN,
+            "--runtime-socket",
+            &sock_arg,
+        ],
     )
     .await;
     let addr = runtime_addr(&proxy);
     let functions = proxy.dir().join("deploy-functions.sh");
-    std::fs::write(&functions, seed_functions(addr, proxy.dir())).expect("write the functions");
+    std::fs::write(&functions, seed_functions(&sock, proxy.dir())).expect("write the functions");
 
     wait_for(Duration::from_secs(10), "blue and green are UP", || async {
         status_of(addr, "blue", "blue").await == "UP"
@@ -318,7 +348,14 @@ async fn server_state_and_weight_changes_are_seen_by_requests() {
     let (a, b) = (&ups[0], &ups[1]);
     let proxy = Proxy::start_with_args(
         || two_servers(free_addr(), a, b),
-        &["--runtime-api", "127.0.0.1:0", "--threads", "1"],
+        &[
+            "--runtime-api",
+            "127.0.0.1:0",
+            "--admin-token",
+            TOKEN,
+            "--threads",
+            "1",
+        ],
     )
     .await;
     let addr = runtime_addr(&proxy);
@@ -424,7 +461,7 @@ async fn map_commands_change_where_requests_go() {
                     endpoint_line(b, "")
                 )
         },
-        &["--runtime-api", "127.0.0.1:0"],
+        &["--runtime-api", "127.0.0.1:0", "--admin-token", TOKEN],
     )
     .await;
     let addr = runtime_addr(&proxy);
@@ -490,7 +527,7 @@ async fn read_commands_and_error_answers() {
     let (a, b) = (&ups[0], &ups[1]);
     let proxy = Proxy::start_with_args(
         || two_servers(free_addr(), a, b),
-        &["--runtime-api", "127.0.0.1:0"],
+        &["--runtime-api", "127.0.0.1:0", "--admin-token", TOKEN],
     )
     .await;
     let addr = runtime_addr(&proxy);
@@ -674,7 +711,7 @@ async fn prompt_mode_keeps_the_connection_until_quit() {
     let (a, b) = (&ups[0], &ups[1]);
     let proxy = Proxy::start_with_args(
         || two_servers(free_addr(), a, b),
-        &["--runtime-api", "127.0.0.1:0"],
+        &["--runtime-api", "127.0.0.1:0", "--admin-token", TOKEN],
     )
     .await;
     let addr = runtime_addr(&proxy);
@@ -693,8 +730,10 @@ async fn prompt_mode_keeps_the_connection_until_quit() {
     s.write_all(b"prompt\n").await.expect("send");
     assert_eq!(read_until(&mut s, "> ").await, "\n> ");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    s.write_all(b"disable server web/b\n").await.expect("send");
-    assert_eq!(read_until(&mut s, "> ").await, "\n> ");
+    s.write_all(format!("auth {TOKEN}; disable server web/b\n").as_bytes())
+        .await
+        .expect("send");
+    assert_eq!(read_until(&mut s, "\n> \n> ").await, "\n> \n> ");
     s.write_all(b"get weight web/b; show stat web 4 2\n")
         .await
         .expect("send");
@@ -736,6 +775,131 @@ async fn read_until(s: &mut TcpStream, end: &str) -> String {
         .await
         .unwrap_or_else(|_| panic!("no {end:?} within 5 s"));
     String::from_utf8_lossy(&got).into_owned()
+}
+
+// ---------------------------------------------------------------------------
+// Who may change things over TCP
+
+/// Sends `input` on a fresh TCP connection to `addr` and reads until the
+/// proxy closes it.
+async fn tcp_session(addr: SocketAddr, input: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(input).await.expect("send");
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all))
+        .await
+        .expect("the proxy closes the connection")
+        .expect("read");
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tcp_listener_is_read_only_until_auth_with_the_admin_token() {
+    let ups = Upstream::start_many(&["a", "b"]).await;
+    let (a, b) = (&ups[0], &ups[1]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock = dir.path().join("runtime.sock");
+    let sock_arg = sock.to_str().expect("UTF-8 path").to_string();
+    let proxy = Proxy::start_with_args(
+        || two_servers(free_addr(), a, b),
+        &[
+            "--runtime-api",
+            "127.0.0.1:0",
+            "--admin-token",
+            TOKEN,
+            "--runtime-socket",
+            &sock_arg,
+        ],
+    )
+    .await;
+    let addr = runtime_addr(&proxy);
+
+    // Reads need nothing.
+    assert_eq!(
+        cli_as_is(addr, "get weight web/a").await,
+        "1 (initial 1)\n\n"
+    );
+    assert!(cli_as_is(addr, "help").await.contains("auth <token>"));
+    assert_eq!(cli_as_is(addr, "show backend").await, "# name\nweb\n\n");
+
+    // A change without auth, and with a wrong token, is refused.
+    let out = cli_as_is(addr, "disable server web/a").await;
+    assert_eq!(
+        out,
+        "Permission denied: this listener is read-only; send \"auth <token>\" first (the admin token), or use the Unix socket (--runtime-socket).\n\n"
+    );
+    let out = tcp_session(
+        addr,
+        b"auth wrong; disable server web/a\ndisable server web/a\n",
+    )
+    .await;
+    assert!(out.starts_with("Permission denied: wrong token"), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| !l.is_empty()).count(),
+        1,
+        "closed after the refusal: {out}"
+    );
+    assert_eq!(status_of(addr, "web", "a").await, "no check");
+    let c = client();
+    assert_eq!(tally(&c, &proxy.url("/"), 10).await.len(), 2, "both serve");
+
+    // With the token, on the same line as HAProxy allows: applied.
+    assert_eq!(
+        cli_as_is(addr, &format!("auth {TOKEN}; disable server web/a")).await,
+        "\n\n"
+    );
+    assert_eq!(status_of(addr, "web", "a").await, "MAINT");
+    assert_eq!(tally(&c, &proxy.url("/"), 10).await.get("b"), Some(&10));
+
+    // A browser page posting to the port: the request line closes the
+    // connection before its body is read as commands.
+    let post = format!(
+        "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Type: text/plain\r\nContent-Length: 40\r\n\r\nauth {TOKEN}; enable server web/a\n"
+    );
+    assert_eq!(tcp_session(addr, post.as_bytes()).await, "");
+    assert_eq!(
+        tcp_session(addr, b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n").await,
+        ""
+    );
+    assert_eq!(status_of(addr, "web", "a").await, "MAINT");
+    assert!(
+        proxy.stderr().contains("an HTTP request arrived"),
+        "{}",
+        proxy.stderr()
+    );
+
+    // The Unix socket takes changes without auth.
+    assert_eq!(cli_unix(&sock, "enable server web/a").await, "\n");
+    assert_eq!(status_of(addr, "web", "a").await, "no check");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_admin_token_the_tcp_listener_refuses_every_change() {
+    let ups = Upstream::start_many(&["a", "b"]).await;
+    let (a, b) = (&ups[0], &ups[1]);
+    let proxy = Proxy::start_with_args(
+        || two_servers(free_addr(), a, b),
+        &["--runtime-api", "127.0.0.1:0"],
+    )
+    .await;
+    let addr = runtime_addr(&proxy);
+    assert_eq!(
+        cli_as_is(addr, "get weight web/a").await,
+        "1 (initial 1)\n\n"
+    );
+    for line in ["set weight web/a 5", "auth guess; set weight web/a 5"] {
+        let out = cli_as_is(addr, line).await;
+        assert!(
+            out.starts_with(
+                "Permission denied: this listener is read-only and no admin token is configured"
+            ),
+            "{line}: {out}"
+        );
+    }
+    assert_eq!(
+        cli_as_is(addr, "get weight web/a").await,
+        "1 (initial 1)\n\n"
+    );
 }
 
 // ---------------------------------------------------------------------------

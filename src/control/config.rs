@@ -508,16 +508,27 @@ pub fn check_admin_token(global: &Global, admin: SocketAddr) -> Result<(), Admin
     }
 }
 
-/// Refuses a TCP address that is not loopback: the runtime API has no
-/// authentication, so only local processes may reach it.
+/// Whether `given` is the configured admin token; false when none is
+/// configured. Compares without stopping at the first difference.
+pub fn admin_token_matches(global: &Global, given: &str) -> bool {
+    let Some(token) = global.admin_token.as_deref() else {
+        return false;
+    };
+    let (a, b) = (token.as_bytes(), given.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Refuses a TCP address that is not loopback: the runtime API's TCP
+/// listener is read-only without the admin token, and even with it only
+/// local processes may reach it.
 pub fn check_loopback(addr: SocketAddr) -> Result<(), String> {
     if addr.ip().is_loopback() {
         return Ok(());
     }
     Err(format!(
-        "runtime API address {addr} is not a loopback address: the runtime API has no \
-         authentication, so it listens on loopback only (from another host, use an SSH \
-         tunnel; for access by file permissions, --runtime-socket)"
+        "runtime API address {addr} is not a loopback address: the runtime API listens on \
+         loopback only (from another host, use an SSH tunnel; for access by file \
+         permissions, --runtime-socket)"
     ))
 }
 

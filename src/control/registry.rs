@@ -4,6 +4,9 @@
 //! control task and keeps a mirror of what the source holds, which it saves
 //! to `--state-dir` (at most once a second) so that a proxy started while
 //! its registry is unreachable serves the last good state (fail static).
+//! With a state dir, the saved state is put in the table first thing at
+//! start, before any client is accepted; the registry's first sync replaces
+//! it when it comes.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,13 +20,11 @@ use pointsman_discovery::{
     EtcdOptions, Source, SourceStatus, Update, UpdateKind,
 };
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::control::Command;
+use crate::engine::table::SharedTable;
 
-/// How long a proxy with a state dir waits for its registry's first sync
-/// before it serves the saved state instead.
-pub const FIRST_SYNC_WAIT: Duration = Duration::from_secs(2);
 /// Saved state is rewritten at most this often while changes stream in.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 
@@ -49,6 +50,10 @@ pub struct Followed {
     pub from_saved_state: Arc<AtomicBool>,
     /// Updates received from the watcher.
     pub updates: Arc<AtomicU64>,
+    /// Turns true once a published routing table holds this source's
+    /// entries (from a sync or from saved state): what a start waits for
+    /// before it accepts clients.
+    pub in_table: watch::Receiver<bool>,
 }
 
 /// A source's view for the admin API.
@@ -78,9 +83,12 @@ pub enum RegistryError {
 }
 
 /// Starts a watcher and a relay per configured registry.
+/// `table` is the one the control task publishes: each relay watches it to
+/// tell when its source's first data is served.
 pub fn start(
     opts: &RegistryOptions,
     commands: mpsc::Sender<Command>,
+    table: &SharedTable,
 ) -> Result<Vec<Followed>, RegistryError> {
     let mut followed = Vec::new();
     if let Some(etcd) = &opts.etcd {
@@ -98,6 +106,7 @@ pub fn start(
             status,
             opts.state_dir.clone(),
             commands.clone(),
+            table.clone(),
         ));
         tracing::info!(endpoints = ?etcd.endpoints, "following etcd");
     }
@@ -116,6 +125,7 @@ pub fn start(
             status,
             opts.state_dir.clone(),
             commands.clone(),
+            table.clone(),
         ));
         tracing::info!(urls = ?consul.urls, "following consul");
     }
@@ -137,6 +147,7 @@ pub fn start(
             status,
             opts.state_dir.clone(),
             commands.clone(),
+            table.clone(),
         ));
         tracing::info!(dir = %opts.dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(), "following the file registry");
     }
@@ -149,37 +160,35 @@ fn relay(
     status: Arc<SourceStatus>,
     state_dir: Option<PathBuf>,
     commands: mpsc::Sender<Command>,
+    table: SharedTable,
 ) -> Followed {
     let has_data = Arc::new(AtomicBool::new(false));
     let from_saved = Arc::new(AtomicBool::new(false));
     let counted = Arc::new(AtomicU64::new(0));
+    let (served, in_table) = watch::channel(false);
     let followed = Followed {
         status,
         has_data: has_data.clone(),
         from_saved_state: from_saved.clone(),
         updates: counted.clone(),
+        in_table,
     };
     tokio::spawn(async move {
         let mut mirror = Mirror::default();
-        // Fail static at start: no sync in time -> serve the saved state.
-        let first = match &state_dir {
-            Some(dir) => match tokio::time::timeout(FIRST_SYNC_WAIT, updates.recv()).await {
-                Ok(first) => first,
-                Err(_) => {
-                    if let Some(update) = saved_state(dir, source) {
-                        mirror.apply(&update);
-                        if commands.send(Command::Discovery(update)).await.is_err() {
-                            return;
-                        }
-                        has_data.store(true, Ordering::Release);
-                        from_saved.store(true, Ordering::Release);
-                    }
-                    updates.recv().await
+        // Fail static at start: the saved state serves until the first sync
+        // replaces it, from the first client on.
+        if let Some(dir) = &state_dir {
+            if let Some(update) = saved_state(dir, source).await {
+                mirror.apply(&update);
+                if !send_and_wait_published(&commands, &table, update).await {
+                    return;
                 }
-            },
-            None => updates.recv().await,
-        };
-        let mut next = first;
+                has_data.store(true, Ordering::Release);
+                from_saved.store(true, Ordering::Release);
+                served.send_replace(true);
+            }
+        }
+        let mut next = updates.recv().await;
         let mut dirty = false;
         let mut save_tick = tokio::time::interval(SAVE_EVERY);
         save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -191,12 +200,18 @@ fn relay(
                 dirty = true;
             }
             let synced = matches!(update.kind, UpdateKind::Reset(_));
-            if commands.send(Command::Discovery(update)).await.is_err() {
+            let sent = if synced && !*served.borrow() {
+                send_and_wait_published(&commands, &table, update).await
+            } else {
+                commands.send(Command::Discovery(update)).await.is_ok()
+            };
+            if !sent {
                 return;
             }
             if synced {
                 has_data.store(true, Ordering::Release);
                 from_saved.store(false, Ordering::Release);
+                served.send_replace(true);
             }
             // Wait for the next update, saving on the way when due.
             while next.is_none() {
@@ -218,16 +233,69 @@ fn relay(
     followed
 }
 
-fn saved_state(dir: &std::path::Path, source: Source) -> Option<Update> {
-    match load_state(dir, source) {
-        Ok(Some(state)) => {
+/// Sends `update` to the control task and returns once a published table
+/// holds it; false if the control task is gone.
+///
+/// The control task publishes one table per batch, and a batch takes
+/// everything queued when it starts. Once `update` is queued and the
+/// table's version read as `v`, at most one batch without it can still be
+/// under way (it publishes `v + 1`); every later batch holds it or comes
+/// after the one that did. So the table `v + 2` holds it; an empty update
+/// queued after `v + 1` is out makes sure that table is published.
+async fn send_and_wait_published(
+    commands: &mpsc::Sender<Command>,
+    table: &SharedTable,
+    update: Update,
+) -> bool {
+    let source = update.source;
+    if commands.send(Command::Discovery(update)).await.is_err() {
+        return false;
+    }
+    let v = table.load().version;
+    if !wait_version(commands, table, v + 1).await {
+        return false;
+    }
+    let nothing = Update {
+        source,
+        revision: None,
+        kind: UpdateKind::Changes(Vec::new()),
+    };
+    if commands.send(Command::Discovery(nothing)).await.is_err() {
+        return false;
+    }
+    wait_version(commands, table, v + 2).await
+}
+
+/// Waits until the published table's version reaches `version`. Tables
+/// carry no notification; this runs once per source at start, for the few
+/// milliseconds the control task takes.
+async fn wait_version(commands: &mpsc::Sender<Command>, table: &SharedTable, version: u64) -> bool {
+    while table.load().version < version {
+        if commands.is_closed() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    true
+}
+
+/// The saved state of `source` as a `Reset`, read off the runtime's
+/// threads; `None` (logged) when there is none or it is unusable.
+async fn saved_state(dir: &std::path::Path, source: Source) -> Option<Update> {
+    let file = state_path(dir, source);
+    let read = {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || load_state(&dir, source)).await
+    };
+    match read {
+        Ok(Ok(Some(state))) => {
             let (revision, entries) = state;
-            tracing::warn!(
+            tracing::info!(
                 source = source.as_str(),
-                file = %state_path(dir, source).display(),
+                file = %file.display(),
                 entries = entries.len(),
                 ?revision,
-                "registry not synced in time: serving the saved state"
+                "serving the saved state until the registry syncs"
             );
             Some(Update {
                 source,
@@ -235,15 +303,20 @@ fn saved_state(dir: &std::path::Path, source: Source) -> Option<Update> {
                 kind: UpdateKind::Reset(entries),
             })
         }
-        Ok(None) => {
-            tracing::warn!(
+        Ok(Ok(None)) => {
+            tracing::info!(
                 source = source.as_str(),
-                "registry not synced in time and no saved state yet"
+                file = %file.display(),
+                "no saved state yet: waiting for the registry's first sync"
             );
             None
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::error!(source = source.as_str(), error = %e, "saved state unusable; waiting for the registry");
+            None
+        }
+        Err(e) => {
+            tracing::error!(source = source.as_str(), error = %e, "reading the saved state failed; waiting for the registry");
             None
         }
     }

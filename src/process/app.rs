@@ -1,6 +1,13 @@
 //! Starting and stopping a proxy: bind listeners from the config, start the
 //! control task, the admin listener and the config watcher, then wait for
 //! SIGTERM/SIGINT and drain.
+//!
+//! The client listeners are bound (and listen) at once but accept only once
+//! every followed registry's data is in the routing table, from its first
+//! sync or from `--state-dir`: until then clients wait in the listen
+//! backlog rather than get a 503 from a table that is still empty. A fresh
+//! start waits at most [`FIRST_SYNC_WAIT`] and then serves what it has; a
+//! takeover keeps the previous process serving meanwhile.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -8,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,7 +29,12 @@ use crate::engine::table::SharedTable;
 use crate::engine::ClientLimits;
 use crate::ops::admin::Admin;
 use crate::process::listener::Listeners;
-use crate::process::takeover::{HeldSockets, Inherited};
+use crate::process::takeover::{HeldSockets, Inherited, NotSynced, SYNC_DEADLINE};
+
+/// How long a fresh start holds clients (in the listen backlog) for the
+/// registries' first sync. Past it, requests get what the table holds
+/// (503 for services it does not know yet) rather than waiting longer.
+pub const FIRST_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A running proxy.
 pub struct App {
@@ -129,11 +141,11 @@ impl App {
         let (commands, rx) = mpsc::channel(1024);
         control.enable_health_checks(commands.clone());
         control.start().map_err(AppError::Bind)?;
-        let followed = registry::start(&registries, commands.clone())?;
+        let followed = registry::start(&registries, commands.clone(), &table)?;
         for f in &followed {
             control.follow(f.status.clone());
         }
-        let synced: Vec<_> = followed.iter().map(|f| f.has_data.clone()).collect();
+        let mut served: Vec<_> = followed.iter().map(|f| f.in_table.clone()).collect();
         tokio::spawn(control.run(rx));
         let sources = followed.iter().map(|f| f.status.clone()).collect();
         let handle = ControlHandle::new(commands.clone(), table.clone());
@@ -179,10 +191,24 @@ impl App {
         if taking_over {
             // The previous process serves until this one has what it
             // needs: the registries' data too.
-            crate::process::takeover::wait_synced(&synced).await?;
+            if !wait_served(&mut served, SYNC_DEADLINE).await {
+                return Err(NotSynced.into());
+            }
+            open.cancel();
+            ready.store(true, Ordering::Release);
+        } else {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    in_time = wait_served(&mut served, FIRST_SYNC_WAIT) => if !in_time {
+                        tracing::warn!(wait = ?FIRST_SYNC_WAIT, "not every registry synced in time: accepting clients with what the table holds (its services answer 503 until their registry syncs)");
+                    },
+                    _ = stop.cancelled() => return,
+                }
+                open.cancel();
+                ready.store(true, Ordering::Release);
+            });
         }
-        open.cancel();
-        ready.store(true, Ordering::Release);
         let listeners = bound.lock().map(|b| b.clone()).unwrap_or_default();
         Ok(App {
             control: handle,
@@ -226,6 +252,20 @@ impl App {
         self.admin_stop.cancel();
         finished
     }
+}
+
+/// Waits until every followed registry's data is in a published table;
+/// false if `within` passes first.
+async fn wait_served(served: &mut [watch::Receiver<bool>], within: std::time::Duration) -> bool {
+    let all = async {
+        for rx in served.iter_mut() {
+            // A relay that stopped (the control task is gone) never serves.
+            if rx.wait_for(|in_table| *in_table).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::time::timeout(within, all).await.is_ok()
 }
 
 /// Closes pooled upstream connections that stayed idle longer than their

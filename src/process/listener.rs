@@ -58,9 +58,9 @@ pub struct Listeners {
     /// Copies of the running listeners' sockets, for the next takeover.
     held: Arc<HeldSockets>,
     /// Accept loops wait for this at start, so no client is served before
-    /// the first table is published (and, after a takeover, before the
-    /// registries synced): clients wait in the backlog meanwhile, or are
-    /// accepted by the previous process.
+    /// every followed registry's data is in the table (see `app`): clients
+    /// wait in the backlog meanwhile, or are accepted by the previous
+    /// process.
     open: CancellationToken,
 }
 

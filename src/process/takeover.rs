@@ -561,19 +561,6 @@ impl std::fmt::Display for Causes<'_> {
 #[error("takeover given up: the registries gave no data within {SYNC_DEADLINE:?} (the running process keeps serving)")]
 pub struct NotSynced;
 
-/// Waits until every followed registry's data is in the table (a sync or
-/// saved state), or gives up after [`SYNC_DEADLINE`].
-pub async fn wait_synced(synced: &[Arc<AtomicBool>]) -> Result<(), NotSynced> {
-    let end = Instant::now() + SYNC_DEADLINE;
-    while !synced.iter().all(|s| s.load(Ordering::Acquire)) {
-        if Instant::now() >= end {
-            return Err(NotSynced);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
 /// A takeover started at start-up: connected to the previous process (or
 /// nothing was there), waiting for this process to serve.
 pub struct Takeover {

@@ -4,6 +4,12 @@
 //! commands, their arguments, their output formats and their error texts
 //! follow HAProxy 2.6's management guide wherever a script could parse them.
 //!
+//! The Unix socket (mode 0600) takes every command. The loopback TCP
+//! listener is read-only unless the connection first sends `auth <token>`
+//! with the admin token: a loopback port is open to every local user, and
+//! to a browser page that posts to it (a line that looks like an HTTP
+//! request closes the connection). See RUNTIME.md.
+//!
 //! A backend is a service, a server an instance id, a map a routing map.
 //! Changes go through [`ControlHandle::change`] (the local layer of the
 //! control task): like HAProxy's, they are local to this process and last
@@ -19,8 +25,8 @@ mod server;
 mod show;
 
 pub use parse::{
-    map_ref, parse, parse_weight, resolve_weight, split_line, MapRef, Request, ServerRef,
-    StatFilter, WeightArg,
+    looks_like_http, map_ref, parse, parse_weight, resolve_weight, split_line, MapRef, Request,
+    ServerRef, StatFilter, WeightArg,
 };
 pub use server::{bind, serve_client, ObservedListeners, RuntimeListeners, Serving, SocketFile};
 pub use show::{server_status, Frontend, ProcessInfo, Snapshot, STAT_FIELDS};
@@ -30,7 +36,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::config::Config;
+use crate::control::config::{admin_token_matches, Config};
 use crate::control::local::{LocalChange, LocalError};
 use crate::control::ControlHandle;
 use crate::engine::endpoint::unix_now;
@@ -53,6 +59,43 @@ fn refused(e: &LocalError, missing_key: &str) -> String {
             "Key already exists: use 'set map' to change its value.\n".into()
         }
         LocalError::Stopped => "The proxy is stopping.\n".into(),
+    }
+}
+
+const READ_ONLY: &str = "Permission denied: this listener is read-only; send \"auth <token>\" \
+     first (the admin token), or use the Unix socket (--runtime-socket).\n";
+const NO_TOKEN: &str = "Permission denied: this listener is read-only and no admin token is \
+     configured; set one (--admin-token or [global] admin_token) and send \"auth <token>\", \
+     or use the Unix socket (--runtime-socket).\n";
+const WRONG_TOKEN: &str =
+    "Permission denied: wrong token (auth takes the admin token); closing the connection.\n";
+
+/// What one client connection may do, and its mode.
+#[derive(Debug)]
+pub struct Session {
+    /// `prompt` mode: prompts, and the connection stays open.
+    pub interactive: bool,
+    may_change: bool,
+    over_tcp: bool,
+}
+
+impl Session {
+    /// A connection on the Unix socket: every command.
+    pub fn unix() -> Session {
+        Session {
+            interactive: false,
+            may_change: true,
+            over_tcp: false,
+        }
+    }
+
+    /// A connection on the TCP listener: read-only until `auth`.
+    pub fn tcp() -> Session {
+        Session {
+            interactive: false,
+            may_change: false,
+            over_tcp: true,
+        }
     }
 }
 
@@ -129,6 +172,8 @@ impl Runtime {
     pub async fn execute(&self, req: Request) -> Outcome {
         let text = |r: Result<String, String>| Outcome::Text(r.unwrap_or_else(|e| e));
         match req {
+            // Handled by `run_line`, which knows the session.
+            Request::Auth(_) => Outcome::Text(String::new()),
             Request::Help(words) => Outcome::Text(help(&words)),
             Request::Prompt => Outcome::Prompt,
             Request::Quit => Outcome::Quit,
@@ -238,14 +283,16 @@ impl Runtime {
     /// Runs one line: what to send back, and whether to close the
     /// connection after it. Each command's output is followed by an empty
     /// line, and in interactive mode by the `> ` prompt, as in HAProxy.
-    pub async fn run_line(&self, line: &str, interactive: &mut bool) -> (String, bool) {
+    /// A change on a TCP session runs only after `auth`; a wrong token
+    /// closes the connection.
+    pub async fn run_line(&self, line: &str, session: &mut Session) -> (String, bool) {
         let commands = split_line(line);
         if commands.len() > MAX_COMMANDS {
             let mut out = format!(
                 "Too many commands on one line: at most {MAX_COMMANDS}, separated by ';'. \
                  None was run.\n\n"
             );
-            if *interactive {
+            if session.interactive {
                 out.push_str("> ");
             }
             return (out, false);
@@ -253,20 +300,51 @@ impl Runtime {
         let mut out = String::new();
         for words in commands {
             let outcome = match parse(&words) {
+                Ok(Request::Auth(token)) => match self.auth(&token, session) {
+                    Ok(()) => Outcome::Text(String::new()),
+                    Err(refusal) => {
+                        out.push_str(refusal);
+                        out.push('\n');
+                        return (out, true);
+                    }
+                },
+                Ok(req) if req.is_change() && !session.may_change => {
+                    let configured = self.config.load().global.admin_token.is_some();
+                    Outcome::Text(if configured { READ_ONLY } else { NO_TOKEN }.into())
+                }
                 Ok(req) => self.execute(req).await,
                 Err(e) => Outcome::Text(e),
             };
             match outcome {
                 Outcome::Text(t) => out.push_str(&t),
-                Outcome::Prompt => *interactive = !*interactive,
+                Outcome::Prompt => session.interactive = !session.interactive,
                 Outcome::Quit => return (out, true),
             }
             out.push('\n');
-            if *interactive {
+            if session.interactive {
                 out.push_str("> ");
             }
         }
         (out, false)
+    }
+
+    /// `auth <token>`: on TCP, allows changes for the rest of the
+    /// connection if `token` is the admin token of the applied config. The
+    /// Unix socket allows them anyway.
+    fn auth(&self, token: &str, session: &mut Session) -> Result<(), &'static str> {
+        if !session.over_tcp {
+            return Ok(());
+        }
+        let config = self.config.load();
+        if config.global.admin_token.is_none() {
+            return Err(NO_TOKEN);
+        }
+        if !admin_token_matches(&config.global, token) {
+            tracing::warn!("runtime API: auth with a wrong token; connection closed");
+            return Err(WRONG_TOKEN);
+        }
+        session.may_change = true;
+        Ok(())
     }
 }
 
@@ -316,7 +394,13 @@ OTHER = "green"
 
     /// A runtime over a real control task with [`CONFIG`] (no sockets).
     fn runtime() -> Runtime {
-        let config = Config::parse("test.toml", CONFIG).expect("valid config");
+        runtime_with("")
+    }
+
+    /// [`runtime`] with `global` (a `[global]` table's lines) prepended.
+    fn runtime_with(global: &str) -> Runtime {
+        let text = format!("[global]\n{global}\n{CONFIG}");
+        let config = Config::parse("test.toml", &text).expect("valid config");
         let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
         let applied = Arc::new(ArcSwap::from_pointee(config.clone()));
         let observed = ObservedListeners::new(Box::new(NoListeners), applied.clone());
@@ -333,8 +417,8 @@ OTHER = "green"
     }
 
     async fn run(rt: &Runtime, line: &str) -> String {
-        let mut interactive = false;
-        let (out, _) = rt.run_line(line, &mut interactive).await;
+        let mut session = Session::unix();
+        let (out, _) = rt.run_line(line, &mut session).await;
         out
     }
 
@@ -589,37 +673,44 @@ OTHER = "green"
     #[tokio::test]
     async fn prompt_mode_prints_prompts_and_quit_stops_the_line() {
         let rt = runtime();
-        let mut interactive = false;
-        let (out, quit) = rt.run_line("prompt", &mut interactive).await;
-        assert_eq!((out.as_str(), quit, interactive), ("\n> ", false, true));
+        let mut session = Session::unix();
+        let (out, quit) = rt.run_line("prompt", &mut session).await;
+        assert_eq!(
+            (out.as_str(), quit, session.interactive),
+            ("\n> ", false, true)
+        );
         let (out, _) = rt
-            .run_line("get weight blue/blue; show backend", &mut interactive)
+            .run_line("get weight blue/blue; show backend", &mut session)
             .await;
         assert_eq!(out, "10 (initial 10)\n\n> # name\nblue\ngreen\n\n> ");
         let (out, quit) = rt
             .run_line(
                 "get weight blue/blue;quit;get weight blue/blue",
-                &mut interactive,
+                &mut session,
             )
             .await;
         assert_eq!((out.as_str(), quit), ("10 (initial 10)\n\n> ", true));
-        let (out, _) = rt.run_line("prompt", &mut interactive).await;
-        assert_eq!((out.as_str(), interactive), ("\n", false));
+        let (out, _) = rt.run_line("prompt", &mut session).await;
+        assert_eq!((out.as_str(), session.interactive), ("\n", false));
 
         let many = vec!["show backend"; MAX_COMMANDS + 1].join(";");
-        let (out, quit) = rt.run_line(&many, &mut interactive).await;
+        let (out, quit) = rt.run_line(&many, &mut session).await;
         assert!(out.starts_with("Too many commands on one line"), "{out}");
         assert!(!quit);
     }
 
     async fn session(rt: &Runtime, input: &[u8], keep_open: bool) -> String {
+        session_on(rt, Session::unix(), input, keep_open).await
+    }
+
+    async fn session_on(rt: &Runtime, on: Session, input: &[u8], keep_open: bool) -> String {
         let (mut client, server) = tokio::io::duplex(1 << 20);
         client.write_all(input).await.expect("write");
         if !keep_open {
             client.shutdown().await.expect("shutdown");
         }
         let stop = CancellationToken::new();
-        let serve = serve_client(server, rt, stop);
+        let serve = serve_client(server, on, rt, stop);
         let mut out = Vec::new();
         let read = async {
             client.read_to_end(&mut out).await.expect("read");
@@ -649,5 +740,99 @@ OTHER = "green"
         let long = vec![b'x'; MAX_LINE + 10];
         let out = session(&rt, &long, true).await;
         assert!(out.starts_with("Line too long"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn tcp_sessions_change_only_after_auth() {
+        let rt = runtime_with(r#"admin_token = "s3cret""#);
+        let weight = |rt: &Runtime| {
+            rt.snapshot()
+                .get_weight(&ServerRef {
+                    backend: "blue".into(),
+                    server: "blue".into(),
+                })
+                .unwrap_or_else(|e| e)
+        };
+        // Reads work, a change is refused with what to do.
+        let out = session_on(&rt, Session::tcp(), b"get weight blue/blue\n", true).await;
+        assert_eq!(out, "10 (initial 10)\n\n");
+        let out = session_on(&rt, Session::tcp(), b"set weight blue/blue 3\n", true).await;
+        assert!(
+            out.starts_with("Permission denied: this listener is read-only; send \"auth <token>\""),
+            "{out}"
+        );
+        assert!(out.contains("--runtime-socket"), "{out}");
+        // A wrong token closes the session before the rest of the line.
+        let out = session_on(
+            &rt,
+            Session::tcp(),
+            b"auth nope; set weight blue/blue 3\n",
+            true,
+        )
+        .await;
+        assert!(out.starts_with("Permission denied: wrong token"), "{out}");
+        assert_eq!(weight(&rt), "10 (initial 10)\n");
+        // The right one allows changes for the rest of the session.
+        let out = session_on(
+            &rt,
+            Session::tcp(),
+            b"auth s3cret; set weight blue/blue 3; get weight blue/blue\n",
+            true,
+        )
+        .await;
+        assert_eq!(out, "\n\n3 (initial 10)\n\n");
+        // The Unix socket needs no auth.
+        let out = session(&rt, b"set weight blue/blue 4\n", true).await;
+        assert_eq!(out, "\n");
+        assert_eq!(weight(&rt), "4 (initial 10)\n");
+    }
+
+    #[tokio::test]
+    async fn without_an_admin_token_tcp_refuses_every_change() {
+        let rt = runtime();
+        let out = session_on(&rt, Session::tcp(), b"set weight blue/blue 3\n", true).await;
+        assert!(out.contains("no admin token is configured"), "{out}");
+        let out = session_on(
+            &rt,
+            Session::tcp(),
+            b"auth anything; set weight blue/blue 3\n",
+            true,
+        )
+        .await;
+        assert!(out.contains("no admin token is configured"), "{out}");
+        assert_eq!(
+            out.matches("Permission denied").count(),
+            1,
+            "nothing after the refused auth ran: {out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http_request_line_closes_the_session_unanswered() {
+        let rt = runtime_with(r#"admin_token = "s3cret""#);
+        for on in [Session::tcp(), Session::unix()] {
+            let post =
+                b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nauth s3cret; set weight blue/blue 1\n";
+            assert_eq!(session_on(&rt, on, post, true).await, "");
+        }
+        let out = session_on(
+            &rt,
+            Session::tcp(),
+            b"prompt\nshow backend\nGET /stats HTTP/1.0\nshow backend\n",
+            true,
+        )
+        .await;
+        assert_eq!(out, "\n> # name\nblue\ngreen\n\n> ");
+        for line in [
+            "POST / HTTP/1.1",
+            "GET /x",
+            " PUT /a HTTP/1.0",
+            "PRI * HTTP/2.0",
+        ] {
+            assert!(looks_like_http(line), "{line}");
+        }
+        for line in ["show stat", "get weight a/b", "GET", "post / HTTP/1.1"] {
+            assert!(!looks_like_http(line), "{line}");
+        }
     }
 }

@@ -99,6 +99,8 @@ impl Default for StatFilter {
 /// One parsed command.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
+    /// `auth <token>`: allows changes on a TCP connection.
+    Auth(String),
     Help(Vec<String>),
     Prompt,
     Quit,
@@ -128,6 +130,33 @@ pub enum Request {
     ClearMap(MapRef),
 }
 
+impl Request {
+    /// Whether the command changes state (and so needs `auth` on TCP).
+    pub fn is_change(&self) -> bool {
+        matches!(
+            self,
+            Request::SetState(..)
+                | Request::SetWeight(..)
+                | Request::SetMap { .. }
+                | Request::AddMap { .. }
+                | Request::DelMap { .. }
+                | Request::ClearMap(_)
+        )
+    }
+}
+
+/// Whether `line` starts like an HTTP request (`POST / HTTP/1.1`): what a
+/// browser sends when a page posts to the runtime API's port. No runtime
+/// command starts with an upper-case method name.
+pub fn looks_like_http(line: &str) -> bool {
+    const METHODS: &[&str] = &[
+        "GET", "POST", "PUT", "HEAD", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE", "PRI",
+    ];
+    let line = line.trim_start();
+    let method = line.split([' ', '\t']).next().unwrap_or("");
+    METHODS.contains(&method) && line.len() > method.len()
+}
+
 const REQUIRE_SERVER: &str = "Require 'backend/server'.\n";
 pub(super) const UNKNOWN_MAP: &str = "Unknown map identifier. Please use #<id> or <file>.\n";
 const SET_SERVER_USAGE: &str =
@@ -140,6 +169,8 @@ const REQUIRE_WEIGHT: &str = "Require <weight> or <weight%>.\n";
 pub fn parse(words: &[String]) -> Result<Request, String> {
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
     match w.as_slice() {
+        ["auth", token] => Ok(Request::Auth(token.to_string())),
+        ["auth", ..] => Err("'auth' expects the admin token: auth <token>\n".into()),
         ["help", rest @ ..] => Ok(Request::Help(rest.iter().map(|s| s.to_string()).collect())),
         ["prompt"] => Ok(Request::Prompt),
         ["quit"] => Ok(Request::Quit),
@@ -398,6 +429,11 @@ const HELP: &[HelpEntry] = &[
         words: &["add", "map"],
         usage: "add map <map> <key> <val>",
         text: "add a map entry (refused if the key exists)",
+    },
+    HelpEntry {
+        words: &["auth"],
+        usage: "auth <token>",
+        text: "allow changes on the TCP listener (the admin token)",
     },
     HelpEntry {
         words: &["clear", "map"],

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::{Runtime, MAX_LINE};
+use super::{looks_like_http, Runtime, Session, MAX_LINE};
 use crate::control::config::{check_admin_token, check_loopback};
 use crate::control::config::{Config, Global};
 use crate::control::ListenerControl;
@@ -169,7 +169,9 @@ impl RuntimeListeners {
                                 _ = stop.cancelled() => return,
                             };
                             match stream {
-                                Ok(s) => client(s, rt.clone(), &limit, stop.clone()),
+                                Ok(s) => {
+                                    client(s, Session::unix(), rt.clone(), &limit, stop.clone())
+                                }
                                 Err(e) => accept_failed(e).await,
                             }
                         }
@@ -193,7 +195,13 @@ impl RuntimeListeners {
                                 _ = shutdown.cancelled() => return,
                             };
                             match stream {
-                                Ok(s) => client(s, runtime.clone(), &limit, shutdown.clone()),
+                                Ok(s) => client(
+                                    s,
+                                    Session::tcp(),
+                                    runtime.clone(),
+                                    &limit,
+                                    shutdown.clone(),
+                                ),
                                 Err(e) => accept_failed(e).await,
                             }
                         }
@@ -213,14 +221,19 @@ async fn accept_failed(e: std::io::Error) {
 }
 
 /// Serves one client in its own task, if the client limit allows.
-fn client<S>(stream: S, runtime: Arc<Runtime>, limit: &Arc<Semaphore>, stop: CancellationToken)
-where
+fn client<S>(
+    stream: S,
+    session: Session,
+    runtime: Arc<Runtime>,
+    limit: &Arc<Semaphore>,
+    stop: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     match limit.clone().try_acquire_owned() {
         Ok(permit) => {
             tokio::spawn(async move {
-                serve_client(stream, &runtime, stop).await;
+                serve_client(stream, session, &runtime, stop).await;
                 drop(permit);
             });
         }
@@ -238,14 +251,20 @@ where
 
 /// One client: lines in, answers out. Without `prompt`, the line received
 /// (and any already sent after it) is answered and the connection closed;
-/// with it, the connection stays open until `quit`, EOF or idleness.
-pub async fn serve_client<S>(stream: S, runtime: &Runtime, stop: CancellationToken)
-where
+/// with it, the connection stays open until `quit`, EOF or idleness. A
+/// line that looks like an HTTP request closes the connection unanswered:
+/// a browser page posting to the port, whose body lines would otherwise be
+/// read as commands.
+pub async fn serve_client<S>(
+    stream: S,
+    mut session: Session,
+    runtime: &Runtime,
+    stop: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut buf: Vec<u8> = Vec::new();
-    let mut interactive = false;
     let mut answered = false;
     loop {
         let line = loop {
@@ -258,10 +277,10 @@ where
                 let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(msg.as_bytes())).await;
                 return;
             }
-            if answered && !interactive {
+            if answered && !session.interactive {
                 break None;
             }
-            let wait = if interactive {
+            let wait = if session.interactive {
                 PROMPT_IDLE
             } else {
                 COMMAND_TIMEOUT
@@ -280,7 +299,11 @@ where
         let Some(line) = line else { break };
         answered = true;
         let text = String::from_utf8_lossy(&line);
-        let (out, quit) = runtime.run_line(&text, &mut interactive).await;
+        if looks_like_http(&text) {
+            tracing::warn!("runtime API: an HTTP request arrived (a browser page posting to this port?); connection closed unanswered");
+            return;
+        }
+        let (out, quit) = runtime.run_line(&text, &mut session).await;
         let sent = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(out.as_bytes())).await;
         if !matches!(sent, Ok(Ok(()))) || quit {
             break;
