@@ -17,6 +17,8 @@ bin=$(realpath "${1:?usage: compose/test.sh PATH-TO-POINTSMAN-BINARY}")
 compose=compose/compose.sh
 etcd=http://127.0.0.1:2379,http://127.0.0.1:2479,http://127.0.0.1:2579
 clients=(client0 client1 client2 client3 client4)
+# The stack's admin token: `deploy` needs it for drain notices.
+export POINTSMAN_ADMIN_TOKEN=${POINTSMAN_ADMIN_TOKEN:-compose-stack-token}
 passed=0
 failed=0
 failures=()
@@ -75,6 +77,16 @@ etcd_connected() {
 }
 
 etcdctl_() { ETCDCTL_API=3 etcdctl --endpoints="$etcd" --command-timeout=5s "$@"; }
+
+# Whether proxy $1's record is in etcd.
+has_record() { etcdctl_ get --print-value-only "/pointsman/proxies/$1" | grep -q .; }
+no_record() { ! has_record "$@"; }
+
+# "STATE NOTICE" of instance $2 of service api on lb ($1's admin port).
+state_of() {
+  curl -s --max-time 2 "http://127.0.0.1:$1/api/services" |
+    python3 -c 'import json,sys; e=[e for x in json.load(sys.stdin) if x["name"]=="api" for e in x["endpoints"] if e["id"]==sys.argv[1]]; print(e[0]["state"], e[0].get("drain_notice")) if e else print("absent")' "$2"
+}
 
 # Starts the five clients: 40 connections each, until stopped.
 load_start() {
@@ -180,6 +192,37 @@ partition_lb1() {
   return $status
 }
 
+# A deploy step while lb1 is cut off from etcd and its record has expired:
+# api1's sidekick still asks lb1 (over the apps network), tells it of the
+# drain, and stops the app only once lb1 has nothing in flight to it.
+stop_api1_while_lb1_cut() {
+  local net status=0 id since code log
+  net=$(docker network ls -q --filter name=pointsman_control)
+  docker network disconnect "$net" "$($compose ps -q lb1)" || return 1
+  wait_for 20 etcd_connected 8405 false || { log "lb1 does not report the lost registry"; status=1; }
+  wait_for 30 no_record lb1 || { log "lb1's record did not expire"; status=1; }
+  id=$($compose ps -q api1)
+  since=$(date +%s)
+  $compose stop api1 >/dev/null 2>&1 || { log "stop api1 failed"; status=1; }
+  code=$(docker inspect -f '{{.State.ExitCode}}' "$id")
+  log=$(docker logs --since "$since" "$id" 2>&1)
+  if ! grep -q "2 of 2 proxies confirmed" <<<"$log" || grep -q "not confirmed" <<<"$log" || [ "$code" = 75 ] || [ "$code" = 137 ]; then
+    log "api1's sidekick did not confirm the drain on both proxies (exit $code):"
+    grep -E "drain|confirm|proxies" <<<"$log" | tail -8
+    status=1
+  fi
+  case $(state_of 8405 api1) in
+    "drain "[0-9]*) ;;
+    *) log "lb1 does not hold api1 in drain on a notice: $(state_of 8405 api1)"; status=1 ;;
+  esac
+  docker network connect "$net" "$($compose ps -q lb1)" || return 1
+  wait_for 30 lists_not 8405 api1 || { log "lb1 still lists api1 after the reconnect: $(state_of 8405 api1)"; status=1; }
+  wait_for 30 has_record lb1 || { log "lb1's record did not come back"; status=1; }
+  APP_VERSION=v2 $compose up -d --no-deps api1 >/dev/null 2>&1
+  wait_for 60 lists 8404 api1 && wait_for 60 lists 8405 api1 || { log "api1 did not come back"; status=1; }
+  return $status
+}
+
 kill_etcd1() {
   $compose kill etcd1 >/dev/null 2>&1 || return 1
   etcdctl_ put /services/api/extra2 api1:4000 >/dev/null || { log "etcd refused a write with two members up"; return 1; }
@@ -210,6 +253,7 @@ fi
 scenario "rolling deploy v1 -> v2" rolling_v2
 scenario "stop api1 (SIGTERM), kill api2 (SIGKILL)" stop_and_kill
 scenario "lb1 cut off from etcd for 20 s" partition_lb1
+scenario "stop api1 while lb1 is cut off from etcd" stop_api1_while_lb1_cut
 scenario "kill etcd1" kill_etcd1
 
 [ ${#failures[@]} = 0 ] || log "failed: ${failures[*]}"
