@@ -220,7 +220,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<()> {
             "say where: --etcd URL (every proxy, through the registry) or --admin HOST:PORT (one proxy)"
         ),
     };
-    runtime(Some(1))?.block_on(pointsman_deploy::ctl::run(target, args.command))
+    Ok(runtime(Some(1))?.block_on(pointsman_deploy::ctl::run(target, args.command))?)
 }
 
 fn main() -> ExitCode {

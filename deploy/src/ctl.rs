@@ -8,17 +8,50 @@
 use std::time::Duration;
 
 use crate::fleet::Fleet;
-use crate::Store;
-use anyhow::{anyhow, bail, Context};
+use crate::{DeployError, Store};
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use pointsman_discovery::admin_api::ServiceView;
+use pointsman_discovery::conn::EtcdError;
+use pointsman_discovery::http::{within, HttpAnswer, HttpConn, HttpError, Method};
 use pointsman_discovery::registration::MAX_WEIGHT;
 use pointsman_discovery::{AdminState, EtcdOptions};
 use serde_json::Value;
+
+/// The longest `ctl` waits for a proxy's admin API.
+const ADMIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Why a `ctl` command did not apply.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("{0:?}: expected <service>/<instance-id>, e.g. web/a1")]
+    BadServer(String),
+    #[error("weight {0} is out of range: expected 0 to {MAX_WEIGHT}")]
+    BadWeight(u16),
+    #[error("{0}: the admin API speaks plain HTTP; use http://")]
+    Https(String),
+    #[error("{service}/{id} is not registered (no key {key}): check the service and instance id")]
+    NotRegistered {
+        service: String,
+        id: String,
+        key: String,
+    },
+    #[error("map {map} has no key {key} in the registry")]
+    NoMapKey { map: String, key: String },
+    #[error(transparent)]
+    Deploy(#[from] DeployError),
+    #[error("etcd: {0}")]
+    Etcd(#[from] EtcdError),
+    #[error("{0}")]
+    Http(#[from] HttpError),
+    #[error("{admin}: {status}: {why}")]
+    Refused {
+        admin: String,
+        status: u16,
+        why: String,
+    },
+    #[error("{admin}/api/services is not the JSON expected: {reason}")]
+    Services { admin: String, reason: String },
+}
 
 /// What `ctl` does.
 #[derive(clap::Subcommand, Clone, Debug)]
@@ -63,17 +96,17 @@ pub enum Target {
     },
 }
 
-fn split_server(s: &str) -> anyhow::Result<(&str, &str)> {
+fn split_server(s: &str) -> Result<(&str, &str), CtlError> {
     match s.split_once('/') {
         Some((svc, id)) if !svc.is_empty() && !id.is_empty() && !id.contains('/') => Ok((svc, id)),
-        _ => bail!("{s:?}: expected <service>/<instance-id>, e.g. web/a1"),
+        _ => Err(CtlError::BadServer(s.to_string())),
     }
 }
 
-pub async fn run(target: Target, cmd: CtlCommand) -> anyhow::Result<()> {
+pub async fn run(target: Target, cmd: CtlCommand) -> Result<(), CtlError> {
     if let CtlCommand::Weight { weight, .. } = &cmd {
         if *weight > MAX_WEIGHT {
-            bail!("weight {weight} is out of range: expected 0 to {MAX_WEIGHT}");
+            return Err(CtlError::BadWeight(*weight));
         }
     }
     match target {
@@ -82,7 +115,7 @@ pub async fn run(target: Target, cmd: CtlCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn fleet(opts: EtcdOptions, cmd: CtlCommand) -> anyhow::Result<()> {
+async fn fleet(opts: EtcdOptions, cmd: CtlCommand) -> Result<(), CtlError> {
     let mut store = Store::connect(&opts).await?;
     let rev = match cmd {
         CtlCommand::Status => return fleet_status(opts).await,
@@ -103,7 +136,7 @@ async fn fleet(opts: EtcdOptions, cmd: CtlCommand) -> anyhow::Result<()> {
         CtlCommand::MapSet { map, key, value } => store.set_map(&map, &key, &value).await?,
         CtlCommand::MapDel { map, key } => {
             if store.map_entry(&map, &key).await?.is_none() {
-                bail!("map {map} has no key {key} in the registry");
+                return Err(CtlError::NoMapKey { map, key });
             }
             store.delete_map(&map, &key).await?
         }
@@ -114,22 +147,23 @@ async fn fleet(opts: EtcdOptions, cmd: CtlCommand) -> anyhow::Result<()> {
 
 /// Refuses overrides for instances nobody registered (a typo would
 /// otherwise wait silently for an instance that never comes).
-async fn known(store: &mut Store, service: &str, id: &str) -> anyhow::Result<()> {
+async fn known(store: &mut Store, service: &str, id: &str) -> Result<(), CtlError> {
     if store.instance(service, id).await?.is_none() {
-        bail!(
-            "{service}/{id} is not registered (no key {}): check the service and instance id",
-            store.instance_key(service, id)
-        );
+        return Err(CtlError::NotRegistered {
+            service: service.to_string(),
+            id: id.to_string(),
+            key: store.instance_key(service, id),
+        });
     }
     Ok(())
 }
 
 /// The proxies' records (the fleet library reads them, as rollouts do),
 /// then what the first proxy serves.
-async fn fleet_status(opts: EtcdOptions) -> anyhow::Result<()> {
+async fn fleet_status(opts: EtcdOptions) -> Result<(), CtlError> {
     let dir = pointsman_discovery::keys::proxies_dir(&opts.prefixes);
-    let mut fleet = Fleet::new(opts).context("etcd")?;
-    let (proxies, malformed) = fleet.proxies().await.context("list the proxies")?;
+    let mut fleet = Fleet::new(opts)?;
+    let (proxies, malformed) = fleet.proxies().await?;
     println!("proxies ({}):", proxies.len());
     for p in &proxies {
         let applied = p
@@ -153,7 +187,7 @@ async fn fleet_status(opts: EtcdOptions) -> anyhow::Result<()> {
     }
 }
 
-async fn proxy(admin: &str, token: Option<&str>, cmd: CtlCommand) -> anyhow::Result<()> {
+async fn proxy(admin: &str, token: Option<&str>, cmd: CtlCommand) -> Result<(), CtlError> {
     let (method, path, body) = match cmd {
         CtlCommand::Status => return print_services(admin).await,
         CtlCommand::State { server, state } => {
@@ -191,25 +225,36 @@ async fn proxy(admin: &str, token: Option<&str>, cmd: CtlCommand) -> anyhow::Res
             String::new(),
         ),
     };
-    let (status, body) = request(admin, method, &path, token, body).await?;
-    if !status.is_success() {
-        let why = serde_json::from_slice::<Value>(&body)
+    let answer = request(admin, method, &path, token, body).await?;
+    if !(200..300).contains(&answer.status) {
+        let why = serde_json::from_slice::<Value>(&answer.body)
             .ok()
             .and_then(|v| v["error"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-        bail!("{admin}: {status}: {why}");
+            .unwrap_or_else(|| answer.text());
+        return Err(CtlError::Refused {
+            admin: admin.to_string(),
+            status: answer.status,
+            why,
+        });
     }
     println!("applied on {admin}");
     Ok(())
 }
 
-async fn print_services(admin: &str) -> anyhow::Result<()> {
-    let (status, body) = request(admin, Method::GET, "/api/services", None, String::new()).await?;
-    if !status.is_success() {
-        bail!("{admin}/api/services: {status}");
+async fn print_services(admin: &str) -> Result<(), CtlError> {
+    let answer = request(admin, Method::GET, "/api/services", None, String::new()).await?;
+    if answer.status != 200 {
+        return Err(CtlError::Refused {
+            admin: admin.to_string(),
+            status: answer.status,
+            why: answer.text(),
+        });
     }
-    let services: Vec<ServiceView> = serde_json::from_slice(&body)
-        .with_context(|| format!("{admin}/api/services is not the JSON expected"))?;
+    let services: Vec<ServiceView> =
+        serde_json::from_slice(&answer.body).map_err(|e| CtlError::Services {
+            admin: admin.to_string(),
+            reason: e.to_string(),
+        })?;
     for s in services {
         // The balance is shown as JSON (quoted), and the numbers unpadded,
         // as they have always been.
@@ -243,43 +288,26 @@ fn enc(s: &str) -> String {
     out
 }
 
-/// One request to an admin API (`host:port` or `http://host:port`).
+/// One request to an admin API (`host:port` or `http://host:port`), with
+/// `body` as JSON unless it is empty; the answer whatever its status.
 pub async fn request(
     admin: &str,
     method: Method,
     path: &str,
     token: Option<&str>,
     body: String,
-) -> anyhow::Result<(StatusCode, Bytes)> {
-    let base = if admin.starts_with("http://") {
-        admin.trim_end_matches('/').to_string()
-    } else if admin.starts_with("https://") {
-        bail!("{admin}: the admin API speaks plain HTTP; use http://");
-    } else {
-        format!("http://{admin}")
-    };
-    let mut req = Request::builder()
-        .method(method)
-        .uri(format!("{base}{path}"))
-        .header(http::header::CONTENT_TYPE, "application/json");
-    if let Some(t) = token {
-        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+) -> Result<HttpAnswer, CtlError> {
+    if admin.starts_with("https://") {
+        return Err(CtlError::Https(admin.to_string()));
     }
-    let req = req
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| anyhow!("{admin}: cannot build the request: {e}"))?;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
-        .await
-        .map_err(|_| anyhow!("{admin}: no answer within 10s"))?
-        .with_context(|| format!("{admin}: cannot reach the admin API"))?;
-    let status = resp.status();
-    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
-        .await
-        .map_err(|_| anyhow!("{admin}: the answer did not finish within 10s"))?
-        .with_context(|| format!("{admin}: reading the answer"))?
-        .to_bytes();
-    Ok((status, body))
+    let addr = admin.trim_start_matches("http://").trim_end_matches('/');
+    let body = (!body.is_empty()).then(|| Bytes::from(body));
+    let answer = within(addr, ADMIN_LIMIT, async {
+        let mut conn = HttpConn::open(addr).await?.with_token(token);
+        conn.send(method, path, body).await
+    })
+    .await?;
+    Ok(answer)
 }
 
 #[cfg(test)]

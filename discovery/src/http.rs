@@ -140,8 +140,8 @@ impl HttpConn {
         self.send(Method::GET, path, None).await
     }
 
-    /// `method` on `path`, with `body` as JSON when given; the whole
-    /// answer, whatever its status.
+    /// `method` on `path`, with `body` when given; any method but GET and
+    /// HEAD is sent as JSON. The whole answer, whatever its status.
     pub async fn send(
         &mut self,
         method: Method,
@@ -154,14 +154,16 @@ impl HttpConn {
             reason,
         };
         let mut req = Request::builder()
-            .method(method)
+            .method(method.clone())
             .uri(path)
             .header(header::HOST, self.addr.as_str())
             .header(header::USER_AGENT, "pointsman");
         if let Some(token) = &self.token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
-        if body.is_some() {
+        // Changes are JSON (and said so even without a body: the admin
+        // API refuses a change of any other type).
+        if body.is_some() || !matches!(method, Method::GET | Method::HEAD) {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
         let req = req
