@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use pointsman_deploy::fleet::{probe, Expectation, Fleet, FleetError};
+use pointsman_deploy::fleet::{ask_all, judge_drained, probe, Expectation, Fleet, FleetError};
 use pointsman_testkit::etcd::EtcdServer;
 
 /// What a stand-in admin API reports.
@@ -23,6 +23,9 @@ struct State {
     applied: Option<i64>,
     /// (id, state, in_flight) of service `web`.
     endpoints: Vec<(&'static str, &'static str, u64)>,
+    /// A field left out of every endpoint, as a proxy that renamed it
+    /// would send.
+    without: Option<&'static str>,
 }
 
 /// A registry in `/api/discovery`, as a proxy reports it.
@@ -106,8 +109,18 @@ impl FakeAdmin {
                                 ..ServiceView::default()
                             }]),
                             _ => json!({}),
+                        };
+                        let mut body = body;
+                        if let (Some(field), Some(services)) = (st.without, body.as_array_mut()) {
+                            for s in services {
+                                for e in s["endpoints"].as_array_mut().into_iter().flatten() {
+                                    if let Some(e) = e.as_object_mut() {
+                                        e.remove(field);
+                                    }
+                                }
+                            }
                         }
-                        .to_string();
+                        let body = body.to_string();
                         let reply = format!(
                             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
                             body.len()
@@ -160,6 +173,7 @@ async fn a_probe_reads_the_admin_api() {
     let admin = FakeAdmin::start(State {
         applied: Some(12),
         endpoints: vec![("a", "drain", 3)],
+        without: None,
     })
     .await;
     let view = probe(&admin.addr, Duration::from_secs(2))
@@ -185,11 +199,13 @@ async fn waits_until_every_live_proxy_applied_and_stopped_sending() {
     let p1 = FakeAdmin::start(State {
         applied: Some(9),
         endpoints: vec![("a", "ready", 0), ("b", "ready", 4)],
+        without: None,
     })
     .await;
     let p2 = FakeAdmin::start(State {
         applied: Some(10),
         endpoints: vec![("a", "drain", 2)],
+        without: None,
     })
     .await;
     put_record(&etcd, "p1", &p1.addr).await;
@@ -268,6 +284,7 @@ async fn a_proxy_leaves_the_set_only_once_it_has_stopped() {
     let p1 = FakeAdmin::start(State {
         applied: Some(20),
         endpoints: vec![],
+        without: None,
     })
     .await;
     // Nothing listens here: a proxy that has exited.
@@ -395,4 +412,28 @@ async fn an_empty_fleet_confirms_nothing_unless_expected_and_an_unreachable_etcd
         "{}",
         check.summary()
     );
+}
+
+#[tokio::test]
+async fn a_proxy_answer_without_in_flight_is_refused_by_name() {
+    let admin = FakeAdmin::start(State {
+        applied: Some(5),
+        endpoints: vec![("a", "drain", 0)],
+        without: Some("in_flight"),
+    })
+    .await;
+    let err = probe(&admin.addr, Duration::from_secs(5))
+        .await
+        .expect_err("an endpoint without in_flight read as drained");
+    assert!(err.contains("missing field `in_flight`"), "{err}");
+    assert!(err.contains(&admin.addr), "{err}");
+    let verdicts = ask_all(
+        vec![("edge-1".into(), admin.addr.clone())],
+        Duration::from_secs(5),
+        |view| judge_drained(view, "web", "a"),
+    )
+    .await;
+    let pending = verdicts[0].pending.as_deref().unwrap_or("");
+    assert!(pending.contains("in_flight"), "{pending}");
+    assert_eq!(verdicts[0].id, "edge-1");
 }
