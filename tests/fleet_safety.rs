@@ -344,3 +344,59 @@ async fn a_deploy_with_no_proxy_says_so_and_stops() {
         started.elapsed()
     );
 }
+
+/// A registration changing every second for 60 s: the proxy rewrites its
+/// record at every revision it applies, and the record's lease is kept
+/// alive all the same. Watched, not sampled: not one delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_record_stays_while_registrations_change_every_second() {
+    let etcd = EtcdServer::start();
+    let p1 = start_proxy(&etcd, "p1", Some("web")).await;
+    let key = "/pointsman/proxies/p1";
+    wait_for(Duration::from_secs(15), "p1's record", || async {
+        exists(&etcd, key).await
+    })
+    .await;
+    let mut watch = tokio::process::Command::from(etcd.etcdctl());
+    let mut watch = watch
+        .args(["watch", key])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("etcdctl watch");
+    let mut lines = {
+        use tokio::io::AsyncBufReadExt;
+        tokio::io::BufReader::new(watch.stdout.take().expect("its stdout")).lines()
+    };
+    let seen = tokio::spawn(async move {
+        let (mut puts, mut deletes) = (0u32, 0u32);
+        while let Ok(Some(line)) = lines.next_line().await {
+            match line.as_str() {
+                "PUT" => puts += 1,
+                "DELETE" => deletes += 1,
+                _ => {}
+            }
+        }
+        (puts, deletes)
+    });
+    let up = Upstream::start("a").await;
+    let mut rev = 0;
+    for i in 0..60u32 {
+        let weight = 1 + i % 5;
+        rev = put(
+            &etcd,
+            "/services/web/a",
+            &format!(r#"{{"address":"{}","weight":{weight}}}"#, up.addr),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    wait_applied(&[&p1], rev).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = watch.kill().await;
+    let (puts, deletes) = seen.await.expect("the watch reader");
+    assert_eq!(deletes, 0, "p1's record vanished {deletes} times");
+    assert!(puts >= 50, "the record follows the revisions: {puts} writes");
+    assert!(exists(&etcd, key).await);
+}
