@@ -74,19 +74,20 @@ impl Totals {
     }
 }
 
-/// Sums the counters of services `names` over every live proxy.
+/// Sums the counters of services `names` over every proxy of the fleet
+/// (those whose record expired too: they still serve).
 pub async fn totals(fleet: &mut Fleet, names: [&str; 2]) -> Result<[Totals; 2], DeployError> {
-    let (records, _) = fleet.proxies().await.map_err(|e| DeployError::Registry {
+    fleet.refresh().await.map_err(|e| DeployError::Registry {
         what: "list the proxies".into(),
         reason: e.to_string(),
     })?;
     let mut out = [Totals::default(); 2];
-    for r in records {
-        let answer = http_get(&r.admin, "/api/services", fleet.probe_timeout)
+    for (id, admin) in fleet.members() {
+        let answer = http_get(&admin, "/api/services", fleet.probe_timeout)
             .await
-            .map_err(|e| DeployError::Failed(format!("proxy {} ({}): {e}", r.id, r.admin)))?;
+            .map_err(|e| DeployError::Failed(format!("proxy {id} ({admin}): {e}")))?;
         let services: Vec<ServiceView> = serde_json::from_slice(&answer.body).map_err(|e| {
-            DeployError::Failed(format!("proxy {}: /api/services did not parse: {e}", r.id))
+            DeployError::Failed(format!("proxy {id}: /api/services did not parse: {e}"))
         })?;
         for s in services {
             let Some(i) = names.iter().position(|n| *n == s.name) else {
