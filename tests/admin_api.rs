@@ -555,3 +555,46 @@ async fn the_stats_page_renders_live_numbers_in_chromium() {
     );
     assert!(dom.contains("no check"), "health column: {dom}");
 }
+
+/// A drain notice (`POST /api/drains`), what the tools send a proxy that
+/// has not applied a drain: it needs the token like any change, a body
+/// that says what to drain until when, and then holds the instance out of
+/// new requests (this proxy follows no etcd, so until it stops).
+#[tokio::test]
+async fn a_drain_notice_needs_the_token_and_a_whole_body() {
+    let ups = Upstream::start_many(&["a", "b", "green"]).await;
+    let proxy = Proxy::start_with_args(
+        || config(free_addr(), &ups[0], &ups[1], &ups[2]),
+        &["--admin-token", "s3cret"],
+    )
+    .await;
+    let url = proxy.admin_url("/api/drains");
+    let notice = r#"{"service":"web","id":"a","until_revision":42}"#;
+    let (status, _) = send(reqwest::Method::POST, url.clone(), None, notice).await;
+    assert_eq!(status, 401);
+    for bad in [
+        r#"{"service":"web","id":"a"}"#,
+        r#"{"service":"web","id":"a","until_revision":0}"#,
+        r#"{"service":"web","id":"a","until_revision":5,"extra":1}"#,
+        "drain a",
+    ] {
+        let (status, body) = send(reqwest::Method::POST, url.clone(), Some("s3cret"), bad).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        let why = body["error"].as_str().unwrap_or("");
+        assert!(
+            why.contains("until_revision") || why.contains("revision"),
+            "{bad}: {why}"
+        );
+    }
+    assert_eq!(proxy.endpoint("web", "a").await["state"], "ready");
+    let (status, body) = send(reqwest::Method::POST, url, Some("s3cret"), notice).await;
+    assert_eq!(status, 200, "{body}");
+    let a = proxy.endpoint("web", "a").await;
+    assert_eq!(
+        (a["state"].as_str(), a["drain_notice"].as_i64()),
+        (Some("drain"), Some(42)),
+        "{a}"
+    );
+    let counts = tally(&client(), &proxy.url("/"), 20).await;
+    assert_eq!(counts.get("b"), Some(&20), "{counts:?}");
+}

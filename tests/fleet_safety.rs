@@ -397,6 +397,9 @@ async fn a_proxy_record_stays_while_registrations_change_every_second() {
     let _ = watch.kill().await;
     let (puts, deletes) = seen.await.expect("the watch reader");
     assert_eq!(deletes, 0, "p1's record vanished {deletes} times");
-    assert!(puts >= 50, "the record follows the revisions: {puts} writes");
+    assert!(
+        puts >= 50,
+        "the record follows the revisions: {puts} writes"
+    );
     assert!(exists(&etcd, key).await);
 }
