@@ -48,6 +48,9 @@ use pointsman_discovery::keys::proxies_dir;
 use pointsman_discovery::{AdminState, EtcdOptions, Prefixes};
 use tokio::time::Instant;
 
+/// How long a proxy may be behind a drain before it is told of it
+/// directly.
+const NOTICE_GRACE: Duration = Duration::from_secs(1);
 /// The shortest time a proxy is given to answer, even past a deadline.
 const MIN_PROBE: Duration = Duration::from_millis(200);
 
@@ -375,6 +378,8 @@ pub struct Fleet {
     prefixes: Prefixes,
     /// Every proxy seen or named, by id.
     members: BTreeMap<String, Member>,
+    /// (proxy, drain revision) -> when the proxy was first seen behind it.
+    behind_since: BTreeMap<(String, i64), Instant>,
     /// Limit for one proxy's answer (both admin requests).
     pub probe_timeout: Duration,
     /// Time between rounds in [`wait_until`](Self::wait_until).
@@ -396,6 +401,7 @@ impl Fleet {
             conn: EtcdConn::new(etcd)?,
             prefixes,
             members: BTreeMap::new(),
+            behind_since: BTreeMap::new(),
             probe_timeout: Duration::from_secs(2),
             poll_interval: Duration::from_millis(100),
             token: None,
@@ -526,15 +532,35 @@ impl Fleet {
             return out;
         }
         let token = self.token.as_deref();
+        let now = Instant::now();
+        let behind_since = &self.behind_since;
         let asked = join_all(self.members.iter().map(|(id, m)| {
-            let (judge, notice) = (&judge, notice.clone());
+            // A proxy that follows etcd applies a drain within
+            // milliseconds; only one still behind after a grace is told,
+            // so a notice never races a proxy that is merely catching up.
+            let revision = notice.as_ref().map(|n| n.revision);
+            let tell_now = notice.clone().filter(|n| {
+                behind_since
+                    .get(&(id.clone(), n.revision))
+                    .is_some_and(|since| now.duration_since(*since) >= NOTICE_GRACE)
+            });
+            let judge = &judge;
             async move {
-                let verdict = ask_member(m, limit, token, judge, notice).await;
-                (id.clone(), m.admin.clone(), verdict)
+                let (verdict, behind) =
+                    ask_member(m, limit, token, judge, revision, tell_now).await;
+                (id.clone(), m.admin.clone(), verdict, behind)
             }
         }))
         .await;
-        for (id, admin, verdict) in asked {
+        for (id, admin, verdict, behind) in asked {
+            if let (Some(behind), Some(n)) = (behind, &notice) {
+                let key = (id.clone(), n.revision);
+                if behind {
+                    self.behind_since.entry(key).or_insert(now);
+                } else {
+                    self.behind_since.remove(&key);
+                }
+            }
             match verdict {
                 Verdict::Confirmed => out.proxies.push(ProxyVerdict {
                     id,
@@ -629,13 +655,34 @@ impl Fleet {
     }
 }
 
-/// Asks one proxy of the set, telling it of `notice` if it is behind.
+/// Asks one proxy of the set whether it meets `judge`, telling it of
+/// `notice` if it is behind; also whether it is behind the drain's
+/// `revision` (`None`: not known).
 async fn ask_member<J>(
     m: &Member,
     limit: Duration,
     token: Option<&str>,
     judge: &J,
+    revision: Option<i64>,
     notice: Option<DrainNotice>,
+) -> (Verdict, Option<bool>)
+where
+    J: Fn(&ProxyView) -> Result<(), String> + Sync,
+{
+    let mut behind = None;
+    let verdict = ask_member_once(m, limit, token, judge, (revision, notice), &mut behind).await;
+    (verdict, behind)
+}
+
+/// [`ask_member`]; `behind` is set once the proxy's applied revision is
+/// known.
+async fn ask_member_once<J>(
+    m: &Member,
+    limit: Duration,
+    token: Option<&str>,
+    judge: &J,
+    (revision, notice): (Option<i64>, Option<DrainNotice>),
+    behind: &mut Option<bool>,
 ) -> Verdict
 where
     J: Fn(&ProxyView) -> Result<(), String> + Sync,
@@ -655,6 +702,7 @@ where
         }
         Err(e) => return Verdict::Pending(format!("admin API did not answer: {e}{record}")),
     };
+    *behind = revision.map(|r| applied(&view, r).is_err());
     let why = match judge(&view) {
         Ok(()) => return Verdict::Confirmed,
         Err(why) => why,
