@@ -1,9 +1,13 @@
-//! End to end with a real etcd holding more than one answer can carry: 70
-//! registrations of 1 MiB each (70 MiB, over the watcher's 64 MiB message
-//! cap) under `/services`, written while a proxy is down or cut off from
-//! etcd. The proxy must sync (the listing is paged; a watch answer over the
-//! cap makes it list again at a newer revision) and then apply a later
-//! small change within seconds, with no compaction to help it along.
+//! End to end with a real etcd: a proxy whose etcd watcher cannot make
+//! progress says so, and one that can makes it however much etcd holds.
+//!
+//! - 70 registrations of 1 MiB each (70 MiB, over the watcher's 64 MiB
+//!   message cap) under `/services`, written while a proxy is down or cut
+//!   off from etcd: the proxy syncs (the listing is paged; a watch answer
+//!   over the cap makes it list again at a newer revision) and then applies
+//!   a later small change within seconds, with no compaction to help it;
+//! - a proxy that cannot reach etcd at start is not ready, says for how
+//!   long and why, and shows a growing staleness in `/metrics`.
 
 mod support;
 
@@ -14,6 +18,8 @@ use pointsman_testkit::relay::CutRelay;
 use support::etcd::{etcd_source, put, EtcdServer};
 use support::registry::{listener_config, wait_ready};
 use support::*;
+
+const STALENESS: &str = "pointsman_registry_staleness_seconds{source=\"etcd\"}";
 
 /// Values of 1 MiB need a request limit above etcd's 1.5 MiB default only
 /// for headroom; 2 MiB keeps one value per request well inside it.
@@ -149,5 +155,93 @@ async fn a_watch_cut_during_big_writes_catches_up_without_compaction() {
     assert!(
         staleness.is_some_and(|s| s < 5.0),
         "staleness after catching up: {staleness:?}"
+    );
+}
+
+/// A proxy that cannot reach etcd at start (and has no saved state) is not
+/// ready: `/readyz` names the registry, how long it has waited and the
+/// last error, and the staleness metric is there and grows. Once etcd can
+/// be reached it syncs and turns ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_never_synced_is_not_ready_and_says_why() {
+    let etcd = EtcdServer::start();
+    let first = put(&etcd, "/services/web/a1", "127.0.0.1:9").await;
+    let relay = CutRelay::start(etcd.client_port()).await;
+    relay.cut();
+    let admin = free_addr();
+    let endpoint = relay.endpoint();
+    // Returns once the proxy is ready, which it cannot be before the relay
+    // is healed below.
+    let starting = tokio::spawn(async move {
+        let admin = admin.to_string();
+        Proxy::start_with_args(
+            || listener_config(free_addr(), None),
+            &[
+                "--etcd",
+                &endpoint,
+                "--proxy-id",
+                "edge-1",
+                "--threads",
+                "1",
+                "--admin",
+                &admin,
+            ],
+        )
+        .await
+    });
+
+    let http = plain_client();
+    let mut said = String::new();
+    let mut staleness = Vec::new();
+    let end = Instant::now() + Duration::from_secs(15);
+    while staleness.len() < 2 || !said.contains("last error") {
+        assert!(
+            Instant::now() < end,
+            "no 503 naming the wait and its error within 15 s; /readyz said {said:?}, staleness {staleness:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let Ok(resp) = http.get(format!("http://{admin}/readyz")).send().await else {
+            continue; // not listening yet
+        };
+        assert_eq!(resp.status(), 503, "ready without ever syncing");
+        said = resp.text().await.unwrap_or_default();
+        let metrics = http
+            .get(format!("http://{admin}/metrics"))
+            .send()
+            .await
+            .ok();
+        let Some(text) = (match metrics {
+            Some(m) => m.text().await.ok(),
+            None => None,
+        }) else {
+            continue;
+        };
+        if let Some(v) = text
+            .lines()
+            .find_map(|l| l.strip_prefix(STALENESS)?.trim().parse::<f64>().ok())
+        {
+            staleness.push(v);
+        }
+    }
+    assert!(
+        said.contains("waiting for the first sync from etcd for"),
+        "{said}"
+    );
+    assert!(
+        staleness.windows(2).all(|w| w[1] >= w[0]) && staleness[staleness.len() - 1] > 0.0,
+        "staleness must grow while nothing syncs: {staleness:?}"
+    );
+
+    relay.heal();
+    let proxy = tokio::time::timeout(Duration::from_secs(30), starting)
+        .await
+        .expect("the proxy turned ready once etcd could be reached")
+        .expect("the starting task");
+    let source = wait_applied_within(&proxy, first, Duration::from_secs(10)).await;
+    assert_eq!(source["connected"], true, "{source}");
+    let now = proxy.metric(STALENESS).await;
+    assert!(
+        now.is_some_and(|s| s < 5.0),
+        "staleness after the sync: {now:?}"
     );
 }
