@@ -4,7 +4,10 @@
 //! `Reset`, then watches a single key range covering both prefixes from
 //! `R + 1`, turning each watch response — everything etcd committed in one
 //! revision, such as a blue/green switch done in a transaction — into one
-//! `Changes` update. It never gives up:
+//! `Changes` update. A listing is read in pages of at most
+//! [`PAGE_KEYS`] keys, each page continuing after the last key of the one
+//! before at the first page's revision, so no single answer has to fit the
+//! message cap however much the prefixes hold. It never gives up:
 //!
 //! - a broken stream (etcd stopped, network cut, keepalive timeout) marks
 //!   the source disconnected and is re-established with exponential backoff
@@ -15,11 +18,31 @@
 //! - if that revision has been compacted away, etcd cancels the watch with
 //!   a `compact_revision`, and the watcher lists everything again (a new
 //!   `Reset`);
+//! - a watch answer over the message cap (resuming across a lot of history
+//!   written meanwhile: etcd sends up to 1,000 revisions in one answer)
+//!   cannot be read, and asking again would get the same answer: the
+//!   watcher lists everything again, page by page, at a newer revision
+//!   and watches from there. A page over the cap is asked again with half
+//!   as many keys;
 //! - a frozen etcd is noticed by gRPC keepalive and by a liveness probe (a
-//!   progress request on the watch stream every second), which also keeps
-//!   "last confirmed sync" fresh while nothing changes;
+//!   progress request on the watch stream every second);
 //! - a value that does not parse is logged with its key and reason, counted,
 //!   and skipped; the last good value of that key stays in force.
+//!
+//! Staleness ([`SourceStatus::staleness`]) counts from the last progress:
+//! a listing or a revision delivered, or a progress answer saying etcd is
+//! at no newer revision than the one delivered. An answer that only shows
+//! etcd is there (a created watch, a progress answer while etcd is ahead,
+//! an answer that cannot be read) is not progress: etcd before 3.4.24 and
+//! 3.5.8 answers a progress request even while events are still to come
+//! (etcd-io/etcd#15220). From those versions on, a progress answer comes
+//! only once everything up to its revision was sent, so it counts even
+//! when etcd is ahead through writes outside the prefixes.
+//!
+//! The watch does not ask etcd to split big answers (`fragment`): the
+//! client library does not show which answer is the last fragment of a
+//! revision, and applying a revision half would break the rule above that
+//! a transaction lands whole. Listing again covers the same case.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -39,8 +62,15 @@ use crate::parse::{is_ours, parse_entry, parse_key, Prefixes};
 use crate::{Change, DiscoveryError, Entry, EntryKey, ParseError, Source, SourceStatus};
 use crate::{Update, UpdateKind};
 
-/// Listings and watch batches can be large; gRPC's 4 MiB default is not.
+/// Cap on one answer from etcd. Listings are paged and an oversized watch
+/// answer makes the watcher list again, so this only bounds memory; gRPC's
+/// 4 MiB default would turn every batch of a few large values into a
+/// re-listing.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Keys asked for in one page of a listing. A registration is a few hundred
+/// bytes, so a page is well under the cap; a page that is not (values near
+/// etcd's request limit) is asked again with half as many keys.
+pub const PAGE_KEYS: i64 = 500;
 /// After this many failed sessions in a row the client (and its channel)
 /// is rebuilt from scratch, in case its connections are wedged.
 const REBUILD_CLIENT_AFTER: u32 = 3;
@@ -257,6 +287,8 @@ pub async fn run(opts: EtcdOptions, tx: mpsc::Sender<Update>, status: Arc<Source
         failures: 0,
         endpoint_idx: 0,
         streak_start: 0,
+        trust_progress: false,
+        page_keys: PAGE_KEYS,
     };
     watcher.run().await;
 }
@@ -290,6 +322,8 @@ enum SessionError {
     Stalled(Duration),
     #[error("etcd answered without a response header")]
     NoHeader,
+    #[error("etcd said more keys follow {after:?} but sent none")]
+    EmptyPage { after: String },
 }
 
 struct EtcdWatcher {
@@ -311,6 +345,12 @@ struct EtcdWatcher {
     /// The member the current run of failures started on: coming back to
     /// it means every member failed.
     streak_start: usize,
+    /// Whether the member in use answers a progress request only once the
+    /// watch has caught up (see the module documentation).
+    trust_progress: bool,
+    /// Keys per listing page: [`PAGE_KEYS`], halved for as long as pages
+    /// come back over the cap, and kept for the next listing.
+    page_keys: i64,
 }
 
 impl EtcdWatcher {
@@ -387,13 +427,19 @@ impl EtcdWatcher {
         }
         let opts = self.opts.connect_options()?;
         let endpoint = self.endpoint().to_string();
-        let client = self
+        let mut client = self
             .limit(
                 "connecting",
                 self.opts.connect_timeout + self.opts.request_timeout,
                 Client::connect([endpoint], Some(opts)),
             )
             .await?;
+        // Only to know how far a progress answer can be trusted; a member
+        // that does not say is trusted as little as the oldest.
+        self.trust_progress = match timeout(self.opts.request_timeout, client.status()).await {
+            Ok(Ok(s)) => progress_waits_for_sync(s.version()),
+            _ => false,
+        };
         self.client = Some(client.clone());
         Ok(client)
     }
@@ -446,9 +492,22 @@ impl EtcdWatcher {
             tokio::select! {
                 _ = self.tx.closed() => return Ok(Ended::ReceiverGone),
                 msg = responses.message() => {
-                    let resp = msg
-                        .map_err(|source| SessionError::Etcd { what: "watching", source })?
-                        .ok_or(SessionError::StreamClosed)?;
+                    let resp = match msg {
+                        Ok(Some(resp)) => resp,
+                        Ok(None) => return Err(SessionError::StreamClosed),
+                        Err(source) if too_large(&source) => {
+                            // Asking again from the same revision gets the
+                            // same answer: start from a newer one instead.
+                            let why = format!(
+                                "a watch answer from revision {} was over the {} MiB cap ({source}); listing everything again at a newer revision",
+                                from + 1,
+                                MAX_MESSAGE_BYTES >> 20
+                            );
+                            self.status.set_error(format!("etcd {}: {why}", self.endpoint()));
+                            return Ok(Ended::Relist(why));
+                        }
+                        Err(source) => return Err(SessionError::Etcd { what: "watching", source }),
+                    };
                     if let Some(ended) = self.on_response(resp, from).await? {
                         return Ok(ended);
                     }
@@ -499,9 +558,16 @@ impl EtcdWatcher {
             self.status.set_connected(true);
             self.backoff.reset();
             self.failures = 0;
+            // A created watch is not progress: what it will deliver may
+            // not fit (see `session`).
+            return Ok(None);
         }
-        self.status.mark_synced();
         if resp.events().is_empty() {
+            let head = resp.header().map(|h| h.revision()).unwrap_or(0);
+            let delivered = self.revision.unwrap_or(0);
+            if progress_confirms(head, delivered, self.trust_progress) {
+                self.status.mark_synced();
+            }
             return Ok(None);
         }
         if !self.apply_events(&resp).await {
@@ -517,53 +583,73 @@ impl EtcdWatcher {
         let mut kv = client
             .kv_client()
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let services = self
-            .limit(
-                "listing services",
-                self.opts.request_timeout,
-                kv.get(
-                    prefixes.services_dir(),
-                    Some(GetOptions::new().with_prefix()),
-                ),
-            )
-            .await?;
-        let rev = services
-            .header()
-            .map(|h| h.revision())
-            .ok_or(SessionError::NoHeader)?;
-        let pointsman = self
-            .limit(
-                "listing routes, maps and overrides",
-                self.opts.request_timeout,
-                kv.get(
-                    prefixes.pointsman_dir(),
-                    Some(GetOptions::new().with_prefix().with_revision(rev)),
-                ),
-            )
-            .await?;
-
         let mut next = BTreeMap::new();
-        for kv in services.kvs().iter().chain(pointsman.kvs()) {
-            let Some(key) = self.key_of(kv.key()) else {
-                continue;
-            };
-            match parse_entry(&prefixes, key, kv.value()) {
-                Ok(Some(entry)) => {
-                    next.insert(entry.key(), entry);
+        let mut rev = None;
+        let mut limit = self.page_keys;
+        let mut pages = 0u32;
+        for dir in [prefixes.services_dir(), prefixes.pointsman_dir()] {
+            let mut cursor = Some(Cursor::prefix(dir.as_bytes()));
+            while let Some(at) = cursor.take() {
+                let mut options = GetOptions::new()
+                    .with_range(at.end.clone())
+                    .with_limit(limit);
+                if let Some(rev) = rev {
+                    // Every page at the first one's revision: one
+                    // consistent view, however long the listing takes.
+                    options = options.with_revision(rev);
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    let kept = parse_key(&prefixes, key)
-                        .and_then(|k| self.view.get(&k).map(|last| (k, last.clone())));
-                    self.malformed(&e, kept.is_some());
-                    if let Some((k, last)) = kept {
-                        next.insert(k, last);
+                let page = match timeout(
+                    self.opts.request_timeout,
+                    kv.get(at.from.clone(), Some(options)),
+                )
+                .await
+                {
+                    Ok(Ok(page)) => page,
+                    Ok(Err(source)) if too_large(&source) && limit > 1 => {
+                        limit = (limit / 2).max(1);
+                        self.page_keys = limit;
+                        tracing::info!(
+                            limit,
+                            "etcd: a page of the listing was over the cap; asking for fewer keys"
+                        );
+                        cursor = Some(at);
+                        continue;
                     }
+                    Ok(Err(source)) => {
+                        return Err(SessionError::Etcd {
+                            what: "listing the registry",
+                            source,
+                        })
+                    }
+                    Err(_) => {
+                        return Err(SessionError::Timeout {
+                            what: "listing the registry",
+                            limit: self.opts.request_timeout,
+                        })
+                    }
+                };
+                pages += 1;
+                if rev.is_none() {
+                    rev = Some(
+                        page.header()
+                            .map(|h| h.revision())
+                            .ok_or(SessionError::NoHeader)?,
+                    );
                 }
+                for kv in page.kvs() {
+                    self.list_one(&prefixes, kv.key(), kv.value(), &mut next);
+                }
+                cursor = at.after(page.kvs().last().map(|kv| kv.key()), page.more())?;
             }
         }
+        let rev = rev.ok_or(SessionError::NoHeader)?;
         let entries: Vec<Entry> = next.values().cloned().collect();
-        tracing::info!(revision = rev, entries = entries.len(), "etcd: listed");
+        tracing::info!(
+            revision = rev,
+            entries = entries.len(),
+            pages,
+            "etcd: listed"
+        );
         self.view = next;
         self.revision = Some(rev);
         let update = Update {
@@ -578,6 +664,34 @@ impl EtcdWatcher {
         self.status.set_connected(true);
         self.status.mark_synced();
         Ok(Some(rev))
+    }
+
+    /// Adds one listed key to `next`, or keeps its last good value if it
+    /// does not parse.
+    fn list_one(
+        &self,
+        prefixes: &Prefixes,
+        key: &[u8],
+        value: &[u8],
+        next: &mut BTreeMap<EntryKey, Entry>,
+    ) {
+        let Some(key) = self.key_of(key) else {
+            return;
+        };
+        match parse_entry(prefixes, key, value) {
+            Ok(Some(entry)) => {
+                next.insert(entry.key(), entry);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let kept = parse_key(prefixes, key)
+                    .and_then(|k| self.view.get(&k).map(|last| (k, last.clone())));
+                self.malformed(&e, kept.is_some());
+                if let Some((k, last)) = kept {
+                    next.insert(k, last);
+                }
+            }
+        }
     }
 
     /// Turns the events of one watch response into one `Changes` update.
@@ -617,15 +731,19 @@ impl EtcdWatcher {
         // header may be ahead of events still to come on this stream.
         self.revision = Some(rev);
         self.status.set_seen_revision(rev);
-        if changes.is_empty() {
-            return true;
+        if !changes.is_empty() {
+            let update = Update {
+                source: Source::Etcd,
+                revision: Some(rev),
+                kind: UpdateKind::Changes(changes),
+            };
+            if self.tx.send(update).await.is_err() {
+                return false;
+            }
         }
-        let update = Update {
-            source: Source::Etcd,
-            revision: Some(rev),
-            kind: UpdateKind::Changes(changes),
-        };
-        self.tx.send(update).await.is_ok()
+        // A whole revision is delivered (one revision never spans answers).
+        self.status.mark_synced();
+        true
     }
 
     /// The key as text if it is under one of our prefixes; a key there that
@@ -656,6 +774,99 @@ impl EtcdWatcher {
         tracing::warn!(key = e.key(), reason = %e, "etcd: malformed registry value; {action}");
         self.status.record_malformed();
         self.status.set_error(e.to_string());
+    }
+}
+
+/// Where the next page of a listing starts, and where the range ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Cursor {
+    from: Vec<u8>,
+    /// Exclusive end of the range.
+    end: Vec<u8>,
+}
+
+impl Cursor {
+    /// The whole of `prefix`.
+    fn prefix(prefix: &[u8]) -> Cursor {
+        Cursor {
+            from: prefix.to_vec(),
+            end: prefix_end(prefix),
+        }
+    }
+
+    /// The cursor after a page whose last key is `last`; `None` when etcd
+    /// said nothing more follows (`more`).
+    fn after(&self, last: Option<&[u8]>, more: bool) -> Result<Option<Cursor>, SessionError> {
+        if !more {
+            return Ok(None);
+        }
+        match last {
+            // The smallest key after `last`: the page starts there, so
+            // `last` is not listed twice and nothing between is skipped.
+            Some(last) => {
+                let mut from = last.to_vec();
+                from.push(0);
+                Ok(Some(Cursor {
+                    from,
+                    end: self.end.clone(),
+                }))
+            }
+            None => Err(SessionError::EmptyPage {
+                after: String::from_utf8_lossy(&self.from).into_owned(),
+            }),
+        }
+    }
+}
+
+/// The end of the range of keys starting with `prefix` (what etcd's
+/// `--prefix` computes): the prefix with its last byte below 0xff raised
+/// by one; `\0` (every key) if there is none.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Whether `e` is an answer over [`MAX_MESSAGE_BYTES`], which the same
+/// request will get again.
+fn too_large(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            status.message().contains("message length too large")
+        }
+        _ => false,
+    }
+}
+
+/// Whether a progress answer saying etcd is at `head` shows that the
+/// watcher, having delivered up to `delivered`, is current: always when
+/// etcd is at no newer revision; when it is ahead, only from a member that
+/// answers progress requests once the watch has caught up (`trusted`).
+fn progress_confirms(head: i64, delivered: i64, trusted: bool) -> bool {
+    head > 0 && (head <= delivered || trusted)
+}
+
+/// Whether etcd `version` answers a progress request only once every
+/// event up to the revision it names was sent (3.4.24, 3.5.8, 3.6 on).
+fn progress_waits_for_sync(version: &str) -> bool {
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    let (Some(Some(major)), Some(Some(minor)), Some(Some(patch))) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    match (major, minor) {
+        (3, 4) => patch >= 24,
+        (3, 5) => patch >= 8,
+        (3, m) => m >= 6,
+        (m, _) => m > 3,
     }
 }
 
@@ -701,5 +912,68 @@ mod tests {
             shown.contains("root") && !shown.contains("s3cret"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn pages_continue_after_the_last_key_to_the_prefix_end() {
+        let first = Cursor::prefix(b"/services/");
+        assert_eq!(first.from, b"/services/");
+        assert_eq!(first.end, b"/services0");
+        let second = first
+            .after(Some(b"/services/web/a1"), true)
+            .expect("a next page")
+            .expect("more follows");
+        assert_eq!(second.from, b"/services/web/a1\0");
+        assert_eq!(second.end, first.end, "the range end never moves");
+        // The continuation sorts after the last key and before any other.
+        assert!(second.from.as_slice() > b"/services/web/a1".as_slice());
+        assert!(second.from.as_slice() < b"/services/web/a1\x01".as_slice());
+        assert!(second.from.as_slice() < b"/services/web/a2".as_slice());
+        assert_eq!(
+            second.after(Some(b"/services/web/b"), false).expect("last"),
+            None
+        );
+        let err = second.after(None, true).expect_err("more, yet no keys");
+        assert!(err.to_string().contains("/services/web/a1"), "{err}");
+    }
+
+    #[test]
+    fn prefix_end_is_what_etcd_computes_for_a_prefix() {
+        assert_eq!(prefix_end(b"/pointsman/"), b"/pointsman0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), b"\0");
+        assert_eq!(prefix_end(b""), b"\0");
+    }
+
+    #[test]
+    fn a_progress_answer_counts_only_when_it_proves_the_view_current() {
+        // etcd at the revision delivered: current, whatever its version.
+        assert!(progress_confirms(42, 42, false));
+        assert!(progress_confirms(41, 42, false));
+        // Ahead: events may still be on their way, unless the member only
+        // answers once they were sent.
+        assert!(!progress_confirms(43, 42, false));
+        assert!(progress_confirms(43, 42, true));
+        // No header: proves nothing.
+        assert!(!progress_confirms(0, 0, true));
+    }
+
+    #[test]
+    fn progress_is_trusted_from_the_fixed_etcd_versions_on() {
+        for (version, trusted) in [
+            ("3.4.23", false),
+            ("3.4.24", true),
+            ("3.5.7", false),
+            ("3.5.8", true),
+            ("3.5.17", true),
+            ("3.6.0", true),
+            ("3.6.0-rc.1", true),
+            ("4.0.0", true),
+            ("3.3.27", false),
+            ("", false),
+            ("unknown", false),
+        ] {
+            assert_eq!(progress_waits_for_sync(version), trusted, "{version}");
+        }
     }
 }

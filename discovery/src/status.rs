@@ -1,6 +1,6 @@
 //! How healthy one watcher is: connected or not, which revision it has
-//! delivered, how long ago it last confirmed its view is current, and what
-//! went wrong. The watcher writes it; the admin API, metrics and readiness
+//! delivered, how long ago it last made progress (delivered a view or a
+//! change, or confirmed its view is current), and what went wrong. The watcher writes it; the admin API, metrics and readiness
 //! read it. Everything is an atomic except the last error text, which only
 //! errors and the admin API touch, never the request path.
 
@@ -24,8 +24,8 @@ pub struct SourceStatus {
     seen_revision: AtomicI64,
     /// Highest revision the consumer says it has applied; -1 for none.
     applied_revision: AtomicI64,
-    /// Milliseconds after `origin` of the last confirmed sync, plus one;
-    /// 0 means never.
+    /// Milliseconds after `origin` of the last progress, plus one; 0 means
+    /// never.
     last_sync_ms: AtomicU64,
     malformed: AtomicU64,
     reconnects: AtomicU64,
@@ -63,8 +63,12 @@ impl SourceStatus {
         self.connected.store(connected, Ordering::Release);
     }
 
-    /// Records that the watcher's view was confirmed current just now
-    /// (a listing, a watch event, or an answered liveness probe).
+    /// Records progress just now: the watcher delivered a full view or a
+    /// whole revision's changes, or its source proved the view is current.
+    /// An answer that only shows the source is there (a created watch, a
+    /// probe answered while changes are still on their way, an answer that
+    /// could not be read or applied) is not progress, so that a watcher
+    /// stuck on such answers shows growing staleness.
     pub fn mark_synced(&self) {
         let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
         self.last_sync_ms.store(ms + 1, Ordering::Release);
@@ -75,7 +79,7 @@ impl SourceStatus {
         self.last_sync_ms.load(Ordering::Acquire) != 0
     }
 
-    /// Time since the last confirmed sync; `None` if there was none yet.
+    /// Time since the last progress; `None` if there was none yet.
     pub fn staleness(&self) -> Option<Duration> {
         let last = self.last_sync_ms.load(Ordering::Acquire);
         if last == 0 {
@@ -83,6 +87,15 @@ impl SourceStatus {
         }
         let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
         Some(Duration::from_millis(now.saturating_sub(last - 1)))
+    }
+
+    /// Time since the last progress, or since the watcher started if it has
+    /// made none: how long what is served may have been behind the source.
+    /// Unlike [`staleness`](Self::staleness) it is there before the first
+    /// sync, so a watcher that never syncs shows a growing number instead of
+    /// none.
+    pub fn progress_age(&self) -> Duration {
+        self.staleness().unwrap_or_else(|| self.origin.elapsed())
     }
 
     /// Highest registry revision the watcher has delivered (sent as part of
@@ -168,7 +181,7 @@ impl SourceStatus {
             seen_revision: self.seen_revision(),
             applied_revision: self.applied_revision(),
             last_sync_unix_ms,
-            staleness_secs: staleness.map(|d| d.as_secs_f64()),
+            staleness_secs: Some(self.progress_age().as_secs_f64()),
             malformed: self.malformed(),
             reconnects: self.reconnects(),
             resets: self.resets(),
@@ -192,9 +205,13 @@ pub struct SourceStatusSnapshot {
     /// confirms changes by it.
     #[serde(deserialize_with = "crate::admin_api::required")]
     pub applied_revision: Option<i64>,
-    /// Wall-clock time of the last confirmed sync, in ms since the epoch.
+    /// Wall-clock time of the last progress (see
+    /// [`SourceStatus::mark_synced`]), in ms since the epoch; `None` before
+    /// the first sync.
     pub last_sync_unix_ms: Option<u64>,
-    /// Seconds since the last confirmed sync; `None` before the first.
+    /// Seconds since the last progress, or since the watcher started if it
+    /// never synced ([`SourceStatus::progress_age`]). Older proxies wrote
+    /// `None` before the first sync.
     pub staleness_secs: Option<f64>,
     /// Values skipped because they did not parse.
     pub malformed: u64,
@@ -216,6 +233,15 @@ mod tests {
         assert!(!s.has_synced());
         assert_eq!(s.staleness(), None);
         assert_eq!(s.seen_revision(), None);
+        // Never synced: the age counts from the start, and is shown.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(s.progress_age() >= Duration::from_millis(20));
+        let before = s.snapshot();
+        assert!(
+            before.staleness_secs.is_some_and(|age| age >= 0.02),
+            "{before:?}"
+        );
+        assert_eq!(before.last_sync_unix_ms, None);
         s.mark_synced();
         assert!(s.has_synced());
         assert!(s.staleness().is_some_and(|d| d < Duration::from_secs(1)));
@@ -239,5 +265,22 @@ mod tests {
         assert_eq!(snap.last_error.as_deref(), Some("boom"));
         let json = serde_json::to_value(&snap).expect("snapshot serializes");
         assert_eq!(json["source"], "etcd");
+    }
+
+    #[test]
+    fn staleness_counts_from_the_last_progress_only() {
+        let s = SourceStatus::new(Source::Etcd);
+        s.mark_synced();
+        std::thread::sleep(Duration::from_millis(30));
+        // Being connected, erring or seeing a revision is not progress.
+        s.set_connected(true);
+        s.set_error("a watch answer was over the cap");
+        s.set_seen_revision(9);
+        s.record_reconnect();
+        let age = s.staleness().expect("synced once");
+        assert!(age >= Duration::from_millis(30), "{age:?}");
+        assert!(s.progress_age() >= age);
+        s.mark_synced();
+        assert!(s.staleness().is_some_and(|d| d < Duration::from_millis(30)));
     }
 }

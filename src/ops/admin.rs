@@ -532,9 +532,17 @@ impl Admin {
             .iter()
             .find(|f| !f.has_data.load(Ordering::Acquire))
             .map(|f| {
+                // Say why it has not synced, so a watcher that cannot make
+                // progress is told apart from one that just started.
+                let why = f
+                    .status
+                    .last_error()
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default();
                 format!(
-                    "waiting for the first sync from {}",
-                    f.status.source().as_str()
+                    "waiting for the first sync from {} for {:.0}s{why}",
+                    f.status.source().as_str(),
+                    f.status.progress_age().as_secs_f64()
                 )
             })
     }

@@ -153,7 +153,7 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
     let staleness = GaugeVec::new(
         Opts::new(
             "pointsman_registry_staleness_seconds",
-            "Seconds since the registry last confirmed the proxy's view (absent before the first sync).",
+            "Seconds since the registry watcher last made progress (delivered a view or a change, or the registry confirmed the view is current); counts from start until the first sync.",
         ),
         &["source"],
     )

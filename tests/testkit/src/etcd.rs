@@ -28,6 +28,8 @@ pub struct EtcdServer {
     client_port: u16,
     peer_port: u16,
     frozen: bool,
+    /// More flags for etcd, kept for restarts.
+    extra_args: Vec<String>,
 }
 
 impl EtcdServer {
@@ -35,6 +37,13 @@ impl EtcdServer {
     ///
     /// Panics if `etcd` is not on PATH or does not become healthy in time.
     pub fn start() -> EtcdServer {
+        EtcdServer::start_with_args(&[])
+    }
+
+    /// [`start`](Self::start) with more flags for etcd, such as
+    /// `--max-request-bytes=2097152` for values over etcd's 1.5 MiB default
+    /// request limit. They are given again on [`restart`](Self::restart).
+    pub fn start_with_args(args: &[&str]) -> EtcdServer {
         let dir = tempfile::Builder::new()
             .prefix("pointsman-etcd-")
             .tempdir()
@@ -46,6 +55,7 @@ impl EtcdServer {
             client_port,
             peer_port,
             frozen: false,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
         };
         server.spawn();
         server
@@ -160,6 +170,7 @@ impl EtcdServer {
             .arg("--initial-cluster-state=new")
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
