@@ -14,10 +14,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use pointsman_testkit::relay::CutRelay;
 use serde_json::Value;
 use support::etcd::{etcdctl, put, start_proxy, wait_applied, EtcdServer};
 use support::registry::{listener_config, wait_in_flight, wait_ready};
-use support::relay::Relay;
 use support::sidekick::{alive, spawn_long_request, Sidekick};
 use support::*;
 
@@ -61,10 +61,7 @@ async fn deploy(etcd: &EtcdServer, args: &[&str]) -> (i32, String, String) {
 async fn a_proxy_cut_off_from_etcd_is_told_of_the_drain_and_waited_for() {
     let etcd = EtcdServer::start();
     let endpoint = etcd.endpoint();
-    let etcd_addr = format!("127.0.0.1:{}", etcd.client_port())
-        .parse()
-        .expect("etcd's address");
-    let relay = Relay::start(etcd_addr).await;
+    let relay = CutRelay::start(etcd.client_port()).await;
     let relay_endpoint = relay.endpoint();
     let p1 = Proxy::start_with_args(
         || listener_config(free_addr(), Some("web")),

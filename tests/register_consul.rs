@@ -438,14 +438,9 @@ fn registry_flags_are_checked() {
     let (code, _, err) = with(&[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("say where to register"), "{err}");
-    let (code, _, err) = with(&[
-        "--etcd",
-        "http://127.0.0.1:1",
-        "--proxy-admin",
-        "127.0.0.1:8404",
-    ]);
+    let (code, _, err) = with(&["--etcd", "http://127.0.0.1:1", "--on-unconfirmed", "maybe"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--proxy-admin goes with --consul"), "{err}");
+    assert!(err.contains("fail") && err.contains("proceed"), "{err}");
     let (code, _, err) = with(&["--consul", "ftp://127.0.0.1:1"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("consul"), "{err}");
@@ -462,7 +457,14 @@ fn registry_flags_are_checked() {
     );
     let (code, out, _) = run_cli(&["register", "--help"]);
     assert_eq!(code, 0);
-    for flag in ["--consul", "--consul-token", "--proxy-admin"] {
+    for flag in [
+        "--consul",
+        "--consul-token",
+        "--proxy-admin",
+        "--admin-token",
+        "--on-unconfirmed",
+        "--empty-fleet-ok",
+    ] {
         assert!(
             out.contains(flag),
             "`pointsman register --help` mentions {flag}:\n{out}"

@@ -13,6 +13,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use pointsman_discovery::conn::EtcdConn;
 use pointsman_discovery::EtcdOptions;
 use pointsman_testkit::relay::CutRelay;
 use support::etcd::{etcd_source, put, EtcdServer};
@@ -35,10 +36,9 @@ const SYNC_DEADLINE: Duration = Duration::from_secs(30);
 /// Writes `BIG_VALUES` valid registrations of about 1 MiB each under
 /// `/services/big/`, one revision each; returns the last revision.
 async fn write_big_values(etcd: &EtcdServer) -> i64 {
-    let mut client = EtcdOptions::new([etcd.endpoint()])
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("cannot reach the test etcd: {e}"));
+    let mut opts = EtcdOptions::new([etcd.endpoint()]);
+    opts.request_timeout = Duration::from_secs(20);
+    let mut conn = EtcdConn::new(opts).unwrap_or_else(|e| panic!("etcd options: {e}"));
     let pad = "x".repeat(BIG_VALUE_BYTES);
     let started = Instant::now();
     let mut rev = 0;
@@ -47,13 +47,13 @@ async fn write_big_values(etcd: &EtcdServer) -> i64 {
             r#"{{"address":"127.0.0.1:{}","meta":{{"pad":"{pad}"}}}}"#,
             10_000 + i
         );
-        let resp = tokio::time::timeout(
-            Duration::from_secs(20),
-            client.put(format!("/services/big/i{i:03}"), value, None),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("put {i} of {BIG_VALUES} took over 20 s"))
-        .unwrap_or_else(|e| panic!("put {i} of {BIG_VALUES}: {e}"));
+        let key = format!("/services/big/i{i:03}");
+        let resp = conn
+            .call("writing", move |mut c| async move {
+                c.put(key, value, None).await
+            })
+            .await
+            .unwrap_or_else(|e| panic!("put {i} of {BIG_VALUES} (20 s at most): {e}"));
         rev = resp.header().map(|h| h.revision()).unwrap_or(0);
     }
     assert!(

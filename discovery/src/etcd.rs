@@ -177,28 +177,6 @@ impl EtcdOptions {
         self.connect_options().map(|_| ())
     }
 
-    /// A client for tools (`ctl`, rollouts): the first member that answers
-    /// within the connect timeout, tried in order.
-    pub async fn connect(&self) -> Result<Client, DiscoveryError> {
-        let opts = self.connect_options()?;
-        let mut errors = Vec::new();
-        for endpoint in &self.endpoints {
-            let attempt =
-                tokio::time::timeout(self.connect_timeout + self.request_timeout, async {
-                    let mut client =
-                        Client::connect([endpoint.as_str()], Some(opts.clone())).await?;
-                    client.status().await.map(|_| client)
-                })
-                .await;
-            match attempt {
-                Ok(Ok(client)) => return Ok(client),
-                Ok(Err(e)) => errors.push(format!("{endpoint}: {e}")),
-                Err(_) => errors.push(format!("{endpoint}: no answer in time")),
-            }
-        }
-        Err(DiscoveryError::Unreachable(errors.join("; ")))
-    }
-
     pub(crate) fn connect_options(&self) -> Result<ConnectOptions, DiscoveryError> {
         if self.endpoints.is_empty() {
             return Err(DiscoveryError::NoEndpoints);

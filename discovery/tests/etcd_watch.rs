@@ -3,8 +3,7 @@
 //! etcd restarts, freezes, compacts or is cut off.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, CompactionOptions, GetOptions, PutOptions, Txn, TxnOp};
@@ -12,11 +11,11 @@ use pointsman_discovery::{
     etcd, parse_entry, Address, AdminState, Change, Entry, EntryKey, EtcdOptions, Prefixes,
     Registration, Source, SourceStatus, Update, UpdateKind,
 };
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use pointsman_testkit::etcd::EtcdServer;
+use pointsman_testkit::relay::CutRelay;
 
 const DEADLINE: Duration = Duration::from_secs(15);
 
@@ -345,8 +344,8 @@ async fn restart_mid_watch_loses_nothing() {
     put(&mut c, "/services/web/a2", "127.0.0.1:8082").await;
     // The relay lets the test hold the watcher off after the restart, so
     // the writes below certainly happen while it is reconnecting.
-    let relay = CutProxy::start(etcd.client_port()).await;
-    let mut w = Watch::start(vec![relay.endpoint.clone()]);
+    let relay = CutRelay::start(etcd.client_port()).await;
+    let mut w = Watch::start(vec![relay.endpoint()]);
     w.reset().await;
     put(&mut c, "/services/web/a3", "127.0.0.1:8083").await;
     w.changes().await;
@@ -372,73 +371,14 @@ async fn restart_mid_watch_loses_nothing() {
     assert!(status.last_error.is_some());
 }
 
-/// A TCP relay the test can cut, to take the watcher off etcd while the
-/// test keeps talking to it directly.
-struct CutProxy {
-    endpoint: String,
-    cut: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: JoinHandle<()>,
-}
-
-impl CutProxy {
-    async fn start(target: u16) -> CutProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-        let port = listener.local_addr().expect("relay addr").port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let accept = tokio::spawn({
-            let (cut, conns) = (cut.clone(), conns.clone());
-            async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    if cut.load(Ordering::SeqCst) {
-                        continue; // dropped: connection refused, in effect
-                    }
-                    let relay = tokio::spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                        }
-                    });
-                    conns.lock().expect("relay list").push(relay);
-                }
-            }
-        });
-        CutProxy {
-            endpoint: format!("http://127.0.0.1:{port}"),
-            cut,
-            conns,
-            accept,
-        }
-    }
-
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for relay in self.conns.lock().expect("relay list").drain(..) {
-            relay.abort();
-        }
-    }
-
-    fn heal(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for CutProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
-}
-
 #[tokio::test]
 async fn compaction_while_cut_off_relists_and_keeps_last_good() {
     let etcd = EtcdServer::start();
     let mut c = connect(&etcd).await;
     put(&mut c, "/services/web/a1", "127.0.0.1:8081").await;
     put(&mut c, "/services/web/a2", "127.0.0.1:8082").await;
-    let relay = CutProxy::start(etcd.client_port()).await;
-    let mut w = Watch::start(vec![relay.endpoint.clone()]);
+    let relay = CutRelay::start(etcd.client_port()).await;
+    let mut w = Watch::start(vec![relay.endpoint()]);
     w.reset().await;
 
     relay.cut();

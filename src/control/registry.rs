@@ -14,12 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pointsman_discovery::admin_api::SourceView;
 use pointsman_discovery::consul::ConsulError;
 use pointsman_discovery::{
     load_state, save_state, state_path, Change, ConsulOptions, DiscoveryError, Entry, EntryKey,
     EtcdOptions, Source, SourceStatus, Update, UpdateKind,
 };
-use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::control::Command;
@@ -56,17 +56,10 @@ pub struct Followed {
     pub in_table: watch::Receiver<bool>,
 }
 
-/// A source's view for the admin API.
-#[derive(Serialize)]
-pub struct FollowedView {
-    #[serde(flatten)]
-    pub status: pointsman_discovery::SourceStatusSnapshot,
-    pub serving_saved_state: bool,
-}
-
 impl Followed {
-    pub fn view(&self) -> FollowedView {
-        FollowedView {
+    /// The source as `/api/discovery` shows it.
+    pub fn view(&self) -> SourceView {
+        SourceView {
             status: self.status.snapshot(),
             serving_saved_state: self.from_saved_state.load(Ordering::Relaxed),
         }

@@ -121,15 +121,6 @@ fn endpoint_view(
     }
 }
 
-/// A followed registry as `/api/discovery` shows it.
-fn source_view(f: &Followed) -> SourceView {
-    let v = f.view();
-    SourceView {
-        status: v.status,
-        serving_saved_state: v.serving_saved_state,
-    }
-}
-
 impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         loop {
@@ -226,7 +217,7 @@ impl Admin {
                 None => error(StatusCode::NOT_FOUND, &format!("no such map: {name}")),
             },
             ["api", "discovery"] => {
-                let view: Vec<SourceView> = self.followed.iter().map(source_view).collect();
+                let view: Vec<SourceView> = self.followed.iter().map(Followed::view).collect();
                 json(&view)
             }
             ["stats"] | [""] => reply(

@@ -25,8 +25,6 @@ pub mod host;
 pub mod proxy;
 /// A proxy's view of a registry's services: listener config, endpoints, waits.
 pub mod registry;
-/// A TCP relay to cut one proxy off from etcd.
-pub mod relay;
 /// `pointsman register` sidekicks, their apps and the load they drain under.
 pub mod sidekick;
 /// `pointsman upstream` processes and in-process servers.
