@@ -197,14 +197,18 @@ impl Schedule {
         }
     }
 
+    /// The next endpoint in the order that `ok` accepts. Every slot tried
+    /// is taken from the shared cursor, so the slots of an endpoint out of
+    /// rotation go, in order, to whoever the next slots belong to: the rest
+    /// share its traffic in proportion to their weights (taking the slot
+    /// after it instead would give its whole share to one neighbour).
     fn next(&self, ok: impl Fn(usize) -> bool) -> Option<usize> {
         let n = self.order.len();
         if n == 0 {
             return None;
         }
-        let start = self.cursor.fetch_add(1, Relaxed);
         (0..n.min(64))
-            .map(|k| self.order[(start + k) % n] as usize)
+            .map(|_| self.order[self.cursor.fetch_add(1, Relaxed) % n] as usize)
             .find(|&i| ok(i))
     }
 }
@@ -246,7 +250,16 @@ fn least_loaded(
     if n == 0 {
         return None;
     }
-    let start = cursor.fetch_add(1, Relaxed);
+    // Ties go to the first endpoint from `start`; starting only at one in
+    // rotation keeps an endpoint out of it from doubling its neighbour's
+    // share of the ties.
+    let mut start = cursor.fetch_add(1, Relaxed);
+    for _ in 1..n.min(64) {
+        if ok(start % n) {
+            break;
+        }
+        start = cursor.fetch_add(1, Relaxed);
+    }
     let mut best: Option<(usize, u64, u64)> = None;
     for k in 0..n {
         let i = (start + k) % n;

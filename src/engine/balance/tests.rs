@@ -191,3 +191,65 @@ fn schedule_is_capped_for_large_services() {
     let s = Schedule::smooth(&w);
     assert!(s.order.len() as u64 <= MAX_SCHEDULE + w.len() as u64);
 }
+
+/// Seed 002's deploy step: four servers, one taken out. Its share spreads
+/// over the other three in proportion to their weights, for every
+/// balancer (HAProxy 2.6: 134/133/133 of 400), never doubling one
+/// neighbour's.
+#[test]
+fn a_server_out_of_rotation_spreads_its_share_over_the_rest() {
+    for (algorithm, tolerance) in [
+        (BalanceAlgorithm::Roundrobin, 1),
+        (BalanceAlgorithm::Cookie, 1),
+        (BalanceAlgorithm::Leastconn, 1),
+        (BalanceAlgorithm::Random, 60),
+    ] {
+        for out in 0..4 {
+            let mut eps = endpoints(&[1, 1, 1, 1]);
+            eps[out].state = AdminState::Maint;
+            let b = Balancer::build(algorithm, &eps);
+            let c = counts(&b, &eps, 1200, PickContext::default());
+            assert_eq!(c[out], 0, "{algorithm:?}: {c:?}");
+            for (i, n) in c.iter().enumerate().filter(|(i, _)| *i != out) {
+                assert!(
+                    n.abs_diff(400) <= tolerance,
+                    "{algorithm:?}, e{out} out: e{i} got {n} of 1200: {c:?}"
+                );
+            }
+        }
+    }
+    // Weighted: 2:1:1 with a fourth taken out keeps 2:1:1.
+    let mut eps = endpoints(&[2, 1, 1, 3]);
+    eps[3].state = AdminState::Drain;
+    let b = Balancer::build(BalanceAlgorithm::Roundrobin, &eps);
+    assert_eq!(
+        counts(&b, &eps, 800, PickContext::default()),
+        vec![400, 200, 200, 0]
+    );
+    // Source: the keys of the one taken out move to the others, all of
+    // them, not to one.
+    let eps = endpoints(&[1, 1, 1, 1]);
+    let b = Balancer::build(BalanceAlgorithm::Source, &eps);
+    let mut moved = [0usize; 4];
+    let mut out_eps = endpoints(&[1, 1, 1, 1]);
+    out_eps[0].state = AdminState::Maint;
+    for k in 0..4000u32 {
+        let ip = IpAddr::from(k.to_be_bytes());
+        let ctx = PickContext {
+            client_ip: Some(ip),
+            ..PickContext::default()
+        };
+        let before = b.pick(&eps, &ctx).expect("a pick").index;
+        if before == 0 {
+            moved[b.pick(&out_eps, &ctx).expect("a pick").index] += 1;
+        }
+    }
+    let total: usize = moved.iter().sum();
+    assert!(total > 600, "e0 had its share of keys: {moved:?}");
+    for (i, n) in moved.iter().enumerate().skip(1) {
+        assert!(
+            *n * 6 > total,
+            "e{i} took {n} of the {total} keys that moved: {moved:?}"
+        );
+    }
+}
