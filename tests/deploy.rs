@@ -1180,7 +1180,11 @@ async fn deploys_refuse_what_would_hurt_traffic() {
         d.err.contains(
             "stopped at a1 (0 of 2 done): not drained on every proxy within 2s, \
                  so it is not stopped: 1 of 2 proxies confirmed; waiting for p2 (",
-        ) && d.err.contains("still sends new requests to web/a1"),
+        ) && d
+            .err
+            .contains("still sends new requests to web/a1: its state ready was set on this proxy")
+            && d.err
+                .contains("pointsman ctl --admin <this proxy's admin address> reset web/a1"),
         "{}",
         d.err
     );

@@ -197,6 +197,12 @@ pub fn judge_drain(view: &ProxyView, service: &str, id: &str, revision: i64) -> 
 pub fn judge_drained(view: &ProxyView, service: &str, id: &str) -> Result<(), String> {
     match view.endpoint(service, id) {
         None => Ok(()),
+        Some(e) if e.state == AdminState::Ready && e.local_state => Err(format!(
+            "still sends new requests to {service}/{id}: its state ready was set on this proxy, \
+             which wins over the registry ({} in flight); clear it with \
+             `pointsman ctl --admin <this proxy's admin address> reset {service}/{id}`",
+            e.in_flight
+        )),
         Some(e) if e.state == AdminState::Ready => Err(format!(
             "still sends new requests to {service}/{id} (state ready, {} in flight)",
             e.in_flight

@@ -73,6 +73,13 @@ pub struct EndpointView {
     /// the safe side, since a drain is confirmed only with one.
     #[serde(default)]
     pub drain_notice: Option<i64>,
+    /// The state, and the weight, come from a change made on this proxy
+    /// (runtime or admin API), which wins over the registries until it is
+    /// cleared (`DELETE /api/services/<s>/endpoints/<id>`).
+    #[serde(default)]
+    pub local_state: bool,
+    #[serde(default)]
+    pub local_weight: bool,
 }
 
 /// The last active check of an endpoint.
@@ -186,6 +193,8 @@ mod tests {
             }),
             idle_connections: 2,
             drain_notice: Some(11),
+            local_state: true,
+            local_weight: false,
         }
     }
 

@@ -105,6 +105,9 @@ struct Wanted {
     weight: u32,
     /// A drain notice holds it in drain until this etcd revision.
     drain_notice: Option<i64>,
+    /// State and weight set on this proxy.
+    local_state: bool,
+    local_weight: bool,
 }
 
 /// A service's registered endpoints as one rebuild leaves them.
@@ -718,6 +721,8 @@ impl Control {
                     initial_weight,
                     weight: local.weight.map(u32::from).unwrap_or(initial_weight),
                     drain_notice,
+                    local_state: local.state.is_some(),
+                    local_weight: local.weight.is_some(),
                 }
             })
             .collect()
@@ -772,6 +777,8 @@ impl Control {
                     ep.initial_weight = w.initial_weight;
                     ep.checked = w.check.is_some();
                     ep.drain_notice = w.drain_notice;
+                    ep.local_state = w.local_state;
+                    ep.local_weight = w.local_weight;
                     ep.balance_weight = ramped(
                         w.weight * WEIGHT_SCALE,
                         slow_start,

@@ -186,6 +186,9 @@ pub struct Endpoint {
     /// Held in drain on a tool's notice until the proxy applies this etcd
     /// revision (see `control::local`); shown by the admin API.
     pub drain_notice: Option<i64>,
+    /// Its state, its weight, set on this proxy (runtime or admin API).
+    pub local_state: bool,
+    pub local_weight: bool,
 }
 
 /// Balancers work on weights times this, so even a weight-1 endpoint can
@@ -214,6 +217,8 @@ impl Endpoint {
             balance_weight: weight * WEIGHT_SCALE,
             live,
             drain_notice: None,
+            local_state: false,
+            local_weight: false,
         })
     }
 

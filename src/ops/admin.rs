@@ -81,6 +81,8 @@ pub fn services_view(table: &RoutingTable) -> Vec<ServiceView> {
                             e.live.snapshot(),
                         );
                         view.drain_notice = e.drain_notice;
+                        view.local_state = e.local_state;
+                        view.local_weight = e.local_weight;
                         view
                     })
                     .collect(),
@@ -118,6 +120,8 @@ fn endpoint_view(
         check: c.check,
         idle_connections: c.idle_connections as u64,
         drain_notice: None,
+        local_state: false,
+        local_weight: false,
     }
 }
 
@@ -753,6 +757,8 @@ mod tests {
         #[serde(flatten)]
         counters: EndpointCounters,
         drain_notice: Option<i64>,
+        local_state: bool,
+        local_weight: bool,
     }
 
     #[test]
@@ -774,6 +780,8 @@ mod tests {
                 accepting: false,
                 counters: c,
                 drain_notice: None,
+                local_state: false,
+                local_weight: false,
             };
             let written = serde_json::to_string_pretty(&view).unwrap();
             assert_eq!(written, serde_json::to_string_pretty(&before).unwrap());

@@ -316,6 +316,7 @@ fn local_changes_win_over_registry_until_cleared() {
     assert_eq!(ep.weight, 7);
     assert_eq!(ep.initial_weight, 5);
     assert_eq!(ep.live.admin_state(), AdminState::Maint);
+    assert!(ep.local_state && ep.local_weight, "marked as local");
 
     w.local(LocalChange::ServerReset {
         service: "web".into(),
@@ -325,6 +326,7 @@ fn local_changes_win_over_registry_until_cleared() {
     let ep = w.endpoint("web", "e1").expect("e1");
     assert_eq!(ep.state, AdminState::Ready);
     assert_eq!(ep.weight, 5);
+    assert!(!ep.local_state && !ep.local_weight, "no longer local");
 
     w.local(LocalChange::ServerWeight {
         service: "web".into(),
