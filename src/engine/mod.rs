@@ -18,6 +18,7 @@ pub mod forward;
 pub mod http;
 pub mod latency;
 pub mod pool;
+pub mod quiet;
 pub mod spread;
 pub mod table;
 pub mod tcp;

@@ -17,6 +17,7 @@ use crate::engine::balance::BalanceAlgorithm;
 use crate::engine::balance::{cookie_value, pick_split, Balancer};
 use crate::engine::endpoint::EndpointState;
 use crate::engine::endpoint::PassiveConfig;
+use crate::engine::quiet::QUIET_EVERY;
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64,
     Ordering::{Acquire, Relaxed, Release},
@@ -91,6 +92,8 @@ pub struct ServiceState {
     /// Held while one request decides an ejection, so two failures at once
     /// cannot both pass the cap.
     ejecting: AtomicBool,
+    /// "not ejected: at the cap" repeats on every failure under load.
+    at_cap: crate::engine::quiet::Quiet,
 }
 
 impl ServiceState {
@@ -151,7 +154,10 @@ impl Service {
         let ejected = self.endpoints.iter().filter(|e| e.live.ejected()).count();
         let cap = self.endpoints.len() * p.max_ejected_percent as usize / 100;
         if ejected + 1 > cap {
-            tracing::warn!(service = %self.name, endpoint = %self.endpoints[i].id, ejected, "failing endpoint not ejected: the service is at its ejection cap");
+            let now = crate::engine::conn::now_ms();
+            if let Some(held) = self.settings.live.at_cap.allow(now, QUIET_EVERY) {
+                tracing::warn!(service = %self.name, endpoint = %self.endpoints[i].id, ejected, repeats = held, "failing endpoint not ejected: the service is at its ejection cap (said at most every {QUIET_EVERY:?}; repeats: times held back since)");
+            }
             return;
         }
         let length = self.endpoints[i].live.eject(p.ejection, p.max_ejection);
