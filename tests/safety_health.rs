@@ -467,3 +467,78 @@ async fn the_ejection_cap_keeps_one_of_two_failing_endpoints_in() {
         "one endpoint was ejected most of the time: {one_out} of {snapshots} snapshots"
     );
 }
+
+/// Seed 000 checks the app on another port than it serves:
+/// `check = { port }` makes the endpoint up or down as that port answers,
+/// whatever its own port does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_on_another_port_decides_the_endpoint_health() {
+    let health = Flappy::start("health", true, 200).await;
+    let main = Upstream::start("main").await;
+    let check = format!(
+        "check = {{ http = \"/healthz\", interval = \"100ms\", timeout = \"500ms\", rise = 1, fall = 1, port = {} }}",
+        health.addr().port()
+    );
+    let eps = [endpoint_line(&main, "")];
+    let proxy = Proxy::start(|| web(free_addr(), &check, &eps)).await;
+    let client = client();
+    let url = proxy.url("/");
+    let deadline = Duration::from_secs(5);
+    wait_for(deadline, "main is up on its check port", || async {
+        proxy.endpoint("web", "main").await["healthy"] == true
+    })
+    .await;
+    assert!(health.passes.load(SeqCst) > 0, "the check port was asked");
+    let names = servers(&client, &url, 5).await;
+    assert_eq!(count(&names, "main"), 5, "{names:?}");
+
+    // The check port fails: main is down though its own port serves.
+    health.set_healthy(false);
+    wait_for(deadline, "main is down on its check port", || async {
+        proxy.endpoint("web", "main").await["healthy"] == false
+    })
+    .await;
+    let names = servers(&client, &url, 5).await;
+    assert_eq!(count(&names, "status 503"), 5, "{names:?}");
+    health.set_healthy(true);
+    wait_for(deadline, "main is up again", || async {
+        proxy.endpoint("web", "main").await["healthy"] == true
+    })
+    .await;
+}
+
+/// `backup = true`: no traffic while a main endpoint takes it, all of it
+/// once none does (seed 000's backup server), and back to the main one
+/// when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_serves_only_while_no_main_endpoint_does() {
+    let ups = Upstream::start_many(&["main", "spare"]).await;
+    let eps = [
+        endpoint_line(&ups[0], ""),
+        endpoint_line(&ups[1], "backup = true"),
+    ];
+    let proxy = Proxy::start(|| web(free_addr(), "", &eps)).await;
+    let client = client();
+    let url = proxy.url("/");
+    let names = servers(&client, &url, 20).await;
+    assert_eq!(count(&names, "main"), 20, "the backup idles: {names:?}");
+    let set = |state: &'static str| {
+        let url = proxy.admin_url("/api/services/web/endpoints/main");
+        async move {
+            let resp = plain_client()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(format!("{{\"state\":\"{state}\"}}"))
+                .send()
+                .await
+                .expect("admin change");
+            assert!(resp.status().is_success(), "{:?}", resp.text().await);
+        }
+    };
+    set("maint").await;
+    let names = servers(&client, &url, 20).await;
+    assert_eq!(count(&names, "spare"), 20, "{names:?}");
+    set("ready").await;
+    let names = servers(&client, &url, 20).await;
+    assert_eq!(count(&names, "main"), 20, "main takes over: {names:?}");
+}

@@ -107,6 +107,9 @@ use self::view::{decode_catalog, decode_health, derive, diff, ServiceEntries};
 pub const META_WEIGHT: &str = "pointsman-weight";
 /// Meta key holding an instance's state: ready, drain or maint.
 pub const META_STATE: &str = "pointsman-state";
+/// The tag that makes an instance a backup (used only while no other
+/// instance of its service takes traffic).
+pub const BACKUP_TAG: &str = "backup";
 /// The tag prefix of routes, as Fabio's.
 pub const DEFAULT_TAG_PREFIX: &str = "urlprefix-";
 /// Consul's longest wait; longer ones are cut to it by Consul.

@@ -337,6 +337,8 @@ struct InstanceJson {
     meta: BTreeMap<String, String>,
     #[serde(default)]
     check: Option<CheckSpec>,
+    #[serde(default)]
+    backup: bool,
 }
 
 fn default_weight() -> u64 {
@@ -395,6 +397,7 @@ pub fn parse_instance(
         tags: json.tags,
         meta: json.meta,
         check: json.check,
+        backup: json.backup,
     })
 }
 

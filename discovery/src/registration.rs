@@ -25,6 +25,9 @@ pub struct Registration {
     pub tags: Vec<String>,
     pub meta: BTreeMap<String, String>,
     pub check: Option<CheckSpec>,
+    /// Used only while no other (non-backup) instance of the service takes
+    /// traffic, as HAProxy's `backup` servers; the first one in id order.
+    pub backup: bool,
 }
 
 impl Registration {
@@ -39,6 +42,7 @@ impl Registration {
             tags: Vec::new(),
             meta: BTreeMap::new(),
             check: None,
+            backup: false,
         }
     }
 }
@@ -112,6 +116,20 @@ pub struct CheckSpec {
     /// Consecutive failures that take an up endpoint down.
     #[serde(default = "default_fall")]
     pub fall: u32,
+    /// Check this port instead of the instance's (an app checked on an
+    /// admin port, as HAProxy's `check port N`).
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+impl CheckSpec {
+    /// Where to check an instance at `address`: there, or on `port`.
+    pub fn target(&self, address: &Address) -> Address {
+        match self.port {
+            Some(port) => Address::new(address.host(), port),
+            None => address.clone(),
+        }
+    }
 }
 
 impl CheckSpec {

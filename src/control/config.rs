@@ -229,6 +229,9 @@ pub struct StaticEndpoint {
     pub weight: u16,
     #[serde(default)]
     pub state: AdminState,
+    /// Used only while no other endpoint of the service takes traffic.
+    #[serde(default)]
+    pub backup: bool,
 }
 
 fn default_weight() -> u16 {
@@ -426,6 +429,7 @@ impl Config {
                 let mut reg = Registration::new(service.clone(), ep.id.clone(), ep.address.clone());
                 reg.weight = ep.weight;
                 reg.state = ep.state;
+                reg.backup = ep.backup;
                 out.push(Entry::Instance(reg));
             }
         }

@@ -143,6 +143,7 @@ async fn check_loop(
 
 /// Runs one check: (passed, HTTP status or 0, what went wrong).
 async fn probe(address: &Address, spec: &CheckSpec) -> (bool, u16, String) {
+    let address = &spec.target(address);
     let Some(path) = &spec.http else {
         return match check::tcp_connect(address, spec.timeout).await {
             Ok(()) => (true, 0, String::new()),

@@ -108,6 +108,7 @@ struct Wanted {
     /// State and weight set on this proxy.
     local_state: bool,
     local_weight: bool,
+    backup: bool,
 }
 
 /// A service's registered endpoints as one rebuild leaves them.
@@ -723,6 +724,7 @@ impl Control {
                     drain_notice,
                     local_state: local.state.is_some(),
                     local_weight: local.weight.is_some(),
+                    backup: reg.backup,
                 }
             })
             .collect()
@@ -779,6 +781,7 @@ impl Control {
                     ep.drain_notice = w.drain_notice;
                     ep.local_state = w.local_state;
                     ep.local_weight = w.local_weight;
+                    ep.backup = w.backup;
                     ep.balance_weight = ramped(
                         w.weight * WEIGHT_SCALE,
                         slow_start,

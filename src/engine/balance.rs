@@ -86,7 +86,12 @@ pub enum Balancer {
 impl Balancer {
     /// Builds the balancer for endpoints with their current effective weights.
     pub fn build(algorithm: BalanceAlgorithm, endpoints: &[Endpoint]) -> Balancer {
-        let weights: Vec<u32> = endpoints.iter().map(|e| e.balance_weight).collect();
+        // Backups have no share of their own: they are picked only when no
+        // other endpoint takes traffic (see `pick`).
+        let weights: Vec<u32> = endpoints
+            .iter()
+            .map(|e| if e.backup { 0 } else { e.balance_weight })
+            .collect();
         match algorithm {
             BalanceAlgorithm::Roundrobin => Balancer::RoundRobin(Schedule::smooth(&weights)),
             BalanceAlgorithm::Leastconn => Balancer::LeastConn {
@@ -117,9 +122,13 @@ impl Balancer {
         }
     }
 
-    /// Picks an endpoint that accepts traffic, or `None` if none does.
+    /// Picks an endpoint that accepts traffic, or `None` if none does. A
+    /// backup endpoint is picked only when no other one accepts traffic:
+    /// the first backup in id order that does (HAProxy's default, without
+    /// `allbackups`).
     pub fn pick(&self, endpoints: &[Endpoint], ctx: &PickContext<'_>) -> Option<Pick> {
-        let ok = |i: usize| Some(i) != ctx.avoid && endpoints[i].accepts_new();
+        let ok =
+            |i: usize| Some(i) != ctx.avoid && !endpoints[i].backup && endpoints[i].accepts_new();
         let index = match self {
             Balancer::RoundRobin(s) => s.next(ok),
             Balancer::LeastConn { cursor } => least_loaded(endpoints, cursor, ok),
@@ -137,16 +146,24 @@ impl Balancer {
                         });
                     }
                 }
-                return fallback.next(ok).map(|index| Pick {
-                    index,
-                    set_cookie: true,
-                });
+                if let Some(index) = fallback.next(ok) {
+                    return Some(Pick {
+                        index,
+                        set_cookie: true,
+                    });
+                }
+                None
             }
         };
         // The fast path found nobody (e.g. all of a probe window is down):
         // a plain scan decides for sure.
         index
             .or_else(|| (0..endpoints.len()).find(|&i| ok(i)))
+            .or_else(|| {
+                (0..endpoints.len()).find(|&i| {
+                    Some(i) != ctx.avoid && endpoints[i].backup && endpoints[i].accepts_new()
+                })
+            })
             .or_else(|| {
                 // Only the avoided endpoint is left: use it rather than fail.
                 ctx.avoid

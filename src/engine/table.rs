@@ -195,6 +195,8 @@ pub struct Endpoint {
     /// Its state, its weight, set on this proxy (runtime or admin API).
     pub local_state: bool,
     pub local_weight: bool,
+    /// Takes requests only while no other endpoint of the service does.
+    pub backup: bool,
 }
 
 /// Balancers work on weights times this, so even a weight-1 endpoint can
@@ -225,6 +227,7 @@ impl Endpoint {
             drain_notice: None,
             local_state: false,
             local_weight: false,
+            backup: false,
         })
     }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::tags::{build_route, parse_tag, route_name, Claim};
-use super::{META_STATE, META_WEIGHT};
+use super::{BACKUP_TAG, META_STATE, META_WEIGHT};
 use crate::registration::{DEFAULT_WEIGHT, MAX_WEIGHT};
 use crate::{Address, AddressError, AdminState, Change, Entry, EntryKey, ParseError, Registration};
 
@@ -349,6 +349,7 @@ fn instance(name: &str, label: &str, e: &HealthEntry) -> Result<Registration, Pa
         tags: e.service.tags.clone(),
         meta: e.service.meta.clone(),
         check: None,
+        backup: e.service.tags.iter().any(|t| t == BACKUP_TAG),
     })
 }
 

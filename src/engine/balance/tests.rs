@@ -253,3 +253,39 @@ fn a_server_out_of_rotation_spreads_its_share_over_the_rest() {
         );
     }
 }
+
+/// A backup takes requests only while no other endpoint does: the first
+/// backup in order, for every balancer.
+#[test]
+fn backups_serve_only_when_every_other_endpoint_is_out() {
+    for algorithm in [
+        BalanceAlgorithm::Roundrobin,
+        BalanceAlgorithm::Leastconn,
+        BalanceAlgorithm::Random,
+        BalanceAlgorithm::Source,
+        BalanceAlgorithm::Cookie,
+    ] {
+        let mut eps = endpoints(&[1, 1, 1, 1]);
+        eps[2].backup = true;
+        eps[3].backup = true;
+        let b = Balancer::build(algorithm, &eps);
+        let ctx = PickContext {
+            client_ip: Some(IpAddr::from([10, 0, 0, 1])),
+            ..PickContext::default()
+        };
+        let c = counts(&b, &eps, 200, ctx);
+        assert_eq!((c[2], c[3]), (0, 0), "{algorithm:?}: backups idle: {c:?}");
+        eps[0].state = AdminState::Maint;
+        let c = counts(&b, &eps, 200, ctx);
+        assert_eq!(c[1], 200, "{algorithm:?}: one main left takes all: {c:?}");
+        eps[1].live.set_healthy(false);
+        let c = counts(&b, &eps, 200, ctx);
+        assert_eq!(c[2], 200, "{algorithm:?}: the first backup: {c:?}");
+        eps[2].state = AdminState::Drain;
+        let c = counts(&b, &eps, 200, ctx);
+        assert_eq!(c[3], 200, "{algorithm:?}: then the next: {c:?}");
+        eps[1].live.set_healthy(true);
+        let c = counts(&b, &eps, 200, ctx);
+        assert_eq!(c[1], 200, "{algorithm:?}: a main back takes over: {c:?}");
+    }
+}
