@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use pointsman_discovery::{EtcdOptions, EtcdTls, Prefixes};
+use pointsman_discovery::{EtcdApi, EtcdOptions, EtcdTls, Prefixes};
 
 pub use crate::fleet::OnUnconfirmed;
 
@@ -68,6 +68,19 @@ pub struct EtcdArgs {
     /// PEM private key of --etcd-cert.
     #[arg(long, requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
+    /// The keyspace `run` follows: v3, or v2 (`/v2/keys`, as CoreOS-era
+    /// containers and registrator write; etcd 3.x serves it with
+    /// --enable-v2=true). The tools always write v3.
+    #[arg(long, value_enum, default_value = "v3", env = "POINTSMAN_ETCD_API")]
+    pub etcd_api: EtcdApiArg,
+}
+
+/// `--etcd-api`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EtcdApiArg {
+    #[default]
+    V3,
+    V2,
 }
 
 /// Registry flags that do not make a usable configuration.
@@ -75,6 +88,8 @@ pub struct EtcdArgs {
 pub enum ArgsError {
     #[error("--etcd-user and --etcd-password go together")]
     UserWithoutPassword,
+    #[error("--etcd {url}: give the member's address only (http://host:port), no path; for the v2 keyspace (/v2/keys) add --etcd-api v2")]
+    EtcdPath { url: String },
     #[error("etcd: {0}")]
     Etcd(pointsman_discovery::DiscoveryError),
     #[error("consul: {0}")]
@@ -87,7 +102,27 @@ impl EtcdArgs {
         if self.etcd.is_empty() {
             return Ok(None);
         }
-        let mut o = EtcdOptions::new(self.etcd.iter().cloned());
+        for url in &self.etcd {
+            let rest = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"))
+                .unwrap_or(url);
+            if rest
+                .split_once('/')
+                .is_some_and(|(_, path)| !path.is_empty())
+            {
+                return Err(ArgsError::EtcdPath { url: url.clone() });
+            }
+        }
+        let mut o = EtcdOptions::new(
+            self.etcd
+                .iter()
+                .map(|u| u.trim_end_matches('/').to_string()),
+        );
+        o.api = match self.etcd_api {
+            EtcdApiArg::V3 => EtcdApi::V3,
+            EtcdApiArg::V2 => EtcdApi::V2,
+        };
         o.prefixes = Prefixes {
             services: self.etcd_prefix.clone(),
             pointsman: self.etcd_config_prefix.clone(),

@@ -91,6 +91,17 @@ pub struct EtcdTls {
     pub domain: Option<String>,
 }
 
+/// Which of etcd's keyspaces the proxy follows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EtcdApi {
+    /// The v3 keyspace, over gRPC (what `etcdctl` 3.x writes).
+    #[default]
+    V3,
+    /// The v2 keyspace, over `/v2/keys` (CoreOS-era containers,
+    /// registrator); see [`crate::etcd2`].
+    V2,
+}
+
 /// How to reach etcd and how hard to try.
 #[derive(Clone)]
 pub struct EtcdOptions {
@@ -102,6 +113,8 @@ pub struct EtcdOptions {
     pub user: Option<(String, String)>,
     pub tls: Option<EtcdTls>,
     pub prefixes: Prefixes,
+    /// The keyspace followed (the tools always write v3).
+    pub api: EtcdApi,
     /// HTTP/2 ping interval, sent even when idle.
     pub keepalive_interval: Duration,
     /// How long a ping may go unanswered before the connection is dropped.
@@ -126,6 +139,7 @@ impl Default for EtcdOptions {
             user: None,
             tls: None,
             prefixes: Prefixes::default(),
+            api: EtcdApi::V3,
             keepalive_interval: Duration::from_secs(2),
             keepalive_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(3),
@@ -267,6 +281,7 @@ pub async fn run(opts: EtcdOptions, tx: mpsc::Sender<Update>, status: Arc<Source
         streak_start: 0,
         trust_progress: false,
         page_keys: PAGE_KEYS,
+        v2_hint_checked: false,
     };
     watcher.run().await;
 }
@@ -305,6 +320,9 @@ enum SessionError {
 }
 
 struct EtcdWatcher {
+    /// Whether the first listing was checked for registrations that went
+    /// to etcd's v2 keyspace instead.
+    v2_hint_checked: bool,
     opts: EtcdOptions,
     tx: mpsc::Sender<Update>,
     status: Arc<SourceStatus>,
@@ -641,6 +659,22 @@ impl EtcdWatcher {
         self.status.record_reset(Some(rev));
         self.status.set_connected(true);
         self.status.mark_synced();
+        if !self.v2_hint_checked {
+            self.v2_hint_checked = true;
+            let no_instances = !self.view.values().any(|e| matches!(e, Entry::Instance(_)));
+            if no_instances {
+                let endpoint = self.endpoint().to_string();
+                let root = self.opts.prefixes.services_dir();
+                let limit = self.opts.request_timeout;
+                if crate::etcd2::has_keys(&endpoint, &root, limit).await {
+                    let message = format!(
+                        "etcd's v3 keyspace has no registration under {root}, but its v2 keyspace has keys there (written through /v2/keys, as registrator and CoreOS-era containers do): follow them with --etcd-api v2"
+                    );
+                    tracing::warn!("{message}");
+                    self.status.set_error(message);
+                }
+            }
+        }
         Ok(Some(rev))
     }
 

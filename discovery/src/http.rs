@@ -23,6 +23,7 @@ const MAX_BODY: usize = 32 * 1024 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpAnswer {
     pub status: u16,
+    pub headers: hyper::HeaderMap,
     pub body: Bytes,
 }
 
@@ -179,12 +180,17 @@ impl HttpConn {
             .await
             .map_err(|e| failed(e.to_string()))?;
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let body = Limited::new(resp.into_body(), MAX_BODY)
             .collect()
             .await
             .map_err(|e| failed(format!("reading the body: {e}")))?
             .to_bytes();
-        Ok(HttpAnswer { status, body })
+        Ok(HttpAnswer {
+            status,
+            headers,
+            body,
+        })
     }
 
     /// `method` on `path` with `body` as JSON, which must answer 2xx.

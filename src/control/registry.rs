@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use pointsman_discovery::admin_api::SourceView;
 use pointsman_discovery::consul::ConsulError;
+use pointsman_discovery::EtcdApi;
 use pointsman_discovery::{
     load_state, save_state, state_path, Change, ConsulOptions, DiscoveryError, Entry, EntryKey,
     EtcdOptions, Source, SourceStatus, Update, UpdateKind,
@@ -88,11 +89,18 @@ pub fn start(
         etcd.check().map_err(RegistryError::Etcd)?;
         let status = Arc::new(SourceStatus::new(Source::Etcd));
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(pointsman_discovery::etcd::run(
-            etcd.clone(),
-            tx,
-            status.clone(),
-        ));
+        match etcd.api {
+            EtcdApi::V3 => tokio::spawn(pointsman_discovery::etcd::run(
+                etcd.clone(),
+                tx,
+                status.clone(),
+            )),
+            EtcdApi::V2 => tokio::spawn(pointsman_discovery::etcd2::run(
+                etcd.clone(),
+                tx,
+                status.clone(),
+            )),
+        };
         followed.push(relay(
             Source::Etcd,
             rx,
