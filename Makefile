@@ -3,9 +3,14 @@
 
 CARGO ?= cargo
 # What building and testing need: protoc for etcd-client, etcd for the
-# registry tests, curl and socat for the scripted tests.
+# registry tests, curl and socat for the scripted tests; the HAProxy
+# clients the runtime API is tried with (hatop in tmux, the exporter,
+# haproxy itself to compare answers; haproxyadmin and haproxytool from
+# PyPI, below).
 BUILD_DEBS := protobuf-compiler libprotobuf-dev
-TEST_DEBS  := etcd-server etcd-client curl socat bsdextrautils chromium python3-prometheus-client
+TEST_DEBS  := etcd-server etcd-client curl socat bsdextrautils chromium python3-prometheus-client \
+              hatop tmux prometheus-haproxy-exporter haproxy python3-pip
+TEST_PIP   := haproxyadmin==0.2.4 haproxytool==0.5.7
 # The yardsticks for `make bench` and `make soak`.
 BENCH_DEBS := haproxy nginx wrk python3 iproute2 etcd-server etcd-client
 # `make demo` and `make soak`: etcd, and hey as the load (as in the seeds).
@@ -116,6 +121,11 @@ deps-build:
 
 deps-test:
 	$(call install_missing,$(TEST_DEBS))
+	@python3 -c 'import haproxyadmin, haproxytool' 2>/dev/null || { \
+	  echo "installing: $(TEST_PIP)"; \
+	  python3 -m pip install -q $(TEST_PIP) 2>/dev/null || \
+	  python3 -m pip install -q --break-system-packages $(TEST_PIP); \
+	}
 
 deps-bench:
 	$(call install_missing,$(BENCH_DEBS))

@@ -557,7 +557,11 @@ async fn read_commands_and_error_answers() {
 
     assert_eq!(cli(addr, "show backend").await, "# name\nweb\n\n");
     let info = cli(addr, "show info").await;
-    assert!(info.starts_with("Name: pointsman\n"), "{info}");
+    // HAProxy's name, for its clients; pointsman's in the version.
+    assert!(
+        info.starts_with("Name: HAProxy\nVersion: pointsman-"),
+        "{info}"
+    );
     assert!(
         info.contains(&format!("\nPid: {}\n", proxy.pid())),
         "{info}"
@@ -669,10 +673,9 @@ async fn read_commands_and_error_answers() {
             "This command expects two parameters: map identifier and key.",
         ),
         ("clear map", "Missing map identifier."),
-        (
-            "show stat json",
-            "'show stat json' is not supported: the output is CSV only.",
-        ),
+        ("show stat desc", "'show stat desc' is not supported"),
+        ("get map release", "Missing map identifier and/or key."),
+        ("set timeout cli x", "Invalid timeout value."),
     ];
     for (line, want) in errors {
         let got = cli(addr, line).await;

@@ -160,8 +160,17 @@ impl Admin {
             .collect();
         let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
         let method = req.method().clone();
+        let stats = stats_export(req.uri());
         if method == Method::GET || method == Method::HEAD {
+            if let Some(export) = stats {
+                return self.stats_export(export).await;
+            }
             return self.read(&path, &segs);
+        }
+        if method == Method::POST {
+            if let Some(export) = stats {
+                return self.stats_form(req, export).await;
+            }
         }
         if !matches!(segs.first(), Some(&"api")) {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET here\n");
@@ -517,7 +526,287 @@ pub fn maps_view(
         .collect()
 }
 
+/// What a stats URL asks for, HAProxy's way: `/stats;csv`,
+/// `/stats;csv;norefresh`, `/;json`, `/?stats;csv`, `/stats?stats;csv`,
+/// `/haproxy?stats;csv` (`;up` drops servers that are down). `None` for
+/// every other URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct StatsUrl {
+    /// The stats page's own URL without options (`/stats`, `/?stats`).
+    base: String,
+    /// `None`: the page itself (a form post to it).
+    format: Option<crate::ops::runtime::Format>,
+    up: bool,
+}
+
+fn stats_export(uri: &http::Uri) -> Option<StatsUrl> {
+    let path = uri.path();
+    let (page, path_opts) = path.split_once(';').unwrap_or((path, ""));
+    if !matches!(page, "/" | "/stats" | "/haproxy") {
+        return None;
+    }
+    let (base, opts) = match uri.query() {
+        Some(q) if path_opts.is_empty() => {
+            let rest = q.strip_prefix("stats")?;
+            if !rest.is_empty() && !rest.starts_with(';') {
+                return None;
+            }
+            (format!("{page}?stats"), rest.trim_start_matches(';'))
+        }
+        _ if path_opts.is_empty() && page == "/haproxy" => return None,
+        _ => (page.to_string(), path_opts),
+    };
+    let mut url = StatsUrl {
+        base,
+        format: None,
+        up: false,
+    };
+    for opt in opts.split(';').filter(|o| !o.is_empty()) {
+        match opt {
+            "csv" => url.format = Some(crate::ops::runtime::Format::Plain),
+            "json" => url.format = Some(crate::ops::runtime::Format::Json),
+            "up" => url.up = true,
+            // `norefresh`, `st=...` and the like change nothing here.
+            _ => {}
+        }
+    }
+    Some(url)
+}
+
+/// An `application/x-www-form-urlencoded` body as pairs.
+fn form_pairs(body: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let dec = |s: &str| percent_decode(&s.replace('+', " "));
+            (dec(k), dec(v))
+        })
+        .collect()
+}
+
+/// Standard base64, for a Basic `Authorization` header.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.trim_end_matches('=').bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
 impl Admin {
+    /// `/stats;csv` and `/stats;json`: `show stat` and `show stat json` of
+    /// the runtime API, with its ids.
+    async fn stats_export(&self, url: StatsUrl) -> Response<Full<Bytes>> {
+        let Some(format) = url.format else {
+            let table = self.table.load();
+            return reply(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                stats_page(&table, &self.followed, self.started),
+            );
+        };
+        let snapshot = crate::ops::runtime::stat_snapshot(&self.table, &self.applied.load());
+        let filter = crate::ops::runtime::StatFilter {
+            format,
+            up: url.up,
+            ..Default::default()
+        };
+        let body = tokio::task::spawn_blocking(move || snapshot.show_stat(&filter))
+            .await
+            .unwrap_or_else(|e| Err(format!("internal error: {e}\n")));
+        match (body, format) {
+            (Ok(b), crate::ops::runtime::Format::Json) => {
+                reply(StatusCode::OK, "application/json", b)
+            }
+            (Ok(b), _) => reply(StatusCode::OK, "text/plain", b),
+            (Err(e), _) => text(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        }
+    }
+
+    /// HAProxy's stats admin form (`stats admin`): `b=<backend>`, one
+    /// `s=<server>` per server and `action=ready|drain|maint|dhlth|ehlth|
+    /// shutdown`, applied as the runtime API's commands. Answered, as
+    /// HAProxy does, with a 303 to the page and `;st=DONE|PART|NONE|ERRP`.
+    /// A browser cannot add a Bearer token to a form, so the token may come
+    /// as the password of Basic auth; and the post must name this
+    /// listener as its Origin or Referer (see ADMIN.md).
+    async fn stats_form(&self, req: Request<Incoming>, url: StatsUrl) -> Response<Full<Bytes>> {
+        if let Some(denied) = self
+            .check_form_origin(&req)
+            .or_else(|| self.check_form_token(&req))
+        {
+            return denied;
+        }
+        let body = match Limited::new(req.into_body(), BODY_LIMIT).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("cannot read the form (at most {BODY_LIMIT} bytes): {e}\n"),
+                )
+            }
+        };
+        let pairs = form_pairs(&body);
+        let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let servers: Vec<&str> = pairs
+            .iter()
+            .filter(|(n, _)| n == "s")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        let status = match (get("b"), get("action")) {
+            (Some(b), Some(action)) if !b.is_empty() => {
+                let verb = match action {
+                    "ready" | "drain" | "maint" => Some(format!("set server {{}} state {action}")),
+                    "dhlth" => Some("disable health {}".to_string()),
+                    "ehlth" => Some("enable health {}".to_string()),
+                    "shutdown" => Some("shutdown sessions server {}".to_string()),
+                    _ => None,
+                };
+                match verb {
+                    None => "ERRP",
+                    Some(_) if servers.is_empty() => "NONE",
+                    Some(verb) => {
+                        let runtime = crate::ops::runtime::Runtime::new(
+                            self.control.clone(),
+                            self.applied.clone(),
+                            1,
+                            CancellationToken::new(),
+                        );
+                        let mut done = 0;
+                        for s in &servers {
+                            let target = format!(
+                                "{}/{}",
+                                b.replace(['\\', ';', ' '], ""),
+                                s.replace(['\\', ';', ' '], "")
+                            );
+                            let line = verb.replace("{}", &target);
+                            let mut session = crate::ops::runtime::Session::unix();
+                            let (answer, _) = runtime.run_line(&line, &mut session).await;
+                            if answer.trim().is_empty() {
+                                done += 1;
+                            } else {
+                                tracing::info!(command = %line, answer = %answer.trim(), "stats form change refused");
+                            }
+                        }
+                        match done {
+                            0 => "NONE",
+                            n if n == servers.len() => "DONE",
+                            _ => "PART",
+                        }
+                    }
+                }
+            }
+            _ => "ERRP",
+        };
+        let location = format!("{};st={status}", url.base);
+        let mut r = text(StatusCode::SEE_OTHER, &format!("{status}\n"));
+        if let Ok(v) = header::HeaderValue::from_str(&location) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        r
+    }
+
+    /// A form post must come from this listener's own page: its `Origin`
+    /// (or, without one, its `Referer`) must be `http://<Host>`. With no
+    /// admin token, the Host must also be a loopback address or
+    /// `localhost`, so a page whose name was re-pointed at 127.0.0.1 (DNS
+    /// rebinding, which makes its own origin look like this one) cannot
+    /// post either.
+    fn check_form_origin(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+        let header_str = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let host = header_str(header::HOST).unwrap_or("");
+        let own = format!("http://{host}");
+        let from = header_str(header::ORIGIN).or_else(|| header_str(header::REFERER));
+        let same = from.is_some_and(|f| {
+            f == own
+                || f.strip_prefix(own.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+        });
+        if !same || host.is_empty() {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "a stats form post must come from this listener's own page: send                      `Origin: {own}` (or a Referer on it); got {from:?}"
+                ),
+            ));
+        }
+        let token_set = self.applied.load().global.admin_token.is_some();
+        let hostname = host
+            .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host, |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let loopback = hostname == "localhost"
+            || hostname
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !token_set && !loopback {
+            return Some(error(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "with no admin token, a stats form post must be sent to a loopback address                      or localhost, not {hostname:?}: set --admin-token or use 127.0.0.1"
+                ),
+            ));
+        }
+        None
+    }
+
+    /// The token of a form post: `Authorization: Bearer <token>`, or Basic
+    /// with the token as the password (any user name), which a browser
+    /// asks for and then sends by itself.
+    fn check_form_token(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+        let applied = self.applied.load();
+        let token = applied.global.admin_token.as_deref()?;
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let given = if let Some(b) = auth.strip_prefix("Bearer ") {
+            Some(b.as_bytes().to_vec())
+        } else {
+            auth.strip_prefix("Basic ")
+                .and_then(|b| base64_decode(b.trim()))
+                .and_then(|d| {
+                    let i = d.iter().position(|c| *c == b':')?;
+                    Some(d[i + 1..].to_vec())
+                })
+        };
+        match given {
+            Some(g) if constant_time_eq(&g, token.as_bytes()) => None,
+            _ => {
+                let mut r = error(
+                    StatusCode::UNAUTHORIZED,
+                    "stats form changes need the admin token: as the password of Basic auth \
+                     (any user name), or `Authorization: Bearer <token>`",
+                );
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Basic realm=\"pointsman admin\""),
+                );
+                Some(r)
+            }
+        }
+    }
+
     /// Why the proxy is not ready yet, or `None` when it is.
     fn not_ready(&self) -> Option<String> {
         if !self.ready.load(Ordering::Acquire) {
@@ -798,5 +1087,53 @@ mod tests {
             let read: Vec<ServiceView> = serde_json::from_str(&body).unwrap();
             assert_eq!(read, vec![service]);
         }
+    }
+
+    #[test]
+    fn stats_urls_read_like_haproxys() {
+        use crate::ops::runtime::Format;
+        let url = |u: &str| stats_export(&u.parse::<http::Uri>().expect("a URI"));
+        let csv = |base: &str| {
+            Some(StatsUrl {
+                base: base.into(),
+                format: Some(Format::Plain),
+                up: false,
+            })
+        };
+        assert_eq!(url("/stats;csv"), csv("/stats"));
+        assert_eq!(url("/stats;csv;norefresh"), csv("/stats"));
+        assert_eq!(url("/;csv"), csv("/"));
+        assert_eq!(url("/?stats;csv"), csv("/?stats"));
+        assert_eq!(url("/stats?stats;csv"), csv("/stats?stats"));
+        assert_eq!(url("/haproxy?stats;csv"), csv("/haproxy?stats"));
+        assert_eq!(
+            url("/stats;json").and_then(|u| u.format),
+            Some(Format::Json)
+        );
+        assert!(url("/stats;csv;up").is_some_and(|u| u.up));
+        assert_eq!(url("/stats").map(|u| u.format), Some(None), "the page");
+        assert_eq!(url("/haproxy"), None);
+        assert_eq!(url("/?statsx"), None);
+        assert_eq!(url("/api/services;csv"), None);
+        assert_eq!(url("/metrics"), None);
+    }
+
+    #[test]
+    fn forms_and_basic_auth_decode() {
+        assert_eq!(
+            form_pairs(b"s=web%2F1&s=a+b&action=drain&b=blue"),
+            vec![
+                ("s".to_string(), "web/1".to_string()),
+                ("s".into(), "a b".into()),
+                ("action".into(), "drain".into()),
+                ("b".into(), "blue".into()),
+            ]
+        );
+        assert_eq!(
+            base64_decode("YWRtaW46czNjcmV0").as_deref(),
+            Some(&b"admin:s3cret"[..])
+        );
+        assert_eq!(base64_decode("YQ==").as_deref(), Some(&b"a"[..]));
+        assert_eq!(base64_decode("!!"), None);
     }
 }

@@ -20,18 +20,23 @@
 //! and client connections: [`bind`], [`RuntimeListeners::serve`]); this
 //! module runs the commands.
 
+mod ids;
 mod parse;
 mod server;
 mod show;
+mod typed;
 
 pub use parse::{
-    looks_like_http, map_ref, parse, parse_weight, resolve_weight, split_line, MapRef, Request,
-    ServerRef, StatFilter, WeightArg,
+    looks_like_http, map_ref, parse, parse_delay, parse_weight, resolve_weight, split_line, Format,
+    MapRef, Request, ServerRef, StatFilter, WeightArg,
 };
 pub use server::{bind, serve_client, ObservedListeners, RuntimeListeners, Serving, SocketFile};
-pub use show::{server_status, Frontend, ProcessInfo, Snapshot, STAT_FIELDS};
+pub use show::{
+    server_status, stat_csv, Frontend, ProcessInfo, RowKind, Snapshot, StatLine, STAT_FIELDS,
+};
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
@@ -70,11 +75,17 @@ const NO_TOKEN: &str = "Permission denied: this listener is read-only and no adm
 const WRONG_TOKEN: &str =
     "Permission denied: wrong token (auth takes the admin token); closing the connection.\n";
 
+/// How long an interactive session may sit idle unless `set timeout cli`
+/// says otherwise.
+pub const PROMPT_IDLE: Duration = Duration::from_secs(600);
+
 /// What one client connection may do, and its mode.
 #[derive(Debug)]
 pub struct Session {
     /// `prompt` mode: prompts, and the connection stays open.
     pub interactive: bool,
+    /// How long an interactive session may wait for its next command.
+    pub idle_timeout: Duration,
     may_change: bool,
     over_tcp: bool,
 }
@@ -84,6 +95,7 @@ impl Session {
     pub fn unix() -> Session {
         Session {
             interactive: false,
+            idle_timeout: PROMPT_IDLE,
             may_change: true,
             over_tcp: false,
         }
@@ -93,6 +105,7 @@ impl Session {
     pub fn tcp() -> Session {
         Session {
             interactive: false,
+            idle_timeout: PROMPT_IDLE,
             may_change: false,
             over_tcp: true,
         }
@@ -108,7 +121,55 @@ pub enum Outcome {
     Prompt,
     /// Close the connection.
     Quit,
+    /// Set the session's idle timeout.
+    Timeout(Duration),
 }
+
+/// The previous `show info`'s sample, for its rates and `Idle_pct`.
+#[derive(Debug)]
+struct Sample {
+    at: Instant,
+    /// Process CPU time, in clock ticks.
+    cpu_ticks: u64,
+    accepted: u64,
+    idle_pct: u64,
+    conn_rate: u64,
+    max_conn_rate: u64,
+}
+
+/// Process CPU time (user + system) in clock ticks, from `/proc/self/stat`.
+fn cpu_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces: fields are counted after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut f = rest.split(' ').skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The soft open-file limit, from `/proc/self/limits`.
+fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// `YYYY/MM/DD` of this binary's file time: when it was built.
+fn release_date() -> String {
+    let secs = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let (y, m, d, ..) = typed::civil(secs);
+    format!("{y}/{m:02}/{d:02}")
+}
+
+/// Clock ticks per second as Linux reports CPU times (`USER_HZ`, 100 on
+/// every architecture Linux runs on).
+const TICKS_PER_SEC: f64 = 100.0;
 
 /// The runtime API's view of the proxy.
 pub struct Runtime {
@@ -119,6 +180,38 @@ pub struct Runtime {
     threads: usize,
     node: String,
     shutdown: CancellationToken,
+    /// Stable proxy and server ids, shared with the admin listener.
+    ids: Arc<Mutex<ids::IdRegistry>>,
+    release_date: String,
+    sample: Mutex<Sample>,
+}
+
+/// A [`Snapshot`] for `show stat` and its CSV, from the table and the
+/// applied config: what the admin listener's `/stats;csv` prints. Its ids
+/// are the runtime API's.
+pub fn stat_snapshot(table: &crate::engine::table::SharedTable, config: &Config) -> Snapshot {
+    Snapshot {
+        table: table.load_full(),
+        frontends: frontends(config),
+        max_connections: config.global.max_connections,
+        now: unix_now(),
+        process: ProcessInfo::default(),
+        ids: ids::registry_for(table),
+    }
+}
+
+fn frontends(config: &Config) -> Vec<Frontend> {
+    let mut frontends: Vec<Frontend> = config
+        .listeners
+        .iter()
+        .map(|l| Frontend {
+            name: l.name.clone(),
+            mode: l.mode,
+            default_service: l.default_service.clone(),
+        })
+        .collect();
+    frontends.sort_by(|a, b| a.name.cmp(&b.name));
+    frontends
 }
 
 impl Runtime {
@@ -128,7 +221,19 @@ impl Runtime {
         threads: usize,
         shutdown: CancellationToken,
     ) -> Runtime {
+        let ids = ids::registry_for(control.table());
+        let (_, _, accepted) = crate::engine::conn::CLIENT_CONNS.snapshot();
         Runtime {
+            ids,
+            release_date: release_date(),
+            sample: Mutex::new(Sample {
+                at: Instant::now(),
+                cpu_ticks: cpu_ticks().unwrap_or(0),
+                accepted,
+                idle_pct: 100,
+                conn_rate: 0,
+                max_conn_rate: 0,
+            }),
             control,
             config,
             started: unix_now(),
@@ -143,19 +248,9 @@ impl Runtime {
     /// The table and facts as of now.
     pub fn snapshot(&self) -> Snapshot {
         let config = self.config.load_full();
-        let mut frontends: Vec<Frontend> = config
-            .listeners
-            .iter()
-            .map(|l| Frontend {
-                name: l.name.clone(),
-                mode: l.mode,
-                default_service: l.default_service.clone(),
-            })
-            .collect();
-        frontends.sort_by(|a, b| a.name.cmp(&b.name));
         Snapshot {
             table: self.control.table().load_full(),
-            frontends,
+            frontends: frontends(&config),
             max_connections: config.global.max_connections,
             now: unix_now(),
             process: ProcessInfo {
@@ -164,8 +259,45 @@ impl Runtime {
                 threads: self.threads,
                 stopping: self.shutdown.is_cancelled(),
                 node: self.node.clone(),
+                haproxy_name: true,
+                release_date: self.release_date.clone(),
+                ..ProcessInfo::default()
             },
+            ids: self.ids.clone(),
         }
+    }
+
+    /// [`Runtime::snapshot`] with `show info`'s live facts: tasks, run
+    /// queue, the connection rate and the idle share since the previous
+    /// `show info` (at least a second ago; sooner, that one's figures).
+    fn info_snapshot(&self) -> Snapshot {
+        let mut snap = self.snapshot();
+        let p = &mut snap.process;
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            let m = h.metrics();
+            p.tasks = m.num_alive_tasks();
+            p.run_queue = m.global_queue_depth();
+        }
+        p.ulimit_n = open_file_limit();
+        let mut s = self.sample.lock().unwrap_or_else(|e| e.into_inner());
+        let elapsed = s.at.elapsed();
+        if elapsed >= Duration::from_secs(1) {
+            let (_, _, accepted) = crate::engine::conn::CLIENT_CONNS.snapshot();
+            let ticks = cpu_ticks().unwrap_or(s.cpu_ticks);
+            let secs = elapsed.as_secs_f64();
+            let busy = (ticks.saturating_sub(s.cpu_ticks) as f64 / TICKS_PER_SEC)
+                / (secs * self.threads.max(1) as f64);
+            s.idle_pct = (100.0 - busy * 100.0).clamp(0.0, 100.0).round() as u64;
+            s.conn_rate = (accepted.saturating_sub(s.accepted) as f64 / secs).round() as u64;
+            s.max_conn_rate = s.max_conn_rate.max(s.conn_rate);
+            s.at = Instant::now();
+            s.cpu_ticks = ticks;
+            s.accepted = accepted;
+        }
+        p.idle_pct = s.idle_pct;
+        p.conn_rate = s.conn_rate;
+        p.max_conn_rate = s.max_conn_rate;
+        snap
     }
 
     /// Runs one command.
@@ -178,7 +310,44 @@ impl Runtime {
             Request::Prompt => Outcome::Prompt,
             Request::Quit => Outcome::Quit,
             Request::ShowStat(f) => text(self.render(move |s| s.show_stat(&f)).await),
-            Request::ShowInfo => Outcome::Text(self.snapshot().show_info()),
+            Request::ShowInfo(f) => Outcome::Text(self.info_snapshot().show_info(f)),
+            Request::ShowVersion => Outcome::Text(self.snapshot().show_version()),
+            Request::ShowErrors(proxy) => text(self.show_errors(proxy.as_deref())),
+            Request::GetMap { map, key } => text(self.snapshot().get_map(&map, &key)),
+            Request::SetTimeoutCli(d) => Outcome::Timeout(d),
+            // No maximum is kept (qmax, smax and the rate maxima stay
+            // empty), so there is none to clear.
+            Request::ClearCounters { all: false } => Outcome::Text(String::new()),
+            Request::ClearCounters { all: true } => Outcome::Text(
+                "'clear counters all' is not supported: pointsman's counters count from the \
+                 start of the process, as /metrics reads them. 'clear counters' (the maxima) \
+                 is accepted.\n"
+                    .into(),
+            ),
+            Request::ShutdownSessions(s) => match self.snapshot().endpoint(&s) {
+                // Requests in flight finish; the idle connections kept
+                // for the next ones are closed.
+                Ok(e) => {
+                    e.live.pool.clear();
+                    Outcome::Text(String::new())
+                }
+                Err(e) => Outcome::Text(e),
+            },
+            Request::Health(s, enable) => Outcome::Text(match self.snapshot().endpoint(&s) {
+                Err(e) => e,
+                Ok(e) if !e.checked && enable => {
+                    "Health check was not configured on this server, cannot enable.\n".into()
+                }
+                // Unchecked, there is nothing to disable; checked, the
+                // checks already run.
+                Ok(e) if e.checked != enable => {
+                    "Health checks cannot be paused here: they come with the server's \
+                     registration or config ('check'). To take the server out, use 'set server \
+                     <backend>/<server> state maint' or 'disable server'.\n"
+                        .into()
+                }
+                Ok(_) => String::new(),
+            }),
             Request::ShowServersState(b) => text(
                 self.render(move |s| s.show_servers_state(b.as_deref()))
                     .await,
@@ -246,6 +415,31 @@ impl Runtime {
                 Err(e) => Outcome::Text(e),
             },
         }
+    }
+
+    /// `show errors`: pointsman keeps no copies of malformed requests or
+    /// responses, so HAProxy's header says there are none.
+    fn show_errors(&self, proxy: Option<&str>) -> Result<String, String> {
+        let snap = self.snapshot();
+        if let Some(p) = proxy {
+            let f = StatFilter {
+                proxy: Some(p.to_string()),
+                ..StatFilter::default()
+            };
+            snap.stat_lines(&f)?;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let (y, mo, d, h, mi, s) = typed::civil(now.as_secs());
+        const MONTHS: [&str; 12] = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let month = MONTHS[(mo as usize).saturating_sub(1) % 12];
+        Ok(format!(
+            "Total events captured on [{d:02}/{month}/{y}:{h:02}:{mi:02}:{s:02}.{:03}] : 0\n",
+            now.subsec_millis()
+        ))
     }
 
     /// Builds a per-endpoint listing off the event loop: on a table of
@@ -319,6 +513,7 @@ impl Runtime {
                 Outcome::Text(t) => out.push_str(&t),
                 Outcome::Prompt => session.interactive = !session.interactive,
                 Outcome::Quit => return (out, true),
+                Outcome::Timeout(d) => session.idle_timeout = d,
             }
             out.push('\n');
             if session.interactive {
@@ -659,7 +854,21 @@ OTHER = "green"
 
         assert_eq!(run(&rt, "show backend").await, "# name\nblue\ngreen\n\n");
         let info = run(&rt, "show info").await;
-        assert!(info.starts_with("Name: pointsman\nVersion: "), "{info}");
+        assert!(
+            info.starts_with("Name: HAProxy\nVersion: pointsman-"),
+            "{info}"
+        );
+        for field in [
+            "Release_date",
+            "Maxpipes",
+            "PipesUsed",
+            "Tasks",
+            "Run_queue",
+            "CumReq",
+            "Idle_pct",
+        ] {
+            assert!(info.contains(&format!("\n{field}: ")), "{field}: {info}");
+        }
         assert!(
             info.contains(&format!("\nPid: {}\n", std::process::id())),
             "{info}"

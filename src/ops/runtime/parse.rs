@@ -69,9 +69,20 @@ pub enum MapRef {
     Id(usize),
 }
 
-/// Which rows `show stat` prints.
+/// HAProxy's output formats for `show stat` and `show info`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// CSV for `show stat`, `Name: value` lines for `show info`.
+    #[default]
+    Plain,
+    Typed,
+    Json,
+}
+
+/// Which rows `show stat` prints, and how.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatFilter {
+    pub format: Format,
     /// Only servers that are not down or in maintenance.
     pub up: bool,
     /// No servers in maintenance.
@@ -87,6 +98,7 @@ pub struct StatFilter {
 impl Default for StatFilter {
     fn default() -> Self {
         StatFilter {
+            format: Format::Plain,
             up: false,
             no_maint: false,
             proxy: None,
@@ -105,7 +117,24 @@ pub enum Request {
     Prompt,
     Quit,
     ShowStat(StatFilter),
-    ShowInfo,
+    ShowInfo(Format),
+    ShowVersion,
+    /// `show errors [<proxy>] [request|response]`: the proxy, if named.
+    ShowErrors(Option<String>),
+    GetMap {
+        map: MapRef,
+        key: String,
+    },
+    /// `set timeout cli <delay>`: this session's idle timeout.
+    SetTimeoutCli(std::time::Duration),
+    /// `clear counters [all]`.
+    ClearCounters {
+        all: bool,
+    },
+    /// `shutdown sessions server <b>/<s>`.
+    ShutdownSessions(ServerRef),
+    /// `enable health <b>/<s>` (true) or `disable health` (false).
+    Health(ServerRef, bool),
     ShowServersState(Option<String>),
     ShowServersConn(Option<String>),
     ShowBackend,
@@ -137,6 +166,9 @@ impl Request {
             self,
             Request::SetState(..)
                 | Request::SetWeight(..)
+                | Request::ClearCounters { .. }
+                | Request::ShutdownSessions(_)
+                | Request::Health(..)
                 | Request::SetMap { .. }
                 | Request::AddMap { .. }
                 | Request::DelMap { .. }
@@ -176,12 +208,50 @@ pub fn parse(words: &[String]) -> Result<Request, String> {
         ["quit"] => Ok(Request::Quit),
         ["prompt" | "quit", ..] => Err(format!("'{}' takes no argument.\n", w[0])),
         ["show", "stat", rest @ ..] => parse_stat(rest).map(Request::ShowStat),
-        ["show", "info"] => Ok(Request::ShowInfo),
-        ["show", "info", ..] => Err(
-            "'show info' takes no argument: only the plain format is supported \
-             (not desc, json, typed or float).\n"
-                .into(),
-        ),
+        ["show", "info", rest @ ..] => parse_info(rest).map(Request::ShowInfo),
+        ["show", "version"] => Ok(Request::ShowVersion),
+        ["show", "version", ..] => Err("'show version' takes no argument.\n".into()),
+        ["show", "errors", rest @ ..] => {
+            let mut proxy = None;
+            for a in rest {
+                match *a {
+                    "request" | "response" => {}
+                    p if proxy.is_none() => proxy = (p != "-1").then(|| p.to_string()),
+                    _ => {
+                        return Err("usage: show errors [<iid>|<proxy>] [request|response]\n".into())
+                    }
+                }
+            }
+            Ok(Request::ShowErrors(proxy))
+        }
+        ["get", "map", rest @ ..] => match rest {
+            [map, key] => {
+                no_version(map)?;
+                Ok(Request::GetMap {
+                    map: map_ref(map),
+                    key: key.to_string(),
+                })
+            }
+            _ => Err("Missing map identifier and/or key.\n".into()),
+        },
+        ["set", "timeout", "cli", rest @ ..] => match rest {
+            [delay] => parse_delay(delay)
+                .map(Request::SetTimeoutCli)
+                .ok_or_else(|| "Invalid timeout value.\n".to_string()),
+            _ => Err("Expects an integer value.\n".into()),
+        },
+        ["set", "timeout", ..] => Err("'set timeout' only supports 'cli'.\n".into()),
+        ["clear", "counters"] => Ok(Request::ClearCounters { all: false }),
+        ["clear", "counters", "all"] => Ok(Request::ClearCounters { all: true }),
+        ["clear", "counters", ..] => Err("usage: clear counters [all]\n".into()),
+        ["shutdown", "sessions", "server", rest @ ..] => {
+            let s = server_ref(rest.first().copied())?;
+            Ok(Request::ShutdownSessions(s))
+        }
+        [verb @ ("disable" | "enable"), "health", rest @ ..] => {
+            let s = server_ref(rest.first().copied())?;
+            Ok(Request::Health(s, *verb == "enable"))
+        }
         // Words after the backend are ignored, as HAProxy does: scripts
         // written for it pass some (`show servers conn blue $`).
         ["show", "servers", "state", rest @ ..] => Ok(Request::ShowServersState(
@@ -362,17 +432,57 @@ pub fn map_ref(arg: &str) -> MapRef {
     }
 }
 
+/// `show info [json|typed] [float]`.
+fn parse_info(args: &[&str]) -> Result<Format, String> {
+    let mut format = Format::Plain;
+    for a in args {
+        match *a {
+            "json" => format = Format::Json,
+            "typed" => format = Format::Typed,
+            // Every value here is a whole number already.
+            "float" => {}
+            _ => {
+                return Err(format!(
+                    "'show info {a}' is not supported: usage: show info [json|typed] [float]\n"
+                ))
+            }
+        }
+    }
+    Ok(format)
+}
+
+/// A delay as HAProxy's `set timeout cli` reads it: a number of seconds,
+/// or a number with a unit (`us`, `ms`, `s`, `m`, `h`, `d`); 0 is refused.
+pub fn parse_delay(s: &str) -> Option<std::time::Duration> {
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let n: u64 = s[..digits].parse().ok()?;
+    let us = match &s[digits..] {
+        "us" => n,
+        "ms" => n.checked_mul(1_000)?,
+        "" | "s" => n.checked_mul(1_000_000)?,
+        "m" => n.checked_mul(60_000_000)?,
+        "h" => n.checked_mul(3_600_000_000)?,
+        "d" => n.checked_mul(86_400_000_000)?,
+        _ => return None,
+    };
+    (us > 0).then(|| std::time::Duration::from_micros(us))
+}
+
 fn parse_stat(args: &[&str]) -> Result<StatFilter, String> {
-    const USAGE: &str = "usage: show stat [up|no-maint] [{<iid>|<proxy>} <type> <sid>]\n";
+    const USAGE: &str =
+        "usage: show stat [json|typed] [up|no-maint] [{<iid>|<proxy>} <type> <sid>]\n";
     let mut f = StatFilter::default();
     let mut rest = Vec::new();
     for a in args {
         match *a {
             "up" => f.up = true,
             "no-maint" => f.no_maint = true,
-            "json" | "typed" | "desc" => {
+            "json" => f.format = Format::Json,
+            "typed" => f.format = Format::Typed,
+            "desc" => {
                 return Err(format!(
-                    "'show stat {a}' is not supported: the output is CSV only.\n{USAGE}"
+                    "'show stat desc' is not supported: the fields are described in \
+                     HAProxy's management guide.\n{USAGE}"
                 ))
             }
             _ => rest.push(*a),
@@ -436,6 +546,11 @@ const HELP: &[HelpEntry] = &[
         text: "allow changes on the TCP listener (the admin token)",
     },
     HelpEntry {
+        words: &["clear", "counters"],
+        usage: "clear counters [all]",
+        text: "clear max statistics counters (all: refused, see RUNTIME.md)",
+    },
+    HelpEntry {
         words: &["clear", "map"],
         usage: "clear map <map>",
         text: "clear the contents of this map",
@@ -446,14 +561,29 @@ const HELP: &[HelpEntry] = &[
         text: "delete the map entry of <key>",
     },
     HelpEntry {
+        words: &["disable", "health"],
+        usage: "disable health <bk>/<srv>",
+        text: "disable health checks (refused for checked servers)",
+    },
+    HelpEntry {
         words: &["disable", "server"],
         usage: "disable server <bk>/<srv>",
         text: "put a server in maintenance (same as 'set server ... state maint')",
     },
     HelpEntry {
+        words: &["enable", "health"],
+        usage: "enable health <bk>/<srv>",
+        text: "enable health checks",
+    },
+    HelpEntry {
         words: &["enable", "server"],
         usage: "enable server <bk>/<srv>",
         text: "make a server ready again (same as 'set server ... state ready')",
+    },
+    HelpEntry {
+        words: &["get", "map"],
+        usage: "get map <map> <value>",
+        text: "report the keys and values matching a sample for a map",
     },
     HelpEntry {
         words: &["get", "weight"],
@@ -471,6 +601,11 @@ const HELP: &[HelpEntry] = &[
         text: "change a server's state (ready|drain|maint) or weight (<n>|<n>%)",
     },
     HelpEntry {
+        words: &["set", "timeout", "cli"],
+        usage: "set timeout cli <delay>",
+        text: "change this session's idle timeout",
+    },
+    HelpEntry {
         words: &["set", "weight"],
         usage: "set weight <bk>/<srv> <w>[%]",
         text: "change a server's weight (same as 'set server ... weight')",
@@ -481,8 +616,13 @@ const HELP: &[HelpEntry] = &[
         text: "list backends (services)",
     },
     HelpEntry {
+        words: &["show", "errors"],
+        usage: "show errors [<px>] [request|response]",
+        text: "report the last request and/or response errors (none are captured)",
+    },
+    HelpEntry {
         words: &["show", "info"],
-        usage: "show info",
+        usage: "show info [json|typed]",
         text: "report information about the running process",
     },
     HelpEntry {
@@ -502,8 +642,18 @@ const HELP: &[HelpEntry] = &[
     },
     HelpEntry {
         words: &["show", "stat"],
-        usage: "show stat [up|no-maint] [<px> <t> <s>]",
+        usage: "show stat [json|typed] [<px> <t> <s>]",
         text: "report counters for each proxy and server (CSV)",
+    },
+    HelpEntry {
+        words: &["show", "version"],
+        usage: "show version",
+        text: "show version of the current process",
+    },
+    HelpEntry {
+        words: &["shutdown", "sessions", "server"],
+        usage: "shutdown sessions server <bk>/<srv>",
+        text: "close the idle connections to a server",
     },
     HelpEntry {
         words: &["help"],
@@ -646,7 +796,42 @@ mod tests {
                     ..StatFilter::default()
                 }),
             ),
-            ("show info", ShowInfo),
+            ("show info", ShowInfo(Format::Plain)),
+            ("show info typed", ShowInfo(Format::Typed)),
+            ("show info json float", ShowInfo(Format::Json)),
+            ("show version", ShowVersion),
+            ("show errors", ShowErrors(None)),
+            ("show errors blue response", ShowErrors(Some("blue".into()))),
+            (
+                "get map /etc/haproxy/hosts.map STATIC",
+                GetMap {
+                    map: MapRef::Name("hosts".into()),
+                    key: "STATIC".into(),
+                },
+            ),
+            (
+                "set timeout cli 60",
+                SetTimeoutCli(std::time::Duration::from_secs(60)),
+            ),
+            (
+                "set timeout cli 500ms",
+                SetTimeoutCli(std::time::Duration::from_millis(500)),
+            ),
+            ("clear counters", ClearCounters { all: false }),
+            ("clear counters all", ClearCounters { all: true }),
+            (
+                "shutdown sessions server b/s",
+                ShutdownSessions(server("b", "s")),
+            ),
+            ("enable health b/s", Health(server("b", "s"), true)),
+            ("disable health b/s", Health(server("b", "s"), false)),
+            (
+                "show stat typed",
+                ShowStat(StatFilter {
+                    format: Format::Typed,
+                    ..StatFilter::default()
+                }),
+            ),
             ("show servers state", ShowServersState(None)),
             (
                 "show servers state blue",
@@ -768,11 +953,19 @@ mod tests {
             ("clear map", "Missing map identifier."),
             ("clear map a b", "usage: clear map"),
             ("show map a b", "usage: show map"),
-            ("show stat json", "not supported"),
+            ("show stat desc", "not supported"),
+            ("get map hosts", "Missing map identifier and/or key."),
+            ("set timeout cli", "Expects an integer value."),
+            ("set timeout cli 0", "Invalid timeout value."),
+            ("set timeout cli x", "Invalid timeout value."),
+            ("set timeout server 3", "'set timeout' only supports 'cli'."),
+            ("shutdown sessions server b", "Require 'backend/server'."),
+            ("disable health", "Require 'backend/server'."),
+            ("clear counters now", "usage: clear counters"),
             ("show stat blue", "usage: show stat"),
             ("show stat blue x -1", "Invalid type"),
             ("show stat blue 4 x", "Invalid server id"),
-            ("show info json", "takes no argument"),
+            ("show info desc", "not supported"),
             ("show backend x", "takes no argument"),
             ("quit now", "takes no argument"),
         ];
@@ -824,7 +1017,7 @@ mod tests {
         );
         assert_eq!(all.lines().count(), HELP.len() + 1);
         let get = help(&["get".into()]);
-        assert_eq!(get.lines().count(), 1 + 1 + ALWAYS_LISTED, "{get}");
+        assert_eq!(get.lines().count(), 1 + 2 + ALWAYS_LISTED, "{get}");
         let none = help(&["zzz".into()]);
         assert_eq!(none, all, "no match lists everything");
     }

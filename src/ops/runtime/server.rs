@@ -21,8 +21,6 @@ const MAX_CLIENTS: usize = 64;
 /// Time a client gets to send its command (HAProxy's default `stats
 /// timeout`).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
-/// An interactive (`prompt`) session idle this long is closed.
-const PROMPT_IDLE: Duration = Duration::from_secs(600);
 /// Time a client gets to read an answer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -281,7 +279,7 @@ pub async fn serve_client<S>(
                 break None;
             }
             let wait = if session.interactive {
-                PROMPT_IDLE
+                session.idle_timeout
             } else {
                 COMMAND_TIMEOUT
             };

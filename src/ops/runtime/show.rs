@@ -4,11 +4,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{Display, Write as _};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use pointsman_discovery::AdminState;
 
-use super::parse::{MapRef, ServerRef, StatFilter, UNKNOWN_MAP};
+use super::ids::{lock, IdRegistry};
+use super::parse::{Format, MapRef, ServerRef, StatFilter, UNKNOWN_MAP};
+use super::typed;
 use crate::control::config::ListenerMode;
 use crate::engine::balance::BalanceAlgorithm;
 use crate::engine::endpoint::EndpointCounters;
@@ -223,13 +225,30 @@ pub struct Frontend {
 }
 
 /// Process facts for `show info`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ProcessInfo {
     pub pid: u32,
     pub started: u64,
     pub threads: usize,
     pub stopping: bool,
     pub node: String,
+    /// `Name: HAProxy` (what HAProxy's clients check for), or `pointsman`.
+    pub haproxy_name: bool,
+    /// `YYYY/MM/DD`: when this binary was built (its file's time).
+    pub release_date: String,
+    /// Tasks alive on the event loop that runs the runtime API, and the
+    /// ones waiting in its run queue.
+    pub tasks: usize,
+    pub run_queue: usize,
+    /// 100 minus the process's CPU use per thread, in percent, since the
+    /// previous `show info`.
+    pub idle_pct: u64,
+    /// Client connections per second since the previous `show info`, and
+    /// the highest such rate seen.
+    pub conn_rate: u64,
+    pub max_conn_rate: u64,
+    /// The open-file limit (`Ulimit-n`), when it can be read.
+    pub ulimit_n: Option<u64>,
 }
 
 /// Everything the read commands print, as of one moment.
@@ -241,7 +260,66 @@ pub struct Snapshot {
     /// Unix seconds.
     pub now: u64,
     pub process: ProcessInfo,
+    /// The stable proxy and server ids of this table.
+    pub ids: Arc<Mutex<IdRegistry>>,
 }
+
+/// Which kind of proxy or server a `show stat` row is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowKind {
+    Frontend,
+    Backend,
+    Server,
+}
+
+impl RowKind {
+    fn letter(self) -> char {
+        match self {
+            RowKind::Frontend => 'F',
+            RowKind::Backend => 'B',
+            RowKind::Server => 'S',
+        }
+    }
+
+    fn json_name(self) -> &'static str {
+        match self {
+            RowKind::Frontend => "Frontend",
+            RowKind::Backend => "Backend",
+            RowKind::Server => "Server",
+        }
+    }
+}
+
+/// One `show stat` row with its ids, ready for any of the three formats.
+pub struct StatLine {
+    pub kind: RowKind,
+    pub iid: usize,
+    pub sid: usize,
+    row: StatRow,
+}
+
+impl StatLine {
+    pub fn kind_letter(&self) -> char {
+        self.kind.letter()
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        self.kind.json_name()
+    }
+
+    /// The value of a column (empty when pointsman has none).
+    pub fn get(&self, name: &str) -> &str {
+        STAT_FIELDS
+            .iter()
+            .position(|f| *f == name)
+            .map_or("", |i| self.row.0[i].as_str())
+    }
+}
+
+/// HAProxy's defaults, which are pointsman's too: the table does not
+/// carry each check's own `rise` and `fall`.
+const RISE: u32 = 2;
+const FALL: u32 = 3;
 
 /// A server's `show stat` status, with HAProxy's words and precedence.
 pub fn server_status(e: &Endpoint, c: &EndpointCounters) -> &'static str {
@@ -258,6 +336,31 @@ pub fn server_status(e: &Endpoint, c: &EndpointCounters) -> &'static str {
     }
 }
 
+/// HAProxy's `check.health` counter: from 0 (down) to `rise + fall - 1`
+/// (up); the check task keeps the steps between to itself, so a server
+/// shows one end or the other.
+fn check_health(c: &EndpointCounters) -> u32 {
+    if c.healthy {
+        RISE + FALL - 1
+    } else {
+        0
+    }
+}
+
+/// `show stat`'s CSV: the `# pxname,...` header, then one line per row.
+pub fn stat_csv(lines: &[StatLine]) -> String {
+    let mut out = String::from("# ");
+    for field in STAT_FIELDS {
+        out.push_str(field);
+        out.push(',');
+    }
+    out.push('\n');
+    for l in lines {
+        l.row.write(&mut out);
+    }
+    out
+}
+
 /// The last active check in HAProxy's terms: (check_status, check_code,
 /// check_desc, the HCHK_STATUS number `show servers state` prints).
 fn check_terms(c: &EndpointCounters) -> Option<(&'static str, Option<u16>, &'static str, u8)> {
@@ -270,20 +373,20 @@ fn check_terms(c: &EndpointCounters) -> Option<(&'static str, Option<u16>, &'sta
 }
 
 impl Snapshot {
-    /// Services sorted by name, each with its proxy id (ids continue after
-    /// the frontends', as HAProxy numbers all proxies in one sequence).
-    fn backends(&self) -> Vec<(usize, &Arc<Service>)> {
+    /// Services sorted by name, each with its proxy id from `ids` (ids
+    /// continue after the frontends', as HAProxy numbers all proxies in
+    /// one sequence, and stay while the service exists).
+    fn backends(&self, ids: &IdRegistry) -> Vec<(usize, &Arc<Service>)> {
         let mut v: Vec<&Arc<Service>> = self.table.services.values().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
-        let first = self.frontends.len() + 1;
-        v.into_iter()
-            .enumerate()
-            .map(|(i, s)| (first + i, s))
-            .collect()
+        v.into_iter().map(|s| (ids.backend(&s.name), s)).collect()
     }
 
-    fn backend(&self, name: &str) -> Option<(usize, &Arc<Service>)> {
-        self.backends().into_iter().find(|(_, s)| &*s.name == name)
+    /// The id registry, fitted to this snapshot's table.
+    fn fitted_ids(&self) -> std::sync::MutexGuard<'_, IdRegistry> {
+        let mut ids = lock(&self.ids);
+        ids.fit(&self.frontends, &self.table);
+        ids
     }
 
     fn service_mode(&self, service: &str) -> &'static str {
@@ -298,15 +401,25 @@ impl Snapshot {
         }
     }
 
-    /// `show stat`.
+    /// `show stat` in the format `f` asks for.
     pub fn show_stat(&self, f: &StatFilter) -> Result<String, String> {
-        let backends = self.backends();
+        let lines = self.stat_lines(f)?;
+        Ok(match f.format {
+            Format::Plain => stat_csv(&lines),
+            Format::Typed => typed::stat_typed(&lines),
+            Format::Json => typed::stat_json(&lines),
+        })
+    }
+
+    /// The `show stat` rows `f` picks.
+    pub fn stat_lines(&self, f: &StatFilter) -> Result<Vec<StatLine>, String> {
+        let ids = self.fitted_ids();
+        let backends = self.backends(&ids);
         if let Some(p) = &f.proxy {
             let known = self
                 .frontends
                 .iter()
-                .enumerate()
-                .any(|(i, fe)| fe.name == *p || (i + 1).to_string() == *p)
+                .any(|fe| fe.name == *p || ids.frontend(&fe.name).to_string() == *p)
                 || backends
                     .iter()
                     .any(|(id, s)| &*s.name == p || id.to_string() == *p);
@@ -318,14 +431,9 @@ impl Snapshot {
             None => true,
             Some(p) => p == name || p == id.to_string(),
         };
-        let mut out = String::from("# ");
-        for field in STAT_FIELDS {
-            out.push_str(field);
-            out.push(',');
-        }
-        out.push('\n');
-        for (i, fe) in self.frontends.iter().enumerate() {
-            let iid = i + 1;
+        let mut out = Vec::new();
+        for fe in &self.frontends {
+            let iid = ids.frontend(&fe.name);
             if f.types & 1 == 0 || !wanted(&fe.name, iid) || f.sid.is_some_and(|s| s != 0) {
                 continue;
             }
@@ -345,18 +453,30 @@ impl Snapshot {
                     ListenerMode::Tcp => "tcp",
                 },
             );
-            row.write(&mut out);
+            out.push(StatLine {
+                kind: RowKind::Frontend,
+                iid,
+                sid: 0,
+                row,
+            });
         }
         for (iid, svc) in backends {
             if !wanted(&svc.name, iid) {
                 continue;
             }
-            self.backend_rows(iid, svc, f, &mut out);
+            self.backend_rows(iid, svc, f, &ids, &mut out);
         }
         Ok(out)
     }
 
-    fn backend_rows(&self, iid: usize, svc: &Service, f: &StatFilter, out: &mut String) {
+    fn backend_rows(
+        &self,
+        iid: usize,
+        svc: &Service,
+        f: &StatFilter,
+        ids: &IdRegistry,
+        out: &mut Vec<StatLine>,
+    ) {
         let mode = self.service_mode(&svc.name);
         let mut requests = 0;
         let mut failures = 0;
@@ -364,7 +484,7 @@ impl Snapshot {
         let mut usable = 0;
         let mut weight = 0;
         let mut newest_change = 0;
-        for (i, e) in svc.endpoints.iter().enumerate() {
+        for e in svc.endpoints.iter() {
             let c = e.live.snapshot();
             requests += c.requests;
             failures += c.failures;
@@ -377,7 +497,7 @@ impl Snapshot {
             }
             newest_change = newest_change.max(c.last_change);
             let status = server_status(e, &c);
-            let sid = i + 1;
+            let sid = ids.server(&svc.name, &e.id);
             if f.types & 4 == 0
                 || f.sid.is_some_and(|s| s != sid)
                 || (f.no_maint && status == "MAINT")
@@ -412,11 +532,18 @@ impl Snapshot {
             row.set(col!("type"), 2);
             if let Some((name, code, desc, _)) = check_terms(&c) {
                 row.set(col!("chkfail"), e.live.check_failures());
-                row.set(col!("check_status"), name);
-                if let Some(code) = code {
-                    row.set(col!("check_code"), code);
+                // Checks are paused in maintenance: HAProxy then leaves
+                // the check columns empty.
+                if e.state != AdminState::Maint {
+                    row.set(col!("check_status"), name);
+                    if let Some(code) = code {
+                        row.set(col!("check_code"), code);
+                    }
+                    row.set(col!("check_desc"), desc);
+                    row.set(col!("check_rise"), RISE);
+                    row.set(col!("check_fall"), FALL);
+                    row.set(col!("check_health"), check_health(&c));
                 }
-                row.set(col!("check_desc"), desc);
             }
             for (field, n) in HRSP.iter().zip(c.responses) {
                 row.set(*field, n);
@@ -433,7 +560,12 @@ impl Snapshot {
             row.set(col!("safe_conn_cur"), c.idle_connections);
             row.set(col!("used_conn_cur"), c.in_flight);
             row.set(col!("uweight"), e.weight);
-            row.write(out);
+            out.push(StatLine {
+                kind: RowKind::Server,
+                iid,
+                sid,
+                row,
+            });
         }
         if f.types & 2 == 0 || f.sid.is_some_and(|s| s != 0) {
             return;
@@ -479,12 +611,18 @@ impl Snapshot {
         row.set(col!("mode"), mode);
         row.set(col!("algo"), svc.settings.algorithm.as_str());
         row.set(col!("uweight"), weight);
-        row.write(out);
+        out.push(StatLine {
+            kind: RowKind::Backend,
+            iid,
+            sid: 0,
+            row,
+        });
     }
 
     /// `show servers state [<backend>]`: HAProxy's version-1 format.
     pub fn show_servers_state(&self, backend: Option<&str>) -> Result<String, String> {
-        let list = self.pick_backends(backend)?;
+        let ids = self.fitted_ids();
+        let list = self.pick_backends(backend, &ids)?;
         let mut out = String::from(
             "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state \
              srv_uweight srv_iweight srv_time_since_last_change srv_check_status \
@@ -493,7 +631,7 @@ impl Snapshot {
              srv_check_port srv_check_addr srv_agent_addr srv_agent_port\n",
         );
         for (iid, svc) in list {
-            for (i, e) in svc.endpoints.iter().enumerate() {
+            for e in svc.endpoints.iter() {
                 let c = e.live.snapshot();
                 let usable = c.healthy && !c.ejected;
                 let op_state = if e.state == AdminState::Maint || !usable {
@@ -507,6 +645,9 @@ impl Snapshot {
                     AdminState::Drain => 8,
                 };
                 let check = check_terms(&c);
+                let maint = e.state == AdminState::Maint;
+                // HAProxy's check state bits: 2 configured, 4 enabled,
+                // 8 paused (in maintenance).
                 let (check_status, check_result, check_health, check_state) = match &check {
                     Some((_, _, _, n)) => (
                         *n,
@@ -515,10 +656,11 @@ impl Snapshot {
                         } else {
                             2
                         },
-                        u8::from(c.healthy),
-                        6,
+                        if maint { 0 } else { check_health(&c) },
+                        if maint { 14 } else { 6 },
                     ),
-                    None => (1, 0, 0, 0),
+                    None if e.checked => (1, 0, 0, if maint { 14 } else { 6 }),
+                    None => (1, 0, RISE, 0),
                 };
                 let host = e.address.host();
                 let fqdn = if host.parse::<std::net::IpAddr>().is_ok() {
@@ -531,7 +673,7 @@ impl Snapshot {
                     "{iid} {} {} {} {host} {op_state} {admin_state} {} {} {} {check_status} \
                      {check_result} {check_health} {check_state} 0 0 0 {fqdn} {} - 0 0 - - 0",
                     svc.name,
-                    i + 1,
+                    ids.server(&svc.name, &e.id),
                     e.id,
                     e.weight,
                     e.initial_weight,
@@ -545,7 +687,8 @@ impl Snapshot {
 
     /// `show servers conn [<backend>]`.
     pub fn show_servers_conn(&self, backend: Option<&str>) -> Result<String, String> {
-        let list = self.pick_backends(backend)?;
+        let ids = self.fitted_ids();
+        let list = self.pick_backends(backend, &ids)?;
         // One pool per endpoint, shared by every thread: one column.
         let mut out = String::from(
             "# bkname/svname bkid/svid addr port - purge_delay used_cur used_max need_est \
@@ -553,14 +696,14 @@ impl Snapshot {
         );
         for (iid, svc) in list {
             let purge = svc.settings.upstream_idle_timeout.as_millis();
-            for (i, e) in svc.endpoints.iter().enumerate() {
+            for e in svc.endpoints.iter() {
                 let idle = e.live.pool.idle();
                 let _ = writeln!(
                     out,
                     "{}/{} {iid}/{} {} {} - {purge} {} - - 0 {idle} {} {idle} {idle}",
                     svc.name,
                     e.id,
-                    i + 1,
+                    ids.server(&svc.name, &e.id),
                     e.address.host(),
                     e.address.port(),
                     e.live.in_flight(),
@@ -571,15 +714,19 @@ impl Snapshot {
         Ok(out)
     }
 
-    fn pick_backends(&self, backend: Option<&str>) -> Result<Vec<(usize, &Arc<Service>)>, String> {
+    fn pick_backends(
+        &self,
+        backend: Option<&str>,
+        ids: &IdRegistry,
+    ) -> Result<Vec<(usize, &Arc<Service>)>, String> {
         match backend {
-            None => Ok(self.backends()),
+            None => Ok(self.backends(ids)),
             Some(name) => {
-                let found = self.backend(name).or_else(|| {
-                    // A backend id works too, as in HAProxy.
-                    let id: usize = name.parse().ok()?;
-                    self.backends().into_iter().find(|(i, _)| *i == id)
-                });
+                // A backend id works too, as in HAProxy.
+                let found = self
+                    .backends(ids)
+                    .into_iter()
+                    .find(|(i, s)| &*s.name == name || i.to_string() == name);
                 found
                     .map(|b| vec![b])
                     .ok_or_else(|| "Can't find backend.\n".to_string())
@@ -590,48 +737,150 @@ impl Snapshot {
     /// `show backend`.
     pub fn show_backend(&self) -> String {
         let mut out = String::from("# name\n");
-        for (_, svc) in self.backends() {
-            out.push_str(&svc.name);
+        let mut names: Vec<&Arc<str>> = self.table.services.keys().collect();
+        names.sort();
+        for name in names {
+            out.push_str(name);
             out.push('\n');
         }
         out
     }
 
-    /// `show info`.
-    pub fn show_info(&self) -> String {
+    /// `show info`'s fields in HAProxy 2.6's order and positions, the
+    /// ones pointsman can fill: (position, name, value).
+    pub fn info_fields(&self) -> Vec<(usize, &'static str, String)> {
         let p = &self.process;
         let up = self.now.saturating_sub(p.started);
-        let mut out = String::new();
-        let mut line = |k: &str, v: &dyn Display| {
-            let _ = writeln!(out, "{k}: {v}");
-        };
-        line("Name", &"pointsman");
-        line("Version", &env!("CARGO_PKG_VERSION"));
-        line("Nbthread", &p.threads);
-        line("Nbproc", &1);
-        line("Process_num", &1);
-        line("Pid", &p.pid);
-        line(
-            "Uptime",
-            &format!(
-                "{}d {}h{:02}m{:02}s",
-                up / 86_400,
-                up % 86_400 / 3600,
-                up % 3600 / 60,
-                up % 60
-            ),
-        );
-        line("Uptime_sec", &up);
-        line("Maxconn", &self.max_connections);
-        line("Hard_maxconn", &self.max_connections);
         let (open, _, accepted) = crate::engine::conn::CLIENT_CONNS.snapshot();
-        line("CurrConns", &open);
-        line("CumConns", &accepted);
-        line("Stopping", &u8::from(p.stopping));
-        line("Listeners", &self.frontends.len());
-        line("node", &p.node);
-        line("Start_time_sec", &p.started);
-        out
+        let requests: u64 = self
+            .table
+            .services
+            .values()
+            .flat_map(|s| s.endpoints.iter())
+            .map(|e| e.live.snapshot().requests)
+            .sum();
+        let version = format!("pointsman-{}", env!("CARGO_PKG_VERSION"));
+        let uptime = format!(
+            "{}d {}h{:02}m{:02}s",
+            up / 86_400,
+            up % 86_400 / 3600,
+            up % 3600 / 60,
+            up % 60
+        );
+        let name = if p.haproxy_name {
+            "HAProxy"
+        } else {
+            "pointsman"
+        };
+        let mut v: Vec<(usize, &'static str, String)> = vec![
+            (0, "Name", name.into()),
+            (1, "Version", version.clone()),
+            (2, "Release_date", p.release_date.clone()),
+            (3, "Nbthread", p.threads.to_string()),
+            (4, "Nbproc", "1".into()),
+            (5, "Process_num", "1".into()),
+            (6, "Pid", p.pid.to_string()),
+            (7, "Uptime", uptime),
+            (8, "Uptime_sec", up.to_string()),
+            // No memory limit is set, as HAProxy's 0 says.
+            (9, "Memmax_MB", "0".into()),
+        ];
+        if let Some(n) = p.ulimit_n {
+            v.push((13, "Ulimit-n", n.to_string()));
+        }
+        let zero = |pos, name: &'static str| (pos, name, "0".to_string());
+        v.extend([
+            (15, "Maxconn", self.max_connections.to_string()),
+            (16, "Hard_maxconn", self.max_connections.to_string()),
+            (17, "CurrConns", open.to_string()),
+            (18, "CumConns", accepted.to_string()),
+            (19, "CumReq", requests.to_string()),
+            // No TLS, no splicing, no compression, no rate limits here:
+            // HAProxy's own zeros for those.
+            zero(20, "MaxSslConns"),
+            zero(21, "CurrSslConns"),
+            zero(22, "CumSslConns"),
+            zero(23, "Maxpipes"),
+            zero(24, "PipesUsed"),
+            zero(25, "PipesFree"),
+            (26, "ConnRate", p.conn_rate.to_string()),
+            zero(27, "ConnRateLimit"),
+            (28, "MaxConnRate", p.max_conn_rate.to_string()),
+            (29, "SessRate", p.conn_rate.to_string()),
+            zero(30, "SessRateLimit"),
+            (31, "MaxSessRate", p.max_conn_rate.to_string()),
+            zero(32, "SslRate"),
+            zero(33, "SslRateLimit"),
+            zero(34, "MaxSslRate"),
+            zero(35, "SslFrontendKeyRate"),
+            zero(36, "SslFrontendMaxKeyRate"),
+            zero(37, "SslFrontendSessionReuse_pct"),
+            zero(38, "SslBackendKeyRate"),
+            zero(39, "SslBackendMaxKeyRate"),
+            zero(40, "SslCacheLookups"),
+            zero(41, "SslCacheMisses"),
+            zero(42, "CompressBpsIn"),
+            zero(43, "CompressBpsOut"),
+            zero(44, "CompressBpsRateLim"),
+            (47, "Tasks", p.tasks.to_string()),
+            (48, "Run_queue", p.run_queue.to_string()),
+            (49, "Idle_pct", p.idle_pct.to_string()),
+            (50, "node", p.node.clone()),
+        ]);
+        if p.haproxy_name {
+            v.push((
+                51,
+                "description",
+                format!(
+                    "pointsman {} (HAProxy 2.6 runtime API)",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            ));
+        }
+        v.extend([
+            (52, "Stopping", u8::from(p.stopping).to_string()),
+            (55, "Listeners", self.frontends.len().to_string()),
+            (66, "Build info", version),
+            zero(67, "Memmax_bytes"),
+            (70, "Start_time_sec", p.started.to_string()),
+        ]);
+        v
+    }
+
+    /// `show info` in the format `f` asks for.
+    pub fn show_info(&self, f: Format) -> String {
+        let fields = self.info_fields();
+        match f {
+            Format::Plain => {
+                let mut out = String::new();
+                for (_, k, v) in &fields {
+                    let _ = writeln!(out, "{k}: {v}");
+                }
+                out
+            }
+            Format::Typed => typed::info_typed(&fields),
+            Format::Json => typed::info_json(&fields),
+        }
+    }
+
+    /// `show version`: the `Version` of `show info`.
+    pub fn show_version(&self) -> String {
+        format!("pointsman-{}\n", env!("CARGO_PKG_VERSION"))
+    }
+
+    /// `get map <map> <value>`: HAProxy's lookup answer (keys are matched
+    /// exactly here, as strings).
+    pub fn get_map(&self, r: &MapRef, key: &str) -> Result<String, String> {
+        let name = self.map_name(r).ok_or_else(|| UNKNOWN_MAP.to_string())?;
+        let value = self.table.maps.get(name.as_str()).and_then(|m| m.get(key));
+        Ok(match value {
+            Some(v) => format!(
+                "type=str, case=sensitive, found=yes, idx=tree, key=\"{}\", value=\"{}\", type=\"str\"\n",
+                key.replace('"', "\\\""),
+                v.replace('"', "\\\"")
+            ),
+            None => "type=str, case=sensitive, found=no\n".into(),
+        })
     }
 
     /// Every map: the ones with entries and the ones a route reads, sorted,
