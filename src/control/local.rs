@@ -52,6 +52,10 @@ pub enum LocalChange {
     MapClear { map: String },
     /// Forgets a server's local state and weight.
     ServerReset { service: String, id: String },
+    /// `enable server`: forgets a server's local state, so its registry's
+    /// applies; if that is not `ready`, sets `ready` locally (HAProxy's
+    /// meaning: the server takes traffic).
+    ServerEnable { service: String, id: String },
     /// A drain notice: `service`/`id` takes no new requests until this
     /// proxy has applied etcd revision `revision`.
     DrainNotice {
@@ -180,6 +184,16 @@ impl LocalLayer {
     pub fn reset(&mut self) {
         self.servers.clear();
         self.maps.clear();
+    }
+
+    /// Forgets a server's local state, keeping its local weight.
+    pub fn clear_state(&mut self, service: &str, id: &str) {
+        if let Some(o) = self.servers.get_mut(service).and_then(|m| m.get_mut(id)) {
+            o.state = None;
+            if o.weight.is_none() {
+                self.reset_server(service, id);
+            }
+        }
     }
 
     pub fn set_weight(&mut self, service: &str, id: &str, weight: u16) {

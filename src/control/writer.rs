@@ -320,6 +320,7 @@ impl Control {
         match &change {
             LocalChange::ServerState { service, id, .. }
             | LocalChange::ServerWeight { service, id, .. }
+            | LocalChange::ServerEnable { service, id }
             | LocalChange::ServerReset { service, id } => {
                 self.check_server(service, id)?;
                 dirty.services.insert(service.clone());
@@ -376,6 +377,12 @@ impl Control {
                 self.local.put(&map, &key, &value)
             }
             LocalChange::ServerReset { service, id } => self.local.reset_server(&service, &id),
+            LocalChange::ServerEnable { service, id } => {
+                self.local.clear_state(&service, &id);
+                if self.registry_state(&service, &id) != Some(AdminState::Ready) {
+                    self.local.set_state(&service, &id, AdminState::Ready);
+                }
+            }
             LocalChange::MapDel { map, key } => self.local.delete(&map, &key),
             LocalChange::MapClear { map } => self.local.clear(&map),
             LocalChange::DrainNotice {
@@ -439,6 +446,22 @@ impl Control {
             dirty,
         );
         Ok(())
+    }
+
+    /// What the registries (and the config) say of an instance's state:
+    /// the latest source's registration, then the sources' overrides.
+    fn registry_state(&self, service: &str, id: &str) -> Option<AdminState> {
+        let mut registered = None;
+        let mut overridden = None;
+        for entries in self.sources.values() {
+            if let Some(r) = entries.instances.get(service).and_then(|m| m.get(id)) {
+                registered = Some(r.state);
+            }
+            if let Some(o) = entries.overrides.get(service).and_then(|m| m.get(id)) {
+                overridden = o.state.or(overridden);
+            }
+        }
+        overridden.or(registered)
     }
 
     /// The etcd revision the published table holds, if this proxy follows

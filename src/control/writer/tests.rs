@@ -753,3 +753,56 @@ fn a_drain_notice_holds_an_instance_until_its_revision_is_applied() {
     assert_eq!((e2.state, e2.drain_notice), (AdminState::Ready, None));
     assert_eq!(w.ids("web"), vec!["a1", "e2"]);
 }
+
+/// Seed 002's deploy step on one proxy: `disable server` then `enable
+/// server`. The enable undoes the disable, so the fleet's word applies
+/// again (a later drain in etcd takes effect here too); only when the
+/// registry itself keeps the instance out does it pin `ready` locally.
+#[test]
+fn enable_server_undoes_a_local_disable_instead_of_pinning_ready() {
+    let mut w = Writer::new();
+    w.changes(Source::Etcd, vec![upsert(instance("web", "e1", 9201, 1))]);
+    let disable = || LocalChange::ServerState {
+        service: "web".into(),
+        id: "e1".into(),
+        state: AdminState::Maint,
+    };
+    let enable = || LocalChange::ServerEnable {
+        service: "web".into(),
+        id: "e1".into(),
+    };
+    w.local(disable()).expect("disable");
+    w.local(enable()).expect("enable");
+    let ep = w.endpoint("web", "e1").expect("e1");
+    assert_eq!((ep.state, ep.local_state), (AdminState::Ready, false));
+    // The fleet drains it: this proxy follows.
+    w.changes(
+        Source::Etcd,
+        vec![set_override("web", "e1", Some(AdminState::Drain), None)],
+    );
+    assert_eq!(
+        w.endpoint("web", "e1").map(|e| e.state),
+        Some(AdminState::Drain)
+    );
+    // Enabled against the registry's drain: pinned, and marked so.
+    w.local(enable()).expect("enable");
+    let ep = w.endpoint("web", "e1").expect("e1");
+    assert_eq!((ep.state, ep.local_state), (AdminState::Ready, true));
+    // A local weight survives an enable.
+    w.local(LocalChange::ServerWeight {
+        service: "web".into(),
+        id: "e1".into(),
+        weight: 9,
+    })
+    .expect("weight");
+    w.changes(
+        Source::Etcd,
+        vec![set_override("web", "e1", Some(AdminState::Ready), None)],
+    );
+    w.local(enable()).expect("enable");
+    let ep = w.endpoint("web", "e1").expect("e1");
+    assert_eq!(
+        (ep.state, ep.local_state, ep.weight),
+        (AdminState::Ready, false, 9)
+    );
+}

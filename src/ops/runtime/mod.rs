@@ -371,6 +371,16 @@ impl Runtime {
                 )
                 .await
             }
+            Request::EnableServer(s) => {
+                self.change(
+                    LocalChange::ServerEnable {
+                        service: s.backend,
+                        id: s.server,
+                    },
+                    "",
+                )
+                .await
+            }
             Request::SetWeight(s, w) => {
                 let initial = match self.snapshot().endpoint(&s) {
                     Ok(e) => e.initial_weight,

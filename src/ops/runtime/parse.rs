@@ -141,6 +141,9 @@ pub enum Request {
     ShowMap(Option<MapRef>),
     GetWeight(ServerRef),
     SetState(ServerRef, AdminState),
+    /// `enable server`: undoes a local `disable`, so the registry's state
+    /// applies again (pinned ready only if the registry does not say so).
+    EnableServer(ServerRef),
     SetWeight(ServerRef, WeightArg),
     SetMap {
         map: MapRef,
@@ -165,6 +168,7 @@ impl Request {
         matches!(
             self,
             Request::SetState(..)
+                | Request::EnableServer(..)
                 | Request::SetWeight(..)
                 | Request::ClearCounters { .. }
                 | Request::ShutdownSessions(_)
@@ -280,12 +284,11 @@ pub fn parse(words: &[String]) -> Result<Request, String> {
             if rest.len() > 1 {
                 return Err(format!("usage: {verb} server <backend>/<server>\n"));
             }
-            let state = if *verb == "disable" {
-                AdminState::Maint
+            if *verb == "disable" {
+                Ok(Request::SetState(s, AdminState::Maint))
             } else {
-                AdminState::Ready
-            };
-            Ok(Request::SetState(s, state))
+                Ok(Request::EnableServer(s))
+            }
         }
         ["set", "server", rest @ ..] => parse_set_server(rest),
         ["set", "weight", rest @ ..] => {
@@ -855,10 +858,7 @@ mod tests {
                 "disable server b/s",
                 SetState(server("b", "s"), AdminState::Maint),
             ),
-            (
-                "enable server b/s",
-                SetState(server("b", "s"), AdminState::Ready),
-            ),
+            ("enable server b/s", EnableServer(server("b", "s"))),
             (
                 "set server b/s state ready",
                 SetState(server("b", "s"), AdminState::Ready),
