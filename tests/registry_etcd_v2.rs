@@ -146,3 +146,48 @@ fn an_etcd_url_with_a_path_is_refused_with_the_fix() {
         "{err}"
     );
 }
+
+/// Seed 004's CoreOS units write one key per container directly under
+/// `/services` through v2 (`/services/docker-container-webapp1:49153`):
+/// with `--flat-keys` each is an instance of the service its name gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_004_flat_keys_through_v2() {
+    let etcd = EtcdServer::start_with_args(&["--enable-v2=true"]);
+    let ups = Upstream::start_many(&["webapp1", "webapp2"]).await;
+    for (name, u) in [
+        ("docker-container-webapp1:49153", &ups[0]),
+        ("docker-container-webapp2:49154", &ups[1]),
+    ] {
+        v2_put(
+            &etcd,
+            &format!("/services/{name}"),
+            &u.addr.to_string(),
+            Some(60),
+        )
+        .await;
+    }
+    let endpoint = etcd.endpoint();
+    let proxy = Proxy::start_with_args(
+        || listener_config(free_addr(), Some("docker-container-webapp")),
+        &[
+            "--etcd",
+            &endpoint,
+            "--etcd-api",
+            "v2",
+            "--flat-keys",
+            "--threads",
+            "1",
+        ],
+    )
+    .await;
+    wait_for(Duration::from_secs(10), "both containers", || async {
+        endpoints(&proxy, "docker-container-webapp").await.len() == 2
+    })
+    .await;
+    let counts = tally(&client(), &proxy.url("/"), 20).await;
+    assert_eq!(
+        (counts.get("webapp1"), counts.get("webapp2")),
+        (Some(&10), Some(&10)),
+        "{counts:?}"
+    );
+}

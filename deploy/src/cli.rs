@@ -73,6 +73,11 @@ pub struct EtcdArgs {
     /// --enable-v2=true). The tools always write v3.
     #[arg(long, value_enum, default_value = "v3", env = "POINTSMAN_ETCD_API")]
     pub etcd_api: EtcdApiArg,
+    /// Keys directly under --etcd-prefix are instances too, one key per
+    /// container (/services/webapp1:49153, the CoreOS layout); the service
+    /// is the name without its :port and trailing digits (webapp).
+    #[arg(long)]
+    pub flat_keys: bool,
 }
 
 /// `--etcd-api`.
@@ -126,6 +131,7 @@ impl EtcdArgs {
         o.prefixes = Prefixes {
             services: self.etcd_prefix.clone(),
             pointsman: self.etcd_config_prefix.clone(),
+            flat_keys: self.flat_keys,
         };
         o.user = match (&self.etcd_user, &self.etcd_password) {
             (Some(u), Some(p)) => Some((u.clone(), p.clone())),

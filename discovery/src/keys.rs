@@ -93,6 +93,7 @@ mod tests {
             Prefixes {
                 services: "/stage/services/".into(),
                 pointsman: "/stage/pointsman".into(),
+                ..Prefixes::default()
             },
         ]
     }

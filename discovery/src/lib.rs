@@ -52,7 +52,7 @@ pub use error::DiscoveryError;
 pub use etcd::{EtcdApi, EtcdOptions, EtcdTls};
 pub use file::watch_dir;
 pub use lease::{LeaseState, LeasedKey};
-pub use parse::{parse_entry, parse_instance, parse_key, ParseError, Prefixes};
+pub use parse::{flat_service, parse_entry, parse_instance, parse_key, ParseError, Prefixes};
 pub use persist::{load_state, save_state, state_path, PersistError, SavedState};
 pub use registration::{AdminState, CheckSpec, Override, Registration};
 pub use route::{MapKey, RouteSpec, RouteTarget, SplitSpec};

@@ -30,6 +30,10 @@ pub struct Prefixes {
     pub services: String,
     /// Root of `<pointsman>/{routes,maps,overrides,proxies}/...`.
     pub pointsman: String,
+    /// Keys directly under the services root are instances too, one per
+    /// container (`/services/webapp1:49153`, the CoreOS layout); their
+    /// service is named by [`flat_service`].
+    pub flat_keys: bool,
 }
 
 impl Default for Prefixes {
@@ -37,7 +41,27 @@ impl Default for Prefixes {
         Prefixes {
             services: "/services".to_string(),
             pointsman: "/pointsman".to_string(),
+            flat_keys: false,
         }
+    }
+}
+
+/// The service of a flat key's instance: its name without a trailing
+/// `:port`, then without trailing digits and a separator before them
+/// (`docker-container-webapp1:49153` -> `docker-container-webapp`,
+/// `web-2` -> `web`); the whole name when nothing would be left.
+pub fn flat_service(instance: &str) -> String {
+    let name = match instance.rsplit_once(':') {
+        Some((head, port)) if !head.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => head,
+        _ => instance,
+    };
+    let stem = name
+        .trim_end_matches(|c: char| c.is_ascii_digit())
+        .trim_end_matches(['-', '_', '.']);
+    if stem.is_empty() {
+        name.to_string()
+    } else {
+        stem.to_string()
     }
 }
 
@@ -198,6 +222,21 @@ fn classify(p: &Prefixes, key: &str) -> Result<Option<EntryKey>, ParseError> {
             return Ok(None);
         };
         let shape = "expected <services>/<service>/<instance-id>";
+        if !rest.is_empty() && !rest.contains('/') {
+            if !p.flat_keys {
+                return Err(key_error(
+                    key,
+                    format!(
+                        "an instance directly under the services root: {shape}, e.g. {services}web/web-1; for one key per container there (such as {services}webapp1:49153), run with --flat-keys"
+                    ),
+                ));
+            }
+            check_name(key, "instance id", rest, shape)?;
+            return Ok(Some(EntryKey::Instance {
+                service: flat_service(rest),
+                id: rest.to_string(),
+            }));
+        }
         return Ok(pair(key, rest, "service", "instance id", shape)?
             .map(|(service, id)| EntryKey::Instance { service, id }));
     }

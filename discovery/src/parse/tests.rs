@@ -179,7 +179,10 @@ fn json_registration_errors() {
 #[test]
 fn malformed_service_keys() {
     let msg = err("/services/web", "h:1");
-    assert!(msg.contains("service \"web\" has no instance id"), "{msg}");
+    assert!(
+        msg.contains("directly under the services root") && msg.contains("--flat-keys"),
+        "{msg}"
+    );
     let msg = err("/services//a1", "h:1");
     assert!(msg.contains("service is empty"), "{msg}");
     let msg = err("/services/web/a1/extra", "h:1");
@@ -338,6 +341,7 @@ fn custom_prefixes() {
     let p = Prefixes {
         services: "/reg/svc/".into(),
         pointsman: "/reg/px".into(),
+        ..Prefixes::default()
     };
     assert!(matches!(
         parse_entry(&p, "/reg/svc/web/a1", b"h:1"),
@@ -357,6 +361,7 @@ fn nested_roots_resolve_to_the_inner_one() {
     let inner_services = Prefixes {
         services: "/pointsman/services".into(),
         pointsman: "/pointsman".into(),
+        ..Prefixes::default()
     };
     assert!(matches!(
         parse_entry(&inner_services, "/pointsman/services/web/a1", b"h:1"),
@@ -373,6 +378,7 @@ fn nested_roots_resolve_to_the_inner_one() {
     let inner_pointsman = Prefixes {
         services: "/svc".into(),
         pointsman: "/svc/_pointsman".into(),
+        ..Prefixes::default()
     };
     assert!(matches!(
         parse_entry(&inner_pointsman, "/svc/_pointsman/maps/m/k", b"v"),
@@ -394,6 +400,7 @@ fn watch_range_covers_both_prefixes() {
     let p = Prefixes {
         services: "/a/b".into(),
         pointsman: "/a".into(),
+        ..Prefixes::default()
     };
     let (start, end) = p.watch_range();
     assert_eq!(start, b"/a/".to_vec());
@@ -434,4 +441,49 @@ fn a_huge_malformed_value_is_quoted_by_its_length_and_start() {
     }
     let e = err("/services/web/a1", &huge);
     assert!(e.contains("a value of 1048576 bytes starting \"yyy"), "{e}");
+}
+
+#[test]
+fn flat_keys_are_instances_of_the_service_their_name_gives() {
+    let flat = Prefixes {
+        flat_keys: true,
+        ..Prefixes::default()
+    };
+    let key = "/services/docker-container-webapp1:49153";
+    let entry = parse_entry(&flat, key, b"10.0.0.7:49153")
+        .expect("a flat key")
+        .expect("an entry");
+    match entry {
+        Entry::Instance(r) => {
+            assert_eq!(
+                (r.service.as_str(), r.id.as_str()),
+                ("docker-container-webapp", "docker-container-webapp1:49153")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        parse_key(&flat, key),
+        Some(EntryKey::Instance {
+            service: "docker-container-webapp".into(),
+            id: "docker-container-webapp1:49153".into()
+        })
+    );
+    for (name, service) in [
+        ("web-2", "web"),
+        ("api_10", "api"),
+        ("cache", "cache"),
+        ("1234", "1234"),
+        ("db:5432", "db"),
+    ] {
+        assert_eq!(flat_service(name), service, "{name}");
+    }
+    // Without --flat-keys: refused, naming the layout and the flag.
+    let err =
+        parse_entry(&Prefixes::default(), key, b"10.0.0.7:49153").expect_err("not a flat layout");
+    let why = err.to_string();
+    assert!(
+        why.contains("<services>/<service>/<instance-id>") && why.contains("--flat-keys"),
+        "{why}"
+    );
 }
