@@ -8,8 +8,10 @@
 #   deploy/demo.sh demo   # make demo: 64 clients for the length of the deploys
 #   deploy/demo.sh soak   # make soak: 200 clients, 200,000 requests (as the seeds' hey -n 200000 -c 200)
 #
-# Everything listens on 127.0.0.1 ports from a random base; everything is
-# stopped and removed on exit.
+# Everything listens on free 127.0.0.1 ports the kernel hands out; every
+# process is stopped on exit, and the logs stay in the directory printed.
+# A setup that does not come up (etcd, a proxy) stops the demo at once with
+# the reason and the log that says it.
 set -euo pipefail
 
 MODE=${1:-demo}
@@ -31,17 +33,28 @@ cleanup() {
   for f in "$WORK"/*.pid; do [ -f "$f" ] && kill -TERM "$(cat "$f")" 2>/dev/null || true; done
   sleep 1
   for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
+  rm -rf "$WORK/etcd"
+  echo "logs: $WORK"
 }
 trap cleanup EXIT
 
 START=$(date +%s.%N)
 say() { printf '[%6.1fs] %s\n' "$(awk -v a="$(date +%s.%N)" -v b="$START" 'BEGIN {print a - b}')" "$*"; }
 
-BASE=$((20000 + RANDOM % 30000))
-ETCD_CLIENT=$BASE; ETCD_PEER=$((BASE + 1))
-P1=$((BASE + 2)); P2=$((BASE + 3)); A1=$((BASE + 4)); A2=$((BASE + 5))
-PORT_B1=$((BASE + 10)); PORT_B2=$((BASE + 11)); PORT_G1=$((BASE + 12)); PORT_G2=$((BASE + 13))
+# Ten distinct free ports, held open together while the kernel picks them.
+read -r ETCD_CLIENT ETCD_PEER P1 P2 A1 A2 PORT_B1 PORT_B2 PORT_G1 PORT_G2 < <(python3 -c '
+import socket
+held = [socket.socket() for _ in range(10)]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in held))
+')
+# fail MESSAGE LOG: says why the demo cannot go on, with the log that tells.
+fail() {
+  say "$1"
+  [ -n "${2:-}" ] && [ -f "$2" ] && { echo "--- $2"; tail -n 40 "$2"; }
+  exit 1
+}
 ETCD=http://127.0.0.1:$ETCD_CLIENT
 ctl() { ETCDCTL_API=3 etcdctl --endpoints "$ETCD" "$@" >/dev/null; }
 
@@ -53,6 +66,7 @@ etcd --name demo --data-dir "$WORK/etcd" \
   --initial-cluster "demo=http://127.0.0.1:$ETCD_PEER" >"$WORK/etcd.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do ctl endpoint health 2>/dev/null && break; sleep 0.1; done
+ctl endpoint health 2>/dev/null || fail "etcd did not come up on $ETCD" "$WORK/etcd.log"
 
 # Every request goes where map colour's entry `live` points.
 ctl put /pointsman/routes/site '{"path_prefix":"/","map":"colour","map_key":"live"}'
@@ -93,7 +107,8 @@ for _ in $(seq 200); do
   curl -fsS "http://127.0.0.1:$P1/" >/dev/null 2>&1 && curl -fsS "http://127.0.0.1:$P2/" >/dev/null 2>&1 && break
   sleep 0.1
 done
-curl -fsS "http://127.0.0.1:$P1/" >/dev/null || { say "proxy 1 does not serve; its log:"; cat "$WORK/proxy1.log"; exit 1; }
+curl -fsS "http://127.0.0.1:$P1/" >/dev/null || fail "proxy 1 does not serve on 127.0.0.1:$P1" "$WORK/proxy1.log"
+curl -fsS "http://127.0.0.1:$P2/" >/dev/null || fail "proxy 2 does not serve on 127.0.0.1:$P2" "$WORK/proxy2.log"
 
 # The load: half the clients on each proxy, keep-alive.
 HALF=$((CLIENTS / 2))
@@ -131,6 +146,7 @@ for f in "$WORK/hey1.txt" "$WORK/hey2.txt"; do
   o=$(awk '/\[200\][[:space:]]+[0-9]+ responses/ {gsub(/[^0-9 ]/," "); split($0,a," "); s+=a[2]} END {print s+0}' "$f")
   e=$(awk '/^Error distribution:/ {on=1; next} on && /\[[0-9]+\]/ {gsub(/^[[:space:]]*\[/,""); split($0,a,"]"); s+=a[1]} END {print s+0}' "$f")
   total=$((total + t + e)); ok=$((ok + o)); failed=$((failed + t - o + e))
+  [ "$o" -gt 0 ] || { echo "--- $f"; cat "$f"; fail "no request through $(basename "$f" .txt) was answered 200"; }
 done
 rps=$(awk '/Requests\/sec:/ {s+=$2} END {printf "%.0f", s}' "$WORK/hey1.txt" "$WORK/hey2.txt")
 p99=$(awk '/99%% in/ || /  99% in/ {print $3; exit}' "$WORK/hey1.txt")
