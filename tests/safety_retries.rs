@@ -1,9 +1,11 @@
 //! End to end: the retry side of the traffic-safety layer. A request whose
-//! endpoint dies, refuses the connection, resets before answering or says
-//! 503 is tried again on another endpoint when that is safe (an idempotent
-//! method for a status, a body that can be sent again), and never when it
-//! is not (a POST's 503, a body larger than `replay_limit` already partly
-//! sent). The retry budget bounds how many retries run at once.
+//! endpoint refuses the connection is tried again on another endpoint; one
+//! whose endpoint dies, resets before answering or says 503 only when that
+//! is safe (an idempotent method, for a reset or a timeout only with
+//! `idempotent_after_send`, and a body that can be sent again), and never
+//! when it is not (a POST that reached the upstream, a body larger than
+//! `replay_limit` already partly sent). The retry budget bounds how many
+//! retries run at once.
 
 mod support;
 
@@ -190,16 +192,22 @@ async fn resetting_server(body_bytes: usize) -> (RawServer, Arc<AtomicUsize>) {
     (RawServer { addr, task }, hits)
 }
 
-/// Sends a POST of `len` bytes with a cookie on a raw connection, writing
-/// the body while reading the answer (the proxy may answer before it has
-/// read the whole body).
-async fn raw_post(addr: SocketAddr, path: &str, cookie: &str, len: usize) -> RawResponse {
+/// Sends a `method` request with a body of `len` bytes and a cookie on a
+/// raw connection, writing the body while reading the answer (the proxy
+/// may answer before it has read the whole body).
+async fn raw_send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    cookie: &str,
+    len: usize,
+) -> RawResponse {
     let s = TcpStream::connect(addr)
         .await
         .expect("connect to the proxy");
     let (mut r, mut w) = s.into_split();
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: test\r\nCookie: {cookie}\r\nContent-Length: {len}\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nCookie: {cookie}\r\nContent-Length: {len}\r\n\r\n"
     );
     let writer = tokio::spawn(async move {
         w.write_all(head.as_bytes()).await?;
@@ -267,10 +275,11 @@ async fn sigkill_of_an_upstream_under_get_load_fails_no_request() {
     let ups = Upstream::start_many(&["k1", "k2", "k3"]).await;
     let eps: Vec<String> = ups.iter().map(|u| endpoint_line(u, "")).collect();
     // One endpoint of three holds about a third of the requests in flight,
-    // and all of them need a retry at the same moment: resets before any
-    // answer are retried elsewhere without spending the retry budget, so
-    // the default settings must lose nothing.
-    let settings = "";
+    // and all of them need a retry at the same moment. GETs may be sent
+    // again after their bytes went out when the service allows it; resets
+    // before any answer are retried elsewhere without spending the retry
+    // budget, so nothing must be lost.
+    let settings = "retry = { idempotent_after_send = true }";
     let proxy = Proxy::start(|| web(free_addr(), settings, &eps)).await;
 
     // Each answer takes 20 ms, so k1 always has requests in flight.
@@ -439,39 +448,46 @@ async fn a_refused_connect_is_retried_on_a_good_endpoint() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_over_replay_limit_is_not_retried_but_a_small_one_is() {
+async fn a_body_over_replay_limit_is_not_retried_but_a_small_idempotent_one_is() {
     // Reads 64 KiB of any body, then resets.
     let (resetter, resets) = resetting_server(64 * 1024).await;
     let (good, good_hits) = counting_server("good", 200, Duration::ZERO).await;
     let settings = "balance = \"cookie\"\n\
-                    retry = { replay_limit = 1024 }\n\
+                    retry = { replay_limit = 1024, idempotent_after_send = true }\n\
                     passive = { consecutive_failures = 0 }";
     let eps = [ep("resetter", resetter.addr), ep("good", good.addr)];
     let proxy = Proxy::start(|| web(free_addr(), settings, &eps)).await;
 
     // 1 MiB: streamed, so once bytes went to `resetter` it cannot be sent
     // again. The client gets a 502; `good` never sees it.
-    let resp = raw_post(proxy.addr(), "/big", "SERVERID=resetter", 1 << 20).await;
+    let resp = raw_send(proxy.addr(), "PUT", "/big", "SERVERID=resetter", 1 << 20).await;
     assert_eq!(
         resp.status,
         502,
         "a body over replay_limit that reached a resetting upstream: {}",
         String::from_utf8_lossy(&resp.body)
     );
-    assert_eq!(resets.load(SeqCst), 1, "the resetter saw the big POST");
-    assert_eq!(good_hits.of("POST"), 0, "the big POST was not retried");
+    assert_eq!(resets.load(SeqCst), 1, "the resetter saw the big PUT");
+    assert_eq!(good_hits.of("PUT"), 0, "the big PUT was not retried");
 
     // 100 bytes: held whole, sent again on `good` after the reset.
-    let resp = raw_post(proxy.addr(), "/small", "SERVERID=resetter", 100).await;
+    let resp = raw_send(proxy.addr(), "PUT", "/small", "SERVERID=resetter", 100).await;
     assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
     let echo = resp.json();
     assert_eq!(echo["server"], "good");
     assert_eq!(echo["received"], 100, "the whole body was replayed");
-    assert_eq!(resets.load(SeqCst), 2, "the resetter saw the small POST");
-    assert_eq!(good_hits.of("POST"), 1);
+    assert_eq!(resets.load(SeqCst), 2, "the resetter saw the small PUT");
+    assert_eq!(good_hits.of("PUT"), 1);
+
+    // A small POST that reached the resetter is not sent again: the
+    // upstream may have acted on it.
+    let resp = raw_send(proxy.addr(), "POST", "/small", "SERVERID=resetter", 100).await;
+    assert_eq!(resp.status, 502, "{}", String::from_utf8_lossy(&resp.body));
+    assert_eq!(resets.load(SeqCst), 3, "the resetter saw the small POST");
+    assert_eq!(good_hits.of("POST"), 0, "the POST was not retried");
 
     // The same big body to `good` streams through: the 502 was the reset.
-    let resp = raw_post(proxy.addr(), "/big", "SERVERID=good", 1 << 20).await;
+    let resp = raw_send(proxy.addr(), "PUT", "/big", "SERVERID=good", 1 << 20).await;
     assert_eq!(resp.status, 200);
     assert_eq!(resp.json()["received"], 1 << 20);
 }
@@ -560,7 +576,7 @@ async fn a_try_past_per_try_timeout_is_retried_for_get_but_not_for_post() {
     let silent = silent_server().await;
     let (good, good_hits) = counting_server("good", 200, Duration::ZERO).await;
     let settings = "balance = \"cookie\"\n\
-                    retry = { per_try_timeout = \"300ms\" }\n\
+                    retry = { per_try_timeout = \"300ms\", idempotent_after_send = true }\n\
                     passive = { consecutive_failures = 0 }";
     let eps = [ep("silent", silent.addr), ep("good", good.addr)];
     let proxy = Proxy::start(|| web(free_addr(), settings, &eps)).await;
@@ -610,7 +626,7 @@ async fn a_retry_after_a_route_switch_goes_to_the_new_service() {
             "[[listeners]]\nname = \"web\"\nbind = \"{listen}\"\n\n\
              [routes.all]\nservice = \"{to}\"\n\n\
              [services.old]\nendpoints = [{}]\n\
-             retry = {{ per_try_timeout = \"1500ms\" }}\n\
+             retry = {{ per_try_timeout = \"1500ms\", idempotent_after_send = true }}\n\
              passive = {{ consecutive_failures = 0 }}\n\n\
              [services.new]\nendpoints = [{}]\n",
             ep("silent", silent.addr),

@@ -74,6 +74,11 @@ pub struct Global {
     /// An idle keep-alive client connection is closed after this long.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// The longest a client may leave a request in progress without
+    /// moving a byte: between two pieces of its request body, and while
+    /// it does not read the response (a send blocked on its socket).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
     /// Defaults for services that do not set their own.
     pub connect_timeout: Option<HumanDuration>,
     pub request_timeout: Option<HumanDuration>,
@@ -113,6 +118,7 @@ impl Default for Global {
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(30),
             connect_timeout: None,
             request_timeout: None,
             upstream_idle_timeout: Duration::from_secs(30),
@@ -205,6 +211,11 @@ pub struct RetryConfig {
     /// Request bodies up to this size are held so they can be sent again;
     /// larger ones stream and are not retried once bytes were sent.
     pub replay_limit: usize,
+    /// Whether an idempotent request whose bytes reached the upstream may
+    /// be sent again after the connection failed before an answer or the
+    /// try timed out. Off: only requests that provably never reached the
+    /// upstream are tried again (RFC 9110 9.2.2).
+    pub idempotent_after_send: bool,
 }
 
 impl Default for RetryConfig {
@@ -215,6 +226,7 @@ impl Default for RetryConfig {
             on_status: vec![502, 503, 504],
             budget_percent: 20,
             replay_limit: 64 * 1024,
+            idempotent_after_send: false,
         }
     }
 }
@@ -485,6 +497,7 @@ impl From<&Global> for ClientLimits {
         ClientLimits {
             header_read_timeout: g.header_read_timeout,
             idle_timeout: g.idle_timeout,
+            body_timeout: g.body_timeout,
             // hyper refuses read buffers below 8 KiB.
             max_header_bytes: g.max_header_bytes.max(8192),
             trust_forwarded_headers: g.trust_forwarded_headers,

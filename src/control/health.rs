@@ -160,7 +160,8 @@ async fn probe(address: &Address, spec: &CheckSpec) -> (bool, u16, String) {
     let attempt = async {
         let mut sender = pool::connect(address, spec.timeout)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .sender;
         let host = spec.host.clone().unwrap_or_else(|| address.to_string());
         let method = Method::from_bytes(spec.method.as_bytes()).map_err(|e| e.to_string())?;
         let mut req = Request::new(UpstreamBody::empty());

@@ -689,6 +689,7 @@ impl Control {
                 on_status: defaults.retry.on_status.clone().into(),
                 budget_percent: defaults.retry.budget_percent,
                 replay_limit: defaults.retry.replay_limit,
+                idempotent_after_send: defaults.retry.idempotent_after_send,
             },
             passive: defaults.passive.clone(),
             upstream_idle_timeout: global.upstream_idle_timeout,

@@ -5,7 +5,10 @@
 //! no request is active and no byte moves. hyper's own header timer also
 //! covers the idle wait between requests, so it is off and each connection
 //! records its last byte, when it began waiting for a head, and its
-//! requests in flight.
+//! requests in flight. A third timer, `body_timeout`, covers a client that
+//! stops reading its response: a write that found the client's socket
+//! full for that long closes the connection (and so aborts the upstream
+//! request behind it).
 //!
 //! An HTTP/1 connection that stays idle for [`PARK_AFTER`] gives its
 //! buffers back (see `HttpProxy::serve_connection`): [`ConnActivity::park_in`]
@@ -104,9 +107,14 @@ pub struct ConnActivity {
     head_since: AtomicU64,
     /// The process is draining: answers carry `Connection: close`.
     draining: AtomicBool,
-    /// The last write found the client's socket full: bytes may still wait
-    /// in the HTTP engine's buffer.
-    write_blocked: AtomicBool,
+    /// Since when (ms on the process clock) writes find the client's
+    /// socket full, so bytes may still wait in the HTTP engine's buffer;
+    /// 0 when the last write went through.
+    write_blocked_since: AtomicU64,
+    /// A response body failed halfway (the upstream's ended early): the
+    /// connection is reset, not closed, so the client cannot take the
+    /// response for complete.
+    aborted: AtomicBool,
 }
 
 /// How long an HTTP/1 connection with no request in progress and no byte
@@ -127,6 +135,8 @@ pub enum Expired {
     Head,
     /// No request and no byte for `idle_timeout`.
     Idle,
+    /// The client has not read its response for `body_timeout`.
+    Send,
 }
 
 impl ConnActivity {
@@ -138,7 +148,8 @@ impl ConnActivity {
             // A new connection owes its first request head.
             head_since: AtomicU64::new(now.max(1)),
             draining: AtomicBool::new(false),
-            write_blocked: AtomicBool::new(false),
+            write_blocked_since: AtomicU64::new(0),
+            aborted: AtomicBool::new(false),
         })
     }
 
@@ -172,7 +183,7 @@ impl ConnActivity {
     pub fn park_in(&self, after: Duration) -> Option<Duration> {
         if self.active.load(Relaxed) > 0
             || self.head_since.load(Relaxed) != 0
-            || self.write_blocked.load(Relaxed)
+            || self.write_blocked_since.load(Relaxed) != 0
             || self.draining.load(Relaxed)
         {
             return None;
@@ -207,9 +218,13 @@ impl ConnActivity {
                 if *n > 0 {
                     self.touch();
                 }
-                self.write_blocked.store(false, Relaxed);
+                self.write_blocked_since.store(0, Relaxed);
             }
-            Poll::Pending => self.write_blocked.store(true, Relaxed),
+            Poll::Pending => {
+                if self.write_blocked_since.load(Relaxed) == 0 {
+                    self.write_blocked_since.store(now_ms().max(1), Relaxed);
+                }
+            }
             Poll::Ready(Err(_)) => {}
         }
     }
@@ -232,13 +247,30 @@ impl ConnActivity {
         ConnActive(self.clone())
     }
 
+    /// Was a response body on this connection cut short?
+    pub fn aborted(&self) -> bool {
+        self.aborted.load(Relaxed)
+    }
+
     /// Time until one of the timers may expire, or which one has.
-    pub fn check(&self, idle: Duration, head: Duration) -> Result<Duration, Expired> {
-        if self.active.load(Relaxed) > 0 {
-            return Ok(idle.min(head));
-        }
+    pub fn check(
+        &self,
+        idle: Duration,
+        head: Duration,
+        send: Duration,
+    ) -> Result<Duration, Expired> {
         let now = now_ms();
         let since = |t: u64| Duration::from_millis(now.saturating_sub(t));
+        if self.active.load(Relaxed) > 0 {
+            let blocked = self.write_blocked_since.load(Relaxed);
+            if blocked == 0 {
+                return Ok(idle.min(head).min(send));
+            }
+            return match send.checked_sub(since(blocked)).filter(|d| !d.is_zero()) {
+                Some(left) => Ok(idle.min(head).min(left)),
+                None => Err(Expired::Send),
+            };
+        }
         let mut wait = idle;
         let head_since = self.head_since.load(Relaxed);
         if head_since != 0 {
@@ -260,6 +292,13 @@ impl ConnActivity {
 /// A request being answered on a client connection.
 #[derive(Debug)]
 pub struct ConnActive(Arc<ConnActivity>);
+
+impl ConnActive {
+    /// The response cannot end well: reset the connection when it ends.
+    pub fn abort(&self) {
+        self.0.aborted.store(true, Relaxed);
+    }
+}
 
 impl Drop for ConnActive {
     fn drop(&mut self) {
@@ -519,5 +558,25 @@ mod tests {
         assert_eq!(a.park_in(Duration::ZERO), Some(Duration::ZERO));
         a.begin_drain();
         assert_eq!(a.park_in(Duration::ZERO), None, "a drain closes it instead");
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_expires_the_send_timer() {
+        let a = ConnActivity::new();
+        let (idle, head) = (Duration::from_secs(60), Duration::from_secs(10));
+        let req = a.start();
+        let send = Duration::from_secs(5);
+        assert_eq!(a.check(idle, head, send), Ok(send), "nothing blocked");
+        a.wrote(&Poll::Pending);
+        let left = a.check(idle, head, send).expect("blocked just now");
+        assert!(left <= send && left > Duration::ZERO, "{left:?}");
+        // Blocked for longer than a short send timeout.
+        std::thread::sleep(Duration::from_millis(3));
+        let short = Duration::from_millis(1);
+        assert_eq!(a.check(idle, head, short), Err(Expired::Send));
+        // A write that goes through clears it.
+        a.wrote(&Poll::Ready(Ok(1)));
+        assert_eq!(a.check(idle, head, send), Ok(send));
+        drop(req);
     }
 }

@@ -8,11 +8,14 @@
 //!        ├ route                host + path prefix -> service (404, 503)
 //!        ├ upstream_head        origin-form target, Host, hop-by-hop
 //!        │                      headers out, X-Forwarded-* in; once
-//!        ├ RetryState::new      body read (held when small), tries left
+//!        ├ RetryState::new      body read (held when small; 408 when
+//!        │                      the client stalls), tries left
 //!        └ each try:
 //!           ├ pick              re-route if the table changed (reroute),
 //!           │                   then the balancer's endpoint (503)
 //!           ├ send_once         one attempt to one endpoint -> Outcome
+//!           │                   (an answer whose framing cannot be
+//!           │                   relayed is a failure: 502)
 //!           ├ RetryState::decide  Outcome x retry state -> Next
 //!           ├ record_attempt    passive checks learn how the try went
 //!           └ Next::Respond  -> finish: response headers, sticky
@@ -24,6 +27,12 @@
 //! What a careful proxy changes in the headers it forwards: hop-by-hop
 //! headers go (both ways, including every header named in `Connection`),
 //! `X-Forwarded-*` are added, `Host` is kept.
+//!
+//! A request is sent again only when that cannot repeat its effect
+//! (RFC 9110 9.2.2): after a refused connect, or a failure before any of
+//! its bytes were written. Once bytes went out, only an idempotent method
+//! may be repeated, and only when the service's retry policy says so
+//! (`idempotent_after_send`), or on one of its retry statuses.
 
 use std::fmt::Write;
 use std::net::IpAddr;
@@ -40,7 +49,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use super::balance::{Pick, PickContext};
-use super::body::UpstreamBody;
+use super::body::{BodyError, UpstreamBody};
 use super::conn::ConnActive;
 use super::endpoint::InFlight;
 use super::http::ConnContext;
@@ -71,6 +80,9 @@ struct UpstreamHead {
     path: PathAndQuery,
     /// Whether the client sent a Host (or an authority in the URI).
     has_host: bool,
+    /// Whether the client asked to switch protocols: only then may the
+    /// answer be a 101.
+    upgrade: bool,
 }
 
 /// Where the request goes now: set by the first route, moved by a retry
@@ -100,7 +112,7 @@ struct RetryState {
     /// A slot of the retry budget, taken by the first retry that adds
     /// load to upstreams and kept for the rest of the request.
     budget: Option<RetryGuard>,
-    /// Whether the method may be repeated after an answer or a timeout.
+    /// Whether the method may be repeated once it reached an upstream.
     idempotent: bool,
     /// The headers and body for the next try; `None` once given away.
     headers: Option<HeaderMap>,
@@ -111,6 +123,8 @@ struct RetryState {
 }
 
 /// How one try went.
+// Large for the same reason as `Failure`: its unsent request is not boxed.
+#[allow(clippy::large_enum_variant)]
 enum Outcome {
     /// An answer, whatever its status.
     Answered(Answer),
@@ -121,7 +135,7 @@ enum Outcome {
 /// An upstream's answer and what it holds until its body is finished.
 struct Answer {
     resp: Response<Incoming>,
-    sender: pool::Sender,
+    conn: pool::Conn,
     in_flight: InFlight,
 }
 
@@ -135,8 +149,17 @@ enum Failure {
     /// The upstream closed a pooled connection just as the request was
     /// to go out: it comes back whole, never written.
     Unsent(Request<UpstreamBody>, hyper::Error),
+    /// The connection failed before any byte of the request was written
+    /// (the request was consumed, so only a held body can go again).
+    NotWritten(hyper::Error),
     /// The connection failed after (part of) the request was written.
     Reset(hyper::Error),
+    /// An answer that cannot be relayed (a transfer coding other than
+    /// chunked, a 101 nobody asked for): the request reached the upstream.
+    Malformed(String),
+    /// The client stopped sending its streamed body for `body_timeout`;
+    /// the upstream request was aborted.
+    Stalled(Duration),
     /// No answer within the per-try timeout.
     TimedOut,
 }
@@ -147,7 +170,12 @@ enum Tried {
     Answered(StatusCode),
     Refused,
     Unsent,
+    NotWritten,
+    /// Failed after bytes went out, without an answer to relay (a reset,
+    /// a close, a malformed answer).
     Reset,
+    /// The client stalled: nothing to retry.
+    Stalled,
     TimedOut,
 }
 
@@ -211,7 +239,14 @@ impl ConnContext {
                     }
                     _ => tracing::debug!(peer = %self.peer, error = %e, "request refused"),
                 }
-                e.response()
+                let mut resp = e.response();
+                if matches!(e, ProxyError::ClientTimeout(_)) && version < Version::HTTP_2 {
+                    // The rest of the body may still come: the connection
+                    // cannot carry another request.
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                resp
             }
         };
         self.activity.mark_response(version, &mut resp);
@@ -240,9 +275,14 @@ impl ConnContext {
         // even when a retry goes to another service after a switch.
         let first = service.clone();
         let policy = &first.settings.retry;
-        let body = UpstreamBody::read(body, policy.replay_limit)
+        let body = UpstreamBody::read(body, policy.replay_limit, self.body_timeout)
             .await
-            .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
+            .map_err(|e| match e {
+                BodyError::Stalled(d) => ProxyError::ClientTimeout(d),
+                BodyError::Client(_) => {
+                    ProxyError::BadRequest("the request body could not be read")
+                }
+            })?;
         let mut state = RetryState::new(&head.parts.method, headers, body, policy.attempts);
         let mut routing = Routing {
             active: ServiceActive::start(&service.settings.live),
@@ -356,6 +396,7 @@ impl ConnContext {
                 parts,
                 path,
                 has_host,
+                upgrade,
             },
             headers,
         ))
@@ -446,7 +487,7 @@ impl ConnContext {
         let settings = &service.settings;
         // Connect before giving the body away, so a failed connect can
         // try another endpoint with any body.
-        let mut sender = match endpoint
+        let mut conn = match endpoint
             .live
             .pool
             .take(&endpoint.authority, settings.upstream_idle_timeout)
@@ -465,16 +506,32 @@ impl ConnContext {
             });
         };
         let req = head.request(body, headers, endpoint);
-        let sent = tokio::time::timeout(timeout, sender.try_send_request(req)).await;
+        let written = conn.written();
+        let sent = tokio::time::timeout(timeout, conn.sender.try_send_request(req)).await;
         Ok(match sent {
-            Ok(Ok(resp)) => Outcome::Answered(Answer {
-                resp,
-                sender,
-                in_flight,
-            }),
+            // hyper reads 1xx answers other than 101 and drops them; they
+            // are not relayed because hyper 1.x cannot send them: its
+            // HTTP/1 server refuses a 1xx response (only its own
+            // `100 Continue` is written) and its HTTP/2 server keeps h2's
+            // `send_informational` to itself. A 103's hints are lost.
+            Ok(Ok(resp)) => match unrelayable(&resp, head.upgrade) {
+                Some(reason) => Outcome::Failed(Failure::Malformed(reason)),
+                None => Outcome::Answered(Answer {
+                    resp,
+                    conn,
+                    in_flight,
+                }),
+            },
             Ok(Err(mut e)) => Outcome::Failed(match e.take_message() {
                 Some(unsent) => Failure::Unsent(unsent, e.into_error()),
-                None => Failure::Reset(e.into_error()),
+                None => {
+                    let e = e.into_error();
+                    match stalled(&e) {
+                        Some(idle) => Failure::Stalled(idle),
+                        None if conn.written() == written => Failure::NotWritten(e),
+                        None => Failure::Reset(e),
+                    }
+                }
             }),
             Err(_) => Outcome::Failed(Failure::TimedOut),
         })
@@ -496,6 +553,8 @@ impl ConnContext {
                 }
             }
             Outcome::Failed(Failure::Unsent(..)) if next == Next::Resend => {}
+            // The client's fault, not the endpoint's.
+            Outcome::Failed(Failure::Stalled(_)) => {}
             Outcome::Failed(_) => self.failed(service, i),
         }
     }
@@ -521,7 +580,7 @@ impl ConnContext {
     ) -> Response<ProxyBody> {
         let Answer {
             mut resp,
-            sender,
+            conn: upstream,
             in_flight,
         } = answer;
         let service = &*routing.service;
@@ -532,7 +591,7 @@ impl ConnContext {
             endpoint: in_flight,
             conn,
             service: routing.active,
-            upstream: (!switching).then(|| (sender, endpoint.authority.clone())),
+            upstream: (!switching).then(|| (upstream, endpoint.authority.clone())),
         };
         let guard = match (switching, client_upgrade) {
             (true, Some(client_side)) => {
@@ -543,6 +602,11 @@ impl ConnContext {
             }
             _ => Some(guard),
         };
+        // Chunked framing wins over a Content-Length sent with it (RFC
+        // 9112 6.3): the length would frame the client's copy wrongly.
+        if resp.headers().contains_key(header::TRANSFER_ENCODING) {
+            resp.headers_mut().remove(header::CONTENT_LENGTH);
+        }
         strip_hop_by_hop(resp.headers_mut(), switching);
         if pick.set_cookie {
             if let Some(name) = &settings.cookie {
@@ -639,9 +703,11 @@ impl RetryState {
     }
 
     /// Decide: what follows a try to endpoint `picked` of the service
-    /// whose counters are `live`. Only a replayable body is sent again;
-    /// only an idempotent request is repeated after an answer or a
-    /// timeout, and only on `policy.on_status`.
+    /// whose counters are `live`. Only a replayable body is sent again.
+    /// A request that never reached the upstream (refused, not written)
+    /// may go elsewhere whatever its method; one that did only when it
+    /// is idempotent, after a status of `policy.on_status`, or after a
+    /// reset or a timeout when `policy.idempotent_after_send` allows it.
     fn decide(
         &mut self,
         tried: Tried,
@@ -650,6 +716,7 @@ impl RetryState {
         picked: usize,
     ) -> Next {
         let repeatable = self.idempotent && self.replayable;
+        let after_send = repeatable && policy.idempotent_after_send;
         let retry = match tried {
             Tried::Unsent if self.unsent_left > 0 => {
                 // Never written: the request and its body came back whole.
@@ -658,13 +725,17 @@ impl RetryState {
                 self.avoid = None;
                 return Next::Resend;
             }
-            // Refused, or reset before any answer: safe to try elsewhere
-            // (when the body can be sent again), without adding load.
+            // Refused, or failed before a byte was written: the upstream
+            // never saw it, so any method may go elsewhere (when the body
+            // can be sent again), without adding load.
             Tried::Refused => self.may_retry(false, policy, live, picked),
-            Tried::Unsent | Tried::Reset => {
+            Tried::Unsent | Tried::NotWritten => {
                 self.replayable && self.may_retry(false, policy, live, picked)
             }
-            Tried::TimedOut => repeatable && self.may_retry(true, policy, live, picked),
+            // It reached the upstream, which may have acted on it.
+            Tried::Reset => after_send && self.may_retry(false, policy, live, picked),
+            Tried::TimedOut => after_send && self.may_retry(true, policy, live, picked),
+            Tried::Stalled => false,
             Tried::Answered(status) => {
                 let on_status = policy.on_status.contains(&status.as_u16());
                 if repeatable && on_status && self.may_retry(true, policy, live, picked) {
@@ -712,7 +783,9 @@ impl Outcome {
             Outcome::Answered(answer) => Tried::Answered(answer.resp.status()),
             Outcome::Failed(Failure::Refused(_)) => Tried::Refused,
             Outcome::Failed(Failure::Unsent(..)) => Tried::Unsent,
-            Outcome::Failed(Failure::Reset(_)) => Tried::Reset,
+            Outcome::Failed(Failure::NotWritten(_)) => Tried::NotWritten,
+            Outcome::Failed(Failure::Reset(_) | Failure::Malformed(_)) => Tried::Reset,
+            Outcome::Failed(Failure::Stalled(_)) => Tried::Stalled,
             Outcome::Failed(Failure::TimedOut) => Tried::TimedOut,
         }
     }
@@ -732,7 +805,7 @@ impl Failure {
                 endpoint: address.to_string(),
                 reason: e.to_string(),
             }),
-            Failure::Unsent(_, e) | Failure::Reset(e) => {
+            Failure::Unsent(_, e) | Failure::NotWritten(e) | Failure::Reset(e) => {
                 let reason = error_chain(&e);
                 if retry {
                     tracing::debug!(endpoint = %address, %reason, "upstream failed before answering; retrying");
@@ -743,12 +816,58 @@ impl Failure {
                     reason,
                 })
             }
+            Failure::Malformed(reason) if retry => {
+                tracing::debug!(endpoint = %address, %reason, "unusable answer; retrying");
+                None
+            }
+            Failure::Malformed(reason) => Some(ProxyError::Upstream {
+                endpoint: address.to_string(),
+                reason,
+            }),
+            Failure::Stalled(idle) => Some(ProxyError::ClientTimeout(idle)),
             Failure::TimedOut => (!retry).then(|| ProxyError::Timeout {
                 endpoint: address.to_string(),
                 timeout,
             }),
         }
     }
+}
+
+/// Why an upstream's answer cannot be relayed, if it cannot: a 101 to a
+/// request that asked for no upgrade, or a transfer coding other than
+/// chunked (hyper would pass its bytes on undecoded, as if identity).
+fn unrelayable(resp: &Response<Incoming>, upgrade: bool) -> Option<String> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !upgrade {
+        return Some(
+            "the upstream switched protocols (101) though the request asked for no upgrade".into(),
+        );
+    }
+    for value in resp.headers().get_all(header::TRANSFER_ENCODING) {
+        let Ok(value) = value.to_str() else {
+            return Some("the upstream's Transfer-Encoding is not text".into());
+        };
+        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Some(format!(
+                    "the upstream's transfer coding {coding:?} cannot be relayed: only chunked is understood"
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// The body timeout, when the failure came from the client's streamed
+/// body stalling.
+fn stalled(e: &hyper::Error) -> Option<Duration> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(BodyError::Stalled(idle)) = c.downcast_ref::<BodyError>() {
+            return Some(*idle);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// The value of `service`'s sticky cookie in `headers`, if it has one.
@@ -963,6 +1082,15 @@ mod tests {
             on_status: on_status.into(),
             budget_percent: 20,
             replay_limit: 1024,
+            idempotent_after_send: false,
+        }
+    }
+
+    /// [`policy`] that also repeats idempotent requests after a send.
+    fn after_send(on_status: &[u16]) -> RetryPolicy {
+        RetryPolicy {
+            idempotent_after_send: true,
+            ..policy(on_status)
         }
     }
 
@@ -984,44 +1112,68 @@ mod tests {
         use Tried::*;
         let post = || Method::POST;
         let get = || Method::GET;
-        // (outcome, method, tries left, replayable) -> next
+        let put = || Method::PUT;
+        let (off, on) = (false, true);
+        // (outcome, method, tries left, replayable, idempotent_after_send)
+        // -> next
         let table = [
             // A refused connect sent nothing: any request goes elsewhere
             // while tries are left.
-            (Refused, post(), 1, false, Retry),
-            (Refused, get(), 0, true, Fail),
-            // Reset after (part of) the request went: only a body that
-            // can be sent again, whatever the method.
-            (Reset, post(), 1, true, Retry),
-            (Reset, get(), 1, false, Fail),
-            (Reset, get(), 0, true, Fail),
-            // A timeout repeats work upstream: idempotent and replayable.
-            (TimedOut, get(), 1, true, Retry),
-            (TimedOut, post(), 1, true, Fail),
-            (TimedOut, get(), 1, false, Fail),
-            (TimedOut, get(), 0, true, Fail),
-            // An answer is retried on a listed status only.
-            (BUSY, get(), 1, true, Retry),
-            (BUSY, post(), 1, true, Respond),
-            (BUSY, get(), 1, false, Respond),
-            (BUSY, get(), 0, true, Respond),
-            (OK, get(), 1, true, Respond),
+            (Refused, post(), 1, false, off, Retry),
+            (Refused, get(), 0, true, on, Fail),
+            // Failed before a byte was written: never reached the
+            // upstream, any method goes elsewhere if its body is held.
+            (NotWritten, post(), 1, true, off, Retry),
+            (NotWritten, post(), 1, false, off, Fail),
+            (NotWritten, get(), 0, true, on, Fail),
+            // Reset or closed after bytes went out (or a malformed
+            // answer): the upstream may have acted. Never a POST; an
+            // idempotent request only when the policy allows it.
+            (Reset, post(), 1, true, off, Fail),
+            (Reset, post(), 1, true, on, Fail),
+            (Reset, get(), 1, true, off, Fail),
+            (Reset, put(), 1, true, on, Retry),
+            (Reset, get(), 1, true, on, Retry),
+            (Reset, get(), 1, false, on, Fail),
+            (Reset, get(), 0, true, on, Fail),
+            // A timeout: the same, and it adds load.
+            (TimedOut, get(), 1, true, off, Fail),
+            (TimedOut, get(), 1, true, on, Retry),
+            (TimedOut, post(), 1, true, on, Fail),
+            (TimedOut, get(), 1, false, on, Fail),
+            (TimedOut, get(), 0, true, on, Fail),
+            // The client stalled its body: nothing to try again.
+            (Stalled, get(), 1, true, on, Fail),
+            // An answer is retried on a listed status only, idempotent.
+            (BUSY, get(), 1, true, off, Retry),
+            (BUSY, post(), 1, true, on, Respond),
+            (BUSY, get(), 1, false, off, Respond),
+            (BUSY, get(), 0, true, off, Respond),
+            (OK, get(), 1, true, on, Respond),
             (
                 Answered(StatusCode::INTERNAL_SERVER_ERROR),
                 get(),
                 1,
                 true,
+                on,
                 Respond,
             ),
             // Unsent came back whole: sent again, even with no try left.
-            (Unsent, post(), 0, false, Resend),
+            (Unsent, post(), 0, false, off, Resend),
         ];
-        for (tried, method, tries_left, replayable, want) in table {
+        for (tried, method, tries_left, replayable, allow, want) in table {
             let live = Arc::new(ServiceState::default());
             let mut s = state(method.clone(), tries_left, replayable);
-            let next = s.decide(tried, &policy(&[503]), &live, 1);
-            let case =
-                format!("{tried:?} {method} tries_left={tries_left} replayable={replayable}");
+            let p = if allow {
+                after_send(&[503])
+            } else {
+                policy(&[503])
+            };
+            let next = s.decide(tried, &p, &live, 1);
+            let case = format!(
+                "{tried:?} {method} tries_left={tries_left} replayable={replayable} \
+                 idempotent_after_send={allow}"
+            );
             assert_eq!(next, want, "{case}");
             let retries = live.retries.load(Relaxed);
             match next {
@@ -1057,10 +1209,10 @@ mod tests {
     #[test]
     fn retries_that_add_load_need_the_budget_once() {
         let live = Arc::new(ServiceState::default());
-        let p = policy(&[503]);
         // An idle service allows 3 retries in flight: take them all.
         let held: Vec<_> = (0..3).filter_map(|_| live.try_retry(20)).collect();
         assert_eq!(held.len(), 3);
+        let p = after_send(&[503]);
         let mut s = state(Method::GET, 2, true);
         assert_eq!(s.decide(BUSY, &p, &live, 0), Next::Respond);
         assert_eq!(s.decide(Tried::TimedOut, &p, &live, 0), Next::Fail);
@@ -1078,7 +1230,7 @@ mod tests {
 
     #[test]
     fn a_try_takes_copies_while_the_body_can_be_sent_again() {
-        let body = UpstreamBody::Full(Some(bytes::Bytes::from_static(b"x")));
+        let body = UpstreamBody::full(bytes::Bytes::from_static(b"x"));
         let mut s = RetryState::new(&Method::PUT, HeaderMap::new(), body, 2);
         s.tries_left = 1;
         assert!(s.this_try().is_some());

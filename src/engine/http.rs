@@ -39,6 +39,8 @@ pub(super) struct ConnContext {
     pub(super) activity: Arc<ConnActivity>,
     pub(super) trust_forwarded: bool,
     pub(super) access_log: bool,
+    /// The longest wait for the next piece of a request body.
+    pub(super) body_timeout: Duration,
 }
 
 impl HttpProxy {
@@ -65,6 +67,7 @@ impl HttpProxy {
             activity: activity.clone(),
             trust_forwarded: limits.trust_forwarded_headers,
             access_log: limits.access_log,
+            body_timeout: limits.body_timeout,
         });
         let svc = service_fn(move |req| {
             let ctx = ctx.clone();
@@ -132,11 +135,15 @@ enum Woke {
 }
 
 impl ClientConn {
-    /// The idle timeout in force (shorter while draining) and the header
-    /// read timeout.
-    fn timers(&self) -> (Duration, Duration) {
+    /// The idle timeout in force (shorter while draining), the header
+    /// read timeout and the send timeout.
+    fn timers(&self) -> (Duration, Duration, Duration) {
         let idle = self.activity.idle_timeout(self.limits.idle_timeout);
-        (idle, self.limits.header_read_timeout)
+        (
+            idle,
+            self.limits.header_read_timeout,
+            self.limits.body_timeout,
+        )
     }
 
     /// Reads the connection's first bytes, as long as they may still be
@@ -182,8 +189,8 @@ impl ClientConn {
             return true;
         }
         loop {
-            let (idle, head) = self.timers();
-            let Ok(wait) = self.activity.check(idle, head) else {
+            let (idle, head, send) = self.timers();
+            let Ok(wait) = self.activity.check(idle, head, send) else {
                 return false;
             };
             let woke = tokio::select! {
@@ -207,8 +214,8 @@ impl ClientConn {
                 Woke::Drain
             }
             _ = tokio::time::sleep(wait) => {
-                let (idle, head) = self.timers();
-                match self.activity.check(idle, head) {
+                let (idle, head, send) = self.timers();
+                match self.activity.check(idle, head, send) {
                     Err(expired) => Woke::Expired(expired),
                     Ok(_) => Woke::Serve,
                 }
@@ -238,8 +245,8 @@ impl ClientConn {
         let mut conn = Box::new(http.serve_connection(TokioIo::new(io), svc).with_upgrades());
         let mut closing = false;
         loop {
-            let (idle, head) = self.timers();
-            let mut wait = self.activity.check(idle, head).unwrap_or_default();
+            let (idle, head, send) = self.timers();
+            let mut wait = self.activity.check(idle, head, send).unwrap_or_default();
             if !closing {
                 // Not parkable now (a request is being answered): look
                 // again after `PARK_AFTER`, so a busy connection's timer
@@ -251,6 +258,15 @@ impl ClientConn {
                 result = &mut *conn => {
                     if let Err(e) = result {
                         tracing::debug!(peer = %self.peer, error = %e, "client connection ended with an error");
+                    }
+                    if self.activity.aborted() {
+                        // A response was cut short: reset (RST), so that
+                        // even a body that ends at close reads as broken.
+                        if let Some(parts) = conn.into_parts() {
+                            let io = parts.io.into_inner();
+                            let _ = socket2::SockRef::from(io.get_ref())
+                                .set_linger(Some(Duration::ZERO));
+                        }
                     }
                     return None;
                 }
@@ -267,6 +283,12 @@ impl ClientConn {
                     // No request is in progress to protect, and hyper's
                     // graceful close would wait for the head: drop it.
                     tracing::debug!(peer = %self.peer, "request head not complete within header_read_timeout; closing");
+                    return None;
+                }
+                Woke::Expired(Expired::Send) => {
+                    // Dropping the connection drops the response body
+                    // and with it the upstream request.
+                    tracing::debug!(peer = %self.peer, "client did not read its response within body_timeout; closing");
                     return None;
                 }
                 Woke::Expired(Expired::Idle) => {
@@ -302,8 +324,8 @@ impl ClientConn {
         let mut conn = Box::pin(http.serve_connection(TokioIo::new(io), svc));
         let mut closing = false;
         loop {
-            let (idle, head) = self.timers();
-            let wait = self.activity.check(idle, head).unwrap_or_default();
+            let (idle, head, send) = self.timers();
+            let wait = self.activity.check(idle, head, send).unwrap_or_default();
             let woke = tokio::select! {
                 biased;
                 result = conn.as_mut() => {
@@ -320,6 +342,10 @@ impl ClientConn {
                     closing = true;
                 }
                 Woke::Expired(Expired::Head) => return,
+                Woke::Expired(Expired::Send) => {
+                    tracing::debug!(peer = %self.peer, "client did not read its responses within body_timeout; closing");
+                    return;
+                }
                 Woke::Serve => {}
             }
         }

@@ -45,6 +45,9 @@ use conn::ConnActive;
 pub struct ClientLimits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// A request in progress whose client moves no byte for this long
+    /// (request body, or reading the response) is cut.
+    pub body_timeout: Duration,
     pub max_header_bytes: usize,
     pub trust_forwarded_headers: bool,
     pub access_log: bool,
@@ -72,6 +75,8 @@ pub enum ProxyError {
     Upstream { endpoint: String, reason: String },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("the client sent no byte of its request body for {0:?} (body_timeout)")]
+    ClientTimeout(Duration),
 }
 
 impl ProxyError {
@@ -84,6 +89,7 @@ impl ProxyError {
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -120,17 +126,17 @@ pub struct RequestGuard {
     pub conn: ConnActive,
     pub service: ServiceActive,
     /// The upstream connection, reusable once the body is finished.
-    pub upstream: Option<(pool::Sender, ::http::uri::Authority)>,
+    pub upstream: Option<(pool::Conn, ::http::uri::Authority)>,
 }
 
 impl RequestGuard {
     /// The response body was read to its end: the upstream connection can
     /// serve another request, unless the endpoint takes no new ones.
     fn finish(mut self) {
-        if let Some((sender, authority)) = self.upstream.take() {
+        if let Some((conn, authority)) = self.upstream.take() {
             let live = self.endpoint.endpoint();
             if live.accepts_new() {
-                live.pool.put(sender, authority);
+                live.pool.put(conn, authority);
             }
         }
     }
@@ -214,9 +220,16 @@ impl Body for ProxyBody {
                             g.finish();
                         }
                     }
+                    // The upstream's body ended early (closed before its
+                    // length or its last chunk): the client's response
+                    // must not look complete. hyper then ends it without
+                    // a last chunk (HTTP/1.1), with RST_STREAM (h2); the
+                    // connection is reset rather than closed, which also
+                    // tells an HTTP/1.0 client, whose body ends at close.
                     Poll::Ready(Some(Err(_))) => {
                         if let Some(g) = guard.take() {
                             g.endpoint.endpoint().record_failure();
+                            g.conn.abort();
                         }
                     }
                     _ => {}

@@ -12,8 +12,10 @@
 //! be woken by it) across threads on every exchange.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::OnceLock;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
@@ -21,6 +23,7 @@ use http::uri::Authority;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use pointsman_discovery::Address;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::body::UpstreamBody;
@@ -30,6 +33,22 @@ use super::body::UpstreamBody;
 pub const MAX_IDLE: usize = 256;
 
 pub type Sender = SendRequest<UpstreamBody>;
+
+/// An upstream connection: hyper's sender, and how many bytes the socket
+/// took so far. A request that failed with the count unchanged provably
+/// never reached the upstream, so any request may go elsewhere; once a
+/// byte went out, only what the retry policy allows after a send.
+pub struct Conn {
+    pub sender: Sender,
+    written: Arc<AtomicU64>,
+}
+
+impl Conn {
+    /// Bytes written to the socket since it was opened.
+    pub fn written(&self) -> u64 {
+        self.written.load(Relaxed)
+    }
+}
 
 /// How many worker threads share the pools (set once at start).
 static THREADS: AtomicUsize = AtomicUsize::new(1);
@@ -56,7 +75,7 @@ pub fn enter_thread(i: usize) {
 }
 
 struct Idle {
-    sender: Sender,
+    conn: Conn,
     /// Where it goes: an endpoint re-registered at another address must
     /// not reuse it. (`Authority` clones without allocating.)
     authority: Authority,
@@ -99,25 +118,25 @@ pub enum ConnectError {
 impl Pool {
     /// An idle connection to `authority`, opened by this thread, that is
     /// still open and was idle for less than `max_idle`, if there is one.
-    pub async fn take(&self, authority: &Authority, max_idle: Duration) -> Option<Sender> {
+    pub async fn take(&self, authority: &Authority, max_idle: Duration) -> Option<Conn> {
         let shard = self.mine()?;
         while let Some(idle) = shard.pop() {
             if idle.since.elapsed() >= max_idle || &idle.authority != authority {
                 continue;
             }
-            let mut sender = idle.sender;
+            let mut conn = idle.conn;
             // The previous response is finished, so this resolves at once:
             // ready, or closed by the upstream meanwhile.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
+            if conn.sender.ready().await.is_ok() {
+                return Some(conn);
             }
         }
         None
     }
 
     /// Gives a connection back for reuse by this thread.
-    pub fn put(&self, sender: Sender, authority: Authority) {
-        if sender.is_closed() {
+    pub fn put(&self, conn: Conn, authority: Authority) {
+        if conn.sender.is_closed() {
             return;
         }
         let shards = self.shards.get_or_init(|| {
@@ -127,7 +146,7 @@ impl Pool {
         });
         let i = SHARD.with(Cell::get);
         shards[i % shards.len()].push(Idle {
-            sender,
+            conn,
             authority,
             since: Instant::now(),
         });
@@ -156,7 +175,9 @@ impl Pool {
         for shard in self.all() {
             for _ in 0..shard.len.load(Relaxed) {
                 match shard.pop() {
-                    Some(idle) if idle.since.elapsed() < max_idle && !idle.sender.is_closed() => {
+                    Some(idle)
+                        if idle.since.elapsed() < max_idle && !idle.conn.sender.is_closed() =>
+                    {
                         shard.push(idle);
                     }
                     Some(_) => {}
@@ -190,7 +211,7 @@ impl Shard {
 }
 
 /// Opens a new HTTP/1.1 connection to `address`.
-pub async fn connect(address: &Address, timeout: Duration) -> Result<Sender, ConnectError> {
+pub async fn connect(address: &Address, timeout: Duration) -> Result<Conn, ConnectError> {
     let stream = tokio::time::timeout(
         timeout,
         TcpStream::connect((address.host(), address.port())),
@@ -198,13 +219,78 @@ pub async fn connect(address: &Address, timeout: Duration) -> Result<Sender, Con
     .await
     .map_err(|_| ConnectError::Timeout(timeout))??;
     let _ = stream.set_nodelay(true);
+    let written = Arc::new(AtomicU64::new(0));
+    let io = CountingIo {
+        inner: stream,
+        written: written.clone(),
+    };
     let (sender, conn) = http1::Builder::new()
-        .handshake::<_, UpstreamBody>(TokioIo::new(stream))
+        .handshake::<_, UpstreamBody>(TokioIo::new(io))
         .await?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection closed with an error");
         }
     });
-    Ok(sender)
+    Ok(Conn { sender, written })
+}
+
+/// An upstream socket that counts the bytes it took.
+struct CountingIo {
+    inner: TcpStream,
+    written: Arc<AtomicU64>,
+}
+
+impl CountingIo {
+    fn count(&self, r: &Poll<std::io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.fetch_add(*n as u64, Relaxed);
+        }
+    }
+}
+
+impl AsyncRead for CountingIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CountingIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.count(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.count(&r);
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }

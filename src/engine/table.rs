@@ -74,6 +74,9 @@ pub struct RetryPolicy {
     pub on_status: Arc<[u16]>,
     pub budget_percent: u32,
     pub replay_limit: usize,
+    /// An idempotent request that reached the upstream may be repeated
+    /// after a failure without an answer (a reset, a timeout).
+    pub idempotent_after_send: bool,
 }
 
 /// Service-wide live counters (carried across rebuilds).

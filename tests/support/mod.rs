@@ -23,6 +23,8 @@ pub mod etcd;
 pub mod host;
 /// The `pointsman` binary under test: `pointsman run` and one-shot commands.
 pub mod proxy;
+/// A raw upstream that records every byte and answers as scripted.
+pub mod recorder;
 /// A proxy's view of a registry's services: listener config, endpoints, waits.
 pub mod registry;
 /// `pointsman register` sidekicks, their apps and the load they drain under.
