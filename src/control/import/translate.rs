@@ -104,7 +104,7 @@ struct Settings {
     httpchk: Option<HttpCheck>,
     expect: Option<(u16, u16)>,
     default_server: ServerOpts,
-    default_backend: Option<(String, usize)>,
+    default_backend: Option<(String, Line)>,
     access_log: bool,
 }
 
@@ -181,8 +181,6 @@ struct Translator<'a> {
     bound: BTreeMap<SocketAddr, String>,
     listener_names: BTreeSet<String>,
     backends: BTreeSet<String>,
-    /// (line, backend) of every backend a frontend sends to.
-    used_backends: Vec<(usize, String)>,
 }
 
 /// Translates a parsed haproxy.cfg. `file` names it in the comments;
@@ -205,7 +203,6 @@ pub fn translate(file: &str, cfg: &Cfg, read_map: &dyn Fn(&str) -> Option<MapFil
             .filter(|s| matches!(s.kind, SectionKind::Backend | SectionKind::Listen))
             .filter_map(|s| s.name.clone())
             .collect(),
-        used_backends: Vec::new(),
     };
     if !cfg.preamble.is_empty() {
         let notes = cfg
@@ -255,13 +252,7 @@ pub fn translate(file: &str, cfg: &Cfg, read_map: &dyn Fn(&str) -> Option<MapFil
             }
         }
     }
-    let undefined: Vec<(usize, String)> = t
-        .used_backends
-        .iter()
-        .filter(|(_, b)| !t.backends.contains(b))
-        .cloned()
-        .collect();
-    t.finish(undefined)
+    t.finish()
 }
 
 fn note(line: &Line, kind: NoteKind, why: impl Into<String>) -> Note {
@@ -630,7 +621,7 @@ impl Translator<'_> {
             ("use_backend", _) if !front || kind == SectionKind::Defaults => return only_front(),
             ("use_backend", _) => p.rules.push(line.clone()),
             ("default_backend", b) if front && !b.is_empty() => {
-                s.default_backend = Some((b.to_string(), line.number));
+                s.default_backend = Some((b.to_string(), line.clone()));
             }
             ("default_backend", _) => return only_front(),
             ("balance", algo) => {
@@ -845,7 +836,7 @@ impl Translator<'_> {
         self.access_log |= s.access_log && front;
         let default = match (&s.default_backend, section.kind) {
             (Some((b, line)), _) => {
-                self.used_backends.push((*line, b.clone()));
+                notes.extend(self.undefined(b, line));
                 Some(b.clone())
             }
             (None, SectionKind::Listen) => Some(name.clone()),
@@ -938,7 +929,11 @@ impl Translator<'_> {
             if let Some(n) = first.opts.fall {
                 fields.push(format!("fall = {n}"));
             }
-            format!("{{ {} }}", fields.join(", "))
+            if fields.is_empty() {
+                "{} # a TCP connect check, as HAProxy's `check` alone".to_string()
+            } else {
+                format!("{{ {} }}", fields.join(", "))
+            }
         });
         let endpoints = p
             .servers
@@ -975,7 +970,7 @@ impl Translator<'_> {
             match self.rule(p, line) {
                 Ok((rule, partial)) => {
                     if let Target::Service(b) = &rule.target {
-                        self.used_backends.push((line.number, b.clone()));
+                        notes.extend(self.undefined(b, line));
                     }
                     notes.extend(partial.map(|why| partly(line, why)));
                     rules.push(rule);
@@ -1126,7 +1121,17 @@ impl Translator<'_> {
         name
     }
 
-    fn finish(mut self, undefined: Vec<(usize, String)>) -> Translation {
+    /// A note when `backend` is not defined in the file.
+    fn undefined(&self, backend: &str, line: &Line) -> Option<Note> {
+        (!self.backends.contains(backend)).then(|| {
+            partly(
+                line,
+                format!("there is no backend {backend:?} in this file: its requests get 503 until a registry (or a [services] table) provides the service"),
+            )
+        })
+    }
+
+    fn finish(mut self) -> Translation {
         let mut out = String::new();
         let mut notes: Vec<Note> = Vec::new();
         out += &format!(
@@ -1296,15 +1301,8 @@ impl Translator<'_> {
             }
             out.push('\n');
         }
-        for (line, backend) in &undefined {
-            let n = Note {
-                line: *line,
-                text: format!("backend {backend}"),
-                kind: NoteKind::NotTranslated,
-                why: "no such backend in the file: its requests get 503 until a registry provides the service".into(),
-            };
-            out += &note_comment(self.file, &n);
-            notes.push(n);
+        while out.contains("\n\n\n") {
+            out = out.replace("\n\n\n", "\n\n");
         }
         while out.ends_with("\n\n") {
             out.pop();

@@ -301,5 +301,5 @@ fn a_backend_that_is_not_defined_is_said() {
     let cfg = "frontend http\n  mode http\n  bind *:80\n  default_backend web-backend\n";
     let (t, c) = import(cfg, &[]);
     assert_eq!(c.listeners[0].default_service.as_deref(), Some("web-backend"));
-    assert!(has_note(&t, 4, NoteKind::NotTranslated, "no such backend"));
+    assert!(has_note(&t, 4, NoteKind::Partly, "no backend \"web-backend\" in this file"));
 }
