@@ -27,7 +27,9 @@ pub enum ImportError {
         path: String,
         reason: std::io::Error,
     },
-    #[error("{path}: no global, defaults, frontend, backend or listen section: expected an haproxy.cfg")]
+    #[error(
+        "{path}: no global, defaults, frontend, backend or listen section: expected an haproxy.cfg"
+    )]
     NotHaproxy { path: String },
     #[error("the translation of {path} is not a valid pointsman config: {message}. This is a bug in `pointsman import`: please report it with the haproxy.cfg")]
     RoundTrip { path: String, message: String },
@@ -156,10 +158,14 @@ mod tests {
 
     #[test]
     fn a_file_without_sections_is_refused() {
-        let err = import_text("x.cfg", "[global]\nadmin = \"127.0.0.1:1\"\n", Path::new("."))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = import_text(
+            "x.cfg",
+            "[global]\nadmin = \"127.0.0.1:1\"\n",
+            Path::new("."),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
         assert!(err.contains("expected an haproxy.cfg"), "{err}");
     }
 

@@ -197,15 +197,33 @@ mod tests {
     #[test]
     fn words_follow_haproxy_quoting() {
         let w = |s: &str| split_words(s).expect("splits");
-        assert_eq!(w("bind *:80   ssl crt /a.pem"), ["bind", "*:80", "ssl", "crt", "/a.pem"]);
-        assert_eq!(w("acl a path_beg /x # a comment"), ["acl", "a", "path_beg", "/x"]);
+        assert_eq!(
+            w("bind *:80   ssl crt /a.pem"),
+            ["bind", "*:80", "ssl", "crt", "/a.pem"]
+        );
+        assert_eq!(
+            w("acl a path_beg /x # a comment"),
+            ["acl", "a", "path_beg", "/x"]
+        );
         assert_eq!(
             w(r"option httpchk GET /h HTTP/1.1\r\nHost:\ example.com"),
-            ["option", "httpchk", "GET", "/h", "HTTP/1.1\r\nHost: example.com"]
+            [
+                "option",
+                "httpchk",
+                "GET",
+                "/h",
+                "HTTP/1.1\r\nHost: example.com"
+            ]
         );
-        assert_eq!(w(r#"http-check send hdr "X Y" 'a\b'"#), ["http-check", "send", "hdr", "X Y", r"a\b"]);
+        assert_eq!(
+            w(r#"http-check send hdr "X Y" 'a\b'"#),
+            ["http-check", "send", "hdr", "X Y", r"a\b"]
+        );
         assert_eq!(w(r"acl a hdr(host) x\#y"), ["acl", "a", "hdr(host)", "x#y"]);
-        assert_eq!(split_words("acl a \"open"), Err(LineError::UnclosedQuote('"')));
+        assert_eq!(
+            split_words("acl a \"open"),
+            Err(LineError::UnclosedQuote('"'))
+        );
     }
 
     #[test]
@@ -215,7 +233,11 @@ mod tests {
         );
         assert_eq!(cfg.preamble.len(), 1);
         assert_eq!(cfg.preamble[0].number, 2);
-        let kinds: Vec<_> = cfg.sections.iter().map(|s| (s.kind, s.name.clone(), s.lines.len())).collect();
+        let kinds: Vec<_> = cfg
+            .sections
+            .iter()
+            .map(|s| (s.kind, s.name.clone(), s.lines.len()))
+            .collect();
         assert_eq!(
             kinds,
             [
@@ -230,9 +252,13 @@ mod tests {
 
     #[test]
     fn an_haproxy_cfg_is_told_from_toml() {
-        assert!(looks_like_haproxy("global\n  daemon\nfrontend http\n  bind *:80\n"));
+        assert!(looks_like_haproxy(
+            "global\n  daemon\nfrontend http\n  bind *:80\n"
+        ));
         assert!(looks_like_haproxy("\tbackend web\n\t\tserver a b:1\n"));
-        assert!(!looks_like_haproxy("[global]\nadmin = \"127.0.0.1:8404\"\n"));
+        assert!(!looks_like_haproxy(
+            "[global]\nadmin = \"127.0.0.1:8404\"\n"
+        ));
         assert!(!looks_like_haproxy("global = 1\n"));
         assert!(!looks_like_haproxy(""));
     }

@@ -215,10 +215,8 @@ pub fn compile(rules: &[Rule], default: &Target) -> (Vec<CompiledRoute>, Vec<Une
             HostClass::Other => None,
         };
         if let Some(name) = name {
-            let mut wider: Vec<&String> = suffixes
-                .iter()
-                .filter(|s| is_subdomain(name, s))
-                .collect();
+            let mut wider: Vec<&String> =
+                suffixes.iter().filter(|s| is_subdomain(name, s)).collect();
             wider.sort_by_key(|s| std::cmp::Reverse(s.len()));
             chain.extend(wider.into_iter().map(|s| Some(format!("*.{s}"))));
             chain.push(None);
@@ -236,7 +234,12 @@ pub fn compile(rules: &[Rule], default: &Target) -> (Vec<CompiledRoute>, Vec<Une
             let have = chain
                 .iter()
                 .find_map(|group| {
-                    written.get(group)?.iter().filter(|(p, _)| path.starts_with(p.as_str())).max_by_key(|(p, _)| p.len()).map(|(_, t)| t.clone())
+                    written
+                        .get(group)?
+                        .iter()
+                        .filter(|(p, _)| path.starts_with(p.as_str()))
+                        .max_by_key(|(p, _)| p.len())
+                        .map(|(_, t)| t.clone())
                 })
                 .unwrap_or_else(|| default.clone());
             if want == have {
@@ -304,7 +307,10 @@ mod tests {
         let rules = [rule(
             3,
             vec![
-                vec![Test::Host("a.example".into()), Test::Host("b.example".into())],
+                vec![
+                    Test::Host("a.example".into()),
+                    Test::Host("b.example".into()),
+                ],
                 vec![Test::PathPrefix("/api".into())],
             ],
             "api",
@@ -359,7 +365,11 @@ mod tests {
                 (Some("example.com"), "/", svc("main")),
             ]
         );
-        let rules = [rule(1, vec![vec![Test::Domain("example.com".into())]], "ex")];
+        let rules = [rule(
+            1,
+            vec![vec![Test::Domain("example.com".into())]],
+            "ex",
+        )];
         let (routes, _) = compile(&rules, &svc("main"));
         assert_eq!(
             brief(&routes),
@@ -381,22 +391,26 @@ mod tests {
             target: svc("app"),
         }];
         let (routes, _) = compile(&rules, &svc("static"));
-        assert_eq!(brief(&routes), [(None, "/", svc("app"))].into_iter().chain([(None, "/static", svc("static"))]).collect::<Vec<_>>());
+        assert_eq!(
+            brief(&routes),
+            [(None, "/", svc("app"))]
+                .into_iter()
+                .chain([(None, "/static", svc("static"))])
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn a_map_without_default_falls_back_on_what_follows() {
-        let rules = [
-            Rule {
-                line: 1,
-                condition: None,
-                target: Target::Map {
-                    map: "hosts".into(),
-                    key: "req.host".into(),
-                    default: None,
-                },
+        let rules = [Rule {
+            line: 1,
+            condition: None,
+            target: Target::Map {
+                map: "hosts".into(),
+                key: "req.host".into(),
+                default: None,
             },
-        ];
+        }];
         let (routes, _) = compile(&rules, &svc("web"));
         assert_eq!(
             brief(&routes),

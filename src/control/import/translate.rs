@@ -180,6 +180,8 @@ struct Translator<'a> {
     maps: BTreeMap<String, (String, Vec<(String, String)>)>,
     bound: BTreeMap<SocketAddr, String>,
     listener_names: BTreeSet<String>,
+    /// Services written so far.
+    services: BTreeSet<String>,
     backends: BTreeSet<String>,
 }
 
@@ -197,6 +199,7 @@ pub fn translate(file: &str, cfg: &Cfg, read_map: &dyn Fn(&str) -> Option<MapFil
         maps: BTreeMap::new(),
         bound: BTreeMap::new(),
         listener_names: BTreeSet::new(),
+        services: BTreeSet::new(),
         backends: cfg
             .sections
             .iter()
@@ -247,7 +250,12 @@ pub fn translate(file: &str, cfg: &Cfg, read_map: &dyn Fn(&str) -> Option<MapFil
                     &section.header,
                     "pointsman has no such section (backends come from the config or a registry)",
                 )];
-                notes.extend(section.lines.iter().map(|l| not(l, "inside a section pointsman has no equivalent of")));
+                notes.extend(
+                    section
+                        .lines
+                        .iter()
+                        .map(|l| not(l, "inside a section pointsman has no equivalent of")),
+                );
                 t.push_block(section, Vec::new(), None, notes);
             }
         }
@@ -277,7 +285,8 @@ fn built_in(line: &Line, why: impl Into<String>) -> Note {
 }
 
 const NO_EQUIVALENT: &str = "pointsman has no equivalent";
-const TLS: &str = "TLS is not translated: pointsman serves plain HTTP and h2c; terminate TLS in front of it";
+const TLS: &str =
+    "pointsman does not terminate TLS (it serves plain HTTP and h2c): terminate TLS in front of it";
 const LOGS: &str = "pointsman logs to stderr (--log-format json for JSON lines)";
 
 /// An HAProxy time: a number with `us`, `ms`, `s`, `m`, `h` or `d`
@@ -299,11 +308,11 @@ pub fn parse_time(s: &str) -> Option<Duration> {
 /// A duration as pointsman writes it: `"5s"`, `"250ms"`, `"2m"`.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis().max(1);
-    if ms % 3_600_000 == 0 {
+    if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -338,13 +347,18 @@ pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
     let port: u16 = port
         .parse()
         .map_err(|_| format!("{port:?} is not a port"))?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     let ip: IpAddr = match host {
         "" | "*" if family == Some(true) => Ipv6Addr::UNSPECIFIED.into(),
         "" | "*" => Ipv4Addr::UNSPECIFIED.into(),
         "::" => Ipv6Addr::UNSPECIFIED.into(),
         h => h.parse().map_err(|_| {
-            format!("{h:?} is not an IP address: write the address to listen on, or *:{port} for all")
+            format!(
+                "{h:?} is not an IP address: write the address to listen on, or *:{port} for all"
+            )
         })?,
     };
     Ok(SocketAddr::new(ip, port))
@@ -355,15 +369,25 @@ pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
 fn parse_server_address(s: &str) -> Result<String, String> {
     let rest = match s.split_once('@') {
         Some(("ipv4" | "ipv6" | "tcp" | "tcp4" | "tcp6", r)) => r,
-        Some((other, _)) => return Err(format!("a {other}@ address: pointsman connects over TCP only")),
-        None if s.starts_with('/') => return Err("a Unix socket: pointsman connects over TCP only".into()),
+        Some((other, _)) => {
+            return Err(format!(
+                "a {other}@ address: pointsman connects over TCP only"
+            ))
+        }
+        None if s.starts_with('/') => {
+            return Err("a Unix socket: pointsman connects over TCP only".into())
+        }
         None => s,
     };
     let no_port = || {
-        format!("{s:?} has no port (HAProxy then uses the port the client connected to): add the port")
+        format!(
+            "{s:?} has no port (HAProxy then uses the port the client connected to): add the port"
+        )
     };
     let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
-        let (h, p) = inner.split_once(']').ok_or_else(|| format!("{s:?}: no closing ]"))?;
+        let (h, p) = inner
+            .split_once(']')
+            .ok_or_else(|| format!("{s:?}: no closing ]"))?;
         (h, p.strip_prefix(':').ok_or_else(no_port)?)
     } else if rest.parse::<Ipv6Addr>().is_ok() {
         return Err(no_port());
@@ -393,13 +417,45 @@ fn parse_server_address(s: &str) -> Result<String, String> {
 
 /// Server option words that take no argument.
 const SERVER_FLAGS: &[&str] = &[
-    "check", "no-check", "backup", "no-backup", "disabled", "enabled", "ssl", "no-ssl",
-    "check-ssl", "no-check-ssl", "send-proxy", "send-proxy-v2", "send-proxy-v2-ssl",
-    "send-proxy-v2-ssl-cn", "no-send-proxy", "check-send-proxy", "agent-check", "no-agent-check",
-    "tfo", "no-tfo", "allow-0rtt", "no-verifyhost", "non-stick", "stick", "force-sslv3",
-    "force-tlsv10", "force-tlsv11", "force-tlsv12", "force-tlsv13", "no-sslv3", "no-tlsv10",
-    "no-tlsv11", "no-tlsv12", "no-tlsv13", "no-tls-tickets", "tls-tickets", "check-via-socks4",
-    "ws", "log-proto",
+    "check",
+    "no-check",
+    "backup",
+    "no-backup",
+    "disabled",
+    "enabled",
+    "ssl",
+    "no-ssl",
+    "check-ssl",
+    "no-check-ssl",
+    "send-proxy",
+    "send-proxy-v2",
+    "send-proxy-v2-ssl",
+    "send-proxy-v2-ssl-cn",
+    "no-send-proxy",
+    "check-send-proxy",
+    "agent-check",
+    "no-agent-check",
+    "tfo",
+    "no-tfo",
+    "allow-0rtt",
+    "no-verifyhost",
+    "non-stick",
+    "stick",
+    "force-sslv3",
+    "force-tlsv10",
+    "force-tlsv11",
+    "force-tlsv12",
+    "force-tlsv13",
+    "no-sslv3",
+    "no-tlsv10",
+    "no-tlsv11",
+    "no-tlsv12",
+    "no-tlsv13",
+    "no-tls-tickets",
+    "tls-tickets",
+    "check-via-socks4",
+    "ws",
+    "log-proto",
 ];
 
 /// Applies server option words to `opts`; says what could not be applied.
@@ -424,14 +480,20 @@ fn server_options(words: &[String], opts: &mut ServerOpts) -> Vec<String> {
                 Some(n) if n <= 256 => opts.weight = Some(n as u16),
                 _ => issues.push(format!("`weight {}`: expected 0 to 256", arg.unwrap_or(""))),
             },
-            "inter" => match time(arg) {
+            "inter" => match time(arg).filter(|d| !d.is_zero()) {
                 Some(d) => opts.inter = Some(d),
-                None => issues.push(format!("`inter {}`: not a time", arg.unwrap_or(""))),
+                None => issues.push(format!(
+                    "`inter {}`: expected a time above 0",
+                    arg.unwrap_or("")
+                )),
             },
             "rise" | "fall" => match count(arg) {
                 Some(n) if w == "rise" => opts.rise = Some(n),
                 Some(n) => opts.fall = Some(n),
-                None => issues.push(format!("`{w} {}`: expected a count from 1", arg.unwrap_or(""))),
+                None => issues.push(format!(
+                    "`{w} {}`: expected a count from 1",
+                    arg.unwrap_or("")
+                )),
             },
             "slowstart" => match time(arg) {
                 Some(d) => opts.slowstart = Some(d),
@@ -467,7 +529,10 @@ fn q(s: &str) -> String {
 
 /// A TOML key: bare when it can be.
 fn key(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
         s.to_string()
     } else {
         q(s)
@@ -476,7 +541,9 @@ fn key(s: &str) -> String {
 
 /// A line of the haproxy.cfg fit to be quoted in a comment.
 fn comment_text(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// The map name HAProxy's runtime API uses for a map file: its last path
@@ -510,9 +577,20 @@ fn call<'s>(s: &'s str, name: &str) -> Option<&'s str> {
 }
 
 impl Translator<'_> {
-    fn push_block(&mut self, section: &Section, listeners: Vec<ListenerOut>, service: Option<ServiceOut>, notes: Vec<Note>) {
+    fn push_block(
+        &mut self,
+        section: &Section,
+        listeners: Vec<ListenerOut>,
+        service: Option<ServiceOut>,
+        notes: Vec<Note>,
+    ) {
         self.blocks.push(Block {
-            heading: format!("{}:{}: {}", self.file, section.header.number, comment_text(&section.header.text)),
+            heading: format!(
+                "{}:{}: {}",
+                self.file,
+                section.header.number,
+                comment_text(&section.header.text)
+            ),
             listeners,
             service,
             notes,
@@ -565,7 +643,10 @@ impl Translator<'_> {
     fn stats_socket(&mut self, line: &Line) -> Option<Note> {
         let addr = line.word(2);
         let extra = line.words.len() > 3;
-        let kept = if let Some(path) = addr.strip_prefix("unix@").or_else(|| addr.starts_with('/').then_some(addr)) {
+        let kept = if let Some(path) = addr
+            .strip_prefix("unix@")
+            .or_else(|| addr.starts_with('/').then_some(addr))
+        {
             self.global.runtime_socket = Some(path.to_string());
             None
         } else {
@@ -591,12 +672,24 @@ impl Translator<'_> {
     }
 
     /// A line of a defaults, frontend, backend or listen section.
-    fn proxy_line(&mut self, kind: SectionKind, s: &mut Settings, p: &mut Proxy, line: &Line) -> Option<Note> {
+    fn proxy_line(
+        &mut self,
+        kind: SectionKind,
+        s: &mut Settings,
+        p: &mut Proxy,
+        line: &Line,
+    ) -> Option<Note> {
         if let Some(e) = &line.error {
             return Some(not(line, e.to_string()));
         }
-        let front = matches!(kind, SectionKind::Frontend | SectionKind::Listen | SectionKind::Defaults);
-        let back = matches!(kind, SectionKind::Backend | SectionKind::Listen | SectionKind::Defaults);
+        let front = matches!(
+            kind,
+            SectionKind::Frontend | SectionKind::Listen | SectionKind::Defaults
+        );
+        let back = matches!(
+            kind,
+            SectionKind::Backend | SectionKind::Listen | SectionKind::Defaults
+        );
         let w = |i| line.word(i);
         let only_back = || Some(not(line, "HAProxy reads this in backends only"));
         let only_front = || Some(not(line, "HAProxy reads this in frontends only"));
@@ -608,7 +701,10 @@ impl Translator<'_> {
             ("bind", _) => return self.bind(p, line),
             ("acl", _) if kind == SectionKind::Defaults => return Some(not(line, "ACLs belong in frontends")),
             ("acl", name) => {
-                let acl = parse_acl(&line.words[2..]);
+                if name.is_empty() {
+                    return Some(not(line, "an ACL needs a name"));
+                }
+                let acl = parse_acl(line.words.get(2..).unwrap_or(&[]));
                 let why = acl.as_ref().err().cloned();
                 let entry = p.acls.entry(name.to_string()).or_insert_with(|| Ok(Vec::new()));
                 match (entry, acl) {
@@ -693,12 +789,7 @@ impl Translator<'_> {
                         c.host = args.get(2).and_then(|v| host_header(v));
                     }
                 }
-                let method = c.method.clone().unwrap_or_default();
-                s.httpchk = Some(c);
-                if !method.is_empty() && !method.bytes().all(|b| b.is_ascii_uppercase()) {
-                    s.httpchk = None;
-                    return Some(not(line, format!("{method:?} is not an HTTP method")));
-                }
+                return set_httpchk(s, c, line);
             }
             ("http-check", "send") => return http_check_send(s, line),
             ("http-check", "expect") => match (w(2), w(3)) {
@@ -786,7 +877,10 @@ impl Translator<'_> {
         if !opts.is_empty() {
             problems.push(format!("the bind options `{}` are not", opts.join(" ")));
         }
-        match (problems.is_empty(), p.binds.iter().any(|(l, _)| *l == line.number)) {
+        match (
+            problems.is_empty(),
+            p.binds.iter().any(|(l, _)| *l == line.number),
+        ) {
             (true, _) => None,
             (false, true) => Some(partly(line, problems.join("; "))),
             (false, false) => Some(not(line, problems.join("; "))),
@@ -809,6 +903,12 @@ impl Translator<'_> {
                     .into(),
             );
         }
+        if p.servers.iter().any(|sv| sv.name == name) {
+            return Some(not(
+                line,
+                format!("a second server named {name:?} in this backend"),
+            ));
+        }
         p.servers.push(Server {
             name: name.to_string(),
             address,
@@ -826,7 +926,13 @@ impl Translator<'_> {
             notes.extend(self.proxy_line(section.kind, &mut s, &mut p, line));
         }
         if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
-            notes.insert(0, not(&section.header, "the section needs a name without '/' to become a listener or service"));
+            notes.insert(
+                0,
+                not(
+                    &section.header,
+                    "the section needs a name without '/' to become a listener or service",
+                ),
+            );
             self.push_block(section, Vec::new(), None, notes);
             return;
         }
@@ -854,7 +960,11 @@ impl Translator<'_> {
                 ));
             } else {
                 for (i, (_, bind)) in p.binds.iter().enumerate() {
-                    let mut lname = if i == 0 { name.clone() } else { format!("{name}-{}", i + 1) };
+                    let mut lname = if i == 0 {
+                        name.clone()
+                    } else {
+                        format!("{name}-{}", i + 1)
+                    };
                     while self.listener_names.contains(&lname) {
                         lname.push('_');
                     }
@@ -871,18 +981,37 @@ impl Translator<'_> {
             let rules = std::mem::take(&mut p.rules);
             if mode == Mode::Tcp {
                 notes.extend(rules.iter().map(|l| {
-                    not(l, "a tcp listener sends every connection to its default_service")
+                    not(
+                        l,
+                        "a tcp listener sends every connection to its default_service",
+                    )
                 }));
             } else {
                 self.compile_routes(&name, &p, &rules, default.as_deref(), &mut notes);
             }
         }
-        let service = back.then(|| self.service(&name, &s, &p));
+        let service = match back {
+            true if !self.services.insert(name.clone()) => {
+                notes.push(not(
+                    &section.header,
+                    format!("a second backend named {name:?}: the first is kept"),
+                ));
+                None
+            }
+            true => Some(self.service(&name, &s, &p)),
+            false => None,
+        };
         notes.sort_by_key(|n| n.line);
         self.push_block(section, listeners, service, notes);
     }
 
-    fn client_side_timeouts(&mut self, s: &Settings, name: &str, section: &Section, notes: &mut Vec<Note>) {
+    fn client_side_timeouts(
+        &mut self,
+        s: &Settings,
+        name: &str,
+        section: &Section,
+        notes: &mut Vec<Note>,
+    ) {
         let idle = s.keep_alive.or(s.client);
         let mine = (s.http_request, idle);
         match &self.client_side {
@@ -964,7 +1093,14 @@ impl Translator<'_> {
     }
 
     /// The frontend's `use_backend` rules as routes.
-    fn compile_routes(&mut self, frontend: &str, p: &Proxy, lines: &[Line], default: Option<&str>, notes: &mut Vec<Note>) {
+    fn compile_routes(
+        &mut self,
+        frontend: &str,
+        p: &Proxy,
+        lines: &[Line],
+        default: Option<&str>,
+        notes: &mut Vec<Note>,
+    ) {
         let mut rules = Vec::new();
         for line in lines {
             match self.rule(p, line) {
@@ -984,7 +1120,9 @@ impl Translator<'_> {
         if rules.is_empty() {
             return;
         }
-        let default_target = default.map(|d| Target::Service(d.to_string())).unwrap_or(Target::Nothing);
+        let default_target = default
+            .map(|d| Target::Service(d.to_string()))
+            .unwrap_or(Target::Nothing);
         let (compiled, unexpressed) = routes::compile(&rules, &default_target);
         for u in unexpressed {
             let at = lines.first().map(|l| l.number).unwrap_or(0);
@@ -999,7 +1137,13 @@ impl Translator<'_> {
                 why: "HAProxy has no backend for them (503), and a route cannot say \"none\": they go where the less specific route sends them".into(),
             });
         }
-        let text_of = |n: usize| lines.iter().find(|l| l.number == n).map(|l| comment_text(&l.text)).unwrap_or_default();
+        let text_of = |n: usize| {
+            lines
+                .iter()
+                .find(|l| l.number == n)
+                .map(|l| comment_text(&l.text))
+                .unwrap_or_default()
+        };
         let routes: Vec<RouteOut> = compiled
             .into_iter()
             .enumerate()
@@ -1009,7 +1153,11 @@ impl Translator<'_> {
                     Some(n) => format!("{}:{n}: {}", self.file, text_of(n)),
                     None => format!(
                         "the default_backend, ahead of a less specific route{}",
-                        if r.host.is_some() { " for other hosts" } else { "" }
+                        if r.host.is_some() {
+                            " for other hosts"
+                        } else {
+                            ""
+                        }
                     ),
                 },
                 route: r,
@@ -1032,21 +1180,36 @@ impl Translator<'_> {
     fn rule(&mut self, p: &Proxy, line: &Line) -> Result<(Rule, Option<String>), String> {
         let target_word = line.word(1);
         let mut partial = None;
-        let target = if let Some(expr) = target_word.strip_prefix("%[").and_then(|e| e.strip_suffix(']')) {
+        let target = if let Some(expr) = target_word
+            .strip_prefix("%[")
+            .and_then(|e| e.strip_suffix(']'))
+        {
             let (target, why) = self.map_target(expr)?;
             partial = why;
             target
         } else if target_word.contains("%[") || target_word.is_empty() {
-            return Err("a backend name built from the request: only %[<fetch>,map(<file>)] translates".into());
+            return Err(
+                "a backend name built from the request: only %[<fetch>,map(<file>)] translates"
+                    .into(),
+            );
         } else {
             Target::Service(target_word.to_string())
         };
         let condition = match line.words.get(2).map(String::as_str) {
             None => None,
-            Some(kw @ ("if" | "unless")) => Some(parse_condition(kw == "unless", &line.words[3..], &p.acls)?),
+            Some(kw @ ("if" | "unless")) => {
+                Some(parse_condition(kw == "unless", &line.words[3..], &p.acls)?)
+            }
             Some(other) => return Err(format!("{other:?}: expected `if` or `unless`")),
         };
-        Ok((Rule { line: line.number, condition, target }, partial))
+        Ok((
+            Rule {
+                line: line.number,
+                condition,
+                target,
+            },
+            partial,
+        ))
     }
 
     /// `<fetch>[,lower],map(<file>[,<default>])` as a map target.
@@ -1054,7 +1217,9 @@ impl Translator<'_> {
         let parts = split_top(expr);
         let (fetch, rest) = parts.split_first().ok_or("an empty expression")?;
         let (last, convs) = rest.split_last().ok_or("no map(<file>) converter")?;
-        let args = call(last, "map").or_else(|| call(last, "map_str")).ok_or("the last converter is not map(<file>)")?;
+        let args = call(last, "map")
+            .or_else(|| call(last, "map_str"))
+            .ok_or("the last converter is not map(<file>)")?;
         let (file, default) = match args.split_once(',') {
             Some((f, d)) => (f.trim(), Some(d.trim().to_string())),
             None => (args.trim(), None),
@@ -1076,14 +1241,27 @@ impl Translator<'_> {
         for c in convs {
             match *c {
                 "lower" if key == "req.host" => {}
-                c if key == "req.host" && call(c, "field").is_some_and(|a| a.replace(' ', "") == "1,:") => {}
-                "lower" => partial = Some("`lower` is not applied to the key (only the host is lower-cased)".to_string()),
-                c => return Err(format!("the converter {c:?}: only lower and map(<file>) translate")),
+                c if key == "req.host"
+                    && call(c, "field").is_some_and(|a| a.replace(' ', "") == "1,:") => {}
+                "lower" => {
+                    partial = Some(
+                        "`lower` is not applied to the key (only the host is lower-cased)"
+                            .to_string(),
+                    )
+                }
+                c => {
+                    return Err(format!(
+                        "the converter {c:?}: only lower and map(<file>) translate"
+                    ))
+                }
             }
         }
         if key == "req.host" {
-            partial.get_or_insert_with(|| "the key is the host without its port (as with field(1,:))".into());
+            partial.get_or_insert_with(|| {
+                "the key is the host without its port (as with field(1,:))".into()
+            });
         }
+        pointsman_discovery::route::MapKey::parse(&key)?;
         let map = self.load_map(file);
         Ok((Target::Map { map, key, default }, partial))
     }
@@ -1112,10 +1290,16 @@ impl Translator<'_> {
         });
         match entries {
             Some((shown, entries)) => {
-                self.maps.insert(name.clone(), (format!("{file} (read from {shown})"), entries));
+                let from = if shown == file {
+                    shown
+                } else {
+                    format!("{file} (read from {shown})")
+                };
+                self.maps.insert(name.clone(), (from, entries));
             }
             None => {
-                self.maps.insert(name.clone(), (file.to_string(), Vec::new()));
+                self.maps
+                    .insert(name.clone(), (file.to_string(), Vec::new()));
             }
         }
         name
@@ -1143,10 +1327,17 @@ impl Translator<'_> {
         );
 
         // Settings every service shares move to [global].
-        let services: Vec<&ServiceOut> = self.blocks.iter().filter_map(|b| b.service.as_ref()).collect();
+        let services: Vec<&ServiceOut> = self
+            .blocks
+            .iter()
+            .filter_map(|b| b.service.as_ref())
+            .collect();
         let shared = |f: &dyn Fn(&ServiceOut) -> Option<Duration>| {
             let first = services.first().and_then(|s| f(s))?;
-            services.iter().all(|s| f(s) == Some(first)).then_some(first)
+            services
+                .iter()
+                .all(|s| f(s) == Some(first))
+                .then_some(first)
         };
         let connect = shared(&|s| s.connect);
         let request = shared(&|s| s.request);
@@ -1333,7 +1524,9 @@ fn note_comment(file: &str, n: &Note) -> String {
 fn host_header(version: &str) -> Option<String> {
     version.split("\r\n").skip(1).find_map(|h| {
         let (name, value) = h.split_once(':')?;
-        name.trim().eq_ignore_ascii_case("host").then(|| value.trim().to_string())
+        name.trim()
+            .eq_ignore_ascii_case("host")
+            .then(|| value.trim().to_string())
     })
 }
 
@@ -1355,7 +1548,11 @@ fn http_check_send(s: &mut Settings, line: &Line) -> Option<Note> {
             "meth" => c.method = arg,
             "uri" => c.uri = arg,
             "ver" => {}
-            "hdr" if arg.as_deref().is_some_and(|h| h.eq_ignore_ascii_case("host")) => {
+            "hdr"
+                if arg
+                    .as_deref()
+                    .is_some_and(|h| h.eq_ignore_ascii_case("host")) =>
+            {
                 c.host = words.get(i + 2).cloned();
                 i += 1;
             }
@@ -1363,16 +1560,48 @@ fn http_check_send(s: &mut Settings, line: &Line) -> Option<Note> {
         }
         i += 2;
     }
+    if let Some(n) = set_httpchk(s, c, line) {
+        return Some(n);
+    }
+    (!left.is_empty()).then(|| {
+        partly(
+            line,
+            format!(
+                "`{}` not translated: pointsman's check sends method, path and Host",
+                left.join(" ")
+            ),
+        )
+    })
+}
+
+/// Keeps an HTTP check whose method and path pointsman can send.
+fn set_httpchk(s: &mut Settings, c: HttpCheck, line: &Line) -> Option<Note> {
+    let method = c.method.clone().unwrap_or_default();
+    if !method.is_empty() && !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Some(not(line, format!("{method:?} is not an HTTP method")));
+    }
+    if let Some(uri) = c.uri.as_deref().filter(|u| !u.starts_with('/')) {
+        return Some(not(
+            line,
+            format!("{uri:?} is not a path: pointsman's check requests a path, e.g. /healthz"),
+        ));
+    }
     s.httpchk = Some(c);
-    (!left.is_empty()).then(|| partly(line, format!("`{}` not translated: pointsman's check sends method, path and Host", left.join(" "))))
+    None
 }
 
 fn timeout(s: &mut Settings, kind: SectionKind, which: &str, line: &Line) -> Option<Note> {
-    let Some(d) = parse_time(line.word(2)) else {
+    let Some(d) = parse_time(line.word(2)).filter(|d| !d.is_zero() || which != "check") else {
         return Some(not(line, format!("{:?} is not a time", line.word(2))));
     };
-    let back = matches!(kind, SectionKind::Backend | SectionKind::Listen | SectionKind::Defaults);
-    let front = matches!(kind, SectionKind::Frontend | SectionKind::Listen | SectionKind::Defaults);
+    let back = matches!(
+        kind,
+        SectionKind::Backend | SectionKind::Listen | SectionKind::Defaults
+    );
+    let front = matches!(
+        kind,
+        SectionKind::Frontend | SectionKind::Listen | SectionKind::Defaults
+    );
     let slot = match which {
         "connect" if back => &mut s.connect,
         "server" if back => &mut s.server,
@@ -1380,7 +1609,9 @@ fn timeout(s: &mut Settings, kind: SectionKind, which: &str, line: &Line) -> Opt
         "client" if front => &mut s.client,
         "http-request" if front => &mut s.http_request,
         "http-keep-alive" if front => &mut s.keep_alive,
-        "connect" | "server" | "check" => return Some(not(line, "HAProxy reads this in backends only")),
+        "connect" | "server" | "check" => {
+            return Some(not(line, "HAProxy reads this in backends only"))
+        }
         "client" | "http-request" | "http-keep-alive" => {
             return Some(not(line, "HAProxy reads this in frontends only"))
         }
@@ -1481,6 +1712,13 @@ fn parse_acl(words: &[String]) -> Result<Acl, String> {
             (Subject::Path, "str") => {
                 return Err("an exact path: pointsman matches path prefixes (path_beg)".into())
             }
+            (Subject::Host, _)
+                if !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b)) =>
+            {
+                return Err(format!("{v:?} is not a host name"))
+            }
             (Subject::Host, _) if v.contains(':') => {
                 return Err(format!("the host {v:?} has a port: pointsman matches hosts without their port"))
             }
@@ -1504,7 +1742,11 @@ fn parse_acl(words: &[String]) -> Result<Acl, String> {
 }
 
 /// The words after `if`/`unless`: ACL names, `!`, `||`/`or`, `{ ... }`.
-fn parse_condition(unless: bool, words: &[String], acls: &BTreeMap<String, Result<Acl, String>>) -> Result<Condition, String> {
+fn parse_condition(
+    unless: bool,
+    words: &[String],
+    acls: &BTreeMap<String, Result<Acl, String>>,
+) -> Result<Condition, String> {
     let mut any_of = vec![Vec::new()];
     let mut negate = false;
     let mut i = 0;
@@ -1539,7 +1781,9 @@ fn parse_condition(unless: bool, words: &[String], acls: &BTreeMap<String, Resul
                 negate ^= neg;
                 match acls.get(name) {
                     Some(Ok(acl)) => acl.clone(),
-                    Some(Err(_)) => return Err(format!("it uses ACL {name:?}, which is not translated")),
+                    Some(Err(_)) => {
+                        return Err(format!("it uses ACL {name:?}, which is not translated"))
+                    }
                     None => return Err(format!("ACL {name:?} is not defined in this section")),
                 }
             }

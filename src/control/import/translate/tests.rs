@@ -7,10 +7,12 @@ use crate::control::import::parse::parse;
 /// Translates `cfg` with the map files given, and parses the result.
 fn import(cfg: &str, maps: &[(&str, &str)]) -> (Translation, Config) {
     let read = |file: &str| {
-        maps.iter().find(|(f, _)| *f == file).map(|(f, text)| MapFile {
-            shown: f.to_string(),
-            text: text.to_string(),
-        })
+        maps.iter()
+            .find(|(f, _)| *f == file)
+            .map(|(f, text)| MapFile {
+                shown: f.to_string(),
+                text: text.to_string(),
+            })
     };
     let t = translate("haproxy.cfg", &parse(cfg), &read);
     let c = Config::parse("out.toml", &t.toml)
@@ -43,9 +45,14 @@ fn times_and_binds_read_as_haproxy_writes_them() {
     assert_eq!(b("[::1]:80"), Ok("[::1]:80".into()));
     assert!(b("unix@/run/x.sock").is_err());
     assert!(b("*:8000-8010").unwrap_err().contains("port range"));
-    assert!(b("example.com:80").unwrap_err().contains("not an IP address"));
+    assert!(b("example.com:80")
+        .unwrap_err()
+        .contains("not an IP address"));
     let s = parse_server_address;
-    assert_eq!(s("web1.yourdomain.com:9001"), Ok("web1.yourdomain.com:9001".into()));
+    assert_eq!(
+        s("web1.yourdomain.com:9001"),
+        Ok("web1.yourdomain.com:9001".into())
+    );
     assert_eq!(s("ipv6@[::1]:80"), Ok("[::1]:80".into()));
     assert!(s("10.0.0.1").unwrap_err().contains("has no port"));
     assert!(s("10.0.0.1:+1").unwrap_err().contains("offset"));
@@ -77,17 +84,33 @@ frontend http                            #configures frontend named http
     assert_eq!(c.listeners.len(), 1);
     let l = &c.listeners[0];
     assert_eq!(
-        (l.name.as_str(), l.bind.to_string(), l.mode, l.default_service.as_deref()),
-        ("http", "0.0.0.0:80".into(), ListenerMode::Http, Some("web_server"))
+        (
+            l.name.as_str(),
+            l.bind.to_string(),
+            l.mode,
+            l.default_service.as_deref()
+        ),
+        (
+            "http",
+            "0.0.0.0:80".into(),
+            ListenerMode::Http,
+            Some("web_server")
+        )
     );
     let jms = &c.services["web_jms"];
     assert_eq!(jms.endpoints.len(), 2);
-    assert_eq!(jms.endpoints[0].address.to_string(), "jms1.yourdomain.com:9001");
+    assert_eq!(
+        jms.endpoints[0].address.to_string(),
+        "jms1.yourdomain.com:9001"
+    );
     let check = jms.check.as_ref().expect("a check");
     assert_eq!(check.http, None, "a TCP check, as HAProxy's `check` alone");
     assert_eq!(c.routes.len(), 1);
     let r = &c.routes["http-1"];
-    assert_eq!((r.path_prefix.as_str(), r.service.as_deref()), ("/blog", Some("web_jms")));
+    assert_eq!(
+        (r.path_prefix.as_str(), r.service.as_deref()),
+        ("/blog", Some("web_jms"))
+    );
 }
 
 #[test]
@@ -124,24 +147,44 @@ backend late
     assert_eq!(c.global.idle_timeout, Duration::from_secs(50));
     assert_eq!(c.global.header_read_timeout, Duration::from_secs(10));
     let app = &c.services["app"];
-    assert_eq!(app.connect_timeout.map(|d| d.0), Some(Duration::from_secs(5)));
-    assert_eq!(app.request_timeout.map(|d| d.0), Some(Duration::from_secs(5)));
+    assert_eq!(
+        app.connect_timeout.map(|d| d.0),
+        Some(Duration::from_secs(5))
+    );
+    assert_eq!(
+        app.request_timeout.map(|d| d.0),
+        Some(Duration::from_secs(5))
+    );
     assert_eq!(app.retry.attempts, 3);
     let check = app.check.as_ref().expect("check");
     assert_eq!(check.http.as_deref(), Some("/healthz"));
     assert_eq!(check.host.as_deref(), Some("app.local"));
     assert_eq!(check.expect_status, (200, 200));
-    assert_eq!((check.interval, check.rise, check.fall), (Duration::from_secs(3), 1, 2));
-    assert_eq!(c.services["other"].request_timeout.map(|d| d.0), Some(Duration::from_secs(30)));
+    assert_eq!(
+        (check.interval, check.rise, check.fall),
+        (Duration::from_secs(3), 1, 2)
+    );
+    assert_eq!(
+        c.services["other"].request_timeout.map(|d| d.0),
+        Some(Duration::from_secs(30))
+    );
     assert!(c.services["other"].check.is_none(), "no server has `check`");
     // The second defaults section starts afresh.
     let late = &c.services["late"];
-    assert_eq!(late.connect_timeout.map(|d| d.0), Some(Duration::from_secs(1)));
+    assert_eq!(
+        late.connect_timeout.map(|d| d.0),
+        Some(Duration::from_secs(1))
+    );
     assert_eq!(late.request_timeout, None);
     assert_eq!(late.retry.attempts, 3, "pointsman's default");
     assert!(has_note(&t, 3, NoteKind::NotTranslated, "logs to stderr"));
     assert!(has_note(&t, 11, NoteKind::BuiltIn, "another endpoint"));
-    assert!(t.toml.contains("# haproxy.cfg:11: option redispatch -- built in:"), "{}", t.toml);
+    assert!(
+        t.toml
+            .contains("# haproxy.cfg:11: option redispatch -- built in:"),
+        "{}",
+        t.toml
+    );
 }
 
 #[test]
@@ -161,9 +204,19 @@ backend be
     server d unix@/run/d.sock
 ";
     let (t, c) = import(cfg, &[]);
-    assert!(has_note(&t, 3, NoteKind::NotTranslated, "TLS is not translated"));
+    assert!(has_note(
+        &t,
+        3,
+        NoteKind::NotTranslated,
+        "does not terminate TLS"
+    ));
     assert_eq!(c.listeners.len(), 1, "only the plain bind");
-    assert!(has_note(&t, 5, NoteKind::NotTranslated, "no request or response rules"));
+    assert!(has_note(
+        &t,
+        5,
+        NoteKind::NotTranslated,
+        "no request or response rules"
+    ));
     assert!(has_note(&t, 6, NoteKind::NotTranslated, "no queue"));
     assert!(has_note(&t, 8, NoteKind::NotTranslated, "no prefix mode"));
     assert!(has_note(&t, 9, NoteKind::Partly, "`port 8080`"));
@@ -172,9 +225,13 @@ backend be
     assert!(has_note(&t, 11, NoteKind::Partly, "weight 300"));
     assert!(has_note(&t, 12, NoteKind::NotTranslated, "over TCP only"));
     let be = &c.services["be"];
-    let states: Vec<_> = be.endpoints.iter().map(|e| (e.id.as_str(), e.state.as_str())).collect();
+    let states: Vec<_> = be
+        .endpoints
+        .iter()
+        .map(|e| (e.id.as_str(), e.state.as_str()))
+        .collect();
     assert_eq!(states, [("a", "ready"), ("b", "maint"), ("c", "maint")]);
-    assert!(t.toml.contains("# haproxy.cfg:3: bind *:443 ssl crt /etc/ssl/site.pem -- not translated: TLS"), "{}", t.toml);
+    assert!(t.toml.contains("# haproxy.cfg:3: bind *:443 ssl crt /etc/ssl/site.pem -- not translated: pointsman does not terminate TLS"), "{}", t.toml);
 }
 
 #[test]
@@ -203,7 +260,13 @@ backend web
     let mut seen: Vec<(Option<&str>, &str, &str)> = c
         .routes
         .values()
-        .map(|r| (r.host.as_deref(), r.path_prefix.as_str(), r.service.as_deref().unwrap_or("")))
+        .map(|r| {
+            (
+                r.host.as_deref(),
+                r.path_prefix.as_str(),
+                r.service.as_deref().unwrap_or(""),
+            )
+        })
         .collect();
     seen.sort();
     assert_eq!(
@@ -239,23 +302,44 @@ frontend static
     use_backend %[str(STATIC),map(/etc/haproxy/missing.map)]
     default_backend web
 ";
-    let (t, c) = import(cfg, &[("/etc/haproxy/hosts.map", "# comment\nblue.example blue\ngreen.example   green\n")]);
+    let (t, c) = import(
+        cfg,
+        &[(
+            "/etc/haproxy/hosts.map",
+            "# comment\nblue.example blue\ngreen.example   green\n",
+        )],
+    );
     let hosts = &c.maps["hosts"];
     assert_eq!(hosts.get("blue.example").map(String::as_str), Some("blue"));
-    assert_eq!(hosts.get("green.example").map(String::as_str), Some("green"));
+    assert_eq!(
+        hosts.get("green.example").map(String::as_str),
+        Some("green")
+    );
     let r = &c.routes["fe-1"];
     assert_eq!(
-        (r.map.as_deref(), r.map_key.as_deref(), r.map_default.as_deref()),
+        (
+            r.map.as_deref(),
+            r.map_key.as_deref(),
+            r.map_default.as_deref()
+        ),
         (Some("hosts"), Some("req.host"), Some("web"))
     );
     let r = &c.routes["static-1"];
     assert_eq!(
-        (r.map.as_deref(), r.map_key.as_deref(), r.map_default.as_deref()),
+        (
+            r.map.as_deref(),
+            r.map_key.as_deref(),
+            r.map_default.as_deref()
+        ),
         (Some("missing"), Some("STATIC"), Some("web")),
         "no default in map(): the default_backend after it"
     );
     assert!(c.maps["missing"].is_empty());
-    assert!(t.toml.contains("/etc/haproxy/missing.map was not found"), "{}", t.toml);
+    assert!(
+        t.toml.contains("/etc/haproxy/missing.map was not found"),
+        "{}",
+        t.toml
+    );
     assert!(has_note(&t, 11, NoteKind::Partly, "one routing table"));
 }
 
@@ -263,8 +347,14 @@ frontend static
 fn global_stats_socket_becomes_the_runtime_api() {
     let cfg = "global\n    stats socket /run/haproxy/admin.sock mode 660 level admin\n    stats socket ipv4@127.0.0.1:9999 level admin\n    hard-stop-after 30s\n    nbthread 4\n";
     let (t, c) = import(cfg, &[]);
-    assert_eq!(c.global.runtime_socket.as_deref(), Some(Path::new("/run/haproxy/admin.sock")));
-    assert_eq!(c.global.runtime_api.map(|a| a.to_string()), Some("127.0.0.1:9999".into()));
+    assert_eq!(
+        c.global.runtime_socket.as_deref(),
+        Some(Path::new("/run/haproxy/admin.sock"))
+    );
+    assert_eq!(
+        c.global.runtime_api.map(|a| a.to_string()),
+        Some("127.0.0.1:9999".into())
+    );
     assert_eq!(c.global.drain_timeout, Duration::from_secs(30));
     assert!(has_note(&t, 5, NoteKind::NotTranslated, "--threads 4"));
 }
@@ -287,10 +377,22 @@ backend shop
     server s1 10.0.0.1:80 check
 ";
     let (t, c) = import(cfg, &[]);
-    let db = c.listeners.iter().find(|l| l.name == "db").expect("listener db");
-    assert_eq!((db.mode, db.default_service.as_deref()), (ListenerMode::Tcp, Some("db")));
+    let db = c
+        .listeners
+        .iter()
+        .find(|l| l.name == "db")
+        .expect("listener db");
+    assert_eq!(
+        (db.mode, db.default_service.as_deref()),
+        (ListenerMode::Tcp, Some("db"))
+    );
     assert_eq!(c.services["db"].balance.as_str(), "leastconn");
-    assert!(has_note(&t, 7, NoteKind::NotTranslated, "needs a default_backend"));
+    assert!(has_note(
+        &t,
+        7,
+        NoteKind::NotTranslated,
+        "needs a default_backend"
+    ));
     assert_eq!(c.services["shop"].balance.as_str(), "cookie");
     assert_eq!(c.services["shop"].cookie.as_deref(), Some("SERVERID"));
     assert!(has_note(&t, 12, NoteKind::Partly, "indirect nocache"));
@@ -300,6 +402,59 @@ backend shop
 fn a_backend_that_is_not_defined_is_said() {
     let cfg = "frontend http\n  mode http\n  bind *:80\n  default_backend web-backend\n";
     let (t, c) = import(cfg, &[]);
-    assert_eq!(c.listeners[0].default_service.as_deref(), Some("web-backend"));
-    assert!(has_note(&t, 4, NoteKind::Partly, "no backend \"web-backend\" in this file"));
+    assert_eq!(
+        c.listeners[0].default_service.as_deref(),
+        Some("web-backend")
+    );
+    assert!(has_note(
+        &t,
+        4,
+        NoteKind::Partly,
+        "no backend \"web-backend\" in this file"
+    ));
+}
+
+#[test]
+fn odd_lines_are_noted_and_the_output_still_parses() {
+    let cfg = "\
+frontend fe
+    mode http
+    bind 127.0.0.1:8080
+    acl
+    acl bad hdr(host) *.example.com
+    acl \"open
+    use_backend be if bad
+    use_backend %[req.hdr(a;b),map(x.map)]
+    default_backend be
+backend be
+    cookie
+    option httpchk HEAD http://example.com/
+    server a 10.0.0.1:80 check inter 0
+    server a 10.0.0.2:80
+backend be
+    server b 10.0.0.3:80
+";
+    let (t, c) = import(cfg, &[]);
+    assert!(has_note(&t, 4, NoteKind::NotTranslated, "needs a name"));
+    assert!(has_note(&t, 5, NoteKind::NotTranslated, "not a host name"));
+    assert!(has_note(&t, 6, NoteKind::NotTranslated, "not closed"));
+    assert!(has_note(&t, 7, NoteKind::NotTranslated, "rules after it"));
+    assert!(has_note(
+        &t,
+        8,
+        NoteKind::NotTranslated,
+        "not a header name"
+    ));
+    assert!(has_note(&t, 11, NoteKind::NotTranslated, "insert"));
+    assert!(has_note(&t, 12, NoteKind::NotTranslated, "not a path"));
+    assert!(has_note(&t, 13, NoteKind::Partly, "`inter 0`"));
+    assert!(has_note(&t, 14, NoteKind::NotTranslated, "a second server"));
+    assert!(has_note(
+        &t,
+        15,
+        NoteKind::NotTranslated,
+        "a second backend"
+    ));
+    assert!(c.routes.is_empty());
+    assert_eq!(c.services["be"].endpoints.len(), 1);
 }
