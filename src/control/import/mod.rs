@@ -1,16 +1,19 @@
 //! Before step 0: `pointsman import haproxy.cfg`. An HAProxy config in,
 //! the pointsman config that does the same out ([`parse`] reads the file's
-//! sections, [`routes`] turns first-match `use_backend` rules into
-//! most-specific routes, [`translate`] writes the TOML). Whatever does not
+//! sections, [`values`] and [`acl`] read what a line says, [`routes`] turns
+//! first-match `use_backend` rules into most-specific routes, [`translate`]
+//! writes the TOML). Whatever does not
 //! translate stays in the output as a comment that says why. The result is
 //! read back with [`Config::parse`], so the importer never hands out a
 //! config pointsman would refuse.
 //!
 //! What translates is listed in CONFIG.md, "Coming from HAProxy".
 
+pub mod acl;
 pub mod parse;
 pub mod routes;
 pub mod translate;
+pub mod values;
 
 use std::path::Path;
 

@@ -7,11 +7,16 @@
 //! the `defaults` section.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::acl::{parse_acl, parse_condition};
 use super::parse::{Cfg, Line, Section, SectionKind};
-use super::routes::{self, Acl, Condition, Rule, Target, Test};
+use super::routes::{self, Acl, Rule, Target};
+use super::values::{
+    call, format_duration, host_header, map_name, parse_bind, parse_server_address, parse_status,
+    parse_time, split_top,
+};
 
 /// How a noted line was handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +127,8 @@ struct Proxy {
     acls: BTreeMap<String, Result<Acl, String>>,
     rules: Vec<Line>,
     servers: Vec<Server>,
+    /// `stats enable` / `stats uri`: the section serves HAProxy's stats page.
+    stats: bool,
 }
 
 #[derive(Default)]
@@ -289,132 +296,6 @@ const TLS: &str =
     "pointsman does not terminate TLS (it serves plain HTTP and h2c): terminate TLS in front of it";
 const LOGS: &str = "pointsman logs to stderr (--log-format json for JSON lines)";
 
-/// An HAProxy time: a number with `us`, `ms`, `s`, `m`, `h` or `d`
-/// (milliseconds when bare).
-pub fn parse_time(s: &str) -> Option<Duration> {
-    let at = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let n: u64 = s.get(..at)?.parse().ok()?;
-    Some(match &s[at..] {
-        "" | "ms" => Duration::from_millis(n),
-        "us" => Duration::from_micros(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.checked_mul(60)?),
-        "h" => Duration::from_secs(n.checked_mul(3600)?),
-        "d" => Duration::from_secs(n.checked_mul(86400)?),
-        _ => return None,
-    })
-}
-
-/// A duration as pointsman writes it: `"5s"`, `"250ms"`, `"2m"`.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis().max(1);
-    if ms.is_multiple_of(3_600_000) {
-        format!("{}h", ms / 3_600_000)
-    } else if ms.is_multiple_of(60_000) {
-        format!("{}m", ms / 60_000)
-    } else if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
-}
-
-/// A `bind` address: `*:80`, `:80`, `0.0.0.0:80`, `[::]:80`, `:::80`, with
-/// an optional `ipv4@`/`ipv6@`.
-pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
-    let (family, rest) = match s.split_once('@') {
-        Some(("ipv4" | "tcp4", r)) => (Some(false), r),
-        Some(("ipv6" | "tcp6", r)) => (Some(true), r),
-        Some(("tcp", r)) => (None, r),
-        Some((other, _)) => {
-            return Err(format!(
-                "a {other}@ address: pointsman listens on TCP addresses only"
-            ))
-        }
-        None if s.starts_with('/') => {
-            return Err("a Unix socket: pointsman listens on TCP addresses only".into())
-        }
-        None => (None, s),
-    };
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{s:?} has no port"))?;
-    if port.contains('-') {
-        return Err(format!(
-            "the port range {port}: pointsman listens on one port per listener; write one listener per port"
-        ));
-    }
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("{port:?} is not a port"))?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    let ip: IpAddr = match host {
-        "" | "*" if family == Some(true) => Ipv6Addr::UNSPECIFIED.into(),
-        "" | "*" => Ipv4Addr::UNSPECIFIED.into(),
-        "::" => Ipv6Addr::UNSPECIFIED.into(),
-        h => h.parse().map_err(|_| {
-            format!(
-                "{h:?} is not an IP address: write the address to listen on, or *:{port} for all"
-            )
-        })?,
-    };
-    Ok(SocketAddr::new(ip, port))
-}
-
-/// A `server` address as a pointsman endpoint address (`host:port`,
-/// `[v6]:port`).
-fn parse_server_address(s: &str) -> Result<String, String> {
-    let rest = match s.split_once('@') {
-        Some(("ipv4" | "ipv6" | "tcp" | "tcp4" | "tcp6", r)) => r,
-        Some((other, _)) => {
-            return Err(format!(
-                "a {other}@ address: pointsman connects over TCP only"
-            ))
-        }
-        None if s.starts_with('/') => {
-            return Err("a Unix socket: pointsman connects over TCP only".into())
-        }
-        None => s,
-    };
-    let no_port = || {
-        format!(
-            "{s:?} has no port (HAProxy then uses the port the client connected to): add the port"
-        )
-    };
-    let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
-        let (h, p) = inner
-            .split_once(']')
-            .ok_or_else(|| format!("{s:?}: no closing ]"))?;
-        (h, p.strip_prefix(':').ok_or_else(no_port)?)
-    } else if rest.parse::<Ipv6Addr>().is_ok() {
-        return Err(no_port());
-    } else {
-        rest.rsplit_once(':').ok_or_else(no_port)?
-    };
-    if port.starts_with('+') || port.starts_with('-') {
-        return Err(format!(
-            "the port offset {port}: pointsman needs the port itself"
-        ));
-    }
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| format!("{port:?} is not a port"))?;
-    let address = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    address
-        .parse::<pointsman_discovery::Address>()
-        .map_err(|e| e.to_string())?;
-    Ok(address)
-}
-
 /// Server option words that take no argument.
 const SERVER_FLAGS: &[&str] = &[
     "check",
@@ -544,36 +425,6 @@ fn comment_text(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
-}
-
-/// The map name HAProxy's runtime API uses for a map file: its last path
-/// segment without `.map` (so `set map /etc/haproxy/hosts.map ...` keeps
-/// working against pointsman's runtime API).
-fn map_name(file: &str) -> String {
-    let last = file.rsplit('/').next().unwrap_or(file);
-    last.strip_suffix(".map").unwrap_or(last).to_string()
-}
-
-/// Splits `a,b(c,d),e` at the commas outside parentheses.
-fn split_top(s: &str) -> Vec<&str> {
-    let (mut depth, mut start, mut out) = (0i32, 0, Vec::new());
-    for (i, c) in s.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            ',' if depth == 0 => {
-                out.push(&s[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    out.push(&s[start..]);
-    out
-}
-
-fn call<'s>(s: &'s str, name: &str) -> Option<&'s str> {
-    s.strip_prefix(name)?.strip_prefix('(')?.strip_suffix(')')
 }
 
 impl Translator<'_> {
@@ -836,7 +687,8 @@ impl Translator<'_> {
                     "pointsman limits client connections of all listeners together: [global] max_connections",
                 ))
             }
-            ("stats", _) => {
+            ("stats", what) => {
+                p.stats |= matches!(what, "enable" | "uri");
                 return Some(not(
                     line,
                     "pointsman's stats page is on its admin listener: http://<[global] admin>/stats",
@@ -866,10 +718,10 @@ impl Translator<'_> {
             match parse_bind(addr) {
                 Ok(a) => match self.bound.get(&a) {
                     Some(by) => problems.push(format!("{a} is already bound by listener {by:?}")),
-                    None => {
-                        self.bound.insert(a, String::new());
-                        p.binds.push((line.number, a));
+                    None if p.binds.iter().any(|(_, b)| *b == a) => {
+                        problems.push(format!("{a} is bound twice in this section"))
                     }
+                    None => p.binds.push((line.number, a)),
                 },
                 Err(e) => problems.push(e),
             }
@@ -931,6 +783,17 @@ impl Translator<'_> {
                 not(
                     &section.header,
                     "the section needs a name without '/' to become a listener or service",
+                ),
+            );
+            self.push_block(section, Vec::new(), None, notes);
+            return;
+        }
+        if p.stats && p.servers.is_empty() && p.rules.is_empty() && s.default_backend.is_none() {
+            notes.insert(
+                0,
+                not(
+                    &section.header,
+                    "a stats page: pointsman's is /stats on its admin listener ([global] admin), beside the admin API",
                 ),
             );
             self.push_block(section, Vec::new(), None, notes);
@@ -1519,23 +1382,6 @@ fn note_comment(file: &str, n: &Note) -> String {
     )
 }
 
-/// The Host header in an `option httpchk` version string
-/// (`HTTP/1.1\r\nHost: example.com`).
-fn host_header(version: &str) -> Option<String> {
-    version.split("\r\n").skip(1).find_map(|h| {
-        let (name, value) = h.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("host")
-            .then(|| value.trim().to_string())
-    })
-}
-
-fn parse_status(s: &str) -> Option<(u16, u16)> {
-    let (lo, hi) = s.split_once('-').unwrap_or((s, s));
-    let (lo, hi): (u16, u16) = (lo.parse().ok()?, hi.parse().ok()?);
-    ((100..=599).contains(&lo) && (100..=599).contains(&hi) && lo <= hi).then_some((lo, hi))
-}
-
 /// `http-check send meth M uri U [ver V] [hdr Host H]`.
 fn http_check_send(s: &mut Settings, line: &Line) -> Option<Note> {
     let mut c = s.httpchk.clone().unwrap_or_default();
@@ -1650,153 +1496,6 @@ fn retry_on(s: &mut Settings, line: &Line) -> Option<Note> {
             left.join(" ")
         ))
     })
-}
-
-/// `acl NAME <criterion> [flags] <values>` (the words after NAME).
-fn parse_acl(words: &[String]) -> Result<Acl, String> {
-    let criterion = words.first().map(String::as_str).unwrap_or("");
-    let mut method = None;
-    let mut insensitive = false;
-    let mut i = 1;
-    while let Some(w) = words.get(i).map(String::as_str) {
-        match w {
-            "-i" => insensitive = true,
-            "-m" => {
-                method = words.get(i + 1).map(String::as_str);
-                i += 1;
-            }
-            "-f" | "-M" => return Err("patterns from a file".into()),
-            "--" => {
-                i += 1;
-                break;
-            }
-            w if w.starts_with('-') && w.len() == 2 => {}
-            _ => break,
-        }
-        i += 1;
-    }
-    let values = &words[i.min(words.len())..];
-    if values.is_empty() {
-        return Err("the ACL has no value to match".into());
-    }
-    let host_fetch = |c: &str| {
-        let inner = c.strip_prefix("req.").unwrap_or(c);
-        ["hdr(host)", "hdr(Host)", "hdr(HOST)"].contains(&inner)
-    };
-    enum Subject {
-        Path,
-        Host,
-    }
-    let (subject, how) = match criterion {
-        "path_beg" | "url_beg" => (Subject::Path, "beg"),
-        "path" => (Subject::Path, method.unwrap_or("str")),
-        c if host_fetch(c) => (Subject::Host, method.unwrap_or("str")),
-        c if c.starts_with("hdr_") && c.ends_with("(host)") => {
-            let how = &c[4..c.len() - "(host)".len()];
-            (Subject::Host, how)
-        }
-        _ => {
-            return Err(format!(
-                "{criterion:?}: pointsman routes on the host (hdr(host), hdr_dom, hdr_end) and path prefixes (path_beg) only"
-            ))
-        }
-    };
-    let mut tests = Vec::new();
-    for v in values {
-        let test = match (&subject, how) {
-            (Subject::Path, "beg") if v.starts_with('/') && !insensitive => Test::PathPrefix(v.clone()),
-            (Subject::Path, "beg") if insensitive => {
-                return Err("a case-insensitive path match: pointsman's path prefixes match case-sensitively".into())
-            }
-            (Subject::Path, "beg") => return Err(format!("the path prefix {v:?} does not start with '/'")),
-            (Subject::Path, "str") => {
-                return Err("an exact path: pointsman matches path prefixes (path_beg)".into())
-            }
-            (Subject::Host, _)
-                if !v
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b)) =>
-            {
-                return Err(format!("{v:?} is not a host name"))
-            }
-            (Subject::Host, _) if v.contains(':') => {
-                return Err(format!("the host {v:?} has a port: pointsman matches hosts without their port"))
-            }
-            (Subject::Host, "str") => Test::Host(v.to_ascii_lowercase()),
-            (Subject::Host, "dom") => Test::Domain(v.trim_matches('.').to_ascii_lowercase()),
-            (Subject::Host, "end") if v.starts_with('.') => Test::Subdomain(v[1..].to_ascii_lowercase()),
-            (Subject::Host, "end") => {
-                return Err(format!(
-                    "hdr_end {v:?} also matches hosts such as x{v}: write .{v} for its subdomains, or use hdr_dom"
-                ))
-            }
-            (_, how) => {
-                return Err(format!(
-                    "matching by {how:?}: pointsman matches exact hosts, domains with their subdomains, and path prefixes"
-                ))
-            }
-        };
-        tests.push(test);
-    }
-    Ok(tests)
-}
-
-/// The words after `if`/`unless`: ACL names, `!`, `||`/`or`, `{ ... }`.
-fn parse_condition(
-    unless: bool,
-    words: &[String],
-    acls: &BTreeMap<String, Result<Acl, String>>,
-) -> Result<Condition, String> {
-    let mut any_of = vec![Vec::new()];
-    let mut negate = false;
-    let mut i = 0;
-    while i < words.len() {
-        let w = words[i].as_str();
-        i += 1;
-        let acl = match w {
-            "||" | "or" => {
-                any_of.push(Vec::new());
-                continue;
-            }
-            "!" => {
-                negate = !negate;
-                continue;
-            }
-            "{" => {
-                let end = words[i..]
-                    .iter()
-                    .position(|w| w == "}")
-                    .ok_or("an anonymous ACL `{` is not closed")?;
-                let acl = parse_acl(&words[i..i + end])?;
-                i += end + 1;
-                acl
-            }
-            "TRUE" => vec![Test::Always(true)],
-            "FALSE" => vec![Test::Always(false)],
-            w => {
-                let (neg, name) = match w.strip_prefix('!') {
-                    Some(n) => (true, n),
-                    None => (false, w),
-                };
-                negate ^= neg;
-                match acls.get(name) {
-                    Some(Ok(acl)) => acl.clone(),
-                    Some(Err(_)) => {
-                        return Err(format!("it uses ACL {name:?}, which is not translated"))
-                    }
-                    None => return Err(format!("ACL {name:?} is not defined in this section")),
-                }
-            }
-        };
-        if let Some(group) = any_of.last_mut() {
-            group.push((negate, acl));
-        }
-        negate = false;
-    }
-    if any_of.iter().any(Vec::is_empty) {
-        return Err("a condition with nothing on a side of `||`".into());
-    }
-    Ok(Condition { unless, any_of })
 }
 
 #[cfg(test)]

@@ -27,38 +27,6 @@ fn has_note(t: &Translation, line: usize, kind: NoteKind, why: &str) -> bool {
 }
 
 #[test]
-fn times_and_binds_read_as_haproxy_writes_them() {
-    assert_eq!(parse_time("5000"), Some(Duration::from_secs(5)));
-    assert_eq!(parse_time("30s"), Some(Duration::from_secs(30)));
-    assert_eq!(parse_time("1m"), Some(Duration::from_secs(60)));
-    assert_eq!(parse_time("250ms"), Some(Duration::from_millis(250)));
-    assert_eq!(parse_time("5x"), None);
-    assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
-    assert_eq!(format_duration(Duration::from_secs(120)), "2m");
-    let b = |s: &str| parse_bind(s).map(|a| a.to_string());
-    assert_eq!(b("*:80"), Ok("0.0.0.0:80".into()));
-    assert_eq!(b(":80"), Ok("0.0.0.0:80".into()));
-    assert_eq!(b("0.0.0.0:80"), Ok("0.0.0.0:80".into()));
-    assert_eq!(b("ipv4@127.0.0.1:8080"), Ok("127.0.0.1:8080".into()));
-    assert_eq!(b("ipv6@:80"), Ok("[::]:80".into()));
-    assert_eq!(b(":::80"), Ok("[::]:80".into()));
-    assert_eq!(b("[::1]:80"), Ok("[::1]:80".into()));
-    assert!(b("unix@/run/x.sock").is_err());
-    assert!(b("*:8000-8010").unwrap_err().contains("port range"));
-    assert!(b("example.com:80")
-        .unwrap_err()
-        .contains("not an IP address"));
-    let s = parse_server_address;
-    assert_eq!(
-        s("web1.yourdomain.com:9001"),
-        Ok("web1.yourdomain.com:9001".into())
-    );
-    assert_eq!(s("ipv6@[::1]:80"), Ok("[::1]:80".into()));
-    assert!(s("10.0.0.1").unwrap_err().contains("has no port"));
-    assert!(s("10.0.0.1:+1").unwrap_err().contains("offset"));
-}
-
-#[test]
 fn the_seed_frontend_and_backends_translate() {
     let cfg = "\
 backend web_server
@@ -457,4 +425,18 @@ backend be
     ));
     assert!(c.routes.is_empty());
     assert_eq!(c.services["be"].endpoints.len(), 1);
+}
+
+#[test]
+fn a_stats_section_is_not_a_listener() {
+    let cfg = "listen stats\n    bind *:8404\n    mode http\n    stats enable\n    stats uri /stats\n    stats refresh 10s\n";
+    let (t, c) = import(cfg, &[]);
+    assert!(c.listeners.is_empty() && c.services.is_empty());
+    assert!(has_note(
+        &t,
+        1,
+        NoteKind::NotTranslated,
+        "/stats on its admin listener"
+    ));
+    assert!(has_note(&t, 6, NoteKind::NotTranslated, "stats page"));
 }
