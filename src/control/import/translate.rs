@@ -475,7 +475,11 @@ impl Translator<'_> {
                     line,
                     "pointsman runs in the foreground: let the service manager or container runtime run it",
                 )),
-                "user" | "group" | "uid" | "gid" | "chroot" => Some(not(
+                "chroot" => Some(not(
+                    line,
+                    "confine pointsman with its service manager or container (systemd RootDirectory=, a read-only root)",
+                )),
+                "user" | "group" | "uid" | "gid" => Some(not(
                     line,
                     "run pointsman as the user it should be (a systemd unit's User=, a container)",
                 )),
@@ -516,7 +520,7 @@ impl Translator<'_> {
             (Some(why), _) => Some(not(line, why)),
             (None, true) => Some(partly(
                 line,
-                "the socket's options are not: the Unix socket is mode 0600, and changes on TCP need `auth <admin token>`",
+                "its options are not: the runtime API's Unix socket is mode 0600, and on TCP changes need `auth <admin token>`",
             )),
             (None, false) => None,
         }
