@@ -302,10 +302,12 @@ fn import(cfg: &std::path::Path, output: Option<&std::path::Path>) -> anyhow::Re
     use pointsman::control::import::{import_file, ImportError};
     let imported = import_file(cfg)?;
     match output {
-        Some(path) => std::fs::write(path, &imported.toml).map_err(|reason| ImportError::Write {
-            path: path.display().to_string(),
-            reason,
-        })?,
+        Some(path) => {
+            std::fs::write(path, &imported.toml).map_err(|reason| ImportError::Write {
+                path: path.display().to_string(),
+                reason,
+            })?
+        }
         None => print!("{}", imported.toml),
     }
     let c = &imported.config;

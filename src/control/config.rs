@@ -162,7 +162,8 @@ pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
     let any_interface = s
         .strip_prefix("*:")
         .or_else(|| s.strip_prefix(':').filter(|rest| !rest.contains(':')));
-    let expected = "expected IP:PORT, or *:PORT for every interface, e.g. 0.0.0.0:8080, [::]:8080 or *:80";
+    let expected =
+        "expected IP:PORT, or *:PORT for every interface, e.g. 0.0.0.0:8080, [::]:8080 or *:80";
     match any_interface {
         Some(port) => port
             .parse::<u16>()
@@ -665,7 +666,10 @@ mod tests {
         let text = "[[listeners]]\nname = \"web\"\nbind = \"web:80\"\n";
         let msg = Config::parse("c.toml", text).unwrap_err().to_string();
         assert!(msg.starts_with("c.toml:3:"), "{msg}");
-        assert!(msg.contains("\"web:80\" is not a listen address") && msg.contains("*:80"), "{msg}");
+        assert!(
+            msg.contains("\"web:80\" is not a listen address") && msg.contains("*:80"),
+            "{msg}"
+        );
         let text = "[[listeners]]\nname = \"web\"\nbind = \"*:http\"\n";
         let msg = Config::parse("c.toml", text).unwrap_err().to_string();
         assert!(msg.contains("invalid port"), "{msg}");
@@ -676,7 +680,10 @@ mod tests {
         let err = Config::load(Path::new("/nonexistent/pointsman.toml")).unwrap_err();
         let shown = format!("{:#}", anyhow::anyhow!(err));
         assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
-        assert!(shown.starts_with("/nonexistent/pointsman.toml: cannot read"), "{shown}");
+        assert!(
+            shown.starts_with("/nonexistent/pointsman.toml: cannot read"),
+            "{shown}"
+        );
     }
 
     #[test]
