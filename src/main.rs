@@ -47,6 +47,16 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Translate an haproxy.cfg into a pointsman config (TOML on stdout, or
+    /// --output). Lines that do not translate stay in it as comments that
+    /// say why; map files named by the cfg are read from beside it.
+    Import {
+        /// The haproxy.cfg to translate.
+        haproxy_cfg: PathBuf,
+        /// Write the config to this file instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
     /// Run the demo: upstreams on 127.0.0.1:9101-9106, registered in a file
     /// registry, and the proxy on 127.0.0.1:8080 with the embedded demo
     /// config.
@@ -239,8 +249,12 @@ fn main() -> ExitCode {
                 );
                 Ok(())
             }
-            Err(e) => Err(anyhow::anyhow!(e)),
+            Err(e) => Err(haproxy_hint(&config).unwrap_or_else(|| anyhow::anyhow!(e))),
         },
+        Command::Import {
+            haproxy_cfg,
+            output,
+        } => import(&haproxy_cfg, output.as_deref()),
         Command::Run(args) => serve(args, false),
         Command::Ctl(args) => ctl(args),
         Command::Deploy(args) => {
@@ -267,6 +281,52 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// When a config that does not parse is an haproxy.cfg, the error that says
+/// how to translate it.
+fn haproxy_hint(config: &std::path::Path) -> Option<anyhow::Error> {
+    let text = std::fs::read_to_string(config).ok()?;
+    pointsman::control::import::looks_like_haproxy(&text).then(|| {
+        anyhow::anyhow!(
+            "{0} is an HAProxy config, not a pointsman one: translate it with `pointsman import {0}` \
+             (or `pointsman import {0} --output pointsman.toml`)",
+            config.display()
+        )
+    })
+}
+
+/// `pointsman import`: the translated config on stdout or in `output`, and
+/// a summary on stderr.
+fn import(cfg: &std::path::Path, output: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use pointsman::control::import::{import_file, ImportError};
+    let imported = import_file(cfg)?;
+    match output {
+        Some(path) => {
+            std::fs::write(path, &imported.toml).map_err(|reason| ImportError::Write {
+                path: path.display().to_string(),
+                reason,
+            })?
+        }
+        None => print!("{}", imported.toml),
+    }
+    let c = &imported.config;
+    eprintln!(
+        "pointsman import: {}: {} listeners, {} services, {} routes, {} maps; {} lines not translated \
+         and {} partly (each is a comment in the output that says why)",
+        cfg.display(),
+        c.listeners.len(),
+        c.services.len(),
+        c.routes.len(),
+        imported.maps,
+        imported.not_translated(),
+        imported
+            .notes
+            .iter()
+            .filter(|n| n.kind == pointsman::control::import::NoteKind::Partly)
+            .count(),
+    );
+    Ok(())
 }
 
 /// Runs the proxy. One thread: one event loop for everything. N threads:

@@ -23,10 +23,12 @@ pub const EMBEDDED_DEMO: &str = include_str!("../../examples/demo.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read the config file: {source}")]
+    // `reason` rather than `source`: the message says it, and an error
+    // chain printed with `{:#}` would say it again.
+    #[error("{path}: cannot read the config file: {reason}")]
     Read {
         path: String,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("{path}:{line}: {message}")]
     Syntax {
@@ -149,6 +151,8 @@ pub enum ListenerMode {
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub name: String,
+    /// `IP:PORT`, or `*:PORT` (also `:PORT`) for every IPv4 interface.
+    #[serde(deserialize_with = "bind_address")]
     pub bind: SocketAddr,
     #[serde(default = "http_mode")]
     pub mode: ListenerMode,
@@ -156,6 +160,30 @@ pub struct Listener {
     /// TCP: the service every connection goes to.
     #[serde(default)]
     pub default_service: Option<String>,
+}
+
+/// A listener address: `IP:PORT`, or `*:PORT` / `:PORT` for every IPv4
+/// interface (`0.0.0.0:PORT`), as HAProxy's `bind` writes it.
+pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
+    let any_interface = s
+        .strip_prefix("*:")
+        .or_else(|| s.strip_prefix(':').filter(|rest| !rest.contains(':')));
+    let expected =
+        "expected IP:PORT, or *:PORT for every interface, e.g. 0.0.0.0:8080, [::]:8080 or *:80";
+    match any_interface {
+        Some(port) => port
+            .parse::<u16>()
+            .map(|port| SocketAddr::from(([0, 0, 0, 0], port)))
+            .map_err(|_| format!("{s:?} has an invalid port: {expected}")),
+        None => s
+            .parse()
+            .map_err(|_| format!("{s:?} is not a listen address: {expected}")),
+    }
+}
+
+fn bind_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_bind(&s).map_err(serde::de::Error::custom)
 }
 
 fn http_mode() -> ListenerMode {
@@ -269,9 +297,9 @@ struct RawConfig {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
             path: path.display().to_string(),
-            source,
+            reason,
         })?;
         Config::parse(&path.display().to_string(), &text)
     }
@@ -638,6 +666,41 @@ mod tests {
         let msg = Config::parse("c.toml", text).unwrap_err().to_string();
         assert!(msg.starts_with("c.toml:3: global.runtime_api:"), "{msg}");
         assert!(msg.contains("not a loopback address"), "{msg}");
+    }
+
+    #[test]
+    fn a_bind_may_say_every_interface_as_haproxy_does() {
+        for (bind, want) in [
+            ("*:80", "0.0.0.0:80"),
+            (":8080", "0.0.0.0:8080"),
+            ("0.0.0.0:80", "0.0.0.0:80"),
+            ("[::]:80", "[::]:80"),
+        ] {
+            let text = format!("[[listeners]]\nname = \"web\"\nbind = \"{bind}\"\n");
+            let c = Config::parse("c.toml", &text).unwrap_or_else(|e| panic!("{bind}: {e}"));
+            assert_eq!(c.listeners[0].bind.to_string(), want);
+        }
+        let text = "[[listeners]]\nname = \"web\"\nbind = \"web:80\"\n";
+        let msg = Config::parse("c.toml", text).unwrap_err().to_string();
+        assert!(msg.starts_with("c.toml:3:"), "{msg}");
+        assert!(
+            msg.contains("\"web:80\" is not a listen address") && msg.contains("*:80"),
+            "{msg}"
+        );
+        let text = "[[listeners]]\nname = \"web\"\nbind = \"*:http\"\n";
+        let msg = Config::parse("c.toml", text).unwrap_err().to_string();
+        assert!(msg.contains("invalid port"), "{msg}");
+    }
+
+    #[test]
+    fn a_missing_file_says_why_once() {
+        let err = Config::load(Path::new("/nonexistent/pointsman.toml")).unwrap_err();
+        let shown = format!("{:#}", anyhow::anyhow!(err));
+        assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+        assert!(
+            shown.starts_with("/nonexistent/pointsman.toml: cannot read"),
+            "{shown}"
+        );
     }
 
     #[test]

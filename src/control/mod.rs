@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod health;
+pub mod import;
 pub mod local;
 pub mod registry;
 pub mod reload;
