@@ -193,8 +193,8 @@ async fn acl_and_map_routing_picks_the_upstreams_haproxy_would() {
         "map = \"hosts\"\nmap_key = \"req.host\"\nmap_default = \"web\"",
         "blue.example\" = \"blue\"",
         "http-request set-header X-From haproxy -- not translated",
-        "server green-spare",
-        "state = \"maint\"",
+        "id = \"green-spare\"",
+        "backup = true",
         "retry = { attempts = 3 }",
         "max_connections = 1000",
     ] {

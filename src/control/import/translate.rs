@@ -89,6 +89,8 @@ struct ServerOpts {
     slowstart: Option<Duration>,
     disabled: bool,
     backup: bool,
+    /// `port N`: the port its check goes to.
+    check_port: Option<u16>,
 }
 
 /// What a `defaults` section carries to the sections after it; each
@@ -380,8 +382,12 @@ fn server_options(words: &[String], opts: &mut ServerOpts) -> Vec<String> {
                 Some(d) => opts.slowstart = Some(d),
                 None => issues.push(format!("`slowstart {}`: not a time", arg.unwrap_or(""))),
             },
-            "port" | "addr" => issues.push(format!(
-                "`{w} {}`: pointsman checks the endpoint's own address and port",
+            "port" => match arg.and_then(|a| a.parse::<u16>().ok()).filter(|p| *p > 0) {
+                Some(port) => opts.check_port = Some(port),
+                None => issues.push(format!("`port {}`: not a port", arg.unwrap_or(""))),
+            },
+            "addr" => issues.push(format!(
+                "`addr {}`: pointsman checks the endpoint's own host (on its port, or the check's `port`)",
                 arg.unwrap_or("")
             )),
             "cookie" => issues.push(format!(
@@ -753,11 +759,15 @@ impl Translator<'_> {
         }
         let mut opts = s.default_server.clone();
         let mut issues = server_options(line.words.get(3..).unwrap_or(&[]), &mut opts);
-        if opts.backup {
-            issues.push(
-                "`backup`: pointsman has no backup servers; the endpoint is kept with state \"maint\" (no traffic): set it ready (`set server BACKEND/SERVER state ready` on the runtime API) to use it"
-                    .into(),
-            );
+        if let (Some(port), Some(first)) = (
+            opts.check_port,
+            p.servers.iter().find_map(|sv| sv.opts.check_port),
+        ) {
+            if port != first {
+                issues.push(format!(
+                    "`port {port}`: a pointsman check port is the service's: the first server's, {first}, is used"
+                ));
+            }
         }
         if p.servers.iter().any(|sv| sv.name == name) {
             return Some(not(
@@ -925,6 +935,9 @@ impl Translator<'_> {
             if let Some(n) = first.opts.fall {
                 fields.push(format!("fall = {n}"));
             }
+            if let Some(port) = checked.iter().find_map(|sv| sv.opts.check_port) {
+                fields.push(format!("port = {port}"));
+            }
             if fields.is_empty() {
                 "{} # a TCP connect check, as HAProxy's `check` alone".to_string()
             } else {
@@ -939,8 +952,11 @@ impl Translator<'_> {
                 if let Some(w) = sv.opts.weight {
                     e += &format!(", weight = {w}");
                 }
-                if sv.opts.disabled || sv.opts.backup {
+                if sv.opts.disabled {
                     e += ", state = \"maint\"";
+                }
+                if sv.opts.backup {
+                    e += ", backup = true";
                 }
                 e + " }"
             })

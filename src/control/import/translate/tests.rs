@@ -187,9 +187,7 @@ backend be
     ));
     assert!(has_note(&t, 6, NoteKind::NotTranslated, "no queue"));
     assert!(has_note(&t, 8, NoteKind::NotTranslated, "no prefix mode"));
-    assert!(has_note(&t, 9, NoteKind::Partly, "`port 8080`"));
     assert!(has_note(&t, 9, NoteKind::Partly, "`cookie a1`"));
-    assert!(has_note(&t, 10, NoteKind::Partly, "no backup servers"));
     assert!(has_note(&t, 11, NoteKind::Partly, "weight 300"));
     assert!(has_note(&t, 12, NoteKind::NotTranslated, "over TCP only"));
     let be = &c.services["be"];
@@ -198,7 +196,11 @@ backend be
         .iter()
         .map(|e| (e.id.as_str(), e.state.as_str()))
         .collect();
-    assert_eq!(states, [("a", "ready"), ("b", "maint"), ("c", "maint")]);
+    assert_eq!(states, [("a", "ready"), ("b", "ready"), ("c", "maint")]);
+    let backups: Vec<_> = be.endpoints.iter().map(|e| e.backup).collect();
+    assert_eq!(backups, [false, true, false], "b is a backup");
+    let check = be.check.as_ref().expect("a check");
+    assert_eq!(check.port, Some(8080), "the server's check port");
     assert!(t.toml.contains("# haproxy.cfg:3: bind *:443 ssl crt /etc/ssl/site.pem -- not translated: pointsman does not terminate TLS"), "{}", t.toml);
 }
 
