@@ -33,6 +33,8 @@ pub mod error;
 pub mod etcd;
 pub mod excerpt;
 pub mod file;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod keys;
 pub mod lease;
