@@ -713,7 +713,10 @@ async fn receive(wire: &mut Wire) -> Result<Received, TakeoverError> {
     if version != PROTOCOL_VERSION {
         return Err(TakeoverError::Version { version });
     }
-    let total: usize = sockets.iter().map(|s| s.count).sum();
+    // Saturating: the counts come from the other process.
+    let total = sockets
+        .iter()
+        .fold(0usize, |n, s| n.saturating_add(s.count));
     if total > MAX_SOCKETS || sockets.len() > MAX_SOCKETS {
         return Err(TakeoverError::TooManySockets { total });
     }
