@@ -31,7 +31,7 @@ define install_missing
 	fi
 endef
 
-.PHONY: run test lint fmt deps-build deps-test deps-bench deps-demo deps-compose demo soak build bench bench-throughput bench-idle bench-scale bench-propagation check-config compose-images compose-up compose-down compose-test
+.PHONY: run test fuzz lint fmt deps-build deps-test deps-bench deps-demo deps-compose demo soak build bench bench-throughput bench-idle bench-scale bench-propagation check-config compose-images compose-up compose-down compose-test
 
 ## run: the demo (proxy on 127.0.0.1:8080, stats on 127.0.0.1:8404/stats)
 run: deps-build
@@ -57,6 +57,24 @@ demo: deps-build deps-demo build
 soak: deps-build deps-demo build
 	@mkdir -p bench/results
 	OUT=bench/results/soak.txt bash deploy/demo.sh soak
+
+## fuzz: every fuzz target (the registry and Consul parsers, the config
+## file, runtime API lines, the takeover messages, client request heads)
+## for FUZZ_SECONDS each, with the nightly toolchain; installs cargo-fuzz
+## when missing. Inputs it grows stay in fuzz/grown/<target>/; crashes
+## land in fuzz/artifacts/<target>/, which `make test` replays. See the
+## FUZZING section of src/control/CONFIG.md.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := registry_entry consul_answers config_file runtime_line takeover_wire request_head
+fuzz: deps-build
+	@$(CARGO) +nightly fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@cd fuzz && failed=""; for t in $(FUZZ_TARGETS); do \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS) s"; mkdir -p grown/$$t; \
+	  $(CARGO) +nightly fuzz run -O -a -s none $$t grown/$$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -timeout=30 -print_final_stats=1 \
+	    || failed="$$failed $$t"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: crashes in:$$failed (inputs in fuzz/artifacts/)"; exit 1; fi
 
 ## lint: formatting and clippy, warnings are errors
 lint: deps-build

@@ -11,5 +11,7 @@
 
 pub mod control;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ops;
 pub mod process;

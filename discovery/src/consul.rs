@@ -95,7 +95,7 @@ use crate::{Entry, EntryKey, Source, SourceStatus, Update, UpdateKind};
 mod agent;
 mod client;
 mod tags;
-mod view;
+pub(crate) mod view;
 
 pub use self::agent::{Agent, AgentCheck, AgentService, TtlStatus};
 pub use self::client::HttpError;

@@ -34,6 +34,8 @@ pub mod etcd;
 pub mod etcd2;
 pub mod excerpt;
 pub mod file;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod keys;
 pub mod lease;

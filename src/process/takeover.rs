@@ -408,19 +408,9 @@ impl Wire {
 
     async fn recv(&mut self) -> io::Result<Message> {
         loop {
-            if let Some(len) = self.buf.get(..4) {
-                let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-                if len > MAX_FRAME {
-                    return Err(io::Error::other(format!(
-                        "message of {len} bytes is too large"
-                    )));
-                }
-                if self.buf.len() >= 4 + len {
-                    let msg = serde_json::from_slice(&self.buf[4..4 + len])
-                        .map_err(|e| io::Error::other(format!("malformed message: {e}")));
-                    self.buf.drain(..4 + len);
-                    return msg;
-                }
+            if let Some((msg, used)) = next_frame(&self.buf)? {
+                self.buf.drain(..used);
+                return msg;
             }
             self.fill().await?;
         }
@@ -436,6 +426,28 @@ impl Wire {
         }
         Ok(self.fds.drain(..n).collect())
     }
+}
+
+/// The first message in `buf` and the bytes it takes, once it is all
+/// there: `None` while more bytes are needed. The outer `Err` is a frame
+/// too large to wait for (the connection is given up), the inner one a
+/// frame that is not a message.
+fn next_frame(buf: &[u8]) -> io::Result<Option<(io::Result<Message>, usize)>> {
+    let Some(len) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::other(format!(
+            "message of {len} bytes is too large"
+        )));
+    }
+    let Some(body) = buf.get(4..4 + len) else {
+        return Ok(None);
+    };
+    let msg = serde_json::from_slice(body)
+        .map_err(|e| io::Error::other(format!("malformed message: {e}")));
+    Ok(Some((msg, 4 + len)))
 }
 
 fn own_uid() -> u32 {
@@ -701,7 +713,10 @@ async fn receive(wire: &mut Wire) -> Result<Received, TakeoverError> {
     if version != PROTOCOL_VERSION {
         return Err(TakeoverError::Version { version });
     }
-    let total: usize = sockets.iter().map(|s| s.count).sum();
+    // Saturating: the counts come from the other process.
+    let total = sockets
+        .iter()
+        .fold(0usize, |n, s| n.saturating_add(s.count));
     if total > MAX_SOCKETS || sockets.len() > MAX_SOCKETS {
         return Err(TakeoverError::TooManySockets { total });
     }
@@ -996,6 +1011,9 @@ async fn hand_over(
         Err(cause) => Err(TakeoverError::Gone { pid, cause }),
     }
 }
+
+#[doc(hidden)]
+pub mod fuzzing;
 
 #[cfg(test)]
 mod tests {
