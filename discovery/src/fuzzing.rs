@@ -20,6 +20,7 @@ fn layouts() -> [Prefixes; 2] {
         Prefixes {
             services: "/stage".into(),
             pointsman: "/stage/pointsman/".into(),
+            ..Prefixes::default()
         },
     ]
 }
