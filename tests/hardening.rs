@@ -402,3 +402,40 @@ async fn an_early_hints_answer_is_followed_by_the_final_one() {
     assert_eq!((resp.status, resp.body.as_slice()), (200, b"ok".as_slice()));
     assert_eq!(up.requests(), 1);
 }
+
+/// One host per request (RFC 9112 §3.2): a request that names two, or
+/// none over HTTP/1.1, or a target that would be forwarded as `/`, gets
+/// 400 and nothing reaches the upstream; the same host in both forms
+/// passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_must_name_one_host() {
+    let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
+    let proxy = proxy_for(&up, "", "").await;
+    let refused: [&[u8]; 6] = [
+        b"GET /x HTTP/1.1\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a.test\r\nHost: admin.internal\r\n\r\n",
+        b"GET http://example.test/x HTTP/1.1\r\nHost: admin.internal\r\n\r\n",
+        b"GET http://user@a.test/x HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        b"GET admin.internal:80 HTTP/1.1\r\nHost: admin.internal\r\n\r\n",
+        b"GET * HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    ];
+    for request in refused {
+        let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+        s.write_all(request).await.expect("send");
+        let (got, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+        let (status, _) = parse_head(&got);
+        assert_eq!(status, 400, "{}: {}", text(request), text(&got));
+    }
+    assert!(
+        up.received().is_empty(),
+        "nothing reached the upstream: {:?}",
+        up.received()
+    );
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    s.write_all(b"GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let (got, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(parse_head(&got).0, 200, "{}", text(&got));
+    assert_eq!(up.requests(), 1);
+}

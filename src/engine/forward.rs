@@ -240,9 +240,12 @@ impl ConnContext {
                     _ => tracing::debug!(peer = %self.peer, error = %e, "request refused"),
                 }
                 let mut resp = e.response();
-                if matches!(e, ProxyError::ClientTimeout(_)) && version < Version::HTTP_2 {
-                    // The rest of the body may still come: the connection
-                    // cannot carry another request.
+                if matches!(e, ProxyError::ClientTimeout(_) | ProxyError::BadRequest(_))
+                    && version < Version::HTTP_2
+                {
+                    // The rest of the body may still come, or the client
+                    // and the proxy disagree on what it sent: the
+                    // connection cannot carry another request.
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
@@ -261,6 +264,7 @@ impl ConnContext {
         conn_active: ConnActive,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let started = Instant::now();
+        one_authority(&mut req)?;
         let (service, rewrite, routed_in) = {
             let table = self.proxy.table.load();
             let (service, rewrite) = self.route(&table, req.uri(), req.headers())?;
@@ -891,6 +895,58 @@ fn forwarded_path(uri: &Uri, rewrite: Option<String>) -> Result<PathAndQuery, Pr
     }
 }
 
+/// Phase 0, before routing: a request names one host, the one it is
+/// routed by and forwarded with (RFC 9112 §3.2, RFC 9113 §8.3.1).
+///
+/// - HTTP/1.1 must send `Host`, once; HTTP/1.x may not send two.
+/// - A target with an authority (absolute form over HTTP/1, `:authority`
+///   in h2) that differs from `Host`: 400 over HTTP/1 (which host is meant
+///   cannot be known); in h2 the `:authority` wins and becomes `Host`.
+/// - No userinfo in an authority (`http://user@host/`), and no
+///   authority-form or asterisk-form target but for CONNECT and OPTIONS:
+///   these would otherwise be forwarded as `/`.
+pub fn one_authority<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    let bad = ProxyError::BadRequest;
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Err(bad("more than one Host header"));
+    }
+    let h2 = req.version() == Version::HTTP_2;
+    if req.version() == Version::HTTP_11 && hosts == 0 {
+        return Err(bad("an HTTP/1.1 request without Host"));
+    }
+    let uri = req.uri();
+    if uri.path_and_query().is_none() && req.method() != Method::CONNECT {
+        return Err(bad("an authority-form target is for CONNECT only"));
+    }
+    if uri.path() == "*" && req.method() != Method::OPTIONS {
+        return Err(bad("an asterisk-form target is for OPTIONS only"));
+    }
+    let Some(authority) = uri.authority() else {
+        return Ok(());
+    };
+    if authority.as_str().contains('@') {
+        return Err(bad("userinfo in the request target"));
+    }
+    let same = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| h.eq_ignore_ascii_case(authority.as_str()));
+    if same || hosts == 0 {
+        return Ok(());
+    }
+    if !h2 {
+        return Err(bad(
+            "the Host header differs from the request target's host",
+        ));
+    }
+    let value =
+        HeaderValue::from_str(authority.as_str()).map_err(|_| bad("an unusable :authority"))?;
+    req.headers_mut().insert(header::HOST, value);
+    Ok(())
+}
+
 /// The host a request is for: the URI's authority (h2, absolute form) or
 /// the Host header.
 fn target_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> &'a str {
@@ -1310,5 +1366,49 @@ mod tests {
         assert_eq!(strip_path("/blog/a?x=1", "/blog"), "/a?x=1");
         assert_eq!(strip_path("/blog", "/blog"), "/");
         assert_eq!(strip_path("/blog/a", "/blog/"), "/a");
+    }
+
+    #[test]
+    fn a_request_names_one_host() {
+        let req = |version: Version, method: &str, target: &str, hosts: &[&str]| {
+            let mut b = Request::builder()
+                .method(method)
+                .uri(target)
+                .version(version);
+            for h in hosts {
+                b = b.header(header::HOST, *h);
+            }
+            b.body(()).expect("a request")
+        };
+        let check = |mut r: Request<()>| one_authority(&mut r).map(|()| r);
+        let h11 = Version::HTTP_11;
+        assert!(check(req(h11, "GET", "/x", &["a.com"])).is_ok());
+        assert!(check(req(Version::HTTP_10, "GET", "/x", &[])).is_ok());
+        let refused = [
+            req(h11, "GET", "/x", &[]),
+            req(h11, "GET", "/x", &["a.com", "b.com"]),
+            req(h11, "GET", "http://example.test/x", &["admin.internal"]),
+            req(h11, "GET", "http://user@a.com/x", &["a.com"]),
+            req(h11, "GET", "admin.internal:80", &["admin.internal"]),
+            req(h11, "GET", "*", &["a.com"]),
+        ];
+        for r in refused {
+            let shown = format!("{} {} {:?}", r.method(), r.uri(), r.headers());
+            assert!(
+                matches!(check(r), Err(ProxyError::BadRequest(_))),
+                "{shown} is refused"
+            );
+        }
+        assert!(check(req(h11, "GET", "http://a.com/x", &["A.com"])).is_ok());
+        assert!(check(req(h11, "OPTIONS", "*", &["a.com"])).is_ok());
+        // h2: the :authority is the host, and becomes Host.
+        let r = check(req(
+            Version::HTTP_2,
+            "GET",
+            "http://real.test/x",
+            &["other.test"],
+        ))
+        .expect("h2 takes its :authority");
+        assert_eq!(r.headers()[header::HOST], "real.test");
     }
 }
