@@ -4,7 +4,9 @@
 //! libFuzzer (`make fuzz`); `tests/fuzz_corpus.rs` replays every corpus
 //! file and every crash found through them on the stable toolchain
 //! (`make test`). The registry parsers' harnesses are in
-//! `pointsman_discovery::fuzzing`.
+//! `pointsman_discovery::fuzzing`, the takeover wire format's in
+//! `process::takeover::fuzzing` (which uses this module's runtime and panic
+//! watch, so this module does not import `process`).
 //!
 //! Not an API: the input layouts are described on each function.
 
@@ -31,8 +33,6 @@ use crate::engine::http::HttpProxy;
 use crate::engine::table::{RoutingTable, SharedTable};
 use crate::engine::ClientLimits;
 use crate::ops::runtime::{looks_like_http, parse, resolve_weight, split_line, Request};
-
-pub use crate::process::takeover::fuzzing::takeover_wire;
 
 /// Runs `f` on this thread's runtime: a current-thread runtime built once
 /// per thread, so that a fuzzer's millions of runs do not each build one,

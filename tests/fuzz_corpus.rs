@@ -82,7 +82,10 @@ fn runtime_lines_replay() {
 
 #[test]
 fn takeover_messages_replay() {
-    replay("takeover_wire", pointsman::fuzzing::takeover_wire);
+    replay(
+        "takeover_wire",
+        pointsman::process::takeover::fuzzing::takeover_wire,
+    );
 }
 
 #[test]

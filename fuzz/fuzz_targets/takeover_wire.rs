@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| pointsman::fuzzing::takeover_wire(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| pointsman::process::takeover::fuzzing::takeover_wire(data));
