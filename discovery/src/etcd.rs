@@ -778,14 +778,7 @@ impl EtcdWatcher {
     }
 
     fn malformed(&self, e: &ParseError, kept: bool) {
-        let action = if kept {
-            "keeping its last good value"
-        } else {
-            "skipping it"
-        };
-        tracing::warn!(key = e.key(), reason = %e, "etcd: malformed registry value; {action}");
-        self.status.record_malformed();
-        self.status.set_error(e.to_string());
+        self.status.malformed_value(e, kept);
     }
 }
 

@@ -331,14 +331,7 @@ impl Watcher {
     }
 
     fn malformed(&self, e: &ParseError, kept: bool) {
-        let action = if kept {
-            "keeping its last good value"
-        } else {
-            "skipping it"
-        };
-        tracing::warn!(key = e.key(), reason = %e, "etcd v2: malformed registry value; {action}");
-        self.status.record_malformed();
-        self.status.set_error(e.to_string());
+        self.status.malformed_value(e, kept);
     }
 }
 

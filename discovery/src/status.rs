@@ -119,6 +119,20 @@ impl SourceStatus {
         self.applied_revision.fetch_max(rev, Ordering::AcqRel);
     }
 
+    /// A value that did not parse, as every watcher reports it: logged
+    /// with what happens to its key (`kept`: its last good value stays),
+    /// counted, and kept as the last error.
+    pub fn malformed_value(&self, e: &crate::ParseError, kept: bool) {
+        let action = if kept {
+            "keeping its last good value"
+        } else {
+            "skipping it"
+        };
+        tracing::warn!(key = e.key(), reason = %e, "{}: malformed registry value; {action}", self.source());
+        self.record_malformed();
+        self.set_error(e.to_string());
+    }
+
     /// Counts one value that did not parse.
     pub fn record_malformed(&self) {
         self.malformed.fetch_add(1, Ordering::Relaxed);

@@ -555,12 +555,12 @@ pub fn check_admin_token(global: &Global, admin: SocketAddr) -> Result<(), Admin
 
 /// Whether `given` is the configured admin token; false when none is
 /// configured. Compares without stopping at the first difference.
-pub fn admin_token_matches(global: &Global, given: &str) -> bool {
+pub fn admin_token_matches(global: &Global, given: &[u8]) -> bool {
     let Some(token) = global.admin_token.as_deref() else {
         return false;
     };
-    let (a, b) = (token.as_bytes(), given.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let a = token.as_bytes();
+    a.len() == given.len() && a.iter().zip(given).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Refuses a TCP address that is not loopback: the runtime API's TCP

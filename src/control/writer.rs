@@ -448,20 +448,36 @@ impl Control {
         Ok(())
     }
 
-    /// What the registries (and the config) say of an instance's state:
-    /// the latest source's registration, then the sources' overrides.
-    fn registry_state(&self, service: &str, id: &str) -> Option<AdminState> {
-        let mut registered = None;
-        let mut overridden = None;
+    /// The instances of `name` as the registries (and the config) have
+    /// them: the latest source's registration of each, and the sources'
+    /// overrides merged field by field (a later source's state leaves an
+    /// earlier one's weight in force). Local changes are not in it.
+    fn registered(&self, name: &str) -> (BTreeMap<&str, &Registration>, BTreeMap<&str, Override>) {
+        let mut instances: BTreeMap<&str, &Registration> = BTreeMap::new();
+        let mut overrides: BTreeMap<&str, Override> = BTreeMap::new();
         for entries in self.sources.values() {
-            if let Some(r) = entries.instances.get(service).and_then(|m| m.get(id)) {
-                registered = Some(r.state);
+            if let Some(m) = entries.instances.get(name) {
+                instances.extend(m.iter().map(|(id, r)| (id.as_str(), r)));
             }
-            if let Some(o) = entries.overrides.get(service).and_then(|m| m.get(id)) {
-                overridden = o.state.or(overridden);
+            if let Some(m) = entries.overrides.get(name) {
+                for (id, o) in m {
+                    let merged = overrides.entry(id.as_str()).or_default();
+                    merged.state = o.state.or(merged.state);
+                    merged.weight = o.weight.or(merged.weight);
+                }
             }
         }
-        overridden.or(registered)
+        (instances, overrides)
+    }
+
+    /// What the registries say of an instance's state (local changes
+    /// aside).
+    fn registry_state(&self, service: &str, id: &str) -> Option<AdminState> {
+        let (instances, overrides) = self.registered(service);
+        overrides
+            .get(id)
+            .and_then(|o| o.state)
+            .or_else(|| instances.get(id).map(|r| r.state))
     }
 
     /// The etcd revision the published table holds, if this proxy follows
@@ -706,22 +722,7 @@ impl Control {
     /// the sources' overrides field by field, then this proxy's local
     /// changes, which win over both.
     fn wanted_instances(&self, name: &str, default_check: Option<&CheckSpec>) -> Vec<Wanted> {
-        let mut instances: BTreeMap<&str, &Registration> = BTreeMap::new();
-        let mut overrides: BTreeMap<&str, Override> = BTreeMap::new();
-        for entries in self.sources.values() {
-            if let Some(m) = entries.instances.get(name) {
-                instances.extend(m.iter().map(|(id, r)| (id.as_str(), r)));
-            }
-            if let Some(m) = entries.overrides.get(name) {
-                // Field by field: a later source's state leaves an earlier
-                // one's weight in force.
-                for (id, o) in m {
-                    let merged = overrides.entry(id.as_str()).or_default();
-                    merged.state = o.state.or(merged.state);
-                    merged.weight = o.weight.or(merged.weight);
-                }
-            }
-        }
+        let (instances, overrides) = self.registered(name);
         instances
             .into_iter()
             .map(|(id, reg)| {

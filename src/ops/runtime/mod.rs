@@ -544,7 +544,7 @@ impl Runtime {
         if config.global.admin_token.is_none() {
             return Err(NO_TOKEN);
         }
-        if !admin_token_matches(&config.global, token) {
+        if !admin_token_matches(&config.global, token.as_bytes()) {
             tracing::warn!("runtime API: auth with a wrong token; connection closed");
             return Err(WRONG_TOKEN);
         }
