@@ -400,3 +400,36 @@ async fn a_proxy_record_stays_while_registrations_change_every_second() {
     );
     assert!(exists(&etcd, key).await);
 }
+
+/// A proxy that is stopping still answers on its admin address until its
+/// last request is over, and only then refuses connections: that refusal
+/// is what lets the tools drop it from the set of proxies to wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_proxy_answers_its_admin_api_until_its_requests_end() {
+    let etcd = EtcdServer::start();
+    let up = Upstream::start("slowpoke").await;
+    put(&etcd, "/services/web/slowpoke", &up.addr.to_string()).await;
+    let mut p1 = start_proxy(&etcd, "p1", Some("web")).await;
+    wait_ready(&[&p1], "web", &["slowpoke"]).await;
+    let long = spawn_long_request(p1.url("/slow?ms=3000"));
+    wait_in_flight(&p1, "web", "slowpoke").await;
+    let admin = p1.admin_url("/api/services");
+    sigterm(p1.pid());
+    // Draining: the client listener is closed, the admin API answers.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = plain_client()
+        .get(&admin)
+        .send()
+        .await
+        .expect("the admin API answers while the proxy drains");
+    assert!(during.status().is_success());
+    let (code, server, _) = long.await.expect("the long request");
+    assert_eq!((code, server.as_str()), (200, "slowpoke"));
+    let status = wait_exit(p1.child(), Duration::from_secs(15), "the proxy").await;
+    assert!(status.success(), "{status}");
+    let after = plain_client().get(&admin).send().await;
+    assert!(
+        after.as_ref().is_err_and(|e| e.is_connect()),
+        "nothing listens once it has exited: {after:?}"
+    );
+}
