@@ -439,3 +439,281 @@ async fn a_request_must_name_one_host() {
     assert_eq!(parse_head(&got).0, 200, "{}", text(&got));
     assert_eq!(up.requests(), 1);
 }
+
+// --- safe paths ----------------------------------------------------------
+
+/// Routes only for `/public` (one stripping `/static`), no default: a path
+/// that would reach anything else must not reach the upstream.
+async fn path_proxy(up: &Recorder, global: &str) -> Proxy {
+    let addr = up.addr;
+    Proxy::start(|| {
+        format!(
+            "[global]\n{global}\n\n[[listeners]]\nname = \"web\"\nbind = \"{}\"\n\n\
+             [services.web]\nendpoints = [{}]\n\n\
+             [routes.public]\npath_prefix = \"/public\"\nservice = \"web\"\n\n\
+             [routes.static]\npath_prefix = \"/static\"\nstrip_prefix = true\nservice = \"web\"\n",
+            free_addr(),
+            ep("a", addr)
+        )
+    })
+    .await
+}
+
+/// The request line of each request the upstream received, in order.
+fn request_lines(up: &Recorder) -> Vec<String> {
+    up.received()
+        .iter()
+        .flat_map(|c| {
+            text(c)
+                .split("\r\n")
+                .filter(|l| l.ends_with(" HTTP/1.1") && !l.contains(':'))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+async fn status_of(proxy: &Proxy, target: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    let request = format!("GET {target} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.expect("send");
+    let (got, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    (parse_head(&got).0, text(&got))
+}
+
+/// A path that climbs out of `/public` by dot segments, in any spelling,
+/// is routed where it really points (here: nowhere, 404) or refused when
+/// servers read it differently (400); what is forwarded is the normal
+/// form, so no backend can read it another way; a stripped prefix ends at
+/// a segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_routed_and_forwarded_in_their_normal_form() {
+    let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
+    let proxy = path_proxy(&up, "").await;
+    let cases = [
+        ("/public/../admin", 404),
+        ("/public/%2e%2e/admin", 404),
+        ("/public/.%2E/admin", 404),
+        ("/staticadmin", 404),
+        ("/public%2F..%2Fadmin", 400),
+        ("/public/..%2fadmin", 400),
+        ("/public/..;/admin", 400),
+        ("/public/..%5cadmin", 400),
+        ("/public/a%00", 400),
+        ("/public/%zz", 400),
+    ];
+    for (target, want) in cases {
+        let (status, got) = status_of(&proxy, target).await;
+        assert_eq!(status, want, "{target}: {got}");
+    }
+    assert!(
+        up.received().is_empty(),
+        "none of them reached the upstream: {:?}",
+        request_lines(&up)
+    );
+    let forwarded = [
+        (
+            "/public/./a/../b/%7Euser?q=%2e%2e/x",
+            "/public/b/~user?q=%2e%2e/x",
+        ),
+        ("/public/a%3fb", "/public/a%3Fb"),
+        ("/public/a;v=1/b", "/public/a;v=1/b"),
+        ("/static/x/../app.css", "/app.css"),
+        ("/static", "/"),
+    ];
+    for (target, _) in forwarded {
+        let (status, got) = status_of(&proxy, target).await;
+        assert_eq!(status, 200, "{target}: {got}");
+    }
+    let mut want: Vec<String> = forwarded
+        .iter()
+        .map(|(_, sent)| format!("GET {sent} HTTP/1.1"))
+        .collect();
+    let mut got = request_lines(&up);
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+}
+
+/// `path_normalization = "off"` routes and forwards the raw path, for the
+/// applications that need encoded slashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_paths_pass_when_normalization_is_off() {
+    let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
+    let proxy = path_proxy(&up, "path_normalization = \"off\"").await;
+    for target in ["/public/../admin", "/public%2Fa%2Fb"] {
+        let (status, got) = status_of(&proxy, target).await;
+        assert_eq!(status, 200, "{target}: {got}");
+    }
+    let mut got = request_lines(&up);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "GET /public%2Fa%2Fb HTTP/1.1",
+            "GET /public/../admin HTTP/1.1"
+        ]
+    );
+}
+
+// --- forwarding headers and header names ---------------------------------
+
+/// The headers of the one request `up` received, names lower-cased.
+fn upstream_headers(up: &Recorder) -> Vec<(String, String)> {
+    let all = up.received();
+    assert_eq!(all.len(), 1, "one upstream connection: {all:?}");
+    let t = text(&all[0]);
+    t.split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect()
+}
+
+fn header<'a>(hs: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    hs.iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+const SPOOFED: &str = "GET /x HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 6.6.6.6\r\n\
+    X-Forwarded-Proto: https\r\nX-Forwarded-Host: bank.test\r\nForwarded: for=6.6.6.6\r\n\
+    X_Forwarded_For: 7.7.7.7\r\nConnection: close\r\n\r\n";
+
+/// From a client that is not a trusted proxy, every forwarding header is
+/// the proxy's own: what the client claimed (in any spelling) is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_from_an_untrusted_client_are_replaced() {
+    let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
+    let proxy = proxy_for(&up, "trusted_proxies = [\"10.0.0.0/8\"]", "").await;
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    s.write_all(SPOOFED.as_bytes()).await.expect("send");
+    let (got, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(parse_head(&got).0, 200, "{}", text(&got));
+    let hs = upstream_headers(&up);
+    assert_eq!(header(&hs, "x-forwarded-for"), ["127.0.0.1"], "{hs:?}");
+    assert_eq!(header(&hs, "x-forwarded-proto"), ["http"]);
+    assert_eq!(header(&hs, "x-forwarded-host"), ["a.test"]);
+    assert!(header(&hs, "forwarded").is_empty(), "{hs:?}");
+    assert!(header(&hs, "x_forwarded_for").is_empty(), "{hs:?}");
+}
+
+/// From a trusted proxy the chain is kept and extended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_from_a_trusted_proxy_are_kept() {
+    let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
+    let proxy = proxy_for(&up, "trusted_proxies = [\"127.0.0.0/8\"]", "").await;
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    s.write_all(SPOOFED.as_bytes()).await.expect("send");
+    let (got, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(parse_head(&got).0, 200, "{}", text(&got));
+    let hs = upstream_headers(&up);
+    assert_eq!(
+        header(&hs, "x-forwarded-for"),
+        ["6.6.6.6, 127.0.0.1"],
+        "{hs:?}"
+    );
+    assert_eq!(header(&hs, "x-forwarded-proto"), ["https"]);
+    assert_eq!(header(&hs, "x-forwarded-host"), ["bank.test"]);
+    assert_eq!(header(&hs, "forwarded"), ["for=6.6.6.6"]);
+}
+
+/// `Transfer_Encoding` and its like are refused: a CGI-style server reads
+/// them as the header they resemble, and would frame the body otherwise
+/// than the proxy did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_header_lookalikes_are_refused() {
+    let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
+    let proxy = proxy_for(&up, "", "").await;
+    let refused: [&[u8]; 2] = [
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer_Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\nContent_Length: 4\r\n\r\n",
+    ];
+    for request in refused {
+        let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+        s.write_all(request).await.expect("send");
+        let (got, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+        assert_eq!(parse_head(&got).0, 400, "{}: {}", text(request), text(&got));
+    }
+    assert!(up.received().is_empty(), "{:?}", up.received());
+    // Other names with `_` are the application's.
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nX_Api_Key: k\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let (got, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(parse_head(&got).0, 200, "{}", text(&got));
+    assert_eq!(header(&upstream_headers(&up), "x_api_key"), ["k"]);
+}
+
+// --- upgrades and tunnels ------------------------------------------------
+
+/// Reads one response head (the connection may stay open).
+async fn read_head(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("a response head within 5 s")
+            .expect("read");
+        assert!(n > 0, "closed before a response head: {}", text(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    got
+}
+
+const H2C: &str = "GET /x HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+    Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n";
+const SWITCH: &[u8] =
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n";
+
+/// `Upgrade: h2c` would open a tunnel past routing: by default the request
+/// goes as plain HTTP/1.1 (the upstream's 101 is then one nobody asked
+/// for: 502); with `h2c_upgrade = true` the offer and its settings reach
+/// the upstream and the switch is relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_passes_only_where_the_service_allows_it() {
+    let up = Recorder::start(|_| Script::Answer(SWITCH.to_vec())).await;
+    let proxy = proxy_for(&up, "", "").await;
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    s.write_all(H2C.as_bytes()).await.expect("send");
+    let got = read_head(&mut s).await;
+    assert_eq!(parse_head(&got).0, 502, "{}", text(&got));
+    let hs = upstream_headers(&up);
+    assert!(header(&hs, "upgrade").is_empty(), "{hs:?}");
+    assert!(header(&hs, "http2-settings").is_empty(), "{hs:?}");
+
+    let up = Recorder::start(|_| Script::Answer(SWITCH.to_vec())).await;
+    let proxy = proxy_for(&up, "", "h2c_upgrade = true").await;
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    s.write_all(H2C.as_bytes()).await.expect("send");
+    let mut head = vec![0u8; SWITCH.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+        .await
+        .expect("an answer in time")
+        .expect("read the answer");
+    assert_eq!(parse_head(&head).0, 101, "{}", text(&head));
+    let hs = upstream_headers(&up);
+    assert_eq!(header(&hs, "upgrade"), ["h2c"], "{hs:?}");
+    assert_eq!(header(&hs, "http2-settings"), ["AAMAAABkAARAAAAAAAIAAAAA"]);
+    assert_eq!(header(&hs, "connection"), ["upgrade, http2-settings"]);
+}
+
+/// CONNECT gets 501 (no route tunnels), not a dropped connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_answered_501() {
+    let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
+    let proxy = proxy_for(&up, "", "").await;
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    s.write_all(b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n")
+        .await
+        .expect("send");
+    let (got, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(parse_head(&got).0, 501, "{}", text(&got));
+    assert!(up.received().is_empty(), "{:?}", up.received());
+}

@@ -72,8 +72,8 @@ async fn request_hop_by_hop_headers_are_stripped_and_forwarded_headers_set() {
     assert_eq!(seen["x-end-to-end"], "yes", "end-to-end headers pass");
     assert_eq!(seen["host"], "app.example.com", "Host is kept");
     assert_eq!(
-        seen["x-forwarded-for"], "10.1.1.1, 127.0.0.1",
-        "XFF is appended to"
+        seen["x-forwarded-for"], "127.0.0.1",
+        "an untrusted client's X-Forwarded-For is replaced"
     );
     assert_eq!(
         seen["x-forwarded-proto"], "http",
@@ -104,7 +104,14 @@ async fn a_request_without_host_reaches_the_upstream_with_its_address_as_host() 
 async fn several_x_forwarded_for_lines_are_folded_in_order() {
     let up = Upstream::start("echo").await;
     let ep = endpoint_line(&up, "");
-    let proxy = Proxy::start(|| default_to(free_addr(), &ep)).await;
+    // From a trusted proxy the chain is kept.
+    let proxy = Proxy::start(|| {
+        format!(
+            "[global]\ntrusted_proxies = [\"127.0.0.1\"]\n{}",
+            default_to(free_addr(), &ep)
+        )
+    })
+    .await;
 
     // Two header lines are one list (RFC 9110 5.3): every hop must survive.
     let request = "GET / HTTP/1.1\r\n\

@@ -13,6 +13,8 @@ use pointsman_discovery::registration::{DEFAULT_WEIGHT, MAX_WEIGHT};
 
 use crate::engine::balance::BalanceAlgorithm;
 use crate::engine::endpoint::PassiveConfig;
+use crate::engine::path::PathNormalization;
+use crate::engine::trust::{TrustedNet, TrustedProxies};
 use crate::engine::ClientLimits;
 use pointsman_discovery::{Address, AdminState, CheckSpec, Entry, Registration, RouteSpec};
 use serde::Deserialize;
@@ -87,9 +89,16 @@ pub struct Global {
     /// Idle upstream keep-alive connections are closed after this long.
     #[serde(with = "humantime_serde")]
     pub upstream_idle_timeout: Duration,
-    /// Trust X-Forwarded-Proto/-Host sent by clients (only behind another
-    /// proxy you run).
+    /// Peers (addresses or CIDR blocks) whose X-Forwarded-* and Forwarded
+    /// headers are kept: the proxies you run in front. From anyone else
+    /// they are replaced.
+    pub trusted_proxies: Vec<TrustedNet>,
+    /// Older spelling of `trusted_proxies = ["0.0.0.0/0", "::/0"]`.
     pub trust_forwarded_headers: bool,
+    /// `"strict"`: paths are normalised before routing and forwarding
+    /// (dot segments, unreserved escapes) and ambiguous ones refused;
+    /// `"off"`: raw paths.
+    pub path_normalization: PathNormalization,
     /// Required on admin API changes when set; required at all when the
     /// admin listener is not on loopback. Read at start.
     pub admin_token: Option<String>,
@@ -124,7 +133,9 @@ impl Default for Global {
             connect_timeout: None,
             request_timeout: None,
             upstream_idle_timeout: Duration::from_secs(30),
+            trusted_proxies: Vec::new(),
             trust_forwarded_headers: false,
+            path_normalization: PathNormalization::Strict,
             admin_token: None,
             access_log: false,
             takeover_socket: None,
@@ -219,6 +230,10 @@ pub struct ServiceConfig {
     /// sticky sessions) for at most this long before it leaves the table.
     #[serde(default)]
     pub drain_timeout: Option<HumanDuration>,
+    /// Let `Upgrade: h2c` through to the endpoints (off: such a request
+    /// is sent as plain HTTP/1.1, as a server that ignores it would see).
+    #[serde(default)]
+    pub h2c_upgrade: bool,
     #[serde(default)]
     pub endpoints: Vec<StaticEndpoint>,
 }
@@ -326,6 +341,15 @@ impl Config {
                 key: "global.runtime_api".into(),
                 message,
             })?;
+        }
+
+        if raw.global.trust_forwarded_headers && !raw.global.trusted_proxies.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: origin.to_string(),
+                line: line_of(text, text.find("trust_forwarded_headers").unwrap_or(0)),
+                key: "global.trust_forwarded_headers".into(),
+                message: "trust_forwarded_headers = true trusts every peer, which contradicts trusted_proxies: keep only trusted_proxies".into(),
+            });
         }
 
         if matches!(&raw.global.admin_token, Some(t) if t.trim().is_empty()) {
@@ -528,7 +552,12 @@ impl From<&Global> for ClientLimits {
             body_timeout: g.body_timeout,
             // hyper refuses read buffers below 8 KiB.
             max_header_bytes: g.max_header_bytes.max(8192),
-            trust_forwarded_headers: g.trust_forwarded_headers,
+            trusted_proxies: if g.trust_forwarded_headers {
+                TrustedProxies::everyone()
+            } else {
+                TrustedProxies::new(g.trusted_proxies.iter().copied())
+            },
+            path_normalization: g.path_normalization,
             access_log: g.access_log,
         }
     }
@@ -620,6 +649,34 @@ mod tests {
         let msg = Config::parse("c.toml", text).unwrap_err().to_string();
         assert!(msg.contains("c.toml:2"), "{msg}");
         assert!(msg.contains("has no port"), "{msg}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_blocks() {
+        let ok = "[global]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]\n";
+        let c = Config::parse("c.toml", ok).expect("valid");
+        let limits = ClientLimits::from(&c.global);
+        assert!(limits
+            .trusted_proxies
+            .contains("10.1.2.3".parse().expect("ip")));
+        assert!(!limits
+            .trusted_proxies
+            .contains("127.0.0.1".parse().expect("ip")));
+        let bad = "[global]\ntrusted_proxies = [\"lb.internal\"]\n";
+        let msg = Config::parse("c.toml", bad).unwrap_err().to_string();
+        assert!(msg.contains("c.toml:2"), "{msg}");
+        assert!(msg.contains("10.0.0.0/8"), "{msg}");
+        let both = "[global]\ntrust_forwarded_headers = true\ntrusted_proxies = [\"10.0.0.1\"]\n";
+        let msg = Config::parse("c.toml", both).unwrap_err().to_string();
+        assert!(msg.contains("keep only trusted_proxies"), "{msg}");
+        let old = "[global]\ntrust_forwarded_headers = true\n";
+        let c = Config::parse("c.toml", old).expect("valid");
+        assert!(ClientLimits::from(&c.global)
+            .trusted_proxies
+            .contains("203.0.113.9".parse().expect("ip")));
+        let mode = "[global]\npath_normalization = \"loose\"\n";
+        let msg = Config::parse("c.toml", mode).unwrap_err().to_string();
+        assert!(msg.contains("strict"), "{msg}");
     }
 
     #[test]

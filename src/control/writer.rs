@@ -709,6 +709,7 @@ impl Control {
             },
             passive: defaults.passive.clone(),
             upstream_idle_timeout: global.upstream_idle_timeout,
+            h2c_upgrade: defaults.h2c_upgrade,
             live: self
                 .service_live
                 .entry(name.to_string())

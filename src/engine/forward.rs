@@ -34,6 +34,7 @@
 //! may be repeated, and only when the service's retry policy says so
 //! (`idempotent_after_send`), or on one of its retry statuses.
 
+use std::borrow::Cow;
 use std::fmt::Write;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -53,6 +54,7 @@ use super::body::{BodyError, UpstreamBody};
 use super::conn::ConnActive;
 use super::endpoint::InFlight;
 use super::http::ConnContext;
+use super::path::{self, PathNormalization};
 use super::pool::{self, ConnectError};
 use super::table::{
     find_cookie, Endpoint, Resolved, RetryGuard, RetryPolicy, RoutingTable, Service, ServiceState,
@@ -240,12 +242,17 @@ impl ConnContext {
                     _ => tracing::debug!(peer = %self.peer, error = %e, "request refused"),
                 }
                 let mut resp = e.response();
-                if matches!(e, ProxyError::ClientTimeout(_) | ProxyError::BadRequest(_))
-                    && version < Version::HTTP_2
+                if matches!(
+                    e,
+                    ProxyError::ClientTimeout(_)
+                        | ProxyError::BadRequest(_)
+                        | ProxyError::NotImplemented(_)
+                ) && version < Version::HTTP_2
                 {
-                    // The rest of the body may still come, or the client
-                    // and the proxy disagree on what it sent: the
-                    // connection cannot carry another request.
+                    // The rest of the body (or a refused tunnel's bytes)
+                    // may still come, or the client and the proxy
+                    // disagree on what it sent: the connection cannot
+                    // carry another request.
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
@@ -265,13 +272,21 @@ impl ConnContext {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let started = Instant::now();
         one_authority(&mut req)?;
+        lookalike_names(req.headers_mut(), self.trust_forwarded)?;
+        if self.path_normalization == PathNormalization::Strict {
+            normalize_target(&mut req)?;
+        }
         let (service, rewrite, routed_in) = {
             let table = self.proxy.table.load();
             let (service, rewrite) = self.route(&table, req.uri(), req.headers())?;
             (service, rewrite, table.version)
         };
         let sticky = sticky_of(&service, req.headers());
-        let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
+        // `Upgrade: h2c` would open a tunnel past routing: only where the
+        // service asks for it; elsewhere the request goes as plain HTTP/1.1.
+        let upgrade = req.version() == Version::HTTP_11
+            && wants_upgrade(req.headers())
+            && (service.settings.h2c_upgrade || !offers_h2c(req.headers()));
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let (mut head, headers) = self.upstream_head(parts, rewrite, upgrade)?;
@@ -902,9 +917,10 @@ fn forwarded_path(uri: &Uri, rewrite: Option<String>) -> Result<PathAndQuery, Pr
 /// - A target with an authority (absolute form over HTTP/1, `:authority`
 ///   in h2) that differs from `Host`: 400 over HTTP/1 (which host is meant
 ///   cannot be known); in h2 the `:authority` wins and becomes `Host`.
-/// - No userinfo in an authority (`http://user@host/`), and no
-///   authority-form or asterisk-form target but for CONNECT and OPTIONS:
+/// - No userinfo in an authority (`http://user@host/`), no
+///   authority-form target, and an asterisk-form one for OPTIONS only:
 ///   these would otherwise be forwarded as `/`.
+/// - CONNECT: 501, as no route tunnels.
 pub fn one_authority<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
     let bad = ProxyError::BadRequest;
     let hosts = req.headers().get_all(header::HOST).iter().count();
@@ -915,8 +931,13 @@ pub fn one_authority<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
     if req.version() == Version::HTTP_11 && hosts == 0 {
         return Err(bad("an HTTP/1.1 request without Host"));
     }
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::NotImplemented(
+            "this proxy does not open CONNECT tunnels",
+        ));
+    }
     let uri = req.uri();
-    if uri.path_and_query().is_none() && req.method() != Method::CONNECT {
+    if uri.path_and_query().is_none() {
         return Err(bad("an authority-form target is for CONNECT only"));
     }
     if uri.path() == "*" && req.method() != Method::OPTIONS {
@@ -944,6 +965,70 @@ pub fn one_authority<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
     let value =
         HeaderValue::from_str(authority.as_str()).map_err(|_| bad("an unusable :authority"))?;
     req.headers_mut().insert(header::HOST, value);
+    Ok(())
+}
+
+/// Phase 0b: the path is routed and forwarded in its normal form (see
+/// [`super::path`]); a request whose path is already normal is untouched.
+fn normalize_target<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    let uri = req.uri();
+    let normal = match path::normalize(uri.path()) {
+        Ok(Cow::Borrowed(_)) => return Ok(()),
+        Ok(Cow::Owned(p)) => p,
+        Err(e) => return Err(ProxyError::BadRequest(e.as_str())),
+    };
+    let pq = match uri.query() {
+        Some(q) => format!("{normal}?{q}"),
+        None => normal,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query =
+        Some(PathAndQuery::try_from(pq).map_err(|_| ProxyError::BadRequest("unusable path"))?);
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("unusable path"))?;
+    Ok(())
+}
+
+/// Header names a server may read as another one: CGI-style servers
+/// (PHP, WSGI, Rack) turn `-` and `_` alike into `_`, so
+/// `Transfer_Encoding` can frame a body there and `X_Forwarded_For` can
+/// stand in for the header this proxy sets.
+const FRAMING_LOOKALIKES: [&str; 6] = [
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "upgrade",
+    "te",
+];
+const FORWARDED_LOOKALIKES: [&str; 4] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+];
+
+/// Phase 0, with the host: a name spelt with `_` for one that frames the
+/// message is refused (400); one for a forwarding header is dropped unless
+/// the peer is a trusted proxy, as the header itself is.
+fn lookalike_names(headers: &mut HeaderMap, trusted: bool) -> Result<(), ProxyError> {
+    if !headers.keys().any(|n| n.as_str().contains('_')) {
+        return Ok(());
+    }
+    let mut dropped = Vec::new();
+    for name in headers.keys().filter(|n| n.as_str().contains('_')) {
+        let dashed = name.as_str().replace('_', "-");
+        if FRAMING_LOOKALIKES.contains(&dashed.as_str()) {
+            return Err(ProxyError::BadRequest(
+                "a header name spelt with `_` for one that frames the request (Content-Length, Transfer-Encoding, Host...): spell it with `-`",
+            ));
+        }
+        if !trusted && FORWARDED_LOOKALIKES.contains(&dashed.as_str()) {
+            dropped.push(name.clone());
+        }
+    }
+    for name in dropped {
+        headers.remove(name);
+    }
     Ok(())
 }
 
@@ -999,6 +1084,7 @@ const HOP_BY_HOP: [HeaderName; HOPS] = [
 ];
 
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -1030,14 +1116,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if !present.contains(&true) {
         return;
     }
+    let upgrade = keep_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    // An h2c upgrade is answered with the settings it carries.
+    let h2c_settings = upgrade
+        .as_ref()
+        .filter(|_| offers_h2c(headers))
+        .and_then(|_| headers.get(&HTTP2_SETTINGS).cloned());
     if let Some(named) = connection_tokens(headers) {
         for name in named {
             headers.remove(name);
         }
     }
-    let upgrade = keep_upgrade
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten();
     for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
@@ -1048,6 +1139,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
     }
+    if let Some(settings) = h2c_settings {
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("upgrade, http2-settings"),
+        );
+        headers.insert(&HTTP2_SETTINGS, settings);
+    }
+}
+
+/// Does the request offer to switch to h2 in clear text (`Upgrade: h2c`)?
+pub fn offers_h2c(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("h2c"))
 }
 
 /// Header names listed in `Connection`, other than the hop-by-hop ones we
@@ -1076,26 +1184,32 @@ fn connection_tokens(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
 }
 
 /// Adds the X-Forwarded-* headers for a request from `client` that arrived
-/// for `host`. X-Forwarded-For is appended to; -Proto and -Host are set
-/// unless the client is trusted and already sent them.
+/// for `host`. From a trusted proxy, X-Forwarded-For is appended to and
+/// -Proto, -Host and Forwarded are kept when present; from anyone else
+/// they are this hop's alone: X-Forwarded-For is the client's address,
+/// and a Forwarded header is removed (it could only be a claim).
 pub fn add_forwarded(
     headers: &mut HeaderMap,
     client: IpAddr,
     host: Option<&HeaderValue>,
     trust: bool,
 ) {
-    // Every X-Forwarded-For line, in order, then this hop's client.
     let mut xff = String::with_capacity(40);
-    for prev in headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        let prev = prev.trim();
-        if !prev.is_empty() {
-            xff.push_str(prev);
-            xff.push_str(", ");
+    if trust {
+        // Every X-Forwarded-For line, in order, then this hop's client.
+        for prev in headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+        {
+            let prev = prev.trim();
+            if !prev.is_empty() {
+                xff.push_str(prev);
+                xff.push_str(", ");
+            }
         }
+    } else {
+        headers.remove(header::FORWARDED);
     }
     let _ = write!(xff, "{}", client.to_canonical());
     if let Ok(v) = HeaderValue::try_from(xff) {
@@ -1345,20 +1459,27 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_headers_append_and_overwrite() {
+    fn forwarded_headers_are_replaced_unless_trusted() {
         let mut h = HeaderMap::new();
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         let host = HeaderValue::from_static("a.com");
+        h.insert(header::FORWARDED, HeaderValue::from_static("for=10.0.0.1"));
+        let mut trusted = h.clone();
         add_forwarded(&mut h, "127.0.0.2".parse().unwrap(), Some(&host), false);
-        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.2");
+        assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.2");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "a.com");
-        let mut h2 = HeaderMap::new();
-        h2.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        add_forwarded(&mut h2, "::ffff:127.0.0.3".parse().unwrap(), None, true);
-        assert_eq!(h2[&X_FORWARDED_FOR], "127.0.0.3");
-        assert_eq!(h2[&X_FORWARDED_PROTO], "https");
+        assert!(!h.contains_key(header::FORWARDED));
+        add_forwarded(
+            &mut trusted,
+            "::ffff:127.0.0.3".parse().unwrap(),
+            None,
+            true,
+        );
+        assert_eq!(trusted[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.3");
+        assert_eq!(trusted[&X_FORWARDED_PROTO], "https");
+        assert_eq!(trusted[header::FORWARDED], "for=10.0.0.1");
     }
 
     #[test]

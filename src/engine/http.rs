@@ -21,6 +21,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{ActivityIo, ConnActivity, Expired, CLIENT_CONNS, PARK_AFTER};
+use super::path::PathNormalization;
 use super::{ClientLimits, ProxyBody, SharedLimits};
 use crate::engine::table::SharedTable;
 
@@ -37,7 +38,9 @@ pub(super) struct ConnContext {
     pub(super) listener: Arc<str>,
     pub(super) peer: SocketAddr,
     pub(super) activity: Arc<ConnActivity>,
+    /// Whether the peer is one of `trusted_proxies`.
     pub(super) trust_forwarded: bool,
+    pub(super) path_normalization: PathNormalization,
     pub(super) access_log: bool,
     /// The longest wait for the next piece of a request body.
     pub(super) body_timeout: Duration,
@@ -65,7 +68,8 @@ impl HttpProxy {
             listener,
             peer,
             activity: activity.clone(),
-            trust_forwarded: limits.trust_forwarded_headers,
+            trust_forwarded: limits.trusted_proxies.contains(peer.ip()),
+            path_normalization: limits.path_normalization,
             access_log: limits.access_log,
             body_timeout: limits.body_timeout,
         });

@@ -17,11 +17,13 @@ pub mod endpoint;
 pub mod forward;
 pub mod http;
 pub mod latency;
+pub mod path;
 pub mod pool;
 pub mod quiet;
 pub mod spread;
 pub mod table;
 pub mod tcp;
+pub mod trust;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -49,7 +51,10 @@ pub struct ClientLimits {
     /// (request body, or reading the response) is cut.
     pub body_timeout: Duration,
     pub max_header_bytes: usize,
-    pub trust_forwarded_headers: bool,
+    /// Peers whose X-Forwarded-* and Forwarded headers are kept.
+    pub trusted_proxies: trust::TrustedProxies,
+    /// How paths are read before routing.
+    pub path_normalization: path::PathNormalization,
     pub access_log: bool,
 }
 
@@ -77,6 +82,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("the client sent no byte of its request body for {0:?} (body_timeout)")]
     ClientTimeout(Duration),
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
 }
 
 impl ProxyError {
@@ -90,6 +97,7 @@ impl ProxyError {
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 

@@ -17,6 +17,7 @@ use crate::engine::balance::BalanceAlgorithm;
 use crate::engine::balance::{cookie_value, pick_split, Balancer};
 use crate::engine::endpoint::EndpointState;
 use crate::engine::endpoint::PassiveConfig;
+use crate::engine::path::within_prefix;
 use crate::engine::quiet::QUIET_EVERY;
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64,
@@ -61,6 +62,9 @@ pub struct ServiceSettings {
     pub passive: PassiveConfig,
     /// Idle pooled upstream connections older than this are not reused.
     pub upstream_idle_timeout: Duration,
+    /// Whether `Upgrade: h2c` reaches the endpoints (a 101 then tunnels
+    /// the connection to them past routing).
+    pub h2c_upgrade: bool,
     /// Live counters shared by every table's copy of this service.
     pub live: Arc<ServiceState>,
 }
@@ -403,9 +407,15 @@ impl RouteIndex {
     /// route whose prefix matches, and in it the longest prefix.
     pub fn find(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
         fn longest<'r>(routes: &'r [Arc<Route>], path: &str) -> Option<&'r Arc<Route>> {
-            routes
-                .iter()
-                .find(|r| path.starts_with(r.path_prefix.as_str()))
+            // A route that strips its prefix covers whole segments only:
+            // `/static` stripped from `/staticadmin` would leave `admin`.
+            routes.iter().find(|r| {
+                if r.strip_prefix {
+                    within_prefix(path, &r.path_prefix)
+                } else {
+                    path.starts_with(r.path_prefix.as_str())
+                }
+            })
         }
         let host = normalize_host(host);
         if let Some(r) = self

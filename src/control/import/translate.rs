@@ -668,7 +668,7 @@ impl Translator<'_> {
                 return Some(not(line, "pointsman always tries a failed connect again on another endpoint"))
             }
             ("option", "forwardfor") => {
-                return Some(built_in(line, "pointsman always appends the client address to X-Forwarded-For"))
+                return Some(built_in(line, "pointsman always sets X-Forwarded-For (appended to only for the peers in trusted_proxies)"))
             }
             ("option", "http-keep-alive") => {
                 return Some(built_in(line, "pointsman keeps client and upstream connections alive"))
