@@ -65,7 +65,7 @@ soak: deps-build deps-demo build
 ## land in fuzz/artifacts/<target>/, which `make test` replays. See the
 ## FUZZING section of src/control/CONFIG.md.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := registry_entry consul_answers config_file runtime_line takeover_wire request_head
+FUZZ_TARGETS := registry_entry consul_answers config_file runtime_line takeover_wire request_head request_path
 fuzz: deps-build
 	@$(CARGO) +nightly fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
 	@cd fuzz && failed=""; for t in $(FUZZ_TARGETS); do \

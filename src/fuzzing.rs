@@ -161,6 +161,47 @@ pub fn runtime_line(data: &[u8]) {
     }
 }
 
+/// A request path, as routes see it. Checks: normalising never panics;
+/// a normal path is normal already (normalising it again changes
+/// nothing); it keeps its leading `/`, holds no dot segment and no escape
+/// of an unreserved character, so no server reads it otherwise.
+pub fn request_path(data: &[u8]) {
+    use crate::engine::path::normalize;
+    let Ok(raw) = std::str::from_utf8(data) else {
+        return;
+    };
+    let path = format!("/{raw}");
+    let Ok(normal) = normalize(&path) else {
+        return;
+    };
+    assert!(normal.starts_with('/'), "{path:?} became {normal:?}");
+    assert!(
+        normal.split('/').all(|s| s != "." && s != ".."),
+        "{path:?} became {normal:?}, with a dot segment"
+    );
+    let again = normalize(&normal).map(|n| n.into_owned());
+    assert_eq!(
+        again.as_deref(),
+        Ok(&*normal),
+        "{path:?}: its normal form {normal:?} is not normal"
+    );
+    let bytes = normal.as_bytes();
+    for (i, _) in normal.match_indices('%') {
+        let escaped = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        let Some(c) = escaped else {
+            panic!("{path:?} became {normal:?}, with a broken escape");
+        };
+        assert!(
+            !(c.is_ascii_alphanumeric() || b"-._~/\\".contains(&c) || c == 0),
+            "{path:?} became {normal:?}, which still escapes {:?}",
+            char::from(c)
+        );
+    }
+}
+
 /// A word as a client writes it: the separators and `\` escaped.
 fn escape(word: &str) -> String {
     let mut out = String::with_capacity(word.len());

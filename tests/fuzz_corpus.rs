@@ -89,6 +89,11 @@ fn takeover_messages_replay() {
 }
 
 #[test]
+fn request_paths_replay() {
+    replay("request_path", pointsman::fuzzing::request_path);
+}
+
+#[test]
 fn request_heads_replay() {
     replay("request_head", pointsman::fuzzing::request_head);
 }
