@@ -473,11 +473,17 @@ fn request_lines(up: &Recorder) -> Vec<String> {
         .collect()
 }
 
-async fn status_of(proxy: &Proxy, target: &str) -> (u16, String) {
+/// Sends `request` on a new connection; everything that came back before
+/// the proxy closed it.
+async fn exchange(proxy: &Proxy, request: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    s.write_all(request).await.expect("send");
+    read_to_end(&mut s, Duration::from_secs(5)).await.0
+}
+
+async fn status_of(proxy: &Proxy, target: &str) -> (u16, String) {
     let request = format!("GET {target} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
-    s.write_all(request.as_bytes()).await.expect("send");
-    let (got, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    let got = exchange(proxy, request.as_bytes()).await;
     (parse_head(&got).0, text(&got))
 }
 
@@ -584,17 +590,21 @@ const SPOOFED: &str = "GET /x HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 6.6.6
     X-Forwarded-Proto: https\r\nX-Forwarded-Host: bank.test\r\nForwarded: for=6.6.6.6\r\n\
     X_Forwarded_For: 7.7.7.7\r\nConnection: close\r\n\r\n";
 
+/// The headers the upstream got for [`SPOOFED`] through a proxy with
+/// `global` settings.
+async fn spoofed_through(global: &str) -> Vec<(String, String)> {
+    let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
+    let proxy = proxy_for(&up, global, "").await;
+    let got = exchange(&proxy, SPOOFED.as_bytes()).await;
+    assert_eq!(parse_head(&got).0, 200, "{}", text(&got));
+    upstream_headers(&up)
+}
+
 /// From a client that is not a trusted proxy, every forwarding header is
 /// the proxy's own: what the client claimed (in any spelling) is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_from_an_untrusted_client_are_replaced() {
-    let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
-    let proxy = proxy_for(&up, "trusted_proxies = [\"10.0.0.0/8\"]", "").await;
-    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
-    s.write_all(SPOOFED.as_bytes()).await.expect("send");
-    let (got, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
-    assert_eq!(parse_head(&got).0, 200, "{}", text(&got));
-    let hs = upstream_headers(&up);
+    let hs = spoofed_through("trusted_proxies = [\"10.0.0.0/8\"]").await;
     assert_eq!(header(&hs, "x-forwarded-for"), ["127.0.0.1"], "{hs:?}");
     assert_eq!(header(&hs, "x-forwarded-proto"), ["http"]);
     assert_eq!(header(&hs, "x-forwarded-host"), ["a.test"]);
@@ -605,13 +615,7 @@ async fn forwarding_headers_from_an_untrusted_client_are_replaced() {
 /// From a trusted proxy the chain is kept and extended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_from_a_trusted_proxy_are_kept() {
-    let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
-    let proxy = proxy_for(&up, "trusted_proxies = [\"127.0.0.0/8\"]", "").await;
-    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
-    s.write_all(SPOOFED.as_bytes()).await.expect("send");
-    let (got, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
-    assert_eq!(parse_head(&got).0, 200, "{}", text(&got));
-    let hs = upstream_headers(&up);
+    let hs = spoofed_through("trusted_proxies = [\"127.0.0.0/8\"]").await;
     assert_eq!(
         header(&hs, "x-forwarded-for"),
         ["6.6.6.6, 127.0.0.1"],
@@ -634,18 +638,16 @@ async fn framing_header_lookalikes_are_refused() {
         b"GET /x HTTP/1.1\r\nHost: a\r\nContent_Length: 4\r\n\r\n",
     ];
     for request in refused {
-        let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
-        s.write_all(request).await.expect("send");
-        let (got, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+        let got = exchange(&proxy, request).await;
         assert_eq!(parse_head(&got).0, 400, "{}: {}", text(request), text(&got));
     }
     assert!(up.received().is_empty(), "{:?}", up.received());
     // Other names with `_` are the application's.
-    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
-    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nX_Api_Key: k\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("send");
-    let (got, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    let got = exchange(
+        &proxy,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX_Api_Key: k\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert_eq!(parse_head(&got).0, 200, "{}", text(&got));
     assert_eq!(header(&upstream_headers(&up), "x_api_key"), ["k"]);
 }
@@ -709,11 +711,11 @@ async fn an_h2c_upgrade_passes_only_where_the_service_allows_it() {
 async fn connect_is_answered_501() {
     let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
     let proxy = proxy_for(&up, "", "").await;
-    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
-    s.write_all(b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n")
-        .await
-        .expect("send");
-    let (got, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    let got = exchange(
+        &proxy,
+        b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n",
+    )
+    .await;
     assert_eq!(parse_head(&got).0, 501, "{}", text(&got));
     assert!(up.received().is_empty(), "{:?}", up.received());
 }

@@ -981,7 +981,7 @@ fn normalize_target<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
         Some(q) => format!("{normal}?{q}"),
         None => normal,
     };
-    let mut parts = uri.clone().into_parts();
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
     parts.path_and_query =
         Some(PathAndQuery::try_from(pq).map_err(|_| ProxyError::BadRequest("unusable path"))?);
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("unusable path"))?;
@@ -1009,27 +1009,35 @@ const FORWARDED_LOOKALIKES: [&str; 4] = [
 
 /// Phase 0, with the host: a name spelt with `_` for one that frames the
 /// message is refused (400); one for a forwarding header is dropped unless
-/// the peer is a trusted proxy, as the header itself is.
+/// the peer is a trusted proxy, as the header itself is. Allocates only
+/// when there is something to drop.
 fn lookalike_names(headers: &mut HeaderMap, trusted: bool) -> Result<(), ProxyError> {
-    if !headers.keys().any(|n| n.as_str().contains('_')) {
-        return Ok(());
-    }
-    let mut dropped = Vec::new();
+    let mut dropped: Option<Vec<HeaderName>> = None;
     for name in headers.keys().filter(|n| n.as_str().contains('_')) {
-        let dashed = name.as_str().replace('_', "-");
-        if FRAMING_LOOKALIKES.contains(&dashed.as_str()) {
+        let like = |of: &&str| dashed_eq(name.as_str(), of);
+        if FRAMING_LOOKALIKES.iter().any(like) {
             return Err(ProxyError::BadRequest(
                 "a header name spelt with `_` for one that frames the request (Content-Length, Transfer-Encoding, Host...): spell it with `-`",
             ));
         }
-        if !trusted && FORWARDED_LOOKALIKES.contains(&dashed.as_str()) {
-            dropped.push(name.clone());
+        if !trusted && FORWARDED_LOOKALIKES.iter().any(like) {
+            dropped.get_or_insert_with(Vec::new).push(name.clone());
         }
     }
-    for name in dropped {
+    for name in dropped.into_iter().flatten() {
         headers.remove(name);
     }
     Ok(())
+}
+
+/// `name` (lower-case, as `HeaderName` keeps it) is `of` with some `-`
+/// written as `_`.
+fn dashed_eq(name: &str, of: &str) -> bool {
+    name.len() == of.len()
+        && name
+            .bytes()
+            .zip(of.bytes())
+            .all(|(n, o)| n == o || (n == b'_' && o == b'-'))
 }
 
 /// The host a request is for: the URI's authority (h2, absolute form) or
@@ -1091,13 +1099,23 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 
 /// Does the request ask to switch protocols (WebSocket and the like)?
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+    headers.contains_key(header::UPGRADE) && lists_token(headers, header::CONNECTION, "upgrade")
+}
+
+/// Does the request offer to switch to h2 in clear text (`Upgrade: h2c`)?
+pub fn offers_h2c(headers: &HeaderMap) -> bool {
+    lists_token(headers, header::UPGRADE, "h2c")
+}
+
+/// Whether any `name` header's comma-separated list holds `token`
+/// (case-insensitively).
+fn lists_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Removes hop-by-hop headers. With `keep_upgrade`, `Connection: upgrade`
@@ -1146,16 +1164,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         );
         headers.insert(&HTTP2_SETTINGS, settings);
     }
-}
-
-/// Does the request offer to switch to h2 in clear text (`Upgrade: h2c`)?
-pub fn offers_h2c(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim().eq_ignore_ascii_case("h2c"))
 }
 
 /// Header names listed in `Connection`, other than the hop-by-hop ones we

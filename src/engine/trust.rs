@@ -71,10 +71,6 @@ impl TrustedProxies {
         let peer = peer.to_canonical();
         self.0.iter().any(|n| n.0.contains(&peer))
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 #[cfg(test)]
