@@ -394,6 +394,64 @@ async fn a_503_is_retried_for_get_but_a_post_is_not() {
     );
 }
 
+/// An app that answers 503 while it shuts down (seed 003's recipe): once
+/// the proxy knows it is leaving (here: draining, with sessions still
+/// bound to it by their cookie), its 503 goes elsewhere even though 503 is
+/// not one of the service's retry statuses; from a ready endpoint the same
+/// 503 is the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_from_a_draining_endpoint_is_retried_whatever_on_status_says() {
+    let (leaving, leaving_hits) = counting_server("leaving", 503, Duration::ZERO).await;
+    let (good, good_hits) = counting_server("good", 200, Duration::ZERO).await;
+    let settings = "balance = \"cookie\"\nretry = { on_status = [] }\n\
+                    passive = { consecutive_failures = 0 }";
+    let config = |state: &str| {
+        let eps = [
+            format!(
+                "{{ id = \"leaving\", address = \"{}\", state = \"{state}\" }}",
+                leaving.addr
+            ),
+            ep("good", good.addr),
+        ];
+        move |listen| web(listen, settings, &eps)
+    };
+    let proxy = Proxy::start(|| config("ready")(free_addr())).await;
+    let client = plain_client();
+    let cookie = ("cookie", "SERVERID=leaving");
+
+    // Ready: its 503 is relayed, as on_status lists nothing.
+    let (status, echo) = get_echo(&client, &proxy.url("/x"), &[cookie]).await;
+    assert_eq!(status, 503, "a ready endpoint's 503 is the answer: {echo}");
+    assert_eq!(echo["server"], "leaving");
+
+    proxy.reload(&config("drain")(proxy.addr())).await;
+    for i in 0..5 {
+        let (status, echo) = get_echo(&client, &proxy.url("/x"), &[cookie]).await;
+        assert_eq!(
+            status, 200,
+            "GET {i}: the draining endpoint's 503 is retried: {echo}"
+        );
+        assert_eq!(echo["server"], "good", "GET {i}");
+    }
+    assert_eq!(
+        leaving_hits.of("GET"),
+        6,
+        "each GET went to its session's endpoint first"
+    );
+    assert_eq!(good_hits.of("GET"), 5);
+
+    // A POST reached the app: its 503 is the answer, sent once.
+    let resp = client
+        .post(proxy.url("/x"))
+        .header(cookie.0, cookie.1)
+        .body("order")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), 503, "a POST is never sent twice");
+    assert_eq!((leaving_hits.of("POST"), good_hits.of("POST")), (1, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connect_is_retried_on_a_good_endpoint() {
     let ups = Upstream::start_many(&["c1", "c2"]).await;

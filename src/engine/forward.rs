@@ -32,7 +32,9 @@
 //! (RFC 9110 9.2.2): after a refused connect, or a failure before any of
 //! its bytes were written. Once bytes went out, only an idempotent method
 //! may be repeated, and only when the service's retry policy says so
-//! (`idempotent_after_send`), or on one of its retry statuses.
+//! (`idempotent_after_send`), or on one of its retry statuses, or after
+//! a 503 from an endpoint already known to be leaving (draining, failing
+//! its check), which is retried without spending the retry budget.
 
 use std::borrow::Cow;
 use std::fmt::Write;
@@ -170,6 +172,11 @@ enum Failure {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Tried {
     Answered(StatusCode),
+    /// A 503 from an endpoint already known to be leaving: draining, in
+    /// maintenance, failing its check, ejected or gone from the table (an
+    /// app that answers 503 while it shuts down). It says nothing of the
+    /// service, so it is retried without a budget slot.
+    TurnedAway,
     Refused,
     Unsent,
     NotWritten,
@@ -317,7 +324,15 @@ impl ConnContext {
             let outcome = self
                 .send_once(&head, service, endpoint, in_flight, &mut state, timeout)
                 .await?;
-            let next = state.decide(outcome.tried(), policy, &service.settings.live, pick.index);
+            let tried = match outcome.tried() {
+                Tried::Answered(StatusCode::SERVICE_UNAVAILABLE)
+                    if self.known_leaving(service, endpoint) =>
+                {
+                    Tried::TurnedAway
+                }
+                tried => tried,
+            };
+            let next = state.decide(tried, policy, &service.settings.live, pick.index);
             self.record_attempt(service, pick.index, &outcome, next);
             match outcome {
                 Outcome::Answered(answer) if next == Next::Respond => {
@@ -373,6 +388,21 @@ impl ConnContext {
             Resolved::UnknownService(name) => Err(ProxyError::UnknownService(name)),
             Resolved::NoMapEntry { map, key } => Err(ProxyError::NoMapEntry { map, key }),
         }
+    }
+
+    /// Whether `endpoint` of `service` is known to be on its way out: not
+    /// taking new requests in the request's table or by its live checks,
+    /// or no longer so in the latest table (a drain that came after the
+    /// request started).
+    fn known_leaving(&self, service: &Service, endpoint: &Endpoint) -> bool {
+        if !endpoint.accepts_new() {
+            return true;
+        }
+        let table = self.proxy.table.load();
+        let now = table
+            .service(&service.name)
+            .and_then(|s| s.endpoints.iter().find(|e| e.id == endpoint.id));
+        now.is_none_or(|e| !e.accepts_new())
     }
 
     /// The upstream head: the client's headers made fit to forward (they
@@ -755,6 +785,12 @@ impl RetryState {
             Tried::Reset => after_send && self.may_retry(false, policy, live, picked),
             Tried::TimedOut => after_send && self.may_retry(true, policy, live, picked),
             Tried::Stalled => false,
+            Tried::TurnedAway => {
+                if repeatable && self.may_retry(false, policy, live, picked) {
+                    return Next::Retry;
+                }
+                return Next::Respond;
+            }
             Tried::Answered(status) => {
                 let on_status = policy.on_status.contains(&status.as_u16());
                 if repeatable && on_status && self.may_retry(true, policy, live, picked) {
@@ -1336,6 +1372,14 @@ mod tests {
                 on,
                 Respond,
             ),
+            // A 503 from an endpoint known to be leaving: retried for an
+            // idempotent request whatever on_status says (the policy here
+            // lists 503, the case below is the same without it), and
+            // without a budget slot.
+            (TurnedAway, get(), 1, true, off, Retry),
+            (TurnedAway, post(), 1, true, off, Respond),
+            (TurnedAway, get(), 1, false, off, Respond),
+            (TurnedAway, get(), 0, true, off, Respond),
             // Unsent came back whole: sent again, even with no try left.
             (Unsent, post(), 0, false, off, Resend),
         ];
@@ -1368,6 +1412,17 @@ mod tests {
                 Respond | Fail => assert_eq!((s.avoid, retries), (None, 0), "{case}"),
             }
         }
+    }
+
+    #[test]
+    fn a_503_from_a_leaving_endpoint_is_retried_even_when_503_is_not_a_retry_status() {
+        let live = Arc::new(ServiceState::default());
+        let p = policy(&[]);
+        let mut s = state(Method::GET, 2, true);
+        let busy = Tried::Answered(StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(s.decide(busy, &p, &live, 0), Next::Respond);
+        assert_eq!(s.decide(Tried::TurnedAway, &p, &live, 0), Next::Retry);
+        assert!(s.budget.is_none(), "no budget slot taken");
     }
 
     #[test]
