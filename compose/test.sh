@@ -225,7 +225,9 @@ stop_api1_while_lb1_cut() {
 
 kill_etcd1() {
   $compose kill etcd1 >/dev/null 2>&1 || return 1
-  etcdctl_ put /services/api/extra2 api1:4000 >/dev/null || { log "etcd refused a write with two members up"; return 1; }
+  # If etcd1 led, the other two elect a leader first (election timeout
+  # 2.5 s, longer on a busy host): the write must be taken within 20 s.
+  wait_for 20 etcdctl_ put /services/api/extra2 api1:4000 || { log "etcd refused a write with two members up for 20 s"; return 1; }
   wait_for 20 lists 8404 extra2 && wait_for 20 lists 8405 extra2 ||
     { log "a proxy stopped following etcd with etcd1 gone"; return 1; }
   etcdctl_ del /services/api/extra2 >/dev/null
