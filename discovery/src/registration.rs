@@ -120,15 +120,19 @@ pub struct CheckSpec {
     /// admin port, as HAProxy's `check port N`).
     #[serde(default)]
     pub port: Option<u16>,
+    /// Check this host (an IP or a name) instead of the instance's, on
+    /// the instance's port or `port` (HAProxy's `addr`): an app whose
+    /// health endpoint listens on another interface.
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 impl CheckSpec {
-    /// Where to check an instance at `address`: there, or on `port`.
+    /// Where to check an instance at `address`: there, or on another
+    /// host (`address`) and/or port (`port`).
     pub fn target(&self, address: &Address) -> Address {
-        match self.port {
-            Some(port) => Address::new(address.host(), port),
-            None => address.clone(),
-        }
+        let host = self.address.as_deref().unwrap_or(address.host());
+        Address::new(host, self.port.unwrap_or(address.port()))
     }
 }
 
@@ -160,6 +164,19 @@ impl CheckSpec {
         }
         if self.timeout.is_zero() {
             return Err("check.timeout is 0: expected a duration such as \"1s\"".to_string());
+        }
+        if let Some(host) = &self.address {
+            // The same rule as a registration's address, with any port.
+            let bracketed = if host.contains(':') {
+                format!("[{host}]:1")
+            } else {
+                format!("{host}:1")
+            };
+            if host.is_empty() || bracketed.parse::<Address>().is_err() {
+                return Err(format!(
+                    "check.address {host:?} is not a host: expected an IP address or a DNS name without a port, e.g. \"10.0.0.5\" (the port is the instance's, or check.port)"
+                ));
+            }
         }
         if self.rise == 0 || self.fall == 0 {
             return Err(format!(

@@ -98,6 +98,28 @@ fn json_registration_with_every_field() {
     assert_eq!(check.method, "GET");
 }
 
+/// A check on another host and/or port than the instance serves on.
+#[test]
+fn a_check_goes_to_its_own_address_and_port_when_it_names_them() {
+    let target = |check: &str| {
+        let json = format!(r#"{{"address":"10.0.0.5:8080","check":{check}}}"#);
+        let Entry::Instance(r) = ok("/services/web/a1", &json) else {
+            panic!("not an instance")
+        };
+        r.check.expect("check").target(&r.address)
+    };
+    assert_eq!(target("{}"), Address::new("10.0.0.5", 8080));
+    assert_eq!(target(r#"{"port":9000}"#), Address::new("10.0.0.5", 9000));
+    assert_eq!(
+        target(r#"{"address":"10.1.0.5"}"#),
+        Address::new("10.1.0.5", 8080)
+    );
+    assert_eq!(
+        target(r#"{"address":"::1","port":9000}"#),
+        Address::new("::1", 9000)
+    );
+}
+
 #[test]
 fn json_registration_defaults() {
     let Entry::Instance(r) = ok("/services/web/a1", r#" {"address":"[::1]:80"} "#) else {
@@ -156,6 +178,15 @@ fn json_registration_errors() {
         r#"{"address":"h:1","check":{"http":"healthz"}}"#,
     );
     assert!(msg.contains("must be a path starting with '/'"), "{msg}");
+
+    let msg = err(
+        "/services/web/a1",
+        r#"{"address":"h:1","check":{"address":"10.0.0.9:8080"}}"#,
+    );
+    assert!(
+        msg.contains("check.address \"10.0.0.9:8080\" is not a host"),
+        "{msg}"
+    );
 
     let msg = err(
         "/services/web/a1",

@@ -387,7 +387,7 @@ fn server_options(words: &[String], opts: &mut ServerOpts) -> Vec<String> {
                 None => issues.push(format!("`port {}`: not a port", arg.unwrap_or(""))),
             },
             "addr" => issues.push(format!(
-                "`addr {}`: pointsman checks the endpoint's own host (on its port, or the check's `port`)",
+                "`addr {}`: a pointsman check's `address` is set per service or in an instance's registration, not per server",
                 arg.unwrap_or("")
             )),
             "cookie" => issues.push(format!(
