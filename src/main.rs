@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use pointsman::control::config::{Config, Listener, ListenerMode};
+use pointsman::control::config::{Config, Listener, ListenerMode, RuntimeIdentity};
 use pointsman::control::registry::RegistryOptions;
 use pointsman::process::app::{stop_signals, App};
 use pointsman_deploy::cli::{ConsulArgs, EtcdArgs};
@@ -137,6 +137,10 @@ struct RunArgs {
     /// address (e.g. 127.0.0.1:9999).
     #[arg(long, value_name = "ADDR", env = "POINTSMAN_RUNTIME_API")]
     runtime_api: Option<SocketAddr>,
+    /// What the runtime API's `show info` names the process: haproxy (the
+    /// default, which HAProxy's clients need) or pointsman.
+    #[arg(long, value_name = "NAME", env = "POINTSMAN_RUNTIME_IDENTITY")]
+    runtime_identity: Option<RuntimeIdentity>,
     /// This proxy's id in etcd (<prefix>/proxies/<id>) [default: <host
     /// name>:<admin port>].
     #[arg(long, env = "POINTSMAN_PROXY_ID")]
@@ -181,6 +185,7 @@ impl RunArgs {
         let default_service = self.default_service.clone();
         let (token, access_log) = (self.admin_token.clone(), self.access_log);
         let (runtime_socket, runtime_api) = (self.runtime_socket.clone(), self.runtime_api);
+        let runtime_identity = self.runtime_identity;
         Arc::new(move |c: &mut Config| {
             if let Some(t) = &token {
                 c.global.admin_token = Some(t.clone());
@@ -191,6 +196,9 @@ impl RunArgs {
             }
             if let Some(addr) = runtime_api {
                 c.global.runtime_api = Some(addr);
+            }
+            if let Some(identity) = runtime_identity {
+                c.global.runtime_identity = identity;
             }
             if let Some(addr) = listen {
                 match c

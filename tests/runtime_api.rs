@@ -518,6 +518,49 @@ async fn map_commands_change_where_requests_go() {
     }
 }
 
+/// `runtime_identity = "pointsman"` (or `--runtime-identity`, which wins)
+/// makes `show info` name the process as it is; a reload follows the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_info_names_the_process_as_runtime_identity_says() {
+    let ups = Upstream::start_many(&["a", "b"]).await;
+    let (a, b) = (&ups[0], &ups[1]);
+    let with = |identity: &str, listen| {
+        format!(
+            "[global]\nruntime_identity = \"{identity}\"\n{}",
+            two_servers(listen, a, b)
+        )
+    };
+    let name = |info: String| info.lines().next().unwrap_or_default().to_string();
+
+    let proxy = Proxy::start_with_args(
+        || with("pointsman", free_addr()),
+        &["--runtime-api", "127.0.0.1:0", "--admin-token", TOKEN],
+    )
+    .await;
+    let addr = runtime_addr(&proxy);
+    let info = cli(addr, "show info").await;
+    assert_eq!(name(info.clone()), "Name: pointsman", "{info}");
+    assert!(info.contains("\nVersion: pointsman-"), "{info}");
+    assert!(!info.contains("HAProxy"), "{info}");
+    proxy.reload(&with("haproxy", proxy.addr())).await;
+    assert_eq!(name(cli(addr, "show info").await), "Name: HAProxy");
+
+    let flagged = Proxy::start_with_args(
+        || with("haproxy", free_addr()),
+        &[
+            "--runtime-api",
+            "127.0.0.1:0",
+            "--admin-token",
+            TOKEN,
+            "--runtime-identity",
+            "pointsman",
+        ],
+    )
+    .await;
+    let addr = runtime_addr(&flagged);
+    assert_eq!(name(cli(addr, "show info").await), "Name: pointsman");
+}
+
 // ---------------------------------------------------------------------------
 // Every read command, lines of several commands, errors
 

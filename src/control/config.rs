@@ -113,6 +113,33 @@ pub struct Global {
     /// HAProxy-compatible runtime API on this TCP address; loopback only.
     /// Read at start only.
     pub runtime_api: Option<SocketAddr>,
+    /// The `Name` the runtime API's `show info` gives.
+    pub runtime_identity: RuntimeIdentity,
+}
+
+/// What `show info` calls the process. HAProxy's clients (haproxyadmin,
+/// haproxytool) accept a socket only when it says `HAProxy`, so that is
+/// the default; `pointsman` is for tools that must tell the two apart.
+/// `Version` says `pointsman-<version>` either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeIdentity {
+    #[default]
+    Haproxy,
+    Pointsman,
+}
+
+impl std::str::FromStr for RuntimeIdentity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "haproxy" => Ok(RuntimeIdentity::Haproxy),
+            "pointsman" => Ok(RuntimeIdentity::Pointsman),
+            other => Err(format!(
+                "unknown runtime identity {other:?}: expected haproxy or pointsman"
+            )),
+        }
+    }
 }
 
 /// A duration written as `"3s"`, `"250ms"`.
@@ -141,6 +168,7 @@ impl Default for Global {
             takeover_socket: None,
             runtime_socket: None,
             runtime_api: None,
+            runtime_identity: RuntimeIdentity::Haproxy,
         }
     }
 }

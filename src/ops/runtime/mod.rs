@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::config::{admin_token_matches, Config};
+use crate::control::config::{admin_token_matches, Config, RuntimeIdentity};
 use crate::control::local::{LocalChange, LocalError};
 use crate::control::ControlHandle;
 use crate::engine::endpoint::unix_now;
@@ -259,7 +259,7 @@ impl Runtime {
                 threads: self.threads,
                 stopping: self.shutdown.is_cancelled(),
                 node: self.node.clone(),
-                haproxy_name: true,
+                haproxy_name: config.global.runtime_identity == RuntimeIdentity::Haproxy,
                 release_date: self.release_date.clone(),
                 ..ProcessInfo::default()
             },
