@@ -258,6 +258,11 @@ pub struct ServiceConfig {
     /// sticky sessions) for at most this long before it leaves the table.
     #[serde(default)]
     pub drain_timeout: Option<HumanDuration>,
+    /// While no endpoint takes new requests, a request waits up to this
+    /// long for one (a registration, a passing check, a restart on the
+    /// same address) instead of getting 503 at once. Off by default.
+    #[serde(default)]
+    pub hold_timeout: Option<HumanDuration>,
     /// Let `Upgrade: h2c` through to the endpoints (off: such a request
     /// is sent as plain HTTP/1.1, as a server that ignores it would see).
     #[serde(default)]

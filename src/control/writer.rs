@@ -710,6 +710,7 @@ impl Control {
             passive: defaults.passive.clone(),
             upstream_idle_timeout: global.upstream_idle_timeout,
             h2c_upgrade: defaults.h2c_upgrade,
+            hold_timeout: defaults.hold_timeout.map(|d| d.0).filter(|d| !d.is_zero()),
             live: self
                 .service_live
                 .entry(name.to_string())

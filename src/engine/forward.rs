@@ -317,7 +317,7 @@ impl ConnContext {
             sticky,
         };
         loop {
-            let (pick, in_flight) = self.pick(&mut head, &mut routing, &mut state)?;
+            let (pick, in_flight) = self.pick(&mut head, &mut routing, &mut state).await?;
             let service = &*routing.service;
             let endpoint = &service.endpoints[pick.index];
             let timeout = policy.per_try_timeout;
@@ -455,7 +455,7 @@ impl ConnContext {
     /// now. It counts as in flight from here on, connecting included: a
     /// proxy that reports no request in flight to an endpoint has none on
     /// the way to it either (drain confirmations rely on this).
-    fn pick(
+    async fn pick(
         &self,
         head: &mut UpstreamHead,
         routing: &mut Routing,
@@ -465,40 +465,66 @@ impl ConnContext {
         // service must not get it (a deploy may already have confirmed
         // that it is drained).
         if std::mem::replace(&mut state.tried, true) {
-            let current = &routing.service;
-            let uri = &head.parts.uri;
-            let rerouted =
-                self.reroute(&mut routing.routed_in, current, uri, state.headers.as_ref())?;
-            if let Some((now, rewrite)) = rerouted {
-                state.avoid = state
-                    .avoid
-                    .and_then(|i| current.endpoints.get(i))
-                    .and_then(|e: &Endpoint| now.endpoints.iter().position(|n| n.id == e.id));
-                if now.name != current.name {
-                    routing.active = ServiceActive::start(&now.settings.live);
-                }
-                if let Some(h) = &state.headers {
-                    routing.sticky = sticky_of(&now, h);
-                }
-                head.path = forwarded_path(uri, rewrite)?;
-                routing.service = now;
-            }
+            self.follow_route(head, routing, state)?;
         }
         state.tries_left -= 1;
-        let service = &routing.service;
-        let pick = service
-            .balancer
-            .pick(
+        let mut hold: Option<Hold> = None;
+        loop {
+            let service = &routing.service;
+            let pick = service.balancer.pick(
                 &service.endpoints,
                 &PickContext {
                     client_ip: Some(self.peer.ip()),
                     sticky: routing.sticky.as_deref(),
                     avoid: state.avoid,
                 },
-            )
-            .ok_or_else(|| ProxyError::NoEndpoint(service.name.clone()))?;
-        let in_flight = service.endpoints[pick.index].live.start_request();
-        Ok((pick, in_flight))
+            );
+            if let Some(pick) = pick {
+                let in_flight = service.endpoints[pick.index].live.start_request();
+                return Ok((pick, in_flight));
+            }
+            // No endpoint takes the request: wait for one, if the service
+            // says so, looking again at every tick (health flips are live
+            // atomics, new endpoints come in new tables).
+            let Some(limit) = service.settings.hold_timeout else {
+                return Err(ProxyError::NoEndpoint(service.name.clone()));
+            };
+            let hold = hold.get_or_insert_with(|| Hold::start(&service.settings.live, limit));
+            if hold.expired() {
+                return Err(ProxyError::NoEndpoint(service.name.clone()));
+            }
+            tokio::time::sleep(HOLD_TICK).await;
+            self.follow_route(head, routing, state)?;
+        }
+    }
+
+    /// Moves the request to the service its route points to in the
+    /// latest table, if that is another (or a rebuilt) one.
+    fn follow_route(
+        &self,
+        head: &mut UpstreamHead,
+        routing: &mut Routing,
+        state: &mut RetryState,
+    ) -> Result<(), ProxyError> {
+        let current = &routing.service;
+        let uri = &head.parts.uri;
+        let rerouted =
+            self.reroute(&mut routing.routed_in, current, uri, state.headers.as_ref())?;
+        if let Some((now, rewrite)) = rerouted {
+            state.avoid = state
+                .avoid
+                .and_then(|i| current.endpoints.get(i))
+                .and_then(|e: &Endpoint| now.endpoints.iter().position(|n| n.id == e.id));
+            if now.name != current.name {
+                routing.active = ServiceActive::start(&now.settings.live);
+            }
+            if let Some(h) = &state.headers {
+                routing.sticky = sticky_of(&now, h);
+            }
+            head.path = forwarded_path(uri, rewrite)?;
+            routing.service = now;
+        }
+        Ok(())
     }
 
     /// The service (and path rewrite) a retry goes to when a table newer
@@ -699,6 +725,37 @@ impl UpstreamHead {
             }
         }
         req
+    }
+}
+
+/// How often a held request looks for an endpoint again.
+const HOLD_TICK: Duration = Duration::from_millis(20);
+
+/// A request waiting for an endpoint (`hold_timeout`): counted in its
+/// service's `held` gauge while it waits.
+struct Hold {
+    until: Instant,
+    live: Arc<ServiceState>,
+}
+
+impl Hold {
+    fn start(live: &Arc<ServiceState>, limit: Duration) -> Self {
+        live.held.fetch_add(1, Relaxed);
+        live.held_total.fetch_add(1, Relaxed);
+        Hold {
+            until: Instant::now() + limit,
+            live: live.clone(),
+        }
+    }
+
+    fn expired(&self) -> bool {
+        Instant::now() >= self.until
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.live.held.fetch_sub(1, Relaxed);
     }
 }
 

@@ -65,6 +65,9 @@ pub struct ServiceSettings {
     /// Whether `Upgrade: h2c` reaches the endpoints (a 101 then tunnels
     /// the connection to them past routing).
     pub h2c_upgrade: bool,
+    /// How long a request waits for an endpoint while none takes new
+    /// requests; `None`: 503 at once.
+    pub hold_timeout: Option<Duration>,
     /// Live counters shared by every table's copy of this service.
     pub live: Arc<ServiceState>,
 }
@@ -92,6 +95,10 @@ pub struct ServiceState {
     pub retrying: AtomicU32,
     /// Retries done, for the admin API and metrics.
     pub retries: AtomicU64,
+    /// Requests waiting now for an endpoint (`hold_timeout`), and all
+    /// that ever waited.
+    pub held: AtomicU32,
+    pub held_total: AtomicU64,
     /// Ejections done.
     pub ejections: AtomicU64,
     /// Time from a request's arrival to its response head.

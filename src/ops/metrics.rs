@@ -113,11 +113,26 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
         "Endpoints ejected by passive checks.",
         &["service"],
     );
+    let held = gauge(
+        "pointsman_service_requests_held",
+        "Requests waiting now for an endpoint to take them (hold_timeout).",
+        &["service"],
+    );
+    let held_total = counter(
+        "pointsman_service_requests_held_total",
+        "Requests that waited for an endpoint (hold_timeout), since start.",
+        &["service"],
+    );
     for svc in table.services.values() {
         let live = &svc.settings.live;
         retries
             .with_label_values(&[&*svc.name])
             .inc_by(live.retries.load(Ordering::Relaxed));
+        held.with_label_values(&[&*svc.name])
+            .set(i64::from(live.held.load(Ordering::Relaxed)));
+        held_total
+            .with_label_values(&[&*svc.name])
+            .inc_by(live.held_total.load(Ordering::Relaxed));
         ejections
             .with_label_values(&[&*svc.name])
             .inc_by(live.ejections.load(Ordering::Relaxed));
@@ -253,6 +268,8 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
         Box::new(up),
         Box::new(retries),
         Box::new(ejections),
+        Box::new(held),
+        Box::new(held_total),
         Box::new(connected),
         Box::new(staleness),
         Box::new(applied),
