@@ -8,7 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::etcd::EtcdServer;
+use support::etcd::{del, put, EtcdServer};
 use support::registry::{listener_config, wait_ready};
 use support::sidekick::{DrainLoad, Sidekick};
 use support::*;
@@ -154,4 +154,74 @@ async fn held_requests_go_to_an_endpoint_that_comes_back_or_appears() {
 
 async fn timed_get_owned(url: String) -> (u16, Duration, String) {
     timed_get(&url).await
+}
+
+/// `pointsman ctl --etcd <etcd> <args>`, off the test's runtime; panics
+/// unless it succeeds. Its stdout.
+async fn ctl(etcd: &str, args: &[&str]) -> String {
+    let mut all = vec!["ctl".to_string(), "--etcd".into(), etcd.into()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        run_cli(&refs)
+    })
+    .await
+    .expect("ctl ran");
+    assert_eq!(code, 0, "ctl {args:?} failed: {out}{err}");
+    out
+}
+
+/// `ctl pause` under 64 clients, the instance replaced by another on a
+/// new address meanwhile (3 s with no instance), `ctl resume`: no request
+/// fails, those that came during the pause waited for the resume; a pause
+/// past its timeout answers 503 saying the service is paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_pause_holds_requests_until_ctl_resume() {
+    let etcd = EtcdServer::start();
+    let endpoint = etcd.endpoint();
+    let proxy = Proxy::start_with_args(
+        || listener_config(free_addr(), Some("web")),
+        &["--etcd", &endpoint, "--proxy-id", "p1", "--threads", "1"],
+    )
+    .await;
+    let v1 = Upstream::start("v1").await;
+    put(&etcd, "/services/web/v1", &v1.addr.to_string()).await;
+    wait_ready(&[&proxy], "web", &["v1"]).await;
+
+    let load = DrainLoad::start(&[&proxy], 64, "v1");
+    load.wait_reaches(&["v1"]).await;
+    let out = ctl(&endpoint, &["pause", "web", "--timeout", "20s"]).await;
+    assert!(out.contains("web: paused at revision"), "{out}");
+    assert!(out.contains("1 of 1 proxy confirmed in"), "{out}");
+    let paused = Instant::now();
+    let waiting = tokio::spawn(timed_get_owned(proxy.url("/")));
+    // The instance goes away and another takes its place while paused.
+    del(&etcd, "/services/web/v1").await;
+    drop(v1);
+    let v2 = Upstream::start("v2").await;
+    put(&etcd, "/services/web/v2", &v2.addr.to_string()).await;
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(paused.elapsed())).await;
+    let out = ctl(&endpoint, &["resume", "web"]).await;
+    assert!(out.contains("web: resumed at revision"), "{out}");
+    let (status, took, body) = waiting.await.expect("the held request");
+    load.wait_reaches(&["v2"]).await;
+    let seen = load.finish().await;
+
+    seen.assert_no_failures();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"v2\""), "answered after the resume: {body}");
+    assert!(
+        took >= Duration::from_millis(2500),
+        "it waited for the resume: {took:?}"
+    );
+
+    // A pause that outlasts its timeout: 503, saying why.
+    ctl(&endpoint, &["pause", "web", "--timeout", "500ms"]).await;
+    let (status, took, body) = timed_get(&proxy.url("/")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("is paused"), "{body}");
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+    ctl(&endpoint, &["resume", "web"]).await;
+    let (status, _, body) = timed_get(&proxy.url("/")).await;
+    assert_eq!(status, 200, "{body}");
 }

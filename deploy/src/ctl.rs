@@ -7,18 +7,20 @@
 
 use std::time::Duration;
 
-use crate::fleet::Fleet;
+use crate::fleet::{Expectation, Fleet};
 use crate::{DeployError, Store};
 use bytes::Bytes;
 use pointsman_discovery::admin_api::ServiceView;
 use pointsman_discovery::conn::EtcdError;
 use pointsman_discovery::http::{within, HttpAnswer, HttpConn, HttpError, Method};
 use pointsman_discovery::registration::MAX_WEIGHT;
-use pointsman_discovery::{AdminState, EtcdOptions};
+use pointsman_discovery::{AdminState, EtcdOptions, PauseSpec};
 use serde_json::Value;
 
 /// The longest `ctl` waits for a proxy's admin API.
 const ADMIN_LIMIT: Duration = Duration::from_secs(10);
+/// The longest `ctl pause` and `resume` wait for every proxy to apply.
+const CONFIRM_LIMIT: Duration = Duration::from_secs(30);
 
 /// Why a `ctl` command did not apply.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,10 @@ pub enum CtlError {
     },
     #[error("{admin}/api/services is not the JSON expected: {reason}")]
     Services { admin: String, reason: String },
+    #[error("{0}: run `pointsman ctl --etcd URL` so that every proxy follows it")]
+    FleetOnly(&'static str),
+    #[error("the proxies did not all apply it: {0}")]
+    Unconfirmed(String),
 }
 
 /// What `ctl` does.
@@ -85,6 +91,18 @@ pub enum CtlCommand {
     },
     /// Deletes a map entry.
     MapDel { map: String, key: String },
+    /// Pauses a service on every proxy (--etcd only): its new requests
+    /// wait, up to --timeout each, until `ctl resume`; requests in flight
+    /// finish. Returns once every proxy applied it.
+    Pause {
+        service: String,
+        /// How long one request may wait before it gets 503.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Resumes a paused service: the waiting requests go on. Returns once
+    /// every proxy applied it.
+    Resume { service: String },
 }
 
 /// Where `ctl` sends its changes.
@@ -140,8 +158,37 @@ async fn fleet(opts: EtcdOptions, cmd: CtlCommand) -> Result<(), CtlError> {
             }
             store.delete_map(&map, &key).await?
         }
+        CtlCommand::Pause { service, timeout } => {
+            let rev = store.set_pause(&service, &PauseSpec { timeout }).await?;
+            println!("{service}: paused at revision {rev}");
+            return confirm(opts, rev).await;
+        }
+        CtlCommand::Resume { service } => {
+            let rev = store.delete_pause(&service).await?;
+            println!("{service}: resumed at revision {rev}");
+            return confirm(opts, rev).await;
+        }
     };
     println!("written at revision {rev}");
+    Ok(())
+}
+
+/// Waits until every proxy in etcd applied `revision` (a pause or a
+/// resume takes effect on each proxy as it applies it).
+async fn confirm(opts: EtcdOptions, revision: i64) -> Result<(), CtlError> {
+    let mut fleet = Fleet::new(opts)?;
+    let started = tokio::time::Instant::now();
+    let deadline = started + CONFIRM_LIMIT;
+    let expect = Expectation::Applied { revision };
+    let round = fleet
+        .wait_until(&expect, deadline, |_| {})
+        .await
+        .map_err(|e| CtlError::Unconfirmed(e.to_string()))?;
+    println!(
+        "{} in {:.1}s",
+        round.summary(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -190,6 +237,8 @@ async fn fleet_status(opts: EtcdOptions) -> Result<(), CtlError> {
 async fn proxy(admin: &str, token: Option<&str>, cmd: CtlCommand) -> Result<(), CtlError> {
     let (method, path, body) = match cmd {
         CtlCommand::Status => return print_services(admin).await,
+        CtlCommand::Pause { .. } => return Err(CtlError::FleetOnly("a pause is fleet-wide")),
+        CtlCommand::Resume { .. } => return Err(CtlError::FleetOnly("a resume is fleet-wide")),
         CtlCommand::State { server, state } => {
             let (s, id) = split_server(&server)?;
             (

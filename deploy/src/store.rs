@@ -12,7 +12,8 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use pointsman_discovery::backoff::Backoff;
 use pointsman_discovery::conn::{EtcdConn, EtcdError};
 use pointsman_discovery::{
-    parse_entry, AdminState, Entry, EtcdOptions, Override, Prefixes, Registration, RouteSpec,
+    parse_entry, AdminState, Entry, EtcdOptions, Override, PauseSpec, Prefixes, Registration,
+    RouteSpec,
 };
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -349,6 +350,35 @@ impl Store {
     /// was not there).
     pub async fn delete_map(&mut self, map: &str, key: &str) -> Result<i64, DeployError> {
         let k = keys::map_key(&self.prefixes, map, key);
+        let resp = self
+            .request("delete", &format!("delete {k}"), |mut c| {
+                let k = k.clone();
+                async move { c.delete(k, None).await }
+            })
+            .await?;
+        header_revision(resp.header())
+    }
+
+    /// Pauses `service` on every proxy (see [`PauseSpec`]); returns the
+    /// revision of the write.
+    pub async fn set_pause(&mut self, service: &str, spec: &PauseSpec) -> Result<i64, DeployError> {
+        let key = keys::pause_key(&self.prefixes, service);
+        let value = serde_json::to_string(spec).map_err(|e| DeployError::Malformed {
+            key: key.clone(),
+            reason: e.to_string(),
+        })?;
+        let resp = self
+            .request("write", &format!("write {key}"), |mut c| {
+                let (k, v) = (key.clone(), value.clone());
+                async move { c.put(k, v, None).await }
+            })
+            .await?;
+        header_revision(resp.header())
+    }
+
+    /// Resumes `service`: deletes its pause; returns the revision.
+    pub async fn delete_pause(&mut self, service: &str) -> Result<i64, DeployError> {
+        let k = keys::pause_key(&self.prefixes, service);
         let resp = self
             .request("delete", &format!("delete {k}"), |mut c| {
                 let k = k.clone();

@@ -79,6 +79,7 @@ fn schema_value(entry: &Entry) -> String {
         Entry::Route { spec, .. } => json(serde_json::json!(spec)),
         Entry::MapEntry { value, .. } => value.clone(),
         Entry::Override { spec, .. } => json(serde_json::json!(spec)),
+        Entry::Pause { spec, .. } => json(serde_json::json!(spec)),
     }
 }
 
@@ -118,7 +119,7 @@ pub fn consul_answers(data: &[u8]) {
             Entry::Route { name, spec } => {
                 assert!(spec.target().is_ok(), "route {name} is accepted: {spec:?}");
             }
-            Entry::MapEntry { .. } | Entry::Override { .. } => {
+            Entry::MapEntry { .. } | Entry::Override { .. } | Entry::Pause { .. } => {
                 panic!("Consul derives only instances and routes: {entry:?}")
             }
         }

@@ -9,6 +9,7 @@
 //! <pointsman>/routes/<name>               a route
 //! <pointsman>/maps/<map>/<key>            a map entry
 //! <pointsman>/overrides/<service>/<id>    a state or weight override
+//! <pointsman>/pauses/<service>            a service paused on every proxy
 //! <pointsman>/proxies/<proxy-id>          a proxy's own record (not an entry)
 //! <pointsman>/history/maps/<map>/<key>    rollouts' previous map values
 //! ```
@@ -21,6 +22,8 @@ pub const ROUTES: &str = "routes";
 pub const MAPS: &str = "maps";
 /// The section of overrides.
 pub const OVERRIDES: &str = "overrides";
+/// The section of paused services.
+pub const PAUSES: &str = "pauses";
 /// The section of proxy records; the watcher ignores it.
 pub const PROXIES: &str = "proxies";
 /// The section where rollouts keep what they replaced; the watcher ignores
@@ -57,6 +60,11 @@ pub fn override_key(p: &Prefixes, service: &str, id: &str) -> String {
     format!("{}{service}/{id}", section_dir(p, OVERRIDES))
 }
 
+/// `<pointsman>/pauses/<service>`.
+pub fn pause_key(p: &Prefixes, service: &str) -> String {
+    format!("{}{service}", section_dir(p, PAUSES))
+}
+
 /// `<pointsman>/proxies/`.
 pub fn proxies_dir(p: &Prefixes) -> String {
     section_dir(p, PROXIES)
@@ -79,6 +87,7 @@ pub fn entry_key(p: &Prefixes, key: &EntryKey) -> String {
         EntryKey::Route { name } => route_key(p, name),
         EntryKey::MapEntry { map, key } => map_key(p, map, key),
         EntryKey::Override { service, id } => override_key(p, service, id),
+        EntryKey::Pause { service } => pause_key(p, service),
     }
 }
 
@@ -129,6 +138,12 @@ mod tests {
                         id: "a1".into(),
                     },
                 ),
+                (
+                    pause_key(&p, "web"),
+                    EntryKey::Pause {
+                        service: "web".into(),
+                    },
+                ),
             ];
             for (key, expected) in cases {
                 assert_eq!(parse_key(&p, &key).as_ref(), Some(&expected), "{key}");
@@ -148,6 +163,7 @@ mod tests {
         assert_eq!(route_key(&p, "blog"), "/pointsman/routes/blog");
         assert_eq!(map_key(&p, "m", "k"), "/pointsman/maps/m/k");
         assert_eq!(override_key(&p, "web", "a1"), "/pointsman/overrides/web/a1");
+        assert_eq!(pause_key(&p, "web"), "/pointsman/pauses/web");
         assert_eq!(proxies_dir(&p), "/pointsman/proxies/");
         assert_eq!(proxy_key(&p, "edge-1"), "/pointsman/proxies/edge-1");
         assert_eq!(map_history_key(&p, "m", "k"), "/pointsman/history/maps/m/k");

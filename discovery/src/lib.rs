@@ -56,7 +56,7 @@ pub use file::watch_dir;
 pub use lease::{LeaseState, LeasedKey};
 pub use parse::{flat_service, parse_entry, parse_instance, parse_key, ParseError, Prefixes};
 pub use persist::{load_state, save_state, state_path, PersistError, SavedState};
-pub use registration::{AdminState, CheckSpec, Override, Registration};
+pub use registration::{AdminState, CheckSpec, Override, PauseSpec, Registration};
 pub use route::{MapKey, RouteSpec, RouteTarget, SplitSpec};
 pub use status::{SourceStatus, SourceStatusSnapshot};
 pub use update::{Change, Entry, EntryKey, Source, Update, UpdateKind};

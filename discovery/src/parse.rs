@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::excerpt::shorten;
 use crate::keys;
 use crate::registration::{DEFAULT_WEIGHT, MAX_WEIGHT};
-use crate::{Address, AddressError, AdminState, CheckSpec, Entry, EntryKey, Override};
+use crate::{Address, AddressError, AdminState, CheckSpec, Entry, EntryKey, Override, PauseSpec};
 use crate::{Registration, RouteSpec};
 
 /// Where in the key space the two halves of the contract live.
@@ -159,6 +159,7 @@ const ROUTE_VALUE: &str =
     "a JSON route such as {\"host\":\"example.com\",\"path_prefix\":\"/\",\"service\":\"web\"}";
 const MAP_VALUE: &str = "the map value as text, e.g. a service name such as web-green";
 const OVERRIDE_VALUE: &str = "a JSON override such as {\"state\":\"drain\",\"weight\":10}";
+const PAUSE_VALUE: &str = "a JSON pause such as {\"timeout\":\"30s\"}";
 
 /// Parses one registry key and its value.
 ///
@@ -192,6 +193,10 @@ pub fn parse_entry(
             service,
             id,
             spec: parse_override(key, value)?,
+        },
+        EntryKey::Pause { service } => Entry::Pause {
+            service,
+            spec: parse_pause(key, value)?,
         },
     };
     Ok(Some(entry))
@@ -287,6 +292,22 @@ fn classify(p: &Prefixes, key: &str) -> Result<Option<EntryKey>, ParseError> {
             let shape = "expected <pointsman>/overrides/<service>/<instance-id>";
             Ok(pair(key, rest, "service", "instance id", shape)?
                 .map(|(service, id)| EntryKey::Override { service, id }))
+        }
+        keys::PAUSES => {
+            if rest.is_empty() || rest.ends_with('/') {
+                return Ok(None);
+            }
+            let shape = "expected <pointsman>/pauses/<service>";
+            if rest.contains('/') {
+                return Err(key_error(
+                    key,
+                    format!("service name must not contain '/': {shape}"),
+                ));
+            }
+            check_name(key, "service name", rest, shape)?;
+            Ok(Some(EntryKey::Pause {
+                service: rest.to_string(),
+            }))
         }
         // `proxies` holds each proxy's own heartbeat; other sections belong
         // to tools or versions that know them.
@@ -473,6 +494,27 @@ fn parse_override(key: &str, value: &[u8]) -> Result<Override, ParseError> {
     })?;
     if let Some(w) = spec.weight {
         checked_weight(key, u64::from(w))?;
+    }
+    Ok(spec)
+}
+
+/// A pause: `{"timeout":"30s"}`, or empty (`{}` or nothing) for the
+/// default timeout.
+fn parse_pause(key: &str, value: &[u8]) -> Result<PauseSpec, ParseError> {
+    let raw = text(key, value, PAUSE_VALUE)?.trim();
+    if raw.is_empty() {
+        return Ok(PauseSpec::default());
+    }
+    let spec: PauseSpec = serde_json::from_str(raw).map_err(|e| ParseError::Json {
+        key: key.to_string(),
+        what: "pause",
+        reason: shorten(e.to_string()),
+    })?;
+    if spec.timeout.is_zero() {
+        return Err(ParseError::Invalid {
+            key: key.to_string(),
+            reason: "pause timeout is 0: expected a duration such as \"30s\"".into(),
+        });
     }
     Ok(spec)
 }

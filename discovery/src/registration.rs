@@ -207,6 +207,29 @@ fn default_fall() -> u32 {
     3
 }
 
+/// A fleet-wide pause of a service: `/pointsman/pauses/<service>`. While
+/// the key exists, every proxy holds the service's new requests (in-flight
+/// ones finish) for up to `timeout` each; deleting it resumes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PauseSpec {
+    /// How long one request may wait; then it gets 503.
+    #[serde(default = "default_pause_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for PauseSpec {
+    fn default() -> Self {
+        PauseSpec {
+            timeout: default_pause_timeout(),
+        }
+    }
+}
+
+fn default_pause_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
 /// A fleet-wide operator override: `/pointsman/overrides/<service>/<id>`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Override, Registration, RouteSpec};
+use crate::{Override, PauseSpec, Registration, RouteSpec};
 
 /// Which registry an update came from. Entries from different sources are
 /// kept apart, so a `Reset` from one never removes another's entries.
@@ -48,6 +48,10 @@ pub enum Entry {
         id: String,
         spec: Override,
     },
+    Pause {
+        service: String,
+        spec: PauseSpec,
+    },
 }
 
 /// The identity of an [`Entry`], for removals.
@@ -58,6 +62,7 @@ pub enum EntryKey {
     Route { name: String },
     MapEntry { map: String, key: String },
     Override { service: String, id: String },
+    Pause { service: String },
 }
 
 impl Entry {
@@ -71,6 +76,9 @@ impl Entry {
             Entry::MapEntry { map, key, .. } => EntryKey::MapEntry {
                 map: map.clone(),
                 key: key.clone(),
+            },
+            Entry::Pause { service, .. } => EntryKey::Pause {
+                service: service.clone(),
             },
             Entry::Override { service, id, .. } => EntryKey::Override {
                 service: service.clone(),
@@ -95,6 +103,7 @@ impl fmt::Display for EntryKey {
             EntryKey::Route { name } => write!(f, "route {name}"),
             EntryKey::MapEntry { map, key } => write!(f, "map {map}/{key}"),
             EntryKey::Override { service, id } => write!(f, "override {service}/{id}"),
+            EntryKey::Pause { service } => write!(f, "pause of {service}"),
         }
     }
 }

@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use pointsman_discovery::{
-    Address, AdminState, Change, CheckSpec, Entry, EntryKey, Override, Registration, RouteSpec,
-    Source, SourceStatus, Update, UpdateKind,
+    Address, AdminState, Change, CheckSpec, Entry, EntryKey, Override, PauseSpec, Registration,
+    RouteSpec, Source, SourceStatus, Update, UpdateKind,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -141,6 +141,8 @@ struct SourceEntries {
     maps: BTreeMap<String, BTreeMap<String, String>>,
     /// service -> id -> override.
     overrides: HashMap<String, BTreeMap<String, Override>>,
+    /// Services paused fleet-wide.
+    pauses: HashMap<String, PauseSpec>,
 }
 
 /// What a batch of commands touched.
@@ -505,6 +507,7 @@ impl Control {
                 let old = std::mem::take(entries);
                 dirty.services.extend(old.instances.keys().cloned());
                 dirty.services.extend(old.overrides.keys().cloned());
+                dirty.services.extend(old.pauses.keys().cloned());
                 dirty.maps.extend(old.maps.keys().cloned());
                 dirty.routes |= !old.routes.is_empty();
                 for entry in all {
@@ -628,8 +631,11 @@ impl Control {
         let wanted = self.wanted_instances(name, defaults.check.as_ref());
         let registered_none = wanted.is_empty();
         let mut departing = self.departing.remove(name).unwrap_or_default();
+        // A paused service stays, with no endpoint: its requests wait for
+        // the resume instead of finding no service.
         if registered_none
             && configured.is_none()
+            && settings.paused.is_none()
             && departing.is_empty()
             && !self.live.contains_key(name)
         {
@@ -658,7 +664,11 @@ impl Control {
                 .iter()
                 .map(|(id, a, c, l)| (id, a, c.as_ref(), l)),
         );
-        if registered_none && configured.is_none() && departing.is_empty() {
+        if registered_none
+            && configured.is_none()
+            && settings.paused.is_none()
+            && departing.is_empty()
+        {
             self.service_live.remove(name);
             return None;
         }
@@ -711,6 +721,11 @@ impl Control {
             upstream_idle_timeout: global.upstream_idle_timeout,
             h2c_upgrade: defaults.h2c_upgrade,
             hold_timeout: defaults.hold_timeout.map(|d| d.0).filter(|d| !d.is_zero()),
+            paused: self
+                .sources
+                .values()
+                .find_map(|e| e.pauses.get(name))
+                .map(|p| p.timeout),
             live: self
                 .service_live
                 .entry(name.to_string())
@@ -960,6 +975,10 @@ fn upsert(entries: &mut SourceEntries, entry: Entry, dirty: &mut Dirty) {
                 .or_default()
                 .insert(id, spec);
         }
+        Entry::Pause { service, spec } => {
+            dirty.services.insert(service.clone());
+            entries.pauses.insert(service, spec);
+        }
     }
 }
 
@@ -991,6 +1010,10 @@ fn remove(entries: &mut SourceEntries, key: EntryKey, dirty: &mut Dirty) {
         }
         EntryKey::Override { service, id } => {
             remove_nested(&mut entries.overrides, &service, &id);
+            dirty.services.insert(service);
+        }
+        EntryKey::Pause { service } => {
+            entries.pauses.remove(&service);
             dirty.services.insert(service);
         }
     }

@@ -471,27 +471,36 @@ impl ConnContext {
         let mut hold: Option<Hold> = None;
         loop {
             let service = &routing.service;
-            let pick = service.balancer.pick(
-                &service.endpoints,
-                &PickContext {
-                    client_ip: Some(self.peer.ip()),
-                    sticky: routing.sticky.as_deref(),
-                    avoid: state.avoid,
-                },
-            );
+            let paused = service.settings.paused;
+            let pick = match paused {
+                Some(_) => None,
+                None => service.balancer.pick(
+                    &service.endpoints,
+                    &PickContext {
+                        client_ip: Some(self.peer.ip()),
+                        sticky: routing.sticky.as_deref(),
+                        avoid: state.avoid,
+                    },
+                ),
+            };
             if let Some(pick) = pick {
                 let in_flight = service.endpoints[pick.index].live.start_request();
                 return Ok((pick, in_flight));
             }
-            // No endpoint takes the request: wait for one, if the service
-            // says so, looking again at every tick (health flips are live
-            // atomics, new endpoints come in new tables).
-            let Some(limit) = service.settings.hold_timeout else {
-                return Err(ProxyError::NoEndpoint(service.name.clone()));
+            // Paused, or no endpoint takes the request: wait, if the
+            // service says so, looking again at every tick (a resume and
+            // new endpoints come in new tables, health flips are live
+            // atomics).
+            let give_up = || match paused {
+                Some(_) => ProxyError::Paused(service.name.clone()),
+                None => ProxyError::NoEndpoint(service.name.clone()),
+            };
+            let Some(limit) = paused.or(service.settings.hold_timeout) else {
+                return Err(give_up());
             };
             let hold = hold.get_or_insert_with(|| Hold::start(&service.settings.live, limit));
             if hold.expired() {
-                return Err(ProxyError::NoEndpoint(service.name.clone()));
+                return Err(give_up());
             }
             tokio::time::sleep(HOLD_TICK).await;
             self.follow_route(head, routing, state)?;

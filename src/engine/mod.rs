@@ -68,6 +68,8 @@ pub enum ProxyError {
     NoRoute,
     #[error("service {0:?} has no endpoint that accepts traffic")]
     NoEndpoint(Arc<str>),
+    #[error("service {0:?} is paused; try again shortly")]
+    Paused(Arc<str>),
     #[error("service {0:?} is not registered")]
     UnknownService(Arc<str>),
     #[error("map {map:?} has no entry for key {key:?} and the route has no map_default")]
@@ -91,6 +93,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoEndpoint(_)
+            | ProxyError::Paused(_)
             | ProxyError::UnknownService(_)
             | ProxyError::NoMapEntry { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,

@@ -68,6 +68,9 @@ pub struct ServiceSettings {
     /// How long a request waits for an endpoint while none takes new
     /// requests; `None`: 503 at once.
     pub hold_timeout: Option<Duration>,
+    /// Paused (fleet-wide, `<pointsman>/pauses/<service>`): new requests
+    /// wait up to this long for the resume, whatever the endpoints.
+    pub paused: Option<Duration>,
     /// Live counters shared by every table's copy of this service.
     pub live: Arc<ServiceState>,
 }

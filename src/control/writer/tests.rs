@@ -806,3 +806,40 @@ fn enable_server_undoes_a_local_disable_instead_of_pinning_ready() {
         (AdminState::Ready, false, 9)
     );
 }
+
+/// A pause in the registry keeps its service in the table, with its
+/// bound, even when no instance is registered; the resume takes it out
+/// again once nothing else holds it.
+#[test]
+fn a_paused_service_stays_in_the_table_without_instances() {
+    let mut w = Writer::new();
+    let pause = |service: &str| {
+        Change::Upsert(Entry::Pause {
+            service: service.into(),
+            spec: PauseSpec {
+                timeout: Duration::from_secs(7),
+            },
+        })
+    };
+    w.changes(
+        Source::Etcd,
+        vec![upsert(instance("api", "a1", 9101, 1)), pause("api")],
+    );
+    let paused = |w: &Writer| {
+        w.table
+            .load()
+            .service("api")
+            .map(|s| (s.endpoints.len(), s.settings.paused))
+    };
+    assert_eq!(paused(&w), Some((1, Some(Duration::from_secs(7)))));
+    w.changes(Source::Etcd, vec![remove("api", "a1")]);
+    w.tick(Duration::from_secs(60));
+    assert_eq!(paused(&w), Some((0, Some(Duration::from_secs(7)))));
+    w.changes(
+        Source::Etcd,
+        vec![Change::Remove(EntryKey::Pause {
+            service: "api".into(),
+        })],
+    );
+    assert_eq!(paused(&w), None, "resumed, with nothing registered");
+}
