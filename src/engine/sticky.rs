@@ -134,32 +134,11 @@ impl StickyCookie {
                 let (_, values) = entry.remove_entry_mult();
                 let values: Vec<HeaderValue> = values.collect();
                 for v in values {
-                    let changed = match v.to_str().ok().and_then(|s| self.own(s)) {
-                        None => Some(v),
-                        Some((value, attributes)) => match self.mode {
-                            CookieMode::Insert => {
-                                clash = true;
-                                None
-                            }
-                            // Deleting the cookie (an empty value) stays a
-                            // deletion.
-                            CookieMode::Prefix if value.trim().is_empty() => Some(v),
-                            CookieMode::Prefix => {
-                                let (quote, inner) = unquoted(value.trim());
-                                let name = &self.name;
-                                let s = format!(
-                                    "{name}={quote}{endpoint}{PREFIX_DELIMITER}{inner}{quote}{attributes}"
-                                );
-                                Some(HeaderValue::try_from(s).unwrap_or(v))
-                            }
-                            CookieMode::Rewrite => {
-                                let s = format!("{}={endpoint}{attributes}", self.name);
-                                Some(HeaderValue::try_from(s).unwrap_or(v))
-                            }
-                        },
-                    };
-                    if let Some(v) = changed {
-                        headers.append(header::SET_COOKIE, v);
+                    match self.answered(v, endpoint) {
+                        Some(v) => {
+                            headers.append(header::SET_COOKIE, v);
+                        }
+                        None => clash = true,
                     }
                 }
             }
@@ -171,6 +150,26 @@ impl StickyCookie {
             }
         }
         clash
+    }
+
+    /// What becomes of one of the application's Set-Cookie headers:
+    /// `None` to drop it (insert mode's own name).
+    fn answered(&self, set_cookie: HeaderValue, endpoint: &str) -> Option<HeaderValue> {
+        let Some((value, attributes)) = set_cookie.to_str().ok().and_then(|s| self.own(s)) else {
+            return Some(set_cookie);
+        };
+        let name = &self.name;
+        let changed = match self.mode {
+            CookieMode::Insert => return None,
+            // Deleting the cookie (an empty value) stays a deletion.
+            CookieMode::Prefix if value.trim().is_empty() => return Some(set_cookie),
+            CookieMode::Prefix => {
+                let (quote, inner) = unquoted(value.trim());
+                format!("{name}={quote}{endpoint}{PREFIX_DELIMITER}{inner}{quote}{attributes}")
+            }
+            CookieMode::Rewrite => format!("{name}={endpoint}{attributes}"),
+        };
+        Some(HeaderValue::try_from(changed).unwrap_or(set_cookie))
     }
 
     /// The value and the attributes (from their `;` on) of a Set-Cookie
