@@ -2,8 +2,9 @@
 //! rewrite) in front of real application servers that keep their own
 //! `JSESSIONID` session cookie: what the client gets, what the application
 //! receives, that a binding holds over many requests, that the cookie of
-//! an endpoint that went away falls back to the balancer, and that
-//! stickiness sits on top of leastconn rather than replacing it.
+//! an endpoint that went away falls back to the balancer (and one that
+//! refuses is redispatched), and that stickiness sits on top of leastconn
+//! rather than replacing it.
 
 mod support;
 
@@ -365,5 +366,26 @@ async fn sticky_on_leastconn_keeps_bound_clients_and_sends_new_ones_to_the_least
     release.send(true).expect("the apps listen");
     for s in slow {
         assert_eq!(s.await.expect("a slow request").server, bound);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bound_endpoint_that_refuses_is_redispatched_and_the_client_rebound() {
+    let (apps, _release) = apps(&["d1"]).await;
+    let live = &apps[0];
+    // Nothing listens on `dead`'s address: every connect is refused.
+    let dead = free_addr();
+    let settings = "sticky = \"cookie\"\npassive = { consecutive_failures = 0 }";
+    let eps = [ep("dead", dead), ep(&live.name, live.addr)];
+    let proxy = Proxy::start(|| web(free_addr(), settings, &eps)).await;
+    let client = client();
+    for _ in 0..5 {
+        let a = get(&client, &proxy.url("/"), Some("SERVERID=dead")).await;
+        assert_eq!(a.server, live.name, "retried on the endpoint that answers");
+        assert_eq!(
+            a.sets("SERVERID"),
+            Some(live.name.as_str()),
+            "and bound to it: {a:?}"
+        );
     }
 }
