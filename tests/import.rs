@@ -197,6 +197,7 @@ async fn acl_and_map_routing_picks_the_upstreams_haproxy_would() {
         "backup = true",
         "retry = { attempts = 3 }",
         "max_connections = 1000",
+        "sticky = \"cookie\"\ncookie = { name = \"SERVERID\", mode = \"insert\" }",
     ] {
         assert!(
             imported.contains(want),

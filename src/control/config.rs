@@ -14,6 +14,7 @@ use pointsman_discovery::registration::{DEFAULT_WEIGHT, MAX_WEIGHT};
 use crate::engine::balance::BalanceAlgorithm;
 use crate::engine::endpoint::PassiveConfig;
 use crate::engine::path::PathNormalization;
+use crate::engine::sticky::{is_cookie_name, CookieMode, StickyCookie, DEFAULT_COOKIE};
 use crate::engine::trust::{TrustedNet, TrustedProxies};
 use crate::engine::ClientLimits;
 use pointsman_discovery::{Address, AdminState, CheckSpec, Entry, Registration, RouteSpec};
@@ -236,9 +237,13 @@ fn http_mode() -> ListenerMode {
 pub struct ServiceConfig {
     #[serde(default)]
     pub balance: BalanceAlgorithm,
-    /// Cookie name for `balance = "cookie"`.
+    /// `sticky = "cookie"`: a client stays with the endpoint that first
+    /// served it, bound by `cookie`; `balance` picks for the others.
     #[serde(default)]
-    pub cookie: Option<String>,
+    pub sticky: Option<Sticky>,
+    /// The sticky cookie (see [`CookieConfig`]).
+    #[serde(default)]
+    pub cookie: Option<CookieConfig>,
     #[serde(default)]
     pub connect_timeout: Option<HumanDuration>,
     #[serde(default)]
@@ -269,6 +274,94 @@ pub struct ServiceConfig {
     pub h2c_upgrade: bool,
     #[serde(default)]
     pub endpoints: Vec<StaticEndpoint>,
+}
+
+/// What binds a sticky service's clients to their endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sticky {
+    Cookie,
+}
+
+/// A sticky cookie as written: `cookie = "NAME"` or
+/// `cookie = { name = "NAME", mode = "insert" | "prefix" | "rewrite" }`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CookieConfig {
+    /// `None`: [`DEFAULT_COOKIE`] (insert mode only).
+    pub name: Option<String>,
+    pub mode: CookieMode,
+}
+
+impl<'de> Deserialize<'de> for CookieConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = CookieConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(r#"a cookie name, or { name = "NAME", mode = "insert" | "prefix" | "rewrite" }"#)
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<CookieConfig, E> {
+                Ok(CookieConfig {
+                    name: Some(name.to_string()),
+                    mode: CookieMode::Insert,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<CookieConfig, A::Error> {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Table {
+                    #[serde(default)]
+                    name: Option<String>,
+                    #[serde(default)]
+                    mode: CookieMode,
+                }
+                let t = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(CookieConfig {
+                    name: t.name,
+                    mode: t.mode,
+                })
+            }
+        }
+        d.deserialize_any(Either)
+    }
+}
+
+impl ServiceConfig {
+    /// The service's sticky cookie, if it is sticky: `sticky = "cookie"`,
+    /// or `balance = "cookie"` (roundrobin with a sticky cookie).
+    pub fn sticky_cookie(&self) -> Option<StickyCookie> {
+        if self.sticky.is_none() && self.balance != BalanceAlgorithm::Cookie {
+            return None;
+        }
+        let cookie = self.cookie.clone().unwrap_or_default();
+        Some(StickyCookie {
+            name: cookie.name.as_deref().unwrap_or(DEFAULT_COOKIE).into(),
+            mode: cookie.mode,
+        })
+    }
+
+    /// Why the sticky settings cannot work, and what to write instead.
+    fn check_sticky(&self) -> Result<(), String> {
+        let Some(cookie) = &self.cookie else {
+            return Ok(());
+        };
+        if self.sticky_cookie().is_none() {
+            return Err(r#"`cookie` is set but the service is not sticky: add sticky = "cookie" (or remove `cookie`)"#.into());
+        }
+        let mode = cookie.mode.as_str();
+        match &cookie.name {
+            Some(name) if !is_cookie_name(name) => Err(format!(
+                "{name:?} cannot name a cookie: use letters, digits and !#$%&'*+-.^_`|~ only, e.g. \"SERVERID\""
+            )),
+            None if cookie.mode != CookieMode::Insert => Err(format!(
+                r#"mode = "{mode}" binds clients through the application's own cookie, which needs naming: e.g. cookie = {{ name = "JSESSIONID", mode = "{mode}" }}"#
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// When a request is tried again on another endpoint.
@@ -480,13 +573,8 @@ impl Config {
                     format!("{bad} is not an HTTP status"),
                 ));
             }
-            if svc.balance != BalanceAlgorithm::Cookie && svc.cookie.is_some() {
-                return Err(invalid(
-                    span,
-                    key,
-                    "`cookie` is set but `balance` is not \"cookie\"".into(),
-                ));
-            }
+            svc.check_sticky()
+                .map_err(|m| invalid(span.clone(), format!("{key}.cookie"), m))?;
             services.insert(name, svc);
         }
 
@@ -734,6 +822,68 @@ mod tests {
         let msg = Config::parse("c.toml", text).unwrap_err().to_string();
         assert!(msg.contains("unknown field `timeout`"), "{msg}");
         assert!(msg.contains("c.toml:"), "{msg}");
+    }
+
+    #[test]
+    fn sticky_cookies_parse_in_both_forms_with_their_defaults() {
+        let sticky = |svc: &str| {
+            let text = format!("[services.web]\n{svc}\n");
+            let c = Config::parse("c.toml", &text).expect("valid");
+            c.services["web"].sticky_cookie()
+        };
+        let cookie = |name: &str, mode| {
+            Some(StickyCookie {
+                name: name.into(),
+                mode,
+            })
+        };
+        assert_eq!(sticky("balance = \"leastconn\""), None);
+        assert_eq!(
+            sticky("balance = \"leastconn\"\nsticky = \"cookie\""),
+            cookie("SERVERID", CookieMode::Insert)
+        );
+        assert_eq!(
+            sticky("balance = \"cookie\"\ncookie = \"S\""),
+            cookie("S", CookieMode::Insert),
+            "balance = cookie is still sticky"
+        );
+        assert_eq!(
+            sticky("sticky = \"cookie\"\ncookie = { name = \"JSESSIONID\", mode = \"prefix\" }"),
+            cookie("JSESSIONID", CookieMode::Prefix)
+        );
+        assert_eq!(
+            sticky("sticky = \"cookie\"\ncookie = { mode = \"insert\" }"),
+            cookie("SERVERID", CookieMode::Insert)
+        );
+    }
+
+    #[test]
+    fn unusable_sticky_cookies_say_what_to_write() {
+        let refused = |svc: &str| {
+            let text = format!("[services.web]\n{svc}\n");
+            Config::parse("c.toml", &text).unwrap_err().to_string()
+        };
+        let msg = refused("sticky = \"cookie\"\ncookie = { name = \"S\", mode = \"sticky\" }");
+        assert!(msg.contains("c.toml:3"), "{msg}");
+        assert!(msg.contains("`insert`, `prefix`, `rewrite`"), "{msg}");
+        let msg = refused("sticky = \"cookie\"\ncookie = { name = \"S\", path = \"/\" }");
+        assert!(msg.contains("unknown field `path`"), "{msg}");
+        let msg = refused("sticky = \"session\"");
+        assert!(msg.contains("`cookie`"), "{msg}");
+        let msg = refused("balance = \"leastconn\"\ncookie = \"S\"");
+        assert!(msg.contains("services.web.cookie"), "{msg}");
+        assert!(msg.contains("add sticky = \"cookie\""), "{msg}");
+        let msg = refused("sticky = \"cookie\"\ncookie = \"a b\"");
+        assert!(msg.contains("\"a b\" cannot name a cookie"), "{msg}");
+        let msg = refused("sticky = \"cookie\"\ncookie = \"\"");
+        assert!(msg.contains("cannot name a cookie"), "{msg}");
+        let msg = refused("sticky = \"cookie\"\ncookie = { mode = \"prefix\" }");
+        assert!(
+            msg.contains("name = \"JSESSIONID\", mode = \"prefix\""),
+            "{msg}"
+        );
+        let msg = refused("sticky = \"cookie\"\ncookie = 3");
+        assert!(msg.contains("a cookie name, or"), "{msg}");
     }
 
     #[test]

@@ -21,7 +21,6 @@ use crate::control::config::{
 };
 use crate::control::health::HealthChecks;
 use crate::control::local::{LocalChange, LocalError, LocalLayer};
-use crate::engine::balance::BalanceAlgorithm;
 use crate::engine::balance::Balancer;
 use crate::engine::endpoint::EndpointState;
 use crate::engine::table::SharedTable;
@@ -676,7 +675,10 @@ impl Control {
             self.departing.insert(name.to_string(), departing);
         }
         self.live.insert(name.to_string(), registered.live);
-        let balancer = Balancer::build(settings.algorithm, &endpoints);
+        let mut balancer = Balancer::build(settings.algorithm, &endpoints);
+        if settings.sticky.is_some() {
+            balancer = balancer.sticky(&endpoints);
+        }
         Some(Service {
             name: name.into(),
             endpoints,
@@ -703,8 +705,7 @@ impl Control {
             algorithm: defaults.balance,
             connect_timeout,
             request_timeout,
-            cookie: (defaults.balance == BalanceAlgorithm::Cookie)
-                .then(|| defaults.cookie.as_deref().unwrap_or("SERVERID").into()),
+            sticky: defaults.sticky_cookie(),
             retry: RetryPolicy {
                 attempts: defaults.retry.attempts.max(1),
                 per_try_timeout: defaults

@@ -25,7 +25,8 @@ pub enum BalanceAlgorithm {
     Random,
     /// Consistent hash on the client IP.
     Source,
-    /// Sticky sessions with an inserted cookie, round robin otherwise.
+    /// Round robin with a sticky cookie: `sticky = "cookie"` on top of
+    /// `roundrobin`, kept as HAProxy users write it.
     Cookie,
 }
 
@@ -65,26 +66,28 @@ pub struct Pick {
     pub set_cookie: bool,
 }
 
+/// A service's balancer: how it spreads requests, and, for a sticky
+/// service, which endpoint each cookie value binds to.
 #[derive(Debug)]
-pub enum Balancer {
+pub struct Balancer {
+    spread: Spread,
+    /// Cookie value -> endpoint index, for a sticky service.
+    by_cookie: Option<HashMap<Arc<str>, usize>>,
+}
+
+/// How requests that no cookie binds are spread.
+#[derive(Debug)]
+pub enum Spread {
     RoundRobin(Schedule),
-    LeastConn {
-        cursor: AtomicUsize,
-    },
-    Random {
-        cumulative: Vec<u64>,
-    },
-    Source {
-        ring: Vec<(u64, u32)>,
-    },
-    Cookie {
-        by_value: HashMap<Arc<str>, usize>,
-        fallback: Schedule,
-    },
+    LeastConn { cursor: AtomicUsize },
+    Random { cumulative: Vec<u64> },
+    Source { ring: Vec<(u64, u32)> },
 }
 
 impl Balancer {
-    /// Builds the balancer for endpoints with their current effective weights.
+    /// Builds the balancer for endpoints with their current effective
+    /// weights. `cookie` spreads as roundrobin and is sticky (see
+    /// [`Balancer::sticky`]).
     pub fn build(algorithm: BalanceAlgorithm, endpoints: &[Endpoint]) -> Balancer {
         // Backups have no share of their own: they are picked only when no
         // other endpoint takes traffic (see `pick`).
@@ -92,9 +95,11 @@ impl Balancer {
             .iter()
             .map(|e| if e.backup { 0 } else { e.balance_weight })
             .collect();
-        match algorithm {
-            BalanceAlgorithm::Roundrobin => Balancer::RoundRobin(Schedule::smooth(&weights)),
-            BalanceAlgorithm::Leastconn => Balancer::LeastConn {
+        let spread = match algorithm {
+            BalanceAlgorithm::Roundrobin | BalanceAlgorithm::Cookie => {
+                Spread::RoundRobin(Schedule::smooth(&weights))
+            }
+            BalanceAlgorithm::Leastconn => Spread::LeastConn {
                 cursor: AtomicUsize::new(0),
             },
             BalanceAlgorithm::Random => {
@@ -106,53 +111,79 @@ impl Balancer {
                         total
                     })
                     .collect();
-                Balancer::Random { cumulative }
+                Spread::Random { cumulative }
             }
-            BalanceAlgorithm::Source => Balancer::Source {
+            BalanceAlgorithm::Source => Spread::Source {
                 ring: build_ring(endpoints, &weights),
             },
-            BalanceAlgorithm::Cookie => Balancer::Cookie {
-                by_value: endpoints
-                    .iter()
-                    .enumerate()
-                    .map(|(i, e)| (e.cookie.clone(), i))
-                    .collect(),
-                fallback: Schedule::smooth(&weights),
-            },
+        };
+        let balancer = Balancer {
+            spread,
+            by_cookie: None,
+        };
+        if algorithm == BalanceAlgorithm::Cookie {
+            balancer.sticky(endpoints)
+        } else {
+            balancer
         }
+    }
+
+    /// The same balancer, made sticky: a request whose cookie value is
+    /// an endpoint's goes to it while it serves sessions.
+    pub fn sticky(self, endpoints: &[Endpoint]) -> Balancer {
+        let by_cookie = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.cookie.clone(), i))
+            .collect();
+        Balancer {
+            by_cookie: Some(by_cookie),
+            ..self
+        }
+    }
+
+    /// How requests that no cookie binds are spread.
+    pub fn spread(&self) -> &Spread {
+        &self.spread
     }
 
     /// Picks an endpoint that accepts traffic, or `None` if none does. A
     /// backup endpoint is picked only when no other one accepts traffic:
     /// the first backup in id order that does (HAProxy's default, without
-    /// `allbackups`).
+    /// `allbackups`). A sticky balancer first honours the request's
+    /// cookie, and asks for the cookie to be set whenever the endpoint
+    /// picked is not the one the request was bound to.
     pub fn pick(&self, endpoints: &[Endpoint], ctx: &PickContext<'_>) -> Option<Pick> {
+        let Some(by_cookie) = &self.by_cookie else {
+            return self.spread_pick(endpoints, ctx).map(|index| Pick {
+                index,
+                set_cookie: false,
+            });
+        };
+        if let Some(&i) = ctx.sticky.and_then(|v| by_cookie.get(v)) {
+            if Some(i) != ctx.avoid && endpoints[i].accepts_sticky() {
+                return Some(Pick {
+                    index: i,
+                    set_cookie: false,
+                });
+            }
+        }
+        self.spread_pick(endpoints, ctx).map(|index| Pick {
+            index,
+            set_cookie: ctx.sticky != Some(&*endpoints[index].cookie),
+        })
+    }
+
+    fn spread_pick(&self, endpoints: &[Endpoint], ctx: &PickContext<'_>) -> Option<usize> {
         let ok =
             |i: usize| Some(i) != ctx.avoid && !endpoints[i].backup && endpoints[i].accepts_new();
-        let index = match self {
-            Balancer::RoundRobin(s) => s.next(ok),
-            Balancer::LeastConn { cursor } => least_loaded(endpoints, cursor, ok),
-            Balancer::Random { cumulative } => two_choices(endpoints, cumulative, ok),
-            Balancer::Source { ring } => {
+        let index = match &self.spread {
+            Spread::RoundRobin(s) => s.next(ok),
+            Spread::LeastConn { cursor } => least_loaded(endpoints, cursor, ok),
+            Spread::Random { cumulative } => two_choices(endpoints, cumulative, ok),
+            Spread::Source { ring } => {
                 let key = ctx.client_ip.map(hash_ip).unwrap_or(0);
                 ring_lookup(ring, key, ok)
-            }
-            Balancer::Cookie { by_value, fallback } => {
-                if let Some(&i) = ctx.sticky.and_then(|v| by_value.get(v)) {
-                    if Some(i) != ctx.avoid && endpoints[i].accepts_sticky() {
-                        return Some(Pick {
-                            index: i,
-                            set_cookie: false,
-                        });
-                    }
-                }
-                if let Some(index) = fallback.next(ok) {
-                    return Some(Pick {
-                        index,
-                        set_cookie: true,
-                    });
-                }
-                None
             }
         };
         // The fast path found nobody (e.g. all of a probe window is down):
@@ -168,10 +199,6 @@ impl Balancer {
                 // Only the avoided endpoint is left: use it rather than fail.
                 ctx.avoid
                     .filter(|&i| i < endpoints.len() && endpoints[i].accepts_new())
-            })
-            .map(|index| Pick {
-                index,
-                set_cookie: false,
             })
     }
 }
@@ -387,12 +414,13 @@ fn hash_bytes(bytes: &[u8], seed: u64) -> u64 {
 }
 
 /// The cookie value that binds a client to an endpoint: its id when that is
-/// a valid cookie value, a stable hash of it otherwise.
+/// a valid cookie value without `~` (which ends the endpoint's part of a
+/// prefixed cookie, see `sticky`), a stable hash of it otherwise.
 pub fn cookie_value(id: &str) -> String {
     let plain = !id.is_empty()
         && id
             .bytes()
-            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b',' | b';' | b'\\'));
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b',' | b';' | b'\\' | b'~'));
     if plain {
         id.to_string()
     } else {

@@ -5,7 +5,9 @@
 //! ConnContext::handle           the access log line around all of it
 //!  └ respond                    a ProxyError becomes its status page
 //!     └ forward                 route once, then try until done:
-//!        ├ route                host + path prefix -> service (404, 503)
+//!        ├ route                host + path prefix -> service (404, 503);
+//!        │                      its sticky cookie read, and cleaned out of
+//!        │                      the headers (see `sticky`)
 //!        ├ upstream_head        origin-form target, Host, hop-by-hop
 //!        │                      headers out, X-Forwarded-* in; once
 //!        ├ RetryState::new      body read (held when small; 408 when
@@ -18,8 +20,9 @@
 //!           │                   relayed is a failure: 502)
 //!           ├ RetryState::decide  Outcome x retry state -> Next
 //!           ├ record_attempt    passive checks learn how the try went
-//!           └ Next::Respond  -> finish: response headers, sticky
-//!                                 cookie, latency, a 101's tunnel
+//!           └ Next::Respond  -> finish: response headers, the sticky
+//!                                 cookie's Set-Cookie, latency, a
+//!                                 101's tunnel
 //!             Next::Fail     -> Failure::give_up: 502 or 504
 //!             Next::Retry / Resend -> the next try
 //! ```
@@ -58,8 +61,9 @@ use super::endpoint::InFlight;
 use super::http::ConnContext;
 use super::path::{self, PathNormalization};
 use super::pool::{self, ConnectError};
+use super::quiet::QUIET_EVERY;
 use super::table::{
-    find_cookie, Endpoint, Resolved, RetryGuard, RetryPolicy, RoutingTable, Service, ServiceState,
+    Endpoint, Resolved, RetryGuard, RetryPolicy, RoutingTable, Service, ServiceState,
 };
 use super::{ProxyBody, ProxyError, RequestGuard, ServiceActive};
 
@@ -289,6 +293,9 @@ impl ConnContext {
             (service, rewrite, table.version)
         };
         let sticky = sticky_of(&service, req.headers());
+        if let Some(cookie) = &service.settings.sticky {
+            cookie.clean_request(req.headers_mut());
+        }
         // `Upgrade: h2c` would open a tunnel past routing: only where the
         // service asks for it; elsewhere the request goes as plain HTTP/1.1.
         let upgrade = req.version() == Version::HTTP_11
@@ -527,8 +534,15 @@ impl ConnContext {
             if now.name != current.name {
                 routing.active = ServiceActive::start(&now.settings.live);
             }
-            if let Some(h) = &state.headers {
-                routing.sticky = sticky_of(&now, h);
+            // The headers were cleaned for the old service's cookie; one
+            // with the same cookie reads the same binding.
+            if now.settings.sticky != current.settings.sticky {
+                if let Some(h) = &mut state.headers {
+                    routing.sticky = sticky_of(&now, h);
+                    if let Some(cookie) = &now.settings.sticky {
+                        cookie.clean_request(h);
+                    }
+                }
             }
             head.path = forwarded_path(uri, rewrite)?;
             routing.service = now;
@@ -692,12 +706,14 @@ impl ConnContext {
             resp.headers_mut().remove(header::CONTENT_LENGTH);
         }
         strip_hop_by_hop(resp.headers_mut(), switching);
-        if pick.set_cookie {
-            if let Some(name) = &settings.cookie {
-                let cookie = format!("{name}={}; Path=/", endpoint.cookie);
-                if let Ok(v) = HeaderValue::try_from(cookie) {
-                    resp.headers_mut().append(header::SET_COOKIE, v);
-                }
+        if let Some(cookie) = &settings.sticky {
+            let clash = cookie.on_response(resp.headers_mut(), &endpoint.cookie, pick.set_cookie);
+            let now = || super::conn::now_ms();
+            if let Some(held) = clash
+                .then(|| settings.live.cookie_clash.allow(now(), QUIET_EVERY))
+                .flatten()
+            {
+                tracing::warn!(service = %service.name, cookie = %cookie.name, repeats = held, "the application sets the sticky cookie itself, which would undo the binding: its Set-Cookie was dropped. Give the proxy's cookie another name (cookie = {{ name = \"...\" }}) or let the application's cookie carry the binding with mode = \"rewrite\" (said at most every {QUIET_EVERY:?}; repeats: times held back since)");
             }
         }
         settings.live.latency.observe(started.elapsed());
@@ -991,13 +1007,14 @@ fn stalled(e: &hyper::Error) -> Option<Duration> {
     None
 }
 
-/// The value of `service`'s sticky cookie in `headers`, if it has one.
+/// The endpoint value `service`'s sticky cookie carries in `headers`, if
+/// the service is sticky and the request has one.
 fn sticky_of(service: &Service, headers: &HeaderMap) -> Option<String> {
     service
         .settings
-        .cookie
-        .as_deref()
-        .and_then(|name| find_cookie(headers, name))
+        .sticky
+        .as_ref()
+        .and_then(|cookie| cookie.value_in(headers))
         .map(str::to_owned)
 }
 

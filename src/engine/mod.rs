@@ -4,7 +4,8 @@
 //! `control`, `ops` or `process`.
 //!
 //! In the order of the flow: [`table`] (step 4a: match a route, resolve the
-//! service), [`balance`] (step 4b: pick an endpoint), [`endpoint`] (step 3:
+//! service), [`balance`] (step 4b: pick an endpoint), [`sticky`] (step 4c:
+//! the cookie that binds a client to an endpoint), [`endpoint`] (step 3:
 //! live per-endpoint state), [`http`] and [`conn`] (serving client
 //! connections), [`forward`] (the request's phases), [`pool`] (upstream
 //! connections), [`tcp`] (whole connections). This file holds the vocabulary
@@ -21,6 +22,7 @@ pub mod path;
 pub mod pool;
 pub mod quiet;
 pub mod spread;
+pub mod sticky;
 pub mod table;
 pub mod tcp;
 pub mod trust;

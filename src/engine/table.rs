@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderName;
 use http::uri::Authority;
 use http::HeaderMap;
 use pointsman_discovery::{Address, AdminState, RouteSpec, RouteTarget};
@@ -19,6 +19,7 @@ use crate::engine::endpoint::EndpointState;
 use crate::engine::endpoint::PassiveConfig;
 use crate::engine::path::within_prefix;
 use crate::engine::quiet::QUIET_EVERY;
+use crate::engine::sticky::{find_cookie, StickyCookie};
 use std::sync::atomic::{
     AtomicBool, AtomicU32, AtomicU64,
     Ordering::{Acquire, Relaxed, Release},
@@ -56,8 +57,9 @@ pub struct ServiceSettings {
     pub algorithm: BalanceAlgorithm,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
-    /// Cookie name for sticky sessions, when `algorithm` is cookie.
-    pub cookie: Option<Arc<str>>,
+    /// The cookie that binds clients to endpoints, for a sticky service
+    /// (`sticky = "cookie"`, or `balance = "cookie"`).
+    pub sticky: Option<StickyCookie>,
     pub retry: RetryPolicy,
     pub passive: PassiveConfig,
     /// Idle pooled upstream connections older than this are not reused.
@@ -111,6 +113,9 @@ pub struct ServiceState {
     ejecting: AtomicBool,
     /// "not ejected: at the cap" repeats on every failure under load.
     at_cap: crate::engine::quiet::Quiet,
+    /// "the application sets the sticky cookie itself" repeats on every
+    /// response of a misconfigured service.
+    pub cookie_clash: crate::engine::quiet::Quiet,
 }
 
 impl ServiceState {
@@ -542,18 +547,6 @@ fn map_key<'a>(
     }
 }
 
-/// The value of cookie `name` in the request's Cookie headers.
-pub fn find_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v: &HeaderValue| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"'))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -626,16 +619,5 @@ mod tests {
         );
         assert!(MapKey::parse("req.nope").is_err());
         assert!(MapKey::parse("req.hdr()").is_err());
-    }
-
-    #[test]
-    fn cookies_are_found_among_others() {
-        let mut h = HeaderMap::new();
-        h.append(
-            http::header::COOKIE,
-            HeaderValue::from_static("a=1; SERVERID=web2"),
-        );
-        assert_eq!(find_cookie(&h, "SERVERID"), Some("web2"));
-        assert_eq!(find_cookie(&h, "b"), None);
     }
 }

@@ -99,7 +99,8 @@ struct ServerOpts {
 struct Settings {
     mode: Option<Mode>,
     balance: Option<&'static str>,
-    cookie: Option<String>,
+    /// The sticky cookie's name and mode.
+    cookie: Option<(String, &'static str)>,
     connect: Option<Duration>,
     server: Option<Duration>,
     client: Option<Duration>,
@@ -144,7 +145,8 @@ struct GlobalOut {
 struct ServiceOut {
     name: String,
     balance: Option<&'static str>,
-    cookie: Option<String>,
+    /// The sticky cookie's name and mode.
+    cookie: Option<(String, &'static str)>,
     connect: Option<Duration>,
     request: Option<Duration>,
     check: Option<String>,
@@ -599,28 +601,30 @@ impl Translator<'_> {
             }
             ("cookie", name) if back => {
                 let mode = line.words.iter().skip(2).find(|w| matches!(w.as_str(), "insert" | "prefix" | "rewrite"));
-                match mode.map(String::as_str) {
-                    Some("insert") => {
-                        s.cookie = Some(name.to_string());
-                        let rest: Vec<&str> = line.words[2..]
-                            .iter()
-                            .map(String::as_str)
-                            .filter(|w| *w != "insert")
-                            .collect();
-                        if !rest.is_empty() {
-                            return Some(partly(
-                                line,
-                                format!("pointsman inserts `{name}=<server name>; Path=/`; {} not translated", rest.join(" ")),
-                            ));
-                        }
-                    }
-                    Some(m) => {
-                        return Some(not(
-                            line,
-                            format!("pointsman inserts its sticky cookie and has no {m} mode; `cookie {name} insert` would translate"),
-                        ))
-                    }
-                    None => return Some(not(line, "pointsman inserts its own cookie (the `insert` mode) only")),
+                let Some(mode) = mode.map(String::as_str) else {
+                    return Some(not(line, "pointsman's sticky cookie needs a mode: `insert`, `prefix` or `rewrite`"));
+                };
+                let mode = match mode {
+                    "insert" => "insert",
+                    "prefix" => "prefix",
+                    _ => "rewrite",
+                };
+                s.cookie = Some((name.to_string(), mode));
+                // `indirect` is how pointsman inserts anyway: the servers
+                // never see its cookie and a bound client is not sent it
+                // again.
+                let rest: Vec<&str> = line.words[2..]
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|w| *w != mode && !(mode == "insert" && *w == "indirect"))
+                    .collect();
+                if !rest.is_empty() {
+                    let what = match mode {
+                        "insert" => format!("pointsman inserts `{name}=<server name>; Path=/`"),
+                        "prefix" => format!("pointsman prefixes the servers' `{name}` with `<server name>~`"),
+                        _ => format!("pointsman sets the servers' `{name}` to `<server name>`"),
+                    };
+                    return Some(partly(line, format!("{what}; {} not translated", rest.join(" "))));
                 }
             }
             ("cookie", _) => return only_back(),
@@ -904,10 +908,7 @@ impl Translator<'_> {
     }
 
     fn service(&mut self, name: &str, s: &Settings, p: &Proxy) -> ServiceOut {
-        let (balance, cookie) = match &s.cookie {
-            Some(c) => (Some("cookie"), Some(c.clone())),
-            None => (s.balance, None),
-        };
+        let (balance, cookie) = (s.balance, s.cookie.clone());
         let checked: Vec<&Server> = p.servers.iter().filter(|sv| sv.opts.check).collect();
         let check = checked.first().map(|first| {
             let mut fields = Vec::new();
@@ -1287,8 +1288,9 @@ impl Translator<'_> {
                 if let Some(b) = s.balance {
                     out += &format!("balance = {}\n", q(b));
                 }
-                if let Some(c) = &s.cookie {
-                    out += &format!("cookie = {}\n", q(c));
+                if let Some((name, mode)) = &s.cookie {
+                    out += "sticky = \"cookie\"\n";
+                    out += &format!("cookie = {{ name = {}, mode = {} }}\n", q(name), q(mode));
                 }
                 if let Some(d) = s.connect.filter(|_| connect.is_none()) {
                     out += &format!("connect_timeout = {}\n", q(&format_duration(d)));

@@ -38,7 +38,7 @@ fn smooth_round_robin_follows_weights_and_interleaves() {
         vec![500, 100, 100]
     );
     // Smooth: the heavy endpoint never gets more than 3 in a row in a cycle of 7.
-    let Balancer::RoundRobin(s) = &b else {
+    let Spread::RoundRobin(s) = b.spread() else {
         unreachable!()
     };
     let o = &s.order;
@@ -162,11 +162,57 @@ fn cookie_sticks_while_accepted_and_rebinds_otherwise() {
     assert!(p.set_cookie);
 }
 
+/// `sticky = "cookie"` on leastconn: a bound request goes to its
+/// endpoint whatever the load; the others go to the least loaded one and
+/// are told to bind to it.
+#[test]
+fn sticky_leastconn_keeps_bound_requests_and_spreads_the_rest_by_load() {
+    let eps = endpoints(&[1, 1, 1]);
+    let b = Balancer::build(BalanceAlgorithm::Leastconn, &eps).sticky(&eps);
+    let _busy: Vec<_> = (0..5).map(|_| eps[1].live.start_request()).collect();
+    let _one = eps[0].live.start_request();
+    let bound = PickContext {
+        sticky: Some("e1"),
+        ..Default::default()
+    };
+    for _ in 0..5 {
+        assert_eq!(
+            b.pick(&eps, &bound),
+            Some(Pick {
+                index: 1,
+                set_cookie: false
+            }),
+            "bound to the busiest, it stays"
+        );
+    }
+    let fresh = b.pick(&eps, &PickContext::default()).expect("pick");
+    assert_eq!((fresh.index, fresh.set_cookie), (2, true), "least loaded");
+    let gone = PickContext {
+        sticky: Some("e9"),
+        ..Default::default()
+    };
+    let p = b.pick(&eps, &gone).expect("pick");
+    assert_eq!(
+        (p.index, p.set_cookie),
+        (2, true),
+        "an unknown value rebinds"
+    );
+    let plain = Balancer::build(BalanceAlgorithm::Leastconn, &eps);
+    let p = plain.pick(&eps, &bound).expect("pick");
+    assert_eq!((p.index, p.set_cookie), (2, false), "not sticky: no cookie");
+}
+
 #[test]
 fn cookie_values_are_safe() {
     assert_eq!(cookie_value("web-1"), "web-1");
     let v = cookie_value("a;b");
     assert!(v.starts_with('h') && !v.contains(';'));
+    let v = cookie_value("web~1");
+    assert!(
+        v.starts_with('h') && !v.contains('~'),
+        "prefix mode splits at ~"
+    );
+    assert_eq!(v, cookie_value("web~1"), "stable");
 }
 
 #[test]

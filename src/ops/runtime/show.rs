@@ -12,7 +12,6 @@ use super::ids::{lock, IdRegistry};
 use super::parse::{Format, MapRef, ServerRef, StatFilter, UNKNOWN_MAP};
 use super::typed;
 use crate::control::config::ListenerMode;
-use crate::engine::balance::BalanceAlgorithm;
 use crate::engine::endpoint::EndpointCounters;
 use crate::engine::pool::max_idle;
 use crate::engine::table::{Endpoint, RoutingTable, Service, Target, WEIGHT_SCALE};
@@ -550,7 +549,7 @@ impl Snapshot {
             }
             row.set(col!("hrsp_other"), 0);
             row.set(col!("addr"), &e.address);
-            if svc.settings.algorithm == BalanceAlgorithm::Cookie {
+            if svc.settings.sticky.is_some() {
                 row.set(col!("cookie"), &e.cookie);
             }
             row.set(col!("mode"), mode);

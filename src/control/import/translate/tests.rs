@@ -3,6 +3,7 @@ use std::path::Path;
 use super::*;
 use crate::control::config::{Config, ListenerMode};
 use crate::control::import::parse::parse;
+use crate::engine::sticky::{CookieMode, StickyCookie};
 
 /// Translates `cfg` with the map files given, and parses the result.
 fn import(cfg: &str, maps: &[(&str, &str)]) -> (Translation, Config) {
@@ -186,7 +187,16 @@ backend be
         "no request or response rules"
     ));
     assert!(has_note(&t, 6, NoteKind::NotTranslated, "no queue"));
-    assert!(has_note(&t, 8, NoteKind::NotTranslated, "no prefix mode"));
+    assert_eq!(
+        c.services["be"].sticky_cookie(),
+        Some(StickyCookie {
+            name: "SRV".into(),
+            mode: CookieMode::Prefix
+        }),
+        "`cookie SRV prefix` translates, with the backend's balance"
+    );
+    assert_eq!(c.services["be"].balance.as_str(), "roundrobin");
+    assert!(!t.notes.iter().any(|n| n.line == 8), "{:?}", t.notes);
     assert!(has_note(&t, 9, NoteKind::Partly, "`cookie a1`"));
     assert!(has_note(&t, 11, NoteKind::Partly, "weight 300"));
     assert!(has_note(&t, 12, NoteKind::NotTranslated, "over TCP only"));
@@ -345,6 +355,15 @@ backend shop
     balance roundrobin
     cookie SERVERID insert indirect nocache
     server s1 10.0.0.1:80 check
+backend api
+    mode http
+    balance leastconn
+    cookie SRV rewrite
+    server a1 10.0.0.2:80
+backend old
+    mode http
+    cookie SRV
+    server o1 10.0.0.3:80
 ";
     let (t, c) = import(cfg, &[]);
     let db = c
@@ -363,9 +382,29 @@ backend shop
         NoteKind::NotTranslated,
         "needs a default_backend"
     ));
-    assert_eq!(c.services["shop"].balance.as_str(), "cookie");
-    assert_eq!(c.services["shop"].cookie.as_deref(), Some("SERVERID"));
-    assert!(has_note(&t, 12, NoteKind::Partly, "indirect nocache"));
+    let sticky = |name: &str, mode| {
+        Some(StickyCookie {
+            name: name.into(),
+            mode,
+        })
+    };
+    assert_eq!(c.services["shop"].balance.as_str(), "roundrobin");
+    assert_eq!(
+        c.services["shop"].sticky_cookie(),
+        sticky("SERVERID", CookieMode::Insert)
+    );
+    assert!(has_note(&t, 12, NoteKind::Partly, "nocache not translated"));
+    assert!(
+        !has_note(&t, 12, NoteKind::Partly, "indirect"),
+        "pointsman's insert is indirect"
+    );
+    assert_eq!(c.services["api"].balance.as_str(), "leastconn", "kept");
+    assert_eq!(
+        c.services["api"].sticky_cookie(),
+        sticky("SRV", CookieMode::Rewrite)
+    );
+    assert!(has_note(&t, 21, NoteKind::NotTranslated, "needs a mode"));
+    assert_eq!(c.services["old"].sticky_cookie(), None);
 }
 
 #[test]
