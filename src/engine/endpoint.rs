@@ -5,10 +5,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::engine::conn::now_ms;
-use crate::engine::pool::Pool;
+use crate::engine::latency::RecentAverage;
+use crate::engine::pool::{Pool, Traffic};
+use crate::engine::rate::{raise_max, EventRate};
 
 use pointsman_discovery::admin_api::CheckView;
 use pointsman_discovery::AdminState;
@@ -72,6 +74,26 @@ pub struct EndpointState {
     check_time: AtomicU64,
     /// Active checks that failed, since start.
     check_failures: AtomicU64,
+    /// How long the last active check took, in milliseconds.
+    check_millis: AtomicU64,
+    /// The most requests in flight at once (`smax`).
+    max_in_flight: AtomicU32,
+    /// Requests started per second (`rate`).
+    request_rate: EventRate,
+    /// Unix seconds of the last request started; 0 if none.
+    last_request: AtomicU64,
+    /// Bytes of requests sent to it and of responses read from it.
+    pub traffic: Arc<Traffic>,
+    /// From a request's pick to its response head, and to the end of its
+    /// response body (`rtime`, `ttime`).
+    response_time: RecentAverage,
+    total_time: RecentAverage,
+    /// Times an active check took it from up to down (`chkdown`).
+    went_down: AtomicU64,
+    /// Seconds it was down before its current state began (`downtime`),
+    /// and since when (unix seconds) it is down; 0 while up.
+    down_secs: AtomicU64,
+    down_since: AtomicU64,
 }
 
 impl Default for EndpointState {
@@ -93,6 +115,16 @@ impl Default for EndpointState {
             check_status: AtomicU32::new(0),
             check_time: AtomicU64::new(0),
             check_failures: AtomicU64::new(0),
+            check_millis: AtomicU64::new(0),
+            max_in_flight: AtomicU32::new(0),
+            request_rate: EventRate::default(),
+            last_request: AtomicU64::new(0),
+            traffic: Arc::default(),
+            response_time: RecentAverage::default(),
+            total_time: RecentAverage::default(),
+            went_down: AtomicU64::new(0),
+            down_secs: AtomicU64::new(0),
+            down_since: AtomicU64::new(0),
         }
     }
 }
@@ -149,9 +181,21 @@ impl EndpointState {
         self.healthy.load(Relaxed)
     }
 
+    /// Sets what the active checks say; a change from up to down counts
+    /// in `chkdown`, and the time down in `downtime`.
     pub fn set_healthy(&self, up: bool) {
         if self.healthy.swap(up, Relaxed) != up {
-            self.last_change.store(unix_now(), Relaxed);
+            let now = unix_now();
+            self.last_change.store(now, Relaxed);
+            if up {
+                let since = self.down_since.swap(0, Relaxed);
+                if since != 0 {
+                    self.down_secs.fetch_add(now.saturating_sub(since), Relaxed);
+                }
+            } else {
+                self.went_down.fetch_add(1, Relaxed);
+                self.down_since.store(now.max(1), Relaxed);
+            }
         }
     }
 
@@ -211,11 +255,13 @@ impl EndpointState {
         self.check_result.load(Relaxed) != 0
     }
 
-    /// Records an active check's result.
-    pub fn record_check(&self, passed: bool, status: u16) {
+    /// Records an active check's result and how long it took.
+    pub fn record_check(&self, passed: bool, status: u16, took: Duration) {
         self.check_result.store(if passed { 1 } else { 2 }, Relaxed);
         self.check_status.store(u32::from(status), Relaxed);
         self.check_time.store(unix_now(), Relaxed);
+        self.check_millis
+            .store(u64::try_from(took.as_millis()).unwrap_or(u64::MAX), Relaxed);
         if !passed {
             self.check_failures.fetch_add(1, Relaxed);
         }
@@ -232,9 +278,18 @@ impl EndpointState {
 
     /// Counts a request as started; the guard ends it when dropped.
     pub fn start_request(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Relaxed);
+        let now = self.in_flight.fetch_add(1, Relaxed) + 1;
+        raise_max(&self.max_in_flight, now);
         self.requests.fetch_add(1, Relaxed);
-        InFlight(self.clone())
+        self.request_rate.add();
+        let second = unix_now();
+        if self.last_request.load(Relaxed) != second {
+            self.last_request.store(second, Relaxed);
+        }
+        InFlight {
+            live: self.clone(),
+            started: Instant::now(),
+        }
     }
 
     pub fn record_status(&self, status: u16) {
@@ -244,6 +299,59 @@ impl EndpointState {
 
     pub fn record_failure(&self) {
         self.failures.fetch_add(1, Relaxed);
+    }
+
+    /// The `show stat` figures the admin API does not show.
+    pub fn stat_counters(&self) -> EndpointStats {
+        let down_since = self.down_since.load(Relaxed);
+        let down_now = if down_since == 0 {
+            0
+        } else {
+            unix_now().saturating_sub(down_since)
+        };
+        EndpointStats {
+            max_in_flight: self.max_in_flight.load(Relaxed),
+            request_rate: self.request_rate.per_second(),
+            max_request_rate: self.request_rate.max(),
+            last_request: Some(self.last_request.load(Relaxed)).filter(|t| *t != 0),
+            bytes_in: self.traffic.sent(),
+            bytes_out: self.traffic.received(),
+            response_time: self.response_time.millis(),
+            total_time: self.total_time.millis(),
+            went_down: self.went_down.load(Relaxed),
+            down_secs: self.down_secs.load(Relaxed) + down_now,
+            check_millis: self.check_millis.load(Relaxed),
+        }
+    }
+
+    /// `clear counters`: the maxima start again from now.
+    pub fn clear_max(&self) {
+        self.max_in_flight
+            .store(self.in_flight.load(Relaxed), Relaxed);
+        self.request_rate.clear_max();
+    }
+
+    /// `clear counters all`: every counter starts from zero, as after a
+    /// restart; gauges (in flight, state, health) and the ejection count
+    /// that lengthens the next ejection stay.
+    pub fn clear(&self) {
+        self.clear_max();
+        self.requests.store(0, Relaxed);
+        for r in &self.responses {
+            r.store(0, Relaxed);
+        }
+        self.failures.store(0, Relaxed);
+        self.check_failures.store(0, Relaxed);
+        self.request_rate.clear();
+        self.last_request.store(0, Relaxed);
+        self.traffic.clear();
+        self.response_time.clear();
+        self.total_time.clear();
+        self.went_down.store(0, Relaxed);
+        self.down_secs.store(0, Relaxed);
+        if self.down_since.load(Relaxed) != 0 {
+            self.down_since.store(unix_now().max(1), Relaxed);
+        }
     }
 
     pub fn snapshot(&self) -> EndpointCounters {
@@ -271,20 +379,49 @@ impl EndpointState {
     }
 }
 
-/// A request in flight to an endpoint; dropping it ends the request.
+/// A request in flight to an endpoint; dropping it ends the request (and
+/// counts its time in `ttime`).
 #[derive(Debug)]
-pub struct InFlight(Arc<EndpointState>);
+pub struct InFlight {
+    live: Arc<EndpointState>,
+    started: Instant,
+}
 
 impl InFlight {
     pub fn endpoint(&self) -> &EndpointState {
-        &self.0
+        &self.live
+    }
+
+    /// The endpoint's response head arrived: its time counts in `rtime`.
+    pub fn answered(&self) {
+        self.live.response_time.add(self.started.elapsed());
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
+        self.live.total_time.add(self.started.elapsed());
+        self.live.in_flight.fetch_sub(1, Relaxed);
     }
+}
+
+/// What `show stat` shows of an endpoint beyond [`EndpointCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    pub max_in_flight: u32,
+    pub request_rate: u64,
+    pub max_request_rate: u32,
+    /// Unix seconds of the last request started.
+    pub last_request: Option<u64>,
+    /// Request bytes sent to it, response bytes read from it.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Average milliseconds and the requests averaged (at most 1024).
+    pub response_time: Option<(u64, u64)>,
+    pub total_time: Option<(u64, u64)>,
+    pub went_down: u64,
+    pub down_secs: u64,
+    pub check_millis: u64,
 }
 
 /// A point-in-time copy of an endpoint's state, for the admin API.

@@ -7,7 +7,8 @@
 //! service), [`balance`] (step 4b: pick an endpoint), [`endpoint`] (step 3:
 //! live per-endpoint state), [`http`] and [`conn`] (serving client
 //! connections), [`forward`] (the request's phases), [`pool`] (upstream
-//! connections), [`tcp`] (whole connections). This file holds the vocabulary
+//! connections), [`tcp`] (whole connections); [`frontend`] counts each
+//! listener's traffic for `show stat`. This file holds the vocabulary
 //! they share: [`ProxyError`], [`ProxyBody`], [`ClientLimits`].
 
 pub mod balance;
@@ -15,11 +16,13 @@ pub mod body;
 pub mod conn;
 pub mod endpoint;
 pub mod forward;
+pub mod frontend;
 pub mod http;
 pub mod latency;
 pub mod path;
 pub mod pool;
 pub mod quiet;
+pub mod rate;
 pub mod spread;
 pub mod table;
 pub mod tcp;
@@ -155,9 +158,12 @@ pub struct ServiceActive(Arc<ServiceState>);
 
 impl ServiceActive {
     pub fn start(state: &Arc<ServiceState>) -> Self {
-        state
+        let now = state
             .active
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        rate::raise_max(&state.max_active, now);
+        state.request_rate.add();
         ServiceActive(state.clone())
     }
 }
