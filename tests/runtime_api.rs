@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use support::recorder::{Recorder, Script};
 use support::*;
 
 /// How long one socat call or script step may take.
@@ -751,6 +752,206 @@ async fn read_commands_and_error_answers() {
     assert_eq!(cli(addr, "show backend").await, "# name\nweb\n\n");
 }
 
+// ---------------------------------------------------------------------------
+// Traffic counters
+
+/// The column `name` of the `show stat` row `pxname,svname`, found by the
+/// header's names.
+fn stat_value(csv: &str, pxname: &str, svname: &str, name: &str) -> String {
+    let header = csv.lines().next().unwrap_or_default();
+    let n = header
+        .trim_start_matches("# ")
+        .split(',')
+        .position(|c| c == name)
+        .unwrap_or_else(|| panic!("no column {name} in {header}"));
+    stat_field(csv, pxname, svname, n + 1)
+}
+
+/// One request on its own connection (`Connection: close`), read to the
+/// end: the status and how many bytes the proxy wrote.
+async fn exchange(addr: SocketAddr, request: &[u8]) -> (String, usize) {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .expect("connect to the listener");
+    s.write_all(request).await.expect("send the request");
+    let mut answer = Vec::new();
+    tokio::time::timeout(STEP_DEADLINE, s.read_to_end(&mut answer))
+        .await
+        .expect("the proxy answers and closes in time")
+        .expect("read the answer");
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.split(' ').nth(1).unwrap_or_default().to_string();
+    (status, answer.len())
+}
+
+/// What the upstream answers every request with.
+const UPSTREAM_ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_stat_counts_the_traffic_and_clear_counters_zeroes_it() {
+    let upstream = Recorder::start(|_| Script::Answer(UPSTREAM_ANSWER.to_vec())).await;
+    let up = upstream.addr;
+    let proxy = Proxy::start_with_args(
+        || {
+            format!(
+                r#"[[listeners]]
+name = "web"
+bind = "{}"
+
+[services.api]
+endpoints = [{{ id = "a", address = "{up}" }}]
+
+[routes.api]
+path_prefix = "/api"
+service = "api"
+"#,
+                free_addr()
+            )
+        },
+        &[
+            "--runtime-api",
+            "127.0.0.1:0",
+            "--admin-token",
+            TOKEN,
+            "--threads",
+            "1",
+        ],
+    )
+    .await;
+    let addr = runtime_addr(&proxy);
+    let listener = proxy.listener("web");
+    // Starting, the proxy was probed with connections that sent nothing.
+    let before = cli(addr, "show stat").await;
+    let before = |name| -> usize {
+        let v = stat_value(&before, "web", "FRONTEND", name);
+        v.parse().unwrap_or_else(|_| panic!("{name} is {v:?}"))
+    };
+    let sessions_before = before("stot");
+    assert_eq!((before("req_tot"), before("bin")), (0, 0));
+
+    // Three POSTs with bodies of 100, 200 and 300 bytes reach the
+    // upstream; a GET that no route matches gets the proxy's own 404.
+    let (mut sent, mut read) = (0, 0);
+    for size in [100, 200, 300] {
+        let request = format!(
+            "POST /api/items HTTP/1.1\r\nHost: stats.test\r\nConnection: close\r\n\
+             Content-Length: {size}\r\n\r\n{}",
+            "x".repeat(size)
+        );
+        let (status, n) = exchange(listener, request.as_bytes()).await;
+        assert_eq!(status, "200");
+        sent += request.len();
+        read += n;
+    }
+    let request = "GET /nowhere HTTP/1.1\r\nHost: stats.test\r\nConnection: close\r\n\r\n";
+    let (status, n) = exchange(listener, request.as_bytes()).await;
+    assert_eq!(status, "404");
+    sent += request.len();
+    read += n;
+    let upstream_got: usize = upstream.received().iter().map(Vec::len).sum();
+    assert!(upstream_got > 600, "the bodies reached the upstream");
+
+    let csv = cli(addr, "show stat").await;
+    let fe = |name| stat_value(&csv, "web", "FRONTEND", name);
+    let sv = |name| stat_value(&csv, "api", "a", name);
+    let sessions = (sessions_before + 4).to_string();
+    assert_eq!(fe("stot"), sessions, "one session per connection\n{csv}");
+    assert_eq!(fe("conn_tot"), sessions);
+    assert_eq!(fe("req_tot"), "4", "{csv}");
+    assert_eq!(
+        (fe("hrsp_2xx"), fe("hrsp_4xx"), fe("hrsp_5xx")),
+        ("3".into(), "1".into(), "0".into())
+    );
+    assert_eq!(fe("ereq"), "0");
+    assert_eq!(fe("bin"), sent.to_string(), "bytes read from the clients");
+    assert_eq!(fe("bout"), read.to_string(), "bytes written to the clients");
+    assert!(
+        fe("rate_max").parse::<u64>().expect("rate_max") >= 1,
+        "{csv}"
+    );
+    assert!(
+        fe("req_rate_max").parse::<u64>().expect("req_rate_max") >= 1,
+        "{csv}"
+    );
+    for svname in ["BACKEND", "a"] {
+        let row = |name| stat_value(&csv, "api", svname, name);
+        assert_eq!(row("stot"), "3", "{csv}");
+        assert_eq!(row("hrsp_2xx"), "3");
+        assert_eq!(
+            row("hrsp_4xx"),
+            "0",
+            "the 404 was the proxy's, not the server's"
+        );
+        assert_eq!(
+            row("bin"),
+            upstream_got.to_string(),
+            "request bytes sent upstream"
+        );
+        assert_eq!(
+            row("bout"),
+            (3 * UPSTREAM_ANSWER.len()).to_string(),
+            "response bytes read from the upstream"
+        );
+        assert_eq!(row("smax"), "1", "one request at a time");
+        assert!(
+            row("rate_max").parse::<u64>().expect("rate_max") >= 1,
+            "{csv}"
+        );
+        let last: i64 = row("lastsess").parse().expect("lastsess");
+        assert!((0..60).contains(&last), "{csv}");
+        assert!(
+            row("rtime").parse::<u64>().is_ok() && row("ttime").parse::<u64>().is_ok(),
+            "{csv}"
+        );
+    }
+    assert_eq!((sv("act"), sv("bck")), ("1".into(), "0".into()));
+
+    // The maxima start again; the totals stay.
+    assert_eq!(cli(addr, "clear counters").await, "\n");
+    let csv = cli(addr, "show stat").await;
+    assert_eq!(
+        stat_value(&csv, "web", "FRONTEND", "rate_max"),
+        "0",
+        "{csv}"
+    );
+    assert_eq!(stat_value(&csv, "web", "FRONTEND", "req_rate_max"), "0");
+    assert_eq!(stat_value(&csv, "api", "a", "rate_max"), "0");
+    assert_eq!(stat_value(&csv, "web", "FRONTEND", "req_tot"), "4");
+    assert_eq!(
+        stat_value(&csv, "api", "a", "bout"),
+        (3 * UPSTREAM_ANSWER.len()).to_string()
+    );
+
+    // Every counter starts from zero, as after a restart.
+    assert_eq!(cli(addr, "clear counters all").await, "\n");
+    let csv = cli(addr, "show stat").await;
+    for (px, sv) in [("web", "FRONTEND"), ("api", "BACKEND"), ("api", "a")] {
+        for name in ["stot", "bin", "bout", "hrsp_2xx", "hrsp_4xx"] {
+            assert_eq!(
+                stat_value(&csv, px, sv, name),
+                "0",
+                "{px}/{sv} {name}\n{csv}"
+            );
+        }
+    }
+    assert_eq!(stat_value(&csv, "web", "FRONTEND", "req_tot"), "0");
+    assert_eq!(stat_value(&csv, "api", "a", "lastsess"), "-1", "{csv}");
+
+    // Counting goes on from there.
+    let (status, _) = exchange(listener, request.as_bytes()).await;
+    assert_eq!(status, "404");
+    let csv = cli(addr, "show stat").await;
+    assert_eq!(
+        stat_value(&csv, "web", "FRONTEND", "hrsp_4xx"),
+        "1",
+        "{csv}"
+    );
+    assert_eq!(
+        stat_value(&csv, "web", "FRONTEND", "bin"),
+        request.len().to_string()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompt_mode_keeps_the_connection_until_quit() {
     let ups = Upstream::start_many(&["a", "b"]).await;
@@ -785,7 +986,7 @@ async fn prompt_mode_keeps_the_connection_until_quit() {
         .expect("send");
     let out = read_until(&mut s, "\n\n> ").await;
     assert!(out.starts_with("1 (initial 1)\n\n> # pxname,"), "{out}");
-    assert!(out.contains("\nweb,b,0,0,0,,,0,"), "{out}");
+    assert!(out.contains("\nweb,b,0,0,0,0,,0,"), "{out}");
     assert!(out.contains(",MAINT,"), "{out}");
     s.write_all(b"quit\n").await.expect("send");
     let mut rest = Vec::new();
