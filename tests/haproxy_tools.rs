@@ -528,7 +528,7 @@ async fn the_haproxy_exporter_reads_the_socket_and_stats_csv() {
                 .parse()
                 .expect("bout is a number");
             assert!(
-                bout > 0.0 || seen.get(server).is_none(),
+                bout > 0.0 || !seen.contains_key(server),
                 "{server} answered: {csv}"
             );
             let series =
