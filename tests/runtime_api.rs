@@ -953,6 +953,100 @@ service = "api"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_stat_tells_connect_errors_and_aborts_apart() {
+    // Nothing listens at `dead`; `cut` closes halfway through its body;
+    // `flood` sends a body the client stops reading.
+    let dead = free_addr();
+    let cut = Recorder::start(|_| {
+        Script::AnswerClose(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..".to_vec())
+    })
+    .await;
+    let flood = Recorder::start(|_| {
+        Script::Flood(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n".to_vec())
+    })
+    .await;
+    let (cut_addr, flood_addr) = (cut.addr, flood.addr);
+    let proxy = Proxy::start_with_args(
+        || {
+            let mut c = format!(
+                "[[listeners]]\nname = \"web\"\nbind = \"{}\"\n",
+                free_addr()
+            );
+            for (name, addr) in [("dead", dead), ("cut", cut_addr), ("flood", flood_addr)] {
+                c += &format!(
+                    "\n[services.{name}]\nendpoints = [{{ id = \"{name}1\", address = \"{addr}\" }}]\n\
+                     \n[routes.{name}]\npath_prefix = \"/{name}\"\nservice = \"{name}\"\n"
+                );
+            }
+            c
+        },
+        &[
+            "--runtime-api",
+            "127.0.0.1:0",
+            "--admin-token",
+            TOKEN,
+            "--threads",
+            "1",
+        ],
+    )
+    .await;
+    let addr = runtime_addr(&proxy);
+    let listener = proxy.listener("web");
+    let get = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: stats.test\r\nConnection: close\r\n\r\n")
+    };
+
+    let (status, _) = exchange(listener, get("/dead").as_bytes()).await;
+    assert_eq!(status, "502");
+    // The answer's head and its first ten bytes arrive, then the end is
+    // cut (the proxy resets the client's connection).
+    let mut s = TcpStream::connect(listener).await.expect("connect");
+    s.write_all(get("/cut").as_bytes()).await.expect("send");
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(STEP_DEADLINE, s.read_to_end(&mut sink)).await;
+    // The client reads a little of an endless body, then goes away.
+    let mut s = TcpStream::connect(listener).await.expect("connect");
+    s.write_all(get("/flood").as_bytes()).await.expect("send");
+    let mut some = [0u8; 4096];
+    let n = s.read(&mut some).await.expect("read the answer's start");
+    assert!(n > 0);
+    drop(s);
+
+    let field = |csv: &str, px: &str, sv: &str, name: &str| stat_value(csv, px, sv, name);
+    wait_for(STEP_DEADLINE, "the client's abort is counted", || async {
+        field(&cli(addr, "show stat").await, "flood", "flood1", "cli_abrt") == "1"
+    })
+    .await;
+    let csv = cli(addr, "show stat").await;
+    for sv in ["dead1", "BACKEND"] {
+        let tries: u64 = field(&csv, "dead", sv, "econ").parse().expect("econ");
+        assert!(tries >= 1, "every try's connect failed:\n{csv}");
+        assert_eq!(field(&csv, "dead", sv, "eresp"), "0", "{csv}");
+    }
+    for sv in ["cut1", "BACKEND"] {
+        assert_eq!(field(&csv, "cut", sv, "srv_abrt"), "1", "{csv}");
+        assert_eq!(
+            field(&csv, "cut", sv, "eresp"),
+            "1",
+            "an abort is a response error"
+        );
+        assert_eq!(field(&csv, "cut", sv, "cli_abrt"), "0");
+        assert_eq!(field(&csv, "cut", sv, "econ"), "0");
+    }
+    assert_eq!(field(&csv, "flood", "BACKEND", "cli_abrt"), "1", "{csv}");
+    assert_eq!(field(&csv, "flood", "flood1", "srv_abrt"), "0", "{csv}");
+    // The proxy's 502 and the two 200s (one cut) went to the clients.
+    assert_eq!(field(&csv, "web", "FRONTEND", "hrsp_5xx"), "1", "{csv}");
+    assert_eq!(field(&csv, "web", "FRONTEND", "hrsp_2xx"), "2", "{csv}");
+
+    assert_eq!(cli(addr, "clear counters all").await, "\n");
+    let csv = cli(addr, "show stat").await;
+    assert_eq!(field(&csv, "dead", "dead1", "econ"), "0", "{csv}");
+    assert_eq!(field(&csv, "cut", "cut1", "srv_abrt"), "0", "{csv}");
+    assert_eq!(field(&csv, "flood", "flood1", "cli_abrt"), "0", "{csv}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompt_mode_keeps_the_connection_until_quit() {
     let ups = Upstream::start_many(&["a", "b"]).await;
     let (a, b) = (&ups[0], &ups[1]);

@@ -56,6 +56,12 @@ pub struct EndpointState {
     /// Requests that got no response from the endpoint (connect failure,
     /// reset, timeout).
     failures: AtomicU64,
+    /// Of those, the ones whose connection could not be opened (`econ`).
+    connect_failures: AtomicU64,
+    /// Response bodies the endpoint cut short (`srv_abrt`), and the ones
+    /// the client went away from before their end (`cli_abrt`).
+    server_aborts: AtomicU64,
+    client_aborts: AtomicU64,
     /// Unix seconds of the last state or weight change.
     last_change: AtomicU64,
     /// Idle keep-alive connections to this endpoint.
@@ -106,6 +112,9 @@ impl Default for EndpointState {
             requests: AtomicU64::new(0),
             responses: Default::default(),
             failures: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            server_aborts: AtomicU64::new(0),
+            client_aborts: AtomicU64::new(0),
             last_change: AtomicU64::new(unix_now()),
             pool: Pool::default(),
             consecutive_failures: AtomicU32::new(0),
@@ -301,6 +310,22 @@ impl EndpointState {
         self.failures.fetch_add(1, Relaxed);
     }
 
+    /// A failure (counted with [`EndpointState::record_failure`]) was a
+    /// connection that could not be opened.
+    pub fn connect_failed(&self) {
+        self.connect_failures.fetch_add(1, Relaxed);
+    }
+
+    /// The endpoint's response body ended before its end.
+    pub fn server_aborted(&self) {
+        self.server_aborts.fetch_add(1, Relaxed);
+    }
+
+    /// The client went away before the response body's end.
+    pub fn client_aborted(&self) {
+        self.client_aborts.fetch_add(1, Relaxed);
+    }
+
     /// The `show stat` figures the admin API does not show.
     pub fn stat_counters(&self) -> EndpointStats {
         let down_since = self.down_since.load(Relaxed);
@@ -321,6 +346,9 @@ impl EndpointState {
             went_down: self.went_down.load(Relaxed),
             down_secs: self.down_secs.load(Relaxed) + down_now,
             check_millis: self.check_millis.load(Relaxed),
+            connect_failures: self.connect_failures.load(Relaxed),
+            server_aborts: self.server_aborts.load(Relaxed),
+            client_aborts: self.client_aborts.load(Relaxed),
         }
     }
 
@@ -341,6 +369,9 @@ impl EndpointState {
             r.store(0, Relaxed);
         }
         self.failures.store(0, Relaxed);
+        self.connect_failures.store(0, Relaxed);
+        self.server_aborts.store(0, Relaxed);
+        self.client_aborts.store(0, Relaxed);
         self.check_failures.store(0, Relaxed);
         self.request_rate.clear();
         self.last_request.store(0, Relaxed);
@@ -422,6 +453,11 @@ pub struct EndpointStats {
     pub went_down: u64,
     pub down_secs: u64,
     pub check_millis: u64,
+    /// Failures to open a connection to it (part of the admin API's
+    /// `failures`).
+    pub connect_failures: u64,
+    pub server_aborts: u64,
+    pub client_aborts: u64,
 }
 
 /// A point-in-time copy of an endpoint's state, for the admin API.

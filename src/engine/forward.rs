@@ -641,7 +641,12 @@ impl ConnContext {
             Outcome::Failed(Failure::Unsent(..)) if next == Next::Resend => {}
             // The client's fault, not the endpoint's.
             Outcome::Failed(Failure::Stalled(_)) => {}
-            Outcome::Failed(_) => self.failed(service, i),
+            Outcome::Failed(failure) => {
+                if let Failure::Refused(_) = failure {
+                    service.endpoints[i].live.connect_failed();
+                }
+                self.failed(service, i)
+            }
         }
     }
 

@@ -209,6 +209,17 @@ impl ProxyBody {
     }
 }
 
+/// A streamed body dropped before its end, its request still counted: the
+/// client went away (or stopped reading for `body_timeout`), HAProxy's
+/// `cli_abrt`. A finished, failed or tunnelled body has no guard left.
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let ProxyBody::Upstream { guard: Some(g), .. } = self {
+            g.endpoint.endpoint().client_aborted();
+        }
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -242,7 +253,9 @@ impl Body for ProxyBody {
                     // tells an HTTP/1.0 client, whose body ends at close.
                     Poll::Ready(Some(Err(_))) => {
                         if let Some(g) = guard.take() {
-                            g.endpoint.endpoint().record_failure();
+                            let live = g.endpoint.endpoint();
+                            live.record_failure();
+                            live.server_aborted();
                             g.conn.abort();
                         }
                     }

@@ -64,12 +64,14 @@ pub async fn serve_connection(
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 endpoint.live.record_failure();
+                endpoint.live.connect_failed();
                 tracing::warn!(endpoint = %endpoint.address, error = %e, "tcp connect failed; trying another endpoint");
                 avoid = Some(pick.index);
                 continue;
             }
             Err(_) => {
                 endpoint.live.record_failure();
+                endpoint.live.connect_failed();
                 tracing::warn!(endpoint = %endpoint.address, "tcp connect timed out; trying another endpoint");
                 avoid = Some(pick.index);
                 continue;

@@ -552,6 +552,9 @@ impl Snapshot {
             let s = e.live.stat_counters();
             traffic.bytes_in += s.bytes_in;
             traffic.bytes_out += s.bytes_out;
+            traffic.connect_failures += s.connect_failures;
+            traffic.client_aborts += s.client_aborts;
+            traffic.server_aborts += s.server_aborts;
             traffic.last_request = traffic.last_request.max(s.last_request);
             add_weighted(&mut rtime, s.response_time);
             add_weighted(&mut ttime, s.total_time);
@@ -586,7 +589,10 @@ impl Snapshot {
             row.set(col!("scur"), c.in_flight);
             row.set(col!("stot"), c.requests);
             traffic_columns(&mut row, &s, self.now);
-            row.set(col!("eresp"), c.failures);
+            row.set(col!("econ"), s.connect_failures);
+            row.set(col!("eresp"), c.failures.saturating_sub(s.connect_failures));
+            row.set(col!("cli_abrt"), s.client_aborts);
+            row.set(col!("srv_abrt"), s.server_aborts);
             row.set(col!("status"), status);
             row.set(col!("weight"), e.weight);
             row.set(col!("act"), u8::from(!e.backup));
@@ -668,7 +674,13 @@ impl Snapshot {
         traffic.response_time = average(rtime);
         traffic.total_time = average(ttime);
         traffic_columns(&mut row, &traffic, self.now);
-        row.set(col!("eresp"), failures);
+        row.set(col!("econ"), traffic.connect_failures);
+        row.set(
+            col!("eresp"),
+            failures.saturating_sub(traffic.connect_failures),
+        );
+        row.set(col!("cli_abrt"), traffic.client_aborts);
+        row.set(col!("srv_abrt"), traffic.server_aborts);
         row.set(
             col!("wretr"),
             svc.settings
