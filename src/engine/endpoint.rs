@@ -481,3 +481,48 @@ pub struct EndpointCounters {
     /// Idle upstream keep-alive connections.
     pub idle_connections: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_stat_figures_count_and_clear() {
+        let e = Arc::new(EndpointState::default());
+        let a = e.start_request();
+        let b = e.start_request();
+        a.answered();
+        drop((a, b));
+        drop(e.start_request());
+        let s = e.stat_counters();
+        assert_eq!(s.max_in_flight, 2);
+        // Three in one second, unless a second began between them.
+        assert!((1..=3).contains(&s.max_request_rate), "{s:?}");
+        assert!(s.last_request.is_some());
+        assert_eq!(
+            s.response_time.map(|(_, n)| n),
+            Some(1),
+            "one head came back"
+        );
+        assert_eq!(s.total_time.map(|(_, n)| n), Some(3));
+
+        // Up to down twice, with a check's time.
+        e.set_healthy(false);
+        e.set_healthy(false);
+        e.set_healthy(true);
+        e.set_healthy(false);
+        e.record_check(false, 0, Duration::from_millis(42));
+        let s = e.stat_counters();
+        assert_eq!((s.went_down, s.check_millis), (2, 42));
+
+        e.clear_max();
+        assert_eq!(e.stat_counters().max_in_flight, 0, "none in flight now");
+        assert_eq!(e.snapshot().requests, 3, "clear_max keeps the totals");
+        e.clear();
+        let s = e.stat_counters();
+        assert_eq!((s.went_down, s.down_secs, s.last_request), (0, 0, None));
+        assert_eq!((s.response_time, s.total_time), (None, None));
+        assert_eq!(e.snapshot().requests, 0);
+        assert!(!e.healthy(), "clearing counters changes no state");
+    }
+}
