@@ -241,7 +241,8 @@ mod tests {
         assert_eq!(s.requests, 4);
         assert_eq!(s.responses, [0, 1, 0, 2, 0, 1]);
         assert_eq!((s.bad_requests, s.bytes_in, s.bytes_out), (1, 10, 20));
-        assert_eq!(s.max_request_rate, 4);
+        // Four in one second, unless a second began between them.
+        assert!((1..=4).contains(&s.max_request_rate), "{s:?}");
         c.clear_max();
         let s = f.snapshot("web");
         assert_eq!((s.max_sessions, s.max_request_rate, s.requests), (1, 0, 4));
