@@ -1038,6 +1038,24 @@ async fn show_stat_tells_connect_errors_and_aborts_apart() {
     // The proxy's 502 and the two 200s (one cut) went to the clients.
     assert_eq!(field(&csv, "web", "FRONTEND", "hrsp_5xx"), "1", "{csv}");
     assert_eq!(field(&csv, "web", "FRONTEND", "hrsp_2xx"), "2", "{csv}");
+    assert_eq!(field(&csv, "web", "FRONTEND", "ereq"), "0", "{csv}");
+
+    // Malformed requests: a head hyper cannot parse, and one that names
+    // two hosts, which the proxy refuses.
+    let (status, _) = exchange(listener, b"NOT HTTP AT ALL\r\n\r\n").await;
+    assert_eq!(status, "400");
+    let two_hosts =
+        "GET /cut HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n";
+    let (status, _) = exchange(listener, two_hosts.as_bytes()).await;
+    assert_eq!(status, "400");
+    let csv = cli(addr, "show stat").await;
+    assert_eq!(field(&csv, "web", "FRONTEND", "ereq"), "2", "{csv}");
+    assert_eq!(field(&csv, "web", "FRONTEND", "hrsp_4xx"), "2", "{csv}");
+    assert_eq!(
+        field(&csv, "cut", "cut1", "stot"),
+        "1",
+        "no refused request went upstream"
+    );
 
     assert_eq!(cli(addr, "clear counters all").await, "\n");
     let csv = cli(addr, "show stat").await;
