@@ -438,6 +438,7 @@ impl Rig {
         };
         let serving = tokio::spawn(self.proxy.clone().serve_connection(
             Arc::from("web"),
+            Arc::default(),
             server,
             peer,
             permit,

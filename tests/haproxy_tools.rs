@@ -515,6 +515,32 @@ async fn the_haproxy_exporter_reads_the_socket_and_stats_csv() {
             Some(1.0),
             "{how}"
         );
+        // The listener's requests and the bytes each server sent back,
+        // as `show stat` counts them.
+        assert_eq!(
+            sample(&m, "haproxy_frontend_http_requests_total{frontend=\"web\"}"),
+            Some(8.0),
+            "{how}:\n{m}"
+        );
+        let csv = rig.cli("show stat").await;
+        for server in ["blue1", "blue2"] {
+            let bout: f64 = stat(&csv, "blue", server, "bout")
+                .parse()
+                .expect("bout is a number");
+            assert!(
+                bout > 0.0 || !seen.contains_key(server),
+                "{server} answered: {csv}"
+            );
+            let series =
+                format!("haproxy_server_bytes_out_total{{backend=\"blue\",server=\"{server}\"}}");
+            assert_eq!(sample(&m, &series), Some(bout), "{how}: {series}\n{m}");
+        }
+        let fe_out: f64 = stat(&csv, "web", "FRONTEND", "bout").parse().expect("bout");
+        assert_eq!(
+            sample(&m, "haproxy_frontend_bytes_out_total{frontend=\"web\"}"),
+            Some(fe_out),
+            "{how}:\n{m}"
+        );
     }
     rig.cli("disable server blue/blue1").await;
     let m = over_http.metrics().await;

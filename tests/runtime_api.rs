@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use support::recorder::{Recorder, Script};
 use support::*;
 
 /// How long one socat call or script step may take.
@@ -751,6 +752,318 @@ async fn read_commands_and_error_answers() {
     assert_eq!(cli(addr, "show backend").await, "# name\nweb\n\n");
 }
 
+// ---------------------------------------------------------------------------
+// Traffic counters
+
+/// The column `name` of the `show stat` row `pxname,svname`, found by the
+/// header's names.
+fn stat_value(csv: &str, pxname: &str, svname: &str, name: &str) -> String {
+    let header = csv.lines().next().unwrap_or_default();
+    let n = header
+        .trim_start_matches("# ")
+        .split(',')
+        .position(|c| c == name)
+        .unwrap_or_else(|| panic!("no column {name} in {header}"));
+    stat_field(csv, pxname, svname, n + 1)
+}
+
+/// One request on its own connection (`Connection: close`), read to the
+/// end: the status and how many bytes the proxy wrote.
+async fn exchange(addr: SocketAddr, request: &[u8]) -> (String, usize) {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .expect("connect to the listener");
+    s.write_all(request).await.expect("send the request");
+    let mut answer = Vec::new();
+    tokio::time::timeout(STEP_DEADLINE, s.read_to_end(&mut answer))
+        .await
+        .expect("the proxy answers and closes in time")
+        .expect("read the answer");
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.split(' ').nth(1).unwrap_or_default().to_string();
+    (status, answer.len())
+}
+
+/// What the upstream answers every request with.
+const UPSTREAM_ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_stat_counts_the_traffic_and_clear_counters_zeroes_it() {
+    let upstream = Recorder::start(|_| Script::Answer(UPSTREAM_ANSWER.to_vec())).await;
+    let up = upstream.addr;
+    let proxy = Proxy::start_with_args(
+        || {
+            format!(
+                r#"[[listeners]]
+name = "web"
+bind = "{}"
+
+[services.api]
+endpoints = [{{ id = "a", address = "{up}" }}]
+
+[routes.api]
+path_prefix = "/api"
+service = "api"
+"#,
+                free_addr()
+            )
+        },
+        &[
+            "--runtime-api",
+            "127.0.0.1:0",
+            "--admin-token",
+            TOKEN,
+            "--threads",
+            "1",
+        ],
+    )
+    .await;
+    let addr = runtime_addr(&proxy);
+    let listener = proxy.listener("web");
+    // Starting, the proxy was probed with connections that sent nothing.
+    let before = cli(addr, "show stat").await;
+    let before = |name| -> usize {
+        let v = stat_value(&before, "web", "FRONTEND", name);
+        v.parse().unwrap_or_else(|_| panic!("{name} is {v:?}"))
+    };
+    let sessions_before = before("stot");
+    assert_eq!((before("req_tot"), before("bin")), (0, 0));
+
+    // Three POSTs with bodies of 100, 200 and 300 bytes reach the
+    // upstream; a GET that no route matches gets the proxy's own 404.
+    let (mut sent, mut read) = (0, 0);
+    for size in [100, 200, 300] {
+        let request = format!(
+            "POST /api/items HTTP/1.1\r\nHost: stats.test\r\nConnection: close\r\n\
+             Content-Length: {size}\r\n\r\n{}",
+            "x".repeat(size)
+        );
+        let (status, n) = exchange(listener, request.as_bytes()).await;
+        assert_eq!(status, "200");
+        sent += request.len();
+        read += n;
+    }
+    let request = "GET /nowhere HTTP/1.1\r\nHost: stats.test\r\nConnection: close\r\n\r\n";
+    let (status, n) = exchange(listener, request.as_bytes()).await;
+    assert_eq!(status, "404");
+    sent += request.len();
+    read += n;
+    let upstream_got: usize = upstream.received().iter().map(Vec::len).sum();
+    assert!(upstream_got > 600, "the bodies reached the upstream");
+
+    let csv = cli(addr, "show stat").await;
+    let fe = |name| stat_value(&csv, "web", "FRONTEND", name);
+    let sv = |name| stat_value(&csv, "api", "a", name);
+    let sessions = (sessions_before + 4).to_string();
+    assert_eq!(fe("stot"), sessions, "one session per connection\n{csv}");
+    assert_eq!(fe("conn_tot"), sessions);
+    assert_eq!(fe("req_tot"), "4", "{csv}");
+    assert_eq!(
+        (fe("hrsp_2xx"), fe("hrsp_4xx"), fe("hrsp_5xx")),
+        ("3".into(), "1".into(), "0".into())
+    );
+    assert_eq!(fe("ereq"), "0");
+    assert_eq!(fe("bin"), sent.to_string(), "bytes read from the clients");
+    assert_eq!(fe("bout"), read.to_string(), "bytes written to the clients");
+    assert!(
+        fe("rate_max").parse::<u64>().expect("rate_max") >= 1,
+        "{csv}"
+    );
+    assert!(
+        fe("req_rate_max").parse::<u64>().expect("req_rate_max") >= 1,
+        "{csv}"
+    );
+    for svname in ["BACKEND", "a"] {
+        let row = |name| stat_value(&csv, "api", svname, name);
+        assert_eq!(row("stot"), "3", "{csv}");
+        assert_eq!(row("hrsp_2xx"), "3");
+        assert_eq!(
+            row("hrsp_4xx"),
+            "0",
+            "the 404 was the proxy's, not the server's"
+        );
+        assert_eq!(
+            row("bin"),
+            upstream_got.to_string(),
+            "request bytes sent upstream"
+        );
+        assert_eq!(
+            row("bout"),
+            (3 * UPSTREAM_ANSWER.len()).to_string(),
+            "response bytes read from the upstream"
+        );
+        assert_eq!(row("smax"), "1", "one request at a time");
+        assert!(
+            row("rate_max").parse::<u64>().expect("rate_max") >= 1,
+            "{csv}"
+        );
+        let last: i64 = row("lastsess").parse().expect("lastsess");
+        assert!((0..60).contains(&last), "{csv}");
+        assert!(
+            row("rtime").parse::<u64>().is_ok() && row("ttime").parse::<u64>().is_ok(),
+            "{csv}"
+        );
+    }
+    assert_eq!((sv("act"), sv("bck")), ("1".into(), "0".into()));
+
+    // The maxima start again; the totals stay.
+    assert_eq!(cli(addr, "clear counters").await, "\n");
+    let csv = cli(addr, "show stat").await;
+    assert_eq!(
+        stat_value(&csv, "web", "FRONTEND", "rate_max"),
+        "0",
+        "{csv}"
+    );
+    assert_eq!(stat_value(&csv, "web", "FRONTEND", "req_rate_max"), "0");
+    assert_eq!(stat_value(&csv, "api", "a", "rate_max"), "0");
+    assert_eq!(stat_value(&csv, "web", "FRONTEND", "req_tot"), "4");
+    assert_eq!(
+        stat_value(&csv, "api", "a", "bout"),
+        (3 * UPSTREAM_ANSWER.len()).to_string()
+    );
+
+    // Every counter starts from zero, as after a restart.
+    assert_eq!(cli(addr, "clear counters all").await, "\n");
+    let csv = cli(addr, "show stat").await;
+    for (px, sv) in [("web", "FRONTEND"), ("api", "BACKEND"), ("api", "a")] {
+        for name in ["stot", "bin", "bout", "hrsp_2xx", "hrsp_4xx"] {
+            assert_eq!(
+                stat_value(&csv, px, sv, name),
+                "0",
+                "{px}/{sv} {name}\n{csv}"
+            );
+        }
+    }
+    assert_eq!(stat_value(&csv, "web", "FRONTEND", "req_tot"), "0");
+    assert_eq!(stat_value(&csv, "api", "a", "lastsess"), "-1", "{csv}");
+
+    // Counting goes on from there.
+    let (status, _) = exchange(listener, request.as_bytes()).await;
+    assert_eq!(status, "404");
+    let csv = cli(addr, "show stat").await;
+    assert_eq!(
+        stat_value(&csv, "web", "FRONTEND", "hrsp_4xx"),
+        "1",
+        "{csv}"
+    );
+    assert_eq!(
+        stat_value(&csv, "web", "FRONTEND", "bin"),
+        request.len().to_string()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_stat_tells_connect_errors_and_aborts_apart() {
+    // Nothing listens at `dead`; `cut` closes halfway through its body;
+    // `flood` sends a body the client stops reading.
+    let dead = free_addr();
+    let cut = Recorder::start(|_| {
+        Script::AnswerClose(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..".to_vec())
+    })
+    .await;
+    let flood = Recorder::start(|_| {
+        Script::Flood(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n".to_vec())
+    })
+    .await;
+    let (cut_addr, flood_addr) = (cut.addr, flood.addr);
+    let proxy = Proxy::start_with_args(
+        || {
+            let mut c = format!(
+                "[[listeners]]\nname = \"web\"\nbind = \"{}\"\n",
+                free_addr()
+            );
+            for (name, addr) in [("dead", dead), ("cut", cut_addr), ("flood", flood_addr)] {
+                c += &format!(
+                    "\n[services.{name}]\nendpoints = [{{ id = \"{name}1\", address = \"{addr}\" }}]\n\
+                     \n[routes.{name}]\npath_prefix = \"/{name}\"\nservice = \"{name}\"\n"
+                );
+            }
+            c
+        },
+        &[
+            "--runtime-api",
+            "127.0.0.1:0",
+            "--admin-token",
+            TOKEN,
+            "--threads",
+            "1",
+        ],
+    )
+    .await;
+    let addr = runtime_addr(&proxy);
+    let listener = proxy.listener("web");
+    let get = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: stats.test\r\nConnection: close\r\n\r\n")
+    };
+
+    let (status, _) = exchange(listener, get("/dead").as_bytes()).await;
+    assert_eq!(status, "502");
+    // The answer's head and its first ten bytes arrive, then the end is
+    // cut (the proxy resets the client's connection).
+    let mut s = TcpStream::connect(listener).await.expect("connect");
+    s.write_all(get("/cut").as_bytes()).await.expect("send");
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(STEP_DEADLINE, s.read_to_end(&mut sink)).await;
+    // The client reads a little of an endless body, then goes away.
+    let mut s = TcpStream::connect(listener).await.expect("connect");
+    s.write_all(get("/flood").as_bytes()).await.expect("send");
+    let mut some = [0u8; 4096];
+    let n = s.read(&mut some).await.expect("read the answer's start");
+    assert!(n > 0);
+    drop(s);
+
+    let field = |csv: &str, px: &str, sv: &str, name: &str| stat_value(csv, px, sv, name);
+    wait_for(STEP_DEADLINE, "the client's abort is counted", || async {
+        field(&cli(addr, "show stat").await, "flood", "flood1", "cli_abrt") == "1"
+    })
+    .await;
+    let csv = cli(addr, "show stat").await;
+    for sv in ["dead1", "BACKEND"] {
+        let tries: u64 = field(&csv, "dead", sv, "econ").parse().expect("econ");
+        assert!(tries >= 1, "every try's connect failed:\n{csv}");
+        assert_eq!(field(&csv, "dead", sv, "eresp"), "0", "{csv}");
+    }
+    for sv in ["cut1", "BACKEND"] {
+        assert_eq!(field(&csv, "cut", sv, "srv_abrt"), "1", "{csv}");
+        assert_eq!(
+            field(&csv, "cut", sv, "eresp"),
+            "1",
+            "an abort is a response error"
+        );
+        assert_eq!(field(&csv, "cut", sv, "cli_abrt"), "0");
+        assert_eq!(field(&csv, "cut", sv, "econ"), "0");
+    }
+    assert_eq!(field(&csv, "flood", "BACKEND", "cli_abrt"), "1", "{csv}");
+    assert_eq!(field(&csv, "flood", "flood1", "srv_abrt"), "0", "{csv}");
+    // The proxy's 502 and the two 200s (one cut) went to the clients.
+    assert_eq!(field(&csv, "web", "FRONTEND", "hrsp_5xx"), "1", "{csv}");
+    assert_eq!(field(&csv, "web", "FRONTEND", "hrsp_2xx"), "2", "{csv}");
+    assert_eq!(field(&csv, "web", "FRONTEND", "ereq"), "0", "{csv}");
+
+    // Malformed requests: a head hyper cannot parse, and one that names
+    // two hosts, which the proxy refuses.
+    let (status, _) = exchange(listener, b"NOT HTTP AT ALL\r\n\r\n").await;
+    assert_eq!(status, "400");
+    let two_hosts =
+        "GET /cut HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n";
+    let (status, _) = exchange(listener, two_hosts.as_bytes()).await;
+    assert_eq!(status, "400");
+    let csv = cli(addr, "show stat").await;
+    assert_eq!(field(&csv, "web", "FRONTEND", "ereq"), "2", "{csv}");
+    assert_eq!(field(&csv, "web", "FRONTEND", "hrsp_4xx"), "2", "{csv}");
+    assert_eq!(
+        field(&csv, "cut", "cut1", "stot"),
+        "1",
+        "no refused request went upstream"
+    );
+
+    assert_eq!(cli(addr, "clear counters all").await, "\n");
+    let csv = cli(addr, "show stat").await;
+    assert_eq!(field(&csv, "dead", "dead1", "econ"), "0", "{csv}");
+    assert_eq!(field(&csv, "cut", "cut1", "srv_abrt"), "0", "{csv}");
+    assert_eq!(field(&csv, "flood", "flood1", "cli_abrt"), "0", "{csv}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompt_mode_keeps_the_connection_until_quit() {
     let ups = Upstream::start_many(&["a", "b"]).await;
@@ -785,7 +1098,7 @@ async fn prompt_mode_keeps_the_connection_until_quit() {
         .expect("send");
     let out = read_until(&mut s, "\n\n> ").await;
     assert!(out.starts_with("1 (initial 1)\n\n> # pxname,"), "{out}");
-    assert!(out.contains("\nweb,b,0,0,0,,,0,"), "{out}");
+    assert!(out.contains("\nweb,b,0,0,0,0,,0,"), "{out}");
     assert!(out.contains(",MAINT,"), "{out}");
     s.write_all(b"quit\n").await.expect("send");
     let mut rest = Vec::new();

@@ -118,8 +118,9 @@ async fn check_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let started = std::time::Instant::now();
         let (passed, status, detail) = probe(&address, &spec).await;
-        live.record_check(passed, status);
+        live.record_check(passed, status, started.elapsed());
         if let Some(now_up) = rise_fall.record(passed, live.healthy()) {
             live.set_healthy(now_up);
             if now_up {
@@ -158,7 +159,7 @@ async fn probe(address: &Address, spec: &CheckSpec) -> (bool, u16, String) {
     // Through the engine's upstream connector rather than a client of its
     // own: the check reaches the endpoint the way requests do.
     let attempt = async {
-        let mut sender = pool::connect(address, spec.timeout)
+        let mut sender = pool::connect(address, spec.timeout, None)
             .await
             .map_err(|e| e.to_string())?
             .sender;

@@ -37,6 +37,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::frontend::FrontendCounters;
+
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
@@ -307,21 +309,24 @@ impl Drop for ConnActive {
     }
 }
 
-/// A client stream that records its activity. Bytes already read from it
-/// (by protocol detection, or left in a parked connection's buffer) are
-/// given back first.
+/// A client stream that records its activity, and counts its bytes in its
+/// listener's `bin` and `bout`. Bytes already read from it (by protocol
+/// detection, or left in a parked connection's buffer) are given back
+/// first, and counted once, when the socket gave them.
 pub struct ActivityIo<T> {
     inner: T,
     activity: Arc<ConnActivity>,
     unread: Bytes,
+    frontend: Arc<FrontendCounters>,
 }
 
 impl<T> ActivityIo<T> {
-    pub fn new(inner: T, activity: Arc<ConnActivity>) -> Self {
+    pub fn new(inner: T, activity: Arc<ConnActivity>, frontend: Arc<FrontendCounters>) -> Self {
         ActivityIo {
             inner,
             activity,
             unread: Bytes::new(),
+            frontend,
         }
     }
 
@@ -355,8 +360,9 @@ impl ActivityIo<TcpStream> {
         let socket = socket2::SockRef::from(&self.inner);
         let r = (&*socket).read(&mut buf[start..]);
         buf.truncate(start + r.as_ref().map_or(0, |n| *n));
-        if matches!(r, Ok(n) if n > 0) {
+        if let Ok(n @ 1..) = r {
             self.activity.read_some();
+            self.frontend.received(n);
         }
         r
     }
@@ -366,6 +372,7 @@ impl ActivityIo<TcpStream> {
         let n = self.inner.try_read_buf(buf)?;
         if n > 0 {
             self.activity.read_some();
+            self.frontend.received(n);
         }
         Ok(n)
     }
@@ -388,6 +395,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             this.activity.read_some();
+            this.frontend.received(buf.filled().len() - before);
         }
         r
     }
@@ -402,6 +410,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         this.activity.wrote(&r);
+        if let Poll::Ready(Ok(n)) = r {
+            this.frontend.sent(n);
+        }
         r
     }
 
@@ -413,6 +424,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.activity.wrote(&r);
+        if let Poll::Ready(Ok(n)) = r {
+            this.frontend.sent(n);
+        }
         r
     }
 

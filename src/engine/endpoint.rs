@@ -5,10 +5,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::engine::conn::now_ms;
-use crate::engine::pool::Pool;
+use crate::engine::latency::RecentAverage;
+use crate::engine::pool::{Pool, Traffic};
+use crate::engine::rate::{raise_max, EventRate};
 
 use pointsman_discovery::admin_api::CheckView;
 use pointsman_discovery::AdminState;
@@ -54,6 +56,12 @@ pub struct EndpointState {
     /// Requests that got no response from the endpoint (connect failure,
     /// reset, timeout).
     failures: AtomicU64,
+    /// Of those, the ones whose connection could not be opened (`econ`).
+    connect_failures: AtomicU64,
+    /// Response bodies the endpoint cut short (`srv_abrt`), and the ones
+    /// the client went away from before their end (`cli_abrt`).
+    server_aborts: AtomicU64,
+    client_aborts: AtomicU64,
     /// Unix seconds of the last state or weight change.
     last_change: AtomicU64,
     /// Idle keep-alive connections to this endpoint.
@@ -72,6 +80,26 @@ pub struct EndpointState {
     check_time: AtomicU64,
     /// Active checks that failed, since start.
     check_failures: AtomicU64,
+    /// How long the last active check took, in milliseconds.
+    check_millis: AtomicU64,
+    /// The most requests in flight at once (`smax`).
+    max_in_flight: AtomicU32,
+    /// Requests started per second (`rate`).
+    request_rate: EventRate,
+    /// Unix seconds of the last request started; 0 if none.
+    last_request: AtomicU64,
+    /// Bytes of requests sent to it and of responses read from it.
+    pub traffic: Arc<Traffic>,
+    /// From a request's pick to its response head, and to the end of its
+    /// response body (`rtime`, `ttime`).
+    response_time: RecentAverage,
+    total_time: RecentAverage,
+    /// Times an active check took it from up to down (`chkdown`).
+    went_down: AtomicU64,
+    /// Seconds it was down before its current state began (`downtime`),
+    /// and since when (unix seconds) it is down; 0 while up.
+    down_secs: AtomicU64,
+    down_since: AtomicU64,
 }
 
 impl Default for EndpointState {
@@ -84,6 +112,9 @@ impl Default for EndpointState {
             requests: AtomicU64::new(0),
             responses: Default::default(),
             failures: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            server_aborts: AtomicU64::new(0),
+            client_aborts: AtomicU64::new(0),
             last_change: AtomicU64::new(unix_now()),
             pool: Pool::default(),
             consecutive_failures: AtomicU32::new(0),
@@ -93,6 +124,16 @@ impl Default for EndpointState {
             check_status: AtomicU32::new(0),
             check_time: AtomicU64::new(0),
             check_failures: AtomicU64::new(0),
+            check_millis: AtomicU64::new(0),
+            max_in_flight: AtomicU32::new(0),
+            request_rate: EventRate::default(),
+            last_request: AtomicU64::new(0),
+            traffic: Arc::default(),
+            response_time: RecentAverage::default(),
+            total_time: RecentAverage::default(),
+            went_down: AtomicU64::new(0),
+            down_secs: AtomicU64::new(0),
+            down_since: AtomicU64::new(0),
         }
     }
 }
@@ -149,9 +190,21 @@ impl EndpointState {
         self.healthy.load(Relaxed)
     }
 
+    /// Sets what the active checks say; a change from up to down counts
+    /// in `chkdown`, and the time down in `downtime`.
     pub fn set_healthy(&self, up: bool) {
         if self.healthy.swap(up, Relaxed) != up {
-            self.last_change.store(unix_now(), Relaxed);
+            let now = unix_now();
+            self.last_change.store(now, Relaxed);
+            if up {
+                let since = self.down_since.swap(0, Relaxed);
+                if since != 0 {
+                    self.down_secs.fetch_add(now.saturating_sub(since), Relaxed);
+                }
+            } else {
+                self.went_down.fetch_add(1, Relaxed);
+                self.down_since.store(now.max(1), Relaxed);
+            }
         }
     }
 
@@ -211,11 +264,13 @@ impl EndpointState {
         self.check_result.load(Relaxed) != 0
     }
 
-    /// Records an active check's result.
-    pub fn record_check(&self, passed: bool, status: u16) {
+    /// Records an active check's result and how long it took.
+    pub fn record_check(&self, passed: bool, status: u16, took: Duration) {
         self.check_result.store(if passed { 1 } else { 2 }, Relaxed);
         self.check_status.store(u32::from(status), Relaxed);
         self.check_time.store(unix_now(), Relaxed);
+        self.check_millis
+            .store(u64::try_from(took.as_millis()).unwrap_or(u64::MAX), Relaxed);
         if !passed {
             self.check_failures.fetch_add(1, Relaxed);
         }
@@ -232,9 +287,18 @@ impl EndpointState {
 
     /// Counts a request as started; the guard ends it when dropped.
     pub fn start_request(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Relaxed);
+        let now = self.in_flight.fetch_add(1, Relaxed) + 1;
+        raise_max(&self.max_in_flight, now);
         self.requests.fetch_add(1, Relaxed);
-        InFlight(self.clone())
+        self.request_rate.add();
+        let second = unix_now();
+        if self.last_request.load(Relaxed) != second {
+            self.last_request.store(second, Relaxed);
+        }
+        InFlight {
+            live: self.clone(),
+            started: Instant::now(),
+        }
     }
 
     pub fn record_status(&self, status: u16) {
@@ -244,6 +308,81 @@ impl EndpointState {
 
     pub fn record_failure(&self) {
         self.failures.fetch_add(1, Relaxed);
+    }
+
+    /// A failure (counted with [`EndpointState::record_failure`]) was a
+    /// connection that could not be opened.
+    pub fn connect_failed(&self) {
+        self.connect_failures.fetch_add(1, Relaxed);
+    }
+
+    /// The endpoint's response body ended before its end.
+    pub fn server_aborted(&self) {
+        self.server_aborts.fetch_add(1, Relaxed);
+    }
+
+    /// The client went away before the response body's end.
+    pub fn client_aborted(&self) {
+        self.client_aborts.fetch_add(1, Relaxed);
+    }
+
+    /// The `show stat` figures the admin API does not show.
+    pub fn stat_counters(&self) -> EndpointStats {
+        let down_since = self.down_since.load(Relaxed);
+        let down_now = if down_since == 0 {
+            0
+        } else {
+            unix_now().saturating_sub(down_since)
+        };
+        EndpointStats {
+            max_in_flight: self.max_in_flight.load(Relaxed),
+            request_rate: self.request_rate.per_second(),
+            max_request_rate: self.request_rate.max(),
+            last_request: Some(self.last_request.load(Relaxed)).filter(|t| *t != 0),
+            bytes_in: self.traffic.sent(),
+            bytes_out: self.traffic.received(),
+            response_time: self.response_time.millis(),
+            total_time: self.total_time.millis(),
+            went_down: self.went_down.load(Relaxed),
+            down_secs: self.down_secs.load(Relaxed) + down_now,
+            check_millis: self.check_millis.load(Relaxed),
+            connect_failures: self.connect_failures.load(Relaxed),
+            server_aborts: self.server_aborts.load(Relaxed),
+            client_aborts: self.client_aborts.load(Relaxed),
+        }
+    }
+
+    /// `clear counters`: the maxima start again from now.
+    pub fn clear_max(&self) {
+        self.max_in_flight
+            .store(self.in_flight.load(Relaxed), Relaxed);
+        self.request_rate.clear_max();
+    }
+
+    /// `clear counters all`: every counter starts from zero, as after a
+    /// restart; gauges (in flight, state, health) and the ejection count
+    /// that lengthens the next ejection stay.
+    pub fn clear(&self) {
+        self.clear_max();
+        self.requests.store(0, Relaxed);
+        for r in &self.responses {
+            r.store(0, Relaxed);
+        }
+        self.failures.store(0, Relaxed);
+        self.connect_failures.store(0, Relaxed);
+        self.server_aborts.store(0, Relaxed);
+        self.client_aborts.store(0, Relaxed);
+        self.check_failures.store(0, Relaxed);
+        self.request_rate.clear();
+        self.last_request.store(0, Relaxed);
+        self.traffic.clear();
+        self.response_time.clear();
+        self.total_time.clear();
+        self.went_down.store(0, Relaxed);
+        self.down_secs.store(0, Relaxed);
+        if self.down_since.load(Relaxed) != 0 {
+            self.down_since.store(unix_now().max(1), Relaxed);
+        }
     }
 
     pub fn snapshot(&self) -> EndpointCounters {
@@ -271,20 +410,54 @@ impl EndpointState {
     }
 }
 
-/// A request in flight to an endpoint; dropping it ends the request.
+/// A request in flight to an endpoint; dropping it ends the request (and
+/// counts its time in `ttime`).
 #[derive(Debug)]
-pub struct InFlight(Arc<EndpointState>);
+pub struct InFlight {
+    live: Arc<EndpointState>,
+    started: Instant,
+}
 
 impl InFlight {
     pub fn endpoint(&self) -> &EndpointState {
-        &self.0
+        &self.live
+    }
+
+    /// The endpoint's response head arrived: its time counts in `rtime`.
+    pub fn answered(&self) {
+        self.live.response_time.add(self.started.elapsed());
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
+        self.live.total_time.add(self.started.elapsed());
+        self.live.in_flight.fetch_sub(1, Relaxed);
     }
+}
+
+/// What `show stat` shows of an endpoint beyond [`EndpointCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    pub max_in_flight: u32,
+    pub request_rate: u64,
+    pub max_request_rate: u32,
+    /// Unix seconds of the last request started.
+    pub last_request: Option<u64>,
+    /// Request bytes sent to it, response bytes read from it.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Average milliseconds and the requests averaged (at most 1024).
+    pub response_time: Option<(u64, u64)>,
+    pub total_time: Option<(u64, u64)>,
+    pub went_down: u64,
+    pub down_secs: u64,
+    pub check_millis: u64,
+    /// Failures to open a connection to it (part of the admin API's
+    /// `failures`).
+    pub connect_failures: u64,
+    pub server_aborts: u64,
+    pub client_aborts: u64,
 }
 
 /// A point-in-time copy of an endpoint's state, for the admin API.
@@ -307,4 +480,49 @@ pub struct EndpointCounters {
     pub check: Option<CheckView>,
     /// Idle upstream keep-alive connections.
     pub idle_connections: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_stat_figures_count_and_clear() {
+        let e = Arc::new(EndpointState::default());
+        let a = e.start_request();
+        let b = e.start_request();
+        a.answered();
+        drop((a, b));
+        drop(e.start_request());
+        let s = e.stat_counters();
+        assert_eq!(s.max_in_flight, 2);
+        // Three in one second, unless a second began between them.
+        assert!((1..=3).contains(&s.max_request_rate), "{s:?}");
+        assert!(s.last_request.is_some());
+        assert_eq!(
+            s.response_time.map(|(_, n)| n),
+            Some(1),
+            "one head came back"
+        );
+        assert_eq!(s.total_time.map(|(_, n)| n), Some(3));
+
+        // Up to down twice, with a check's time.
+        e.set_healthy(false);
+        e.set_healthy(false);
+        e.set_healthy(true);
+        e.set_healthy(false);
+        e.record_check(false, 0, Duration::from_millis(42));
+        let s = e.stat_counters();
+        assert_eq!((s.went_down, s.check_millis), (2, 42));
+
+        e.clear_max();
+        assert_eq!(e.stat_counters().max_in_flight, 0, "none in flight now");
+        assert_eq!(e.snapshot().requests, 3, "clear_max keeps the totals");
+        e.clear();
+        let s = e.stat_counters();
+        assert_eq!((s.went_down, s.down_secs, s.last_request), (0, 0, None));
+        assert_eq!((s.response_time, s.total_time), (None, None));
+        assert_eq!(e.snapshot().requests, 0);
+        assert!(!e.healthy(), "clearing counters changes no state");
+    }
 }

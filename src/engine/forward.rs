@@ -253,6 +253,9 @@ impl ConnContext {
                     _ => tracing::debug!(peer = %self.peer, error = %e, "request refused"),
                 }
                 let mut resp = e.response();
+                if let ProxyError::BadRequest(_) = e {
+                    self.frontend.bad_request();
+                }
                 if matches!(
                     e,
                     ProxyError::ClientTimeout(_)
@@ -271,6 +274,7 @@ impl ConnContext {
             }
         };
         self.activity.mark_response(version, &mut resp);
+        self.frontend.answered(resp.status().as_u16());
         resp
     }
 
@@ -592,7 +596,13 @@ impl ConnContext {
             .await
         {
             Some(s) => s,
-            None => match pool::connect(&endpoint.address, settings.connect_timeout).await {
+            None => match pool::connect(
+                &endpoint.address,
+                settings.connect_timeout,
+                Some(&endpoint.live.traffic),
+            )
+            .await
+            {
                 Ok(s) => s,
                 Err(e) => return Ok(Outcome::Failed(Failure::Refused(e))),
             },
@@ -641,6 +651,7 @@ impl ConnContext {
     fn record_attempt(&self, service: &Service, i: usize, outcome: &Outcome, next: Next) {
         match outcome {
             Outcome::Answered(answer) => {
+                answer.in_flight.answered();
                 let live = &service.endpoints[i].live;
                 let status = answer.resp.status();
                 live.record_status(status.as_u16());
@@ -653,7 +664,12 @@ impl ConnContext {
             Outcome::Failed(Failure::Unsent(..)) if next == Next::Resend => {}
             // The client's fault, not the endpoint's.
             Outcome::Failed(Failure::Stalled(_)) => {}
-            Outcome::Failed(_) => self.failed(service, i),
+            Outcome::Failed(failure) => {
+                if let Failure::Refused(_) = failure {
+                    service.endpoints[i].live.connect_failed();
+                }
+                self.failed(service, i)
+            }
         }
     }
 

@@ -21,6 +21,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{ActivityIo, ConnActivity, Expired, CLIENT_CONNS, PARK_AFTER};
+use super::frontend::FrontendCounters;
 use super::path::PathNormalization;
 use super::{ClientLimits, ProxyBody, SharedLimits};
 use crate::engine::table::SharedTable;
@@ -44,6 +45,8 @@ pub(super) struct ConnContext {
     pub(super) access_log: bool,
     /// The longest wait for the next piece of a request body.
     pub(super) body_timeout: Duration,
+    /// The listener's counters: every answer counts there.
+    pub(super) frontend: Arc<FrontendCounters>,
 }
 
 impl HttpProxy {
@@ -52,15 +55,18 @@ impl HttpProxy {
     /// from HTTP/1 by its first bytes. An HTTP/1 connection that idles for
     /// [`PARK_AFTER`] drops hyper's state (its buffers) and waits for its
     /// next request holding none; hyper takes over again when it sends.
+    #[allow(clippy::too_many_arguments)]
     pub async fn serve_connection(
         self: Arc<Self>,
         listener: Arc<str>,
+        frontend: Arc<FrontendCounters>,
         stream: TcpStream,
         peer: SocketAddr,
         permit: OwnedSemaphorePermit,
         shutdown: CancellationToken,
     ) {
         let _open = CLIENT_CONNS.opened();
+        let _session = frontend.open_session();
         let limits = self.limits.load_full();
         let activity = ConnActivity::new();
         let ctx = Arc::new(ConnContext {
@@ -72,17 +78,19 @@ impl HttpProxy {
             path_normalization: limits.path_normalization,
             access_log: limits.access_log,
             body_timeout: limits.body_timeout,
+            frontend: frontend.clone(),
         });
         let svc = service_fn(move |req| {
             let ctx = ctx.clone();
             async move { Ok::<_, Infallible>(ctx.handle(req).await) }
         });
-        let mut io = ActivityIo::new(stream, activity.clone());
+        let mut io = ActivityIo::new(stream, activity.clone(), frontend.clone());
         let mut client = ClientConn {
             activity,
             limits,
             shutdown,
             peer,
+            frontend,
         };
         match client.detect(&mut io).await {
             Some(Protocol::Http2) => client.serve_h2(io, svc).await,
@@ -126,6 +134,7 @@ struct ClientConn {
     limits: Arc<ClientLimits>,
     shutdown: CancellationToken,
     peer: SocketAddr,
+    frontend: Arc<FrontendCounters>,
 }
 
 /// Why a connection's wait ended.
@@ -262,6 +271,16 @@ impl ClientConn {
                 result = &mut *conn => {
                     if let Err(e) = result {
                         tracing::debug!(peer = %self.peer, error = %e, "client connection ended with an error");
+                        // hyper answered a head it could not parse itself
+                        // (431 when too large, else 400), before any
+                        // request reached the proxy: count it here.
+                        if e.is_parse_too_large() {
+                            self.frontend.bad_request();
+                            self.frontend.answered(431);
+                        } else if e.is_parse() {
+                            self.frontend.bad_request();
+                            self.frontend.answered(400);
+                        }
                     }
                     if self.activity.aborted() {
                         // A response was cut short: reset (RST), so that

@@ -47,3 +47,70 @@ impl LatencyHistogram {
         (counts, self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6)
     }
 }
+
+/// How many of the latest requests [`RecentAverage`] averages over.
+pub const RECENT: u64 = 1024;
+
+/// The average of the last [`RECENT`] durations, for `show stat`'s `rtime`
+/// and `ttime`: the exact mean until that many were added, then HAProxy's
+/// sliding average (each new one replaces 1/1024 of the sum). Two relaxed
+/// atomics and no lock; two requests ending at once may skew it by one
+/// sample, which an average shrugs off.
+#[derive(Debug, Default)]
+pub struct RecentAverage {
+    /// Durations added, since start or the last clear.
+    count: AtomicU64,
+    /// Sum of the last `min(count, RECENT)` durations, in microseconds.
+    sum_micros: AtomicU64,
+}
+
+impl RecentAverage {
+    pub fn add(&self, d: Duration) {
+        let v = u64::try_from(d.as_micros()).unwrap_or(u64::MAX / RECENT);
+        let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= RECENT {
+            self.sum_micros.fetch_add(v, Ordering::Relaxed);
+            return;
+        }
+        let _ = self
+            .sum_micros
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |sum| {
+                Some(sum - sum / RECENT + v)
+            });
+    }
+
+    /// The average in milliseconds and how many durations it is made of
+    /// (at most [`RECENT`]); `None` before the first.
+    pub fn millis(&self) -> Option<(u64, u64)> {
+        let n = self.count.load(Ordering::Relaxed).min(RECENT);
+        (n > 0).then(|| (self.sum_micros.load(Ordering::Relaxed) / n / 1000, n))
+    }
+
+    /// `clear counters all`.
+    pub fn clear(&self) {
+        self.count.store(0, Ordering::Relaxed);
+        self.sum_micros.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_recent_average_is_exact_then_slides() {
+        let a = RecentAverage::default();
+        assert_eq!(a.millis(), None);
+        a.add(Duration::from_millis(10));
+        a.add(Duration::from_millis(30));
+        assert_eq!(a.millis(), Some((20, 2)));
+        for _ in 0..RECENT * 20 {
+            a.add(Duration::from_millis(100));
+        }
+        let (ms, n) = a.millis().expect("samples");
+        assert_eq!(n, RECENT);
+        assert!((99..=100).contains(&ms), "slid to the new durations: {ms}");
+        a.clear();
+        assert_eq!(a.millis(), None);
+    }
+}

@@ -8,7 +8,8 @@
 //! the cookie that binds a client to an endpoint), [`endpoint`] (step 3:
 //! live per-endpoint state), [`http`] and [`conn`] (serving client
 //! connections), [`forward`] (the request's phases), [`pool`] (upstream
-//! connections), [`tcp`] (whole connections). This file holds the vocabulary
+//! connections), [`tcp`] (whole connections); [`frontend`] counts each
+//! listener's traffic for `show stat`. This file holds the vocabulary
 //! they share: [`ProxyError`], [`ProxyBody`], [`ClientLimits`].
 
 pub mod balance;
@@ -16,11 +17,13 @@ pub mod body;
 pub mod conn;
 pub mod endpoint;
 pub mod forward;
+pub mod frontend;
 pub mod http;
 pub mod latency;
 pub mod path;
 pub mod pool;
 pub mod quiet;
+pub mod rate;
 pub mod spread;
 pub mod sticky;
 pub mod table;
@@ -160,9 +163,12 @@ pub struct ServiceActive(Arc<ServiceState>);
 
 impl ServiceActive {
     pub fn start(state: &Arc<ServiceState>) -> Self {
-        state
+        let now = state
             .active
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        rate::raise_max(&state.max_active, now);
+        state.request_rate.add();
         ServiceActive(state.clone())
     }
 }
@@ -208,6 +214,17 @@ impl ProxyBody {
     }
 }
 
+/// A streamed body dropped before its end, its request still counted: the
+/// client went away (or stopped reading for `body_timeout`), HAProxy's
+/// `cli_abrt`. A finished, failed or tunnelled body has no guard left.
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let ProxyBody::Upstream { guard: Some(g), .. } = self {
+            g.endpoint.endpoint().client_aborted();
+        }
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -241,7 +258,9 @@ impl Body for ProxyBody {
                     // tells an HTTP/1.0 client, whose body ends at close.
                     Poll::Ready(Some(Err(_))) => {
                         if let Some(g) = guard.take() {
-                            g.endpoint.endpoint().record_failure();
+                            let live = g.endpoint.endpoint();
+                            live.record_failure();
+                            live.server_aborted();
                             g.conn.abort();
                         }
                     }

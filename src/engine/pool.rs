@@ -210,8 +210,42 @@ impl Shard {
     }
 }
 
-/// Opens a new HTTP/1.1 connection to `address`.
-pub async fn connect(address: &Address, timeout: Duration) -> Result<Conn, ConnectError> {
+/// Bytes an endpoint's connections moved, all of them together: what the
+/// proxy sent (requests) and read (responses).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl Traffic {
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Relaxed)
+    }
+
+    pub fn received(&self) -> u64 {
+        self.received.load(Relaxed)
+    }
+
+    /// Counts bytes moved outside a pooled connection (a TCP session).
+    pub fn add(&self, sent: u64, received: u64) {
+        self.sent.fetch_add(sent, Relaxed);
+        self.received.fetch_add(received, Relaxed);
+    }
+
+    pub fn clear(&self) {
+        self.sent.store(0, Relaxed);
+        self.received.store(0, Relaxed);
+    }
+}
+
+/// Opens a new HTTP/1.1 connection to `address`; its bytes count in
+/// `traffic` when given (a health check's do not).
+pub async fn connect(
+    address: &Address,
+    timeout: Duration,
+    traffic: Option<&Arc<Traffic>>,
+) -> Result<Conn, ConnectError> {
     let stream = tokio::time::timeout(
         timeout,
         TcpStream::connect((address.host(), address.port())),
@@ -223,6 +257,7 @@ pub async fn connect(address: &Address, timeout: Duration) -> Result<Conn, Conne
     let io = CountingIo {
         inner: stream,
         written: written.clone(),
+        traffic: traffic.cloned(),
     };
     let (sender, conn) = http1::Builder::new()
         .handshake::<_, UpstreamBody>(TokioIo::new(io))
@@ -235,16 +270,21 @@ pub async fn connect(address: &Address, timeout: Duration) -> Result<Conn, Conne
     Ok(Conn { sender, written })
 }
 
-/// An upstream socket that counts the bytes it took.
+/// An upstream socket that counts the bytes it took, and the bytes both
+/// ways in its endpoint's [`Traffic`].
 struct CountingIo {
     inner: TcpStream,
     written: Arc<AtomicU64>,
+    traffic: Option<Arc<Traffic>>,
 }
 
 impl CountingIo {
     fn count(&self, r: &Poll<std::io::Result<usize>>) {
         if let Poll::Ready(Ok(n)) = r {
             self.written.fetch_add(*n as u64, Relaxed);
+            if let Some(t) = &self.traffic {
+                t.sent.fetch_add(*n as u64, Relaxed);
+            }
         }
     }
 }
@@ -255,7 +295,16 @@ impl AsyncRead for CountingIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Some(t) = &this.traffic {
+            let n = buf.filled().len() - before;
+            if n > 0 {
+                t.received.fetch_add(n as u64, Relaxed);
+            }
+        }
+        r
     }
 }
 

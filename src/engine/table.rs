@@ -94,8 +94,11 @@ pub struct RetryPolicy {
 /// Service-wide live counters (carried across rebuilds).
 #[derive(Debug, Default)]
 pub struct ServiceState {
-    /// Requests in flight to the service.
+    /// Requests in flight to the service, the most at once (`smax`), and
+    /// how many start per second (`rate`).
     pub active: AtomicU32,
+    pub max_active: AtomicU32,
+    pub request_rate: crate::engine::rate::EventRate,
     /// Retries in flight.
     pub retrying: AtomicU32,
     /// Retries done, for the admin API and metrics.
@@ -119,6 +122,20 @@ pub struct ServiceState {
 }
 
 impl ServiceState {
+    /// `clear counters`: the maxima start again from now.
+    pub fn clear_max(&self) {
+        self.max_active.store(self.active.load(Relaxed), Relaxed);
+        self.request_rate.clear_max();
+    }
+
+    /// `clear counters all`: every counter starts from zero; the ejection
+    /// and latency figures `/metrics` reads stay, as do the gauges.
+    pub fn clear(&self) {
+        self.clear_max();
+        self.request_rate.clear();
+        self.retries.store(0, Relaxed);
+    }
+
     /// Starts a retry if the budget allows one.
     pub fn try_retry(self: &Arc<Self>, budget_percent: u32) -> Option<RetryGuard> {
         let active = self.active.load(Relaxed);

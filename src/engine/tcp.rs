@@ -3,22 +3,31 @@
 //! until each side has closed (a half-close is passed on, not treated as
 //! the end).
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::engine::balance::PickContext;
+use crate::engine::frontend::{FrontendCounters, Session};
+use crate::engine::pool::Traffic;
 use crate::engine::table::SharedTable;
 
 /// Connect attempts on distinct endpoints before a client is turned away.
 const CONNECT_ATTEMPTS: usize = 3;
 
+/// Serves one client connection of listener `listener`, counted in its
+/// `session`.
 pub async fn serve_connection(
     table: SharedTable,
     listener: Arc<str>,
-    mut client: TcpStream,
+    session: Session,
+    client: TcpStream,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
@@ -55,12 +64,14 @@ pub async fn serve_connection(
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 endpoint.live.record_failure();
+                endpoint.live.connect_failed();
                 tracing::warn!(endpoint = %endpoint.address, error = %e, "tcp connect failed; trying another endpoint");
                 avoid = Some(pick.index);
                 continue;
             }
             Err(_) => {
                 endpoint.live.record_failure();
+                endpoint.live.connect_failed();
                 tracing::warn!(endpoint = %endpoint.address, "tcp connect timed out; trying another endpoint");
                 avoid = Some(pick.index);
                 continue;
@@ -68,6 +79,11 @@ pub async fn serve_connection(
         };
         let _ = upstream.set_nodelay(true);
         let _in_flight = endpoint.live.start_request();
+        let mut client = CountedClient {
+            inner: client,
+            frontend: session.counters().clone(),
+            traffic: endpoint.live.traffic.clone(),
+        };
         match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             Ok(_) => endpoint.live.record_status(200),
             Err(e) => {
@@ -77,5 +93,56 @@ pub async fn serve_connection(
         }
         drop(permit);
         return;
+    }
+}
+
+/// The client side of a TCP session, counting its bytes as they move: in
+/// the listener's `bin`/`bout`, and (the same bytes, relayed) in the
+/// endpoint's.
+struct CountedClient {
+    inner: TcpStream,
+    frontend: Arc<FrontendCounters>,
+    traffic: Arc<Traffic>,
+}
+
+impl AsyncRead for CountedClient {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.frontend.received(n);
+            this.traffic.add(n as u64, 0);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for CountedClient {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.frontend.sent(n);
+            this.traffic.add(0, n as u64);
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

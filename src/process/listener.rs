@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::control::config::{Config, Listener, ListenerMode};
 use crate::control::ListenerControl;
 use crate::engine::conn::{accept_loop, ConnLimit};
+use crate::engine::frontend::{frontends_for, FrontendCounters};
 use crate::engine::http::HttpProxy;
 use crate::engine::spread::{OnWorker, Workers};
 use crate::engine::table::SharedTable;
@@ -175,6 +176,7 @@ impl Listeners {
             mode: spec.mode,
             proxy: self.proxy.clone(),
             table: self.table.clone(),
+            frontend: frontends_for(&self.table).get(&name),
             listener: name.clone(),
             // The connections' own token: each waits on it, so one per
             // accept loop keeps its lock on this thread.
@@ -242,6 +244,8 @@ struct Serve {
     proxy: Arc<HttpProxy>,
     table: SharedTable,
     listener: Arc<str>,
+    /// The listener's counters, kept across reloads by its name.
+    frontend: Arc<FrontendCounters>,
     stop: CancellationToken,
 }
 
@@ -272,11 +276,20 @@ impl Serve {
         match self.mode {
             ListenerMode::Http => {
                 self.proxy
-                    .serve_connection(self.listener, stream, peer, permit, self.stop)
+                    .serve_connection(
+                        self.listener,
+                        self.frontend,
+                        stream,
+                        peer,
+                        permit,
+                        self.stop,
+                    )
                     .await
             }
             ListenerMode::Tcp => {
-                tcp::serve_connection(self.table, self.listener, stream, peer, permit).await
+                let session = self.frontend.open_session();
+                tcp::serve_connection(self.table, self.listener, session, stream, peer, permit)
+                    .await
             }
         }
         drop(placed);

@@ -45,6 +45,7 @@ use crate::control::config::{admin_token_matches, Config, RuntimeIdentity};
 use crate::control::local::{LocalChange, LocalError};
 use crate::control::ControlHandle;
 use crate::engine::endpoint::unix_now;
+use crate::engine::frontend::{frontends_for, FrontendCounters};
 use parse::{help, UNKNOWN_MAP};
 
 /// Longest command line accepted, in bytes; a longer one is answered with
@@ -192,7 +193,7 @@ pub struct Runtime {
 pub fn stat_snapshot(table: &crate::engine::table::SharedTable, config: &Config) -> Snapshot {
     Snapshot {
         table: table.load_full(),
-        frontends: frontends(config),
+        frontends: frontends(config, table),
         max_connections: config.global.max_connections,
         now: unix_now(),
         process: ProcessInfo::default(),
@@ -200,7 +201,9 @@ pub fn stat_snapshot(table: &crate::engine::table::SharedTable, config: &Config)
     }
 }
 
-fn frontends(config: &Config) -> Vec<Frontend> {
+/// The config's listeners, with their counters as of now.
+fn frontends(config: &Config, table: &crate::engine::table::SharedTable) -> Vec<Frontend> {
+    let live = frontends_for(table);
     let mut frontends: Vec<Frontend> = config
         .listeners
         .iter()
@@ -208,6 +211,7 @@ fn frontends(config: &Config) -> Vec<Frontend> {
             name: l.name.clone(),
             mode: l.mode,
             default_service: l.default_service.clone(),
+            counters: live.snapshot(&l.name),
         })
         .collect();
     frontends.sort_by(|a, b| a.name.cmp(&b.name));
@@ -250,7 +254,7 @@ impl Runtime {
         let config = self.config.load_full();
         Snapshot {
             table: self.control.table().load_full(),
-            frontends: frontends(&config),
+            frontends: frontends(&config, self.control.table()),
             max_connections: config.global.max_connections,
             now: unix_now(),
             process: ProcessInfo {
@@ -300,6 +304,37 @@ impl Runtime {
         snap
     }
 
+    /// `clear counters [all]`, with HAProxy's semantics: the maxima (and
+    /// `show info`'s `MaxConnRate`) start again from now; with `all`,
+    /// every counter of every listener, service and instance is zeroed as
+    /// by a restart. Gauges (sessions open, requests in flight) and
+    /// states stay.
+    fn clear_counters(&self, all: bool) {
+        let table = self.control.table().load_full();
+        for svc in table.services.values() {
+            if all {
+                svc.settings.live.clear();
+            } else {
+                svc.settings.live.clear_max();
+            }
+            for e in svc.endpoints.iter() {
+                if all {
+                    e.live.clear();
+                } else {
+                    e.live.clear_max();
+                }
+            }
+        }
+        let live = frontends_for(self.control.table());
+        if all {
+            live.for_each(FrontendCounters::clear);
+        } else {
+            live.for_each(FrontendCounters::clear_max);
+        }
+        let mut s = self.sample.lock().unwrap_or_else(|e| e.into_inner());
+        s.max_conn_rate = s.conn_rate;
+    }
+
     /// Runs one command.
     pub async fn execute(&self, req: Request) -> Outcome {
         let text = |r: Result<String, String>| Outcome::Text(r.unwrap_or_else(|e| e));
@@ -315,15 +350,10 @@ impl Runtime {
             Request::ShowErrors(proxy) => text(self.show_errors(proxy.as_deref())),
             Request::GetMap { map, key } => text(self.snapshot().get_map(&map, &key)),
             Request::SetTimeoutCli(d) => Outcome::Timeout(d),
-            // No maximum is kept (qmax, smax and the rate maxima stay
-            // empty), so there is none to clear.
-            Request::ClearCounters { all: false } => Outcome::Text(String::new()),
-            Request::ClearCounters { all: true } => Outcome::Text(
-                "'clear counters all' is not supported: pointsman's counters count from the \
-                 start of the process, as /metrics reads them. 'clear counters' (the maxima) \
-                 is accepted.\n"
-                    .into(),
-            ),
+            Request::ClearCounters { all } => {
+                self.clear_counters(all);
+                Outcome::Text(String::new())
+            }
             Request::ShutdownSessions(s) => match self.snapshot().endpoint(&s) {
                 // Requests in flight finish; the idle connections kept
                 // for the next ones are closed.

@@ -551,7 +551,7 @@ const HELP: &[HelpEntry] = &[
     HelpEntry {
         words: &["clear", "counters"],
         usage: "clear counters [all]",
-        text: "clear max statistics counters (all: refused, see RUNTIME.md)",
+        text: "clear max statistics counters (or all counters)",
     },
     HelpEntry {
         words: &["clear", "map"],

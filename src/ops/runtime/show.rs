@@ -12,7 +12,8 @@ use super::ids::{lock, IdRegistry};
 use super::parse::{Format, MapRef, ServerRef, StatFilter, UNKNOWN_MAP};
 use super::typed;
 use crate::control::config::ListenerMode;
-use crate::engine::endpoint::EndpointCounters;
+use crate::engine::endpoint::{EndpointCounters, EndpointStats};
+use crate::engine::frontend::FrontendSnapshot;
 use crate::engine::pool::max_idle;
 use crate::engine::table::{Endpoint, RoutingTable, Service, Target, WEIGHT_SCALE};
 
@@ -221,6 +222,8 @@ pub struct Frontend {
     pub name: String,
     pub mode: ListenerMode,
     pub default_service: Option<String>,
+    /// Its traffic counters as of the snapshot.
+    pub counters: FrontendSnapshot,
 }
 
 /// Process facts for `show info`.
@@ -346,6 +349,62 @@ fn check_health(c: &EndpointCounters) -> u32 {
     }
 }
 
+/// A listener's traffic columns. A session is a client connection, as in
+/// HAProxy (so `conn_*` repeat the session figures); the request and
+/// response columns belong to HTTP listeners.
+fn frontend_counters(row: &mut StatRow, c: &FrontendSnapshot, mode: ListenerMode) {
+    row.set(col!("scur"), c.sessions);
+    row.set(col!("smax"), c.max_sessions);
+    row.set(col!("stot"), c.total_sessions);
+    row.set(col!("bin"), c.bytes_in);
+    row.set(col!("bout"), c.bytes_out);
+    row.set(col!("dreq"), 0);
+    row.set(col!("dresp"), 0);
+    row.set(col!("ereq"), c.bad_requests);
+    row.set(col!("rate"), c.session_rate);
+    row.set(col!("rate_lim"), 0);
+    row.set(col!("rate_max"), c.max_session_rate);
+    row.set(col!("conn_rate"), c.session_rate);
+    row.set(col!("conn_rate_max"), c.max_session_rate);
+    row.set(col!("conn_tot"), c.total_sessions);
+    if mode == ListenerMode::Http {
+        for (field, n) in HRSP.iter().zip(c.responses) {
+            row.set(*field, n);
+        }
+        row.set(col!("hrsp_other"), c.responses[5]);
+        row.set(col!("req_rate"), c.request_rate);
+        row.set(col!("req_rate_max"), c.max_request_rate);
+        row.set(col!("req_tot"), c.requests);
+    }
+}
+
+/// The traffic columns servers and backends share: bytes, the most
+/// requests at once, request rates, the last request and the average
+/// times.
+fn traffic_columns(row: &mut StatRow, s: &EndpointStats, now: u64) {
+    row.set(col!("bin"), s.bytes_in);
+    row.set(col!("bout"), s.bytes_out);
+    row.set(col!("smax"), s.max_in_flight);
+    row.set(col!("rate"), s.request_rate);
+    row.set(col!("rate_max"), s.max_request_rate);
+    // HAProxy's -1: no request yet.
+    match s.last_request {
+        Some(t) => row.set(col!("lastsess"), now.saturating_sub(t)),
+        None => row.set(col!("lastsess"), -1),
+    }
+    row.set(col!("rtime"), s.response_time.map_or(0, |(ms, _)| ms));
+    row.set(col!("ttime"), s.total_time.map_or(0, |(ms, _)| ms));
+}
+
+/// Adds one server's averaged times into a backend's running sums
+/// (weighted by how many requests each average is made of).
+fn add_weighted(sum: &mut (u64, u64), avg: Option<(u64, u64)>) {
+    if let Some((ms, n)) = avg {
+        sum.0 += ms * n;
+        sum.1 += n;
+    }
+}
+
 /// `show stat`'s CSV: the `# pxname,...` header, then one line per row.
 pub fn stat_csv(lines: &[StatLine]) -> String {
     let mut out = String::from("# ");
@@ -439,6 +498,7 @@ impl Snapshot {
             let mut row = StatRow::new();
             row.set(col!("pxname"), &fe.name);
             row.set(col!("svname"), "FRONTEND");
+            frontend_counters(&mut row, &fe.counters, fe.mode);
             row.set(col!("slim"), self.max_connections);
             row.set(col!("status"), "OPEN");
             row.set(col!("pid"), 1);
@@ -483,15 +543,31 @@ impl Snapshot {
         let mut usable = 0;
         let mut weight = 0;
         let mut newest_change = 0;
+        let mut backups = 0;
+        let mut traffic = EndpointStats::default();
+        let (mut rtime, mut ttime) = ((0, 0), (0, 0));
         for e in svc.endpoints.iter() {
             let c = e.live.snapshot();
+            let s = e.live.stat_counters();
+            traffic.bytes_in += s.bytes_in;
+            traffic.bytes_out += s.bytes_out;
+            traffic.connect_failures += s.connect_failures;
+            traffic.client_aborts += s.client_aborts;
+            traffic.server_aborts += s.server_aborts;
+            traffic.last_request = traffic.last_request.max(s.last_request);
+            add_weighted(&mut rtime, s.response_time);
+            add_weighted(&mut ttime, s.total_time);
             requests += c.requests;
             failures += c.failures;
             for (sum, n) in responses.iter_mut().zip(c.responses) {
                 *sum += n;
             }
             if e.accepts_new() {
-                usable += 1;
+                if e.backup {
+                    backups += 1;
+                } else {
+                    usable += 1;
+                }
                 weight += e.weight;
             }
             newest_change = newest_change.max(c.last_change);
@@ -511,11 +587,15 @@ impl Snapshot {
             row.set(col!("qmax"), 0);
             row.set(col!("scur"), c.in_flight);
             row.set(col!("stot"), c.requests);
-            row.set(col!("eresp"), c.failures);
+            traffic_columns(&mut row, &s, self.now);
+            row.set(col!("econ"), s.connect_failures);
+            row.set(col!("eresp"), c.failures.saturating_sub(s.connect_failures));
+            row.set(col!("cli_abrt"), s.client_aborts);
+            row.set(col!("srv_abrt"), s.server_aborts);
             row.set(col!("status"), status);
             row.set(col!("weight"), e.weight);
-            row.set(col!("act"), 1);
-            row.set(col!("bck"), 0);
+            row.set(col!("act"), u8::from(!e.backup));
+            row.set(col!("bck"), u8::from(e.backup));
             row.set(col!("lastchg"), self.now.saturating_sub(c.last_change));
             row.set(col!("pid"), 1);
             row.set(col!("iid"), iid);
@@ -531,6 +611,8 @@ impl Snapshot {
             row.set(col!("type"), 2);
             if let Some((name, code, desc, _)) = check_terms(&c) {
                 row.set(col!("chkfail"), e.live.check_failures());
+                row.set(col!("chkdown"), s.went_down);
+                row.set(col!("downtime"), s.down_secs);
                 // Checks are paused in maintenance: HAProxy then leaves
                 // the check columns empty.
                 if e.state != AdminState::Maint {
@@ -539,6 +621,7 @@ impl Snapshot {
                         row.set(col!("check_code"), code);
                     }
                     row.set(col!("check_desc"), desc);
+                    row.set(col!("check_duration"), s.check_millis);
                     row.set(col!("check_rise"), RISE);
                     row.set(col!("check_fall"), FALL);
                     row.set(col!("check_health"), check_health(&c));
@@ -582,7 +665,21 @@ impl Snapshot {
                 .load(std::sync::atomic::Ordering::Relaxed),
         );
         row.set(col!("stot"), requests);
-        row.set(col!("eresp"), failures);
+        let live = &svc.settings.live;
+        traffic.max_in_flight = live.max_active.load(std::sync::atomic::Ordering::Relaxed);
+        traffic.request_rate = live.request_rate.per_second();
+        traffic.max_request_rate = live.request_rate.max();
+        let average = |(sum, n): (u64, u64)| (n > 0).then(|| (sum / n, n));
+        traffic.response_time = average(rtime);
+        traffic.total_time = average(ttime);
+        traffic_columns(&mut row, &traffic, self.now);
+        row.set(col!("econ"), traffic.connect_failures);
+        row.set(
+            col!("eresp"),
+            failures.saturating_sub(traffic.connect_failures),
+        );
+        row.set(col!("cli_abrt"), traffic.client_aborts);
+        row.set(col!("srv_abrt"), traffic.server_aborts);
         row.set(
             col!("wretr"),
             svc.settings
@@ -590,10 +687,13 @@ impl Snapshot {
                 .retries
                 .load(std::sync::atomic::Ordering::Relaxed),
         );
-        row.set(col!("status"), if usable > 0 { "UP" } else { "DOWN" });
+        row.set(
+            col!("status"),
+            if usable + backups > 0 { "UP" } else { "DOWN" },
+        );
         row.set(col!("weight"), weight);
         row.set(col!("act"), usable);
-        row.set(col!("bck"), 0);
+        row.set(col!("bck"), backups);
         if newest_change > 0 {
             row.set(col!("lastchg"), self.now.saturating_sub(newest_change));
         }
