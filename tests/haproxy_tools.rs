@@ -812,11 +812,28 @@ async fn the_new_commands_answer_in_haproxys_formats() {
             assert_eq!(a, b, "{line}");
         }
     }
-    // Checks cannot be paused here: said so, not pretended.
-    assert!(rig
-        .cli("disable health blue/blue1")
-        .await
-        .contains("cannot be paused"),);
+    // disable health on a checked server: the same answer, and the same
+    // status and check columns as HAProxy's while its checks are stopped;
+    // enable health starts them again.
+    assert_eq!(
+        rig.cli("disable health blue/blue1").await,
+        theirs("disable health blue/blue1".into()).await
+    );
+    let (csv, hcsv) = (rig.cli("show stat").await, theirs("show stat".into()).await);
+    for col in ["status", "check_status", "check_code", "check_desc"] {
+        assert_eq!(
+            stat(&csv, "blue", "blue1", col),
+            stat(&hcsv, "blue", "blue1", col),
+            "{col} while checks are stopped"
+        );
+    }
+    assert_eq!(stat(&csv, "blue", "blue1", "status"), "no check");
+    assert_eq!(
+        rig.cli("enable health blue/blue1").await,
+        theirs("enable health blue/blue1".into()).await
+    );
+    let csv = rig.cli("show stat").await;
+    assert_eq!(stat(&csv, "blue", "blue1", "status"), "UP", "checks again");
     // set timeout cli holds for the session: a prompt session set to 1 s
     // is closed after a second without a command.
     let mut conn = tokio::net::UnixStream::connect(&rig.sock)

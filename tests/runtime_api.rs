@@ -519,6 +519,49 @@ async fn map_commands_change_where_requests_go() {
     }
 }
 
+/// `disable health` stops a failing check from keeping a server out: it
+/// takes traffic, shown as `no check`; `enable health` starts the checks
+/// again and the next failure takes it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_health_lets_a_server_failing_its_check_serve_until_enable_health() {
+    let up = Upstream::start("a").await;
+    // The check asks a port nothing listens on: it always fails.
+    let check = format!(
+        "check = {{ interval = \"100ms\", timeout = \"200ms\", rise = 1, fall = 1, port = {} }}",
+        free_addr().port()
+    );
+    let proxy = Proxy::start_with_args(
+        || web(free_addr(), &check, &[endpoint_line(&up, "")]),
+        &["--runtime-api", "127.0.0.1:0", "--admin-token", TOKEN],
+    )
+    .await;
+    let addr = runtime_addr(&proxy);
+    let status = |csv: &str| stat_field(csv, "web", "a", 18);
+    let deadline = Duration::from_secs(5);
+    let (c, url) = (plain_client(), proxy.url("/"));
+    let get = || get_echo(&c, &url, &[]);
+    wait_for(deadline, "a is down by its check", || async {
+        status(&cli(addr, "show stat").await).starts_with("DOWN")
+    })
+    .await;
+    assert_eq!(get().await.0, 503);
+
+    assert_eq!(cli(addr, "disable health web/a").await, "\n");
+    assert_eq!(status(&cli(addr, "show stat").await), "no check");
+    tokio::time::sleep(Duration::from_millis(400)).await; // checks would have run
+    for _ in 0..5 {
+        let (code, echo) = get().await;
+        assert_eq!((code, echo["server"].as_str()), (200, Some("a")));
+    }
+
+    assert_eq!(cli(addr, "enable health web/a").await, "\n");
+    wait_for(deadline, "a is down again by its check", || async {
+        status(&cli(addr, "show stat").await).starts_with("DOWN")
+    })
+    .await;
+    assert_eq!(get().await.0, 503);
+}
+
 /// `runtime_identity = "pointsman"` (or `--runtime-identity`, which wins)
 /// makes `show info` name the process as it is; a reload follows the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

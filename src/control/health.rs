@@ -118,6 +118,9 @@ async fn check_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if live.checks_paused() {
+            continue;
+        }
         let started = std::time::Instant::now();
         let (passed, status, detail) = probe(&address, &spec).await;
         live.record_check(passed, status, started.elapsed());

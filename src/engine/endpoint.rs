@@ -80,6 +80,9 @@ pub struct EndpointState {
     check_time: AtomicU64,
     /// Active checks that failed, since start.
     check_failures: AtomicU64,
+    /// Checks stopped by `disable health`: none run, and the endpoint
+    /// counts as up, until `enable health`.
+    checks_paused: AtomicBool,
     /// How long the last active check took, in milliseconds.
     check_millis: AtomicU64,
     /// The most requests in flight at once (`smax`).
@@ -124,6 +127,7 @@ impl Default for EndpointState {
             check_status: AtomicU32::new(0),
             check_time: AtomicU64::new(0),
             check_failures: AtomicU64::new(0),
+            checks_paused: AtomicBool::new(false),
             check_millis: AtomicU64::new(0),
             max_in_flight: AtomicU32::new(0),
             request_rate: EventRate::default(),
@@ -276,6 +280,23 @@ impl EndpointState {
         }
     }
 
+    /// Stops the active checks (`disable health`): the last result is
+    /// ignored and the endpoint counts as up, as in HAProxy.
+    pub fn pause_checks(&self) {
+        self.checks_paused.store(true, Relaxed);
+        self.set_healthy(true);
+    }
+
+    /// Starts the checks again (`enable health`): they judge from the
+    /// next one on, with rise and fall as before.
+    pub fn resume_checks(&self) {
+        self.checks_paused.store(false, Relaxed);
+    }
+
+    pub fn checks_paused(&self) -> bool {
+        self.checks_paused.load(Relaxed)
+    }
+
     /// Active checks that failed, since start (HAProxy's `chkfail`).
     pub fn check_failures(&self) -> u64 {
         self.check_failures.load(Relaxed)
@@ -397,7 +418,10 @@ impl EndpointState {
             last_change: self.last_change.load(Relaxed),
             ejected: self.ejected(),
             ejections: self.ejections(),
+            checks_paused: self.checks_paused(),
+            // Paused checks say nothing: shown as no check at all.
             check: match self.check_result.load(Relaxed) {
+                _ if self.checks_paused() => None,
                 0 => None,
                 r => Some(CheckView {
                     passed: r == 1,
@@ -478,6 +502,8 @@ pub struct EndpointCounters {
     /// The last active check, if the endpoint has checks (the admin API's
     /// own type: the engine fills it, the admin API sends it as it is).
     pub check: Option<CheckView>,
+    /// Its checks are stopped (`disable health`).
+    pub checks_paused: bool,
     /// Idle upstream keep-alive connections.
     pub idle_connections: usize,
 }

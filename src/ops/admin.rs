@@ -1028,6 +1028,7 @@ mod tests {
             ejected: false,
             ejections: 1,
             check,
+            checks_paused: false,
             idle_connections: 2,
         }
     }

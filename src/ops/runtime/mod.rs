@@ -363,20 +363,22 @@ impl Runtime {
                 }
                 Err(e) => Outcome::Text(e),
             },
+            // HAProxy's answers: silence, or its text for a server
+            // without checks. Local to this proxy, like a weight change,
+            // and kept while the endpoint's registration lasts.
             Request::Health(s, enable) => Outcome::Text(match self.snapshot().endpoint(&s) {
                 Err(e) => e,
                 Ok(e) if !e.checked && enable => {
                     "Health check was not configured on this server, cannot enable.\n".into()
                 }
-                // Unchecked, there is nothing to disable; checked, the
-                // checks already run.
-                Ok(e) if e.checked != enable => {
-                    "Health checks cannot be paused here: they come with the server's \
-                     registration or config ('check'). To take the server out, use 'set server \
-                     <backend>/<server> state maint' or 'disable server'.\n"
-                        .into()
+                Ok(e) if enable => {
+                    e.live.resume_checks();
+                    String::new()
                 }
-                Ok(_) => String::new(),
+                Ok(e) => {
+                    e.live.pause_checks();
+                    String::new()
+                }
             }),
             Request::ShowServersState(b) => text(
                 self.render(move |s| s.show_servers_state(b.as_deref()))

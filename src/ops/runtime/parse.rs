@@ -566,7 +566,7 @@ const HELP: &[HelpEntry] = &[
     HelpEntry {
         words: &["disable", "health"],
         usage: "disable health <bk>/<srv>",
-        text: "disable health checks (refused for checked servers)",
+        text: "stop a server's health checks; it counts as up until 'enable health'",
     },
     HelpEntry {
         words: &["disable", "server"],
@@ -576,7 +576,7 @@ const HELP: &[HelpEntry] = &[
     HelpEntry {
         words: &["enable", "health"],
         usage: "enable health <bk>/<srv>",
-        text: "enable health checks",
+        text: "start a server's stopped health checks again",
     },
     HelpEntry {
         words: &["enable", "server"],

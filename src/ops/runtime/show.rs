@@ -331,7 +331,7 @@ pub fn server_status(e: &Endpoint, c: &EndpointCounters) -> &'static str {
         "DOWN"
     } else if e.state == AdminState::Drain {
         "DRAIN"
-    } else if e.checked {
+    } else if e.checked && !c.checks_paused {
         "UP"
     } else {
         "no check"
@@ -758,6 +758,8 @@ impl Snapshot {
                         if maint { 0 } else { check_health(&c) },
                         if maint { 14 } else { 6 },
                     ),
+                    // Paused by `disable health`: configured, not enabled.
+                    None if e.checked && c.checks_paused => (1, 0, 0, if maint { 10 } else { 2 }),
                     None if e.checked => (1, 0, 0, if maint { 14 } else { 6 }),
                     None => (1, 0, RISE, 0),
                 };
