@@ -519,6 +519,101 @@ async fn map_commands_change_where_requests_go() {
     }
 }
 
+/// A state set on this proxy is told apart from the registry's: `show
+/// servers state` gives HAProxy's admin bits (1: forced at run time, 4:
+/// from the configuration), the stats page says "set here" and how to
+/// clear it; once cleared, the mark goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_changes_are_marked_until_cleared() {
+    let ups = Upstream::start_many(&["a", "b"]).await;
+    let config = |listen| {
+        web(
+            listen,
+            "",
+            &[
+                endpoint_line(&ups[0], ""),
+                endpoint_line(&ups[1], "state = \"maint\""),
+            ],
+        )
+    };
+    let proxy = Proxy::start_with_args(
+        || config(free_addr()),
+        &["--runtime-api", "127.0.0.1:0", "--admin-token", TOKEN],
+    )
+    .await;
+    let addr = runtime_addr(&proxy);
+    assert_eq!(
+        cli(addr, "disable server web/a; set server web/b weight 3").await,
+        "\n\n"
+    );
+    let admin_bits = |state: String, id: &str| {
+        state
+            .lines()
+            .find(|l| l.split(' ').nth(3) == Some(id))
+            .and_then(|l| l.split(' ').nth(6).map(str::to_string))
+            .unwrap_or_else(|| panic!("no row for {id}:\n{state}"))
+    };
+    let state = cli(addr, "show servers state web").await;
+    assert_eq!(
+        admin_bits(state.clone(), "a"),
+        "1",
+        "a: maintenance set here"
+    );
+    assert_eq!(
+        admin_bits(state, "b"),
+        "4",
+        "b: maintenance from the config"
+    );
+
+    let page = |proxy: &Proxy| {
+        let url = proxy.admin_url("/stats");
+        async move {
+            plain_client()
+                .get(url)
+                .send()
+                .await
+                .expect("GET /stats")
+                .text()
+                .await
+                .expect("the page")
+        }
+    };
+    let row = |html: &str, id: &str| {
+        html.split("<tr")
+            .find(|r| r.contains(&format!("data-endpoint=\"{id}\"")))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no row for {id}"))
+    };
+    let html = page(&proxy).await;
+    let (row_a, row_b) = (row(&html, "a"), row(&html, "b"));
+    assert!(row_a.contains("maint <span class=local"), "{row_a}");
+    assert!(
+        row_a.contains("DELETE /api/services/web/endpoints/a"),
+        "{row_a}"
+    );
+    assert!(
+        row_b.contains("maint</td>"),
+        "b's state is the config's: {row_b}"
+    );
+    assert!(
+        row_b.contains("3 (of 1) <span class=local"),
+        "b's weight is set here: {row_b}"
+    );
+
+    let resp = plain_client()
+        .delete(proxy.admin_url("/api/services/web/endpoints/a"))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .expect("DELETE");
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+    let html = page(&proxy).await;
+    assert!(!row(&html, "a").contains("set here"), "{}", row(&html, "a"));
+    let state = cli(addr, "show servers state web").await;
+    assert_eq!(admin_bits(state, "a"), "0", "a is ready again");
+}
+
 /// `disable health` stops a failing check from keeping a server out: it
 /// takes traffic, shown as `no check`; `enable health` starts the checks
 /// again and the next failure takes it out.

@@ -916,7 +916,7 @@ fn stats_page(table: &RoutingTable, followed: &[Followed], started: u64) -> Stri
          table{border-collapse:collapse;margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}\
          th{background:#eee}td:first-child,th:first-child,td.l{text-align:left}\
          tr.ready td{background:#e6f6e6}tr.drain td{background:#fff6d5}tr.maint td,tr.down td{background:#fbe0e0}\
-         .sum{color:#555}</style></head><body><h1>pointsman</h1>",
+         .sum{color:#555}.local{font-size:85%;color:#a40;border-bottom:1px dotted}</style></head><body><h1>pointsman</h1>",
     );
     let _ = write!(
         html,
@@ -970,11 +970,26 @@ fn stats_page(table: &RoutingTable, followed: &[Followed], started: u64) -> Stri
             } else {
                 c.state.as_str()
             };
-            let weight = if e.initial_weight == c.weight {
+            let mut weight = if e.initial_weight == c.weight {
                 c.weight.to_string()
             } else {
                 format!("{} (of {})", c.weight, e.initial_weight)
             };
+            // A change made on this proxy wins over the fleet's until it
+            // is cleared: say so, and how.
+            let mut state = c.state.to_string();
+            let here = format!(
+                " <span class=local title=\"set on this proxy; DELETE /api/services/{0}/endpoints/{1} \
+                 (or pointsman ctl --admin ... reset {0}/{1}) gives it back to the registry\">set here</span>",
+                esc(&s.name),
+                esc(&e.id)
+            );
+            if e.local_state {
+                state.push_str(&here);
+            }
+            if e.local_weight {
+                weight.push_str(&here);
+            }
             let _ = write!(
                 html,
                 "<tr class={class} data-endpoint=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=l>{}</td>\
@@ -983,7 +998,7 @@ fn stats_page(table: &RoutingTable, followed: &[Followed], started: u64) -> Stri
                 esc(&e.id),
                 esc(&e.id),
                 esc(&e.address),
-                c.state,
+                state,
                 weight,
                 esc(&health),
                 c.in_flight,

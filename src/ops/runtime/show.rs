@@ -738,9 +738,13 @@ impl Snapshot {
                 } else {
                     2
                 };
+                // HAProxy's admin bits: maintenance forced at run time (1)
+                // or by the configuration (4, here the registry's); drain
+                // forced (8).
                 let admin_state = match e.state {
                     AdminState::Ready => 0,
-                    AdminState::Maint => 1,
+                    AdminState::Maint if e.local_state => 1,
+                    AdminState::Maint => 4,
                     AdminState::Drain => 8,
                 };
                 let check = check_terms(&c);
