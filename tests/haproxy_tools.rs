@@ -796,6 +796,12 @@ async fn the_new_commands_answer_in_haproxys_formats() {
         "disable health blue/blue2",
         "enable health blue/blue1",
         "disable health nope/x",
+        "set maxconn server blue/blue1 7",
+        "set maxconn server blue/blue1 0",
+        "set maxconn server blue/blue1",
+        "set maxconn server blue/blue1 x1",
+        "set maxconn server blue/blue1 1x",
+        "set maxconn server nope/x 1",
         "show info json float",
     ] {
         // HAProxy's blue2 has no check: pointsman's unchecked server is

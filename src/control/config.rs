@@ -268,6 +268,14 @@ pub struct ServiceConfig {
     /// same address) instead of getting 503 at once. Off by default.
     #[serde(default)]
     pub hold_timeout: Option<HumanDuration>,
+    /// Requests in flight to each endpoint at most (HAProxy's server
+    /// `maxconn`); more wait in the service's queue. Unset: no limit.
+    #[serde(default)]
+    pub endpoint_max_connections: Option<u32>,
+    /// How long a request waits in that queue, then 503 (default: the
+    /// connect timeout, as HAProxy's `timeout queue`).
+    #[serde(default)]
+    pub queue_timeout: Option<HumanDuration>,
     /// Let `Upgrade: h2c` through to the endpoints (off: such a request
     /// is sent as plain HTTP/1.1, as a server that ignores it would see).
     #[serde(default)]

@@ -656,6 +656,10 @@ impl Control {
         expire_departures(name, &mut departing, now);
         let mut endpoints = registered.endpoints;
         endpoints.extend(self.draining_endpoints(&departing));
+        for e in &endpoints {
+            e.live
+                .set_max_conn_config(settings.endpoint_max_connections);
+        }
         self.checks.sync(
             name,
             registered
@@ -722,6 +726,11 @@ impl Control {
             upstream_idle_timeout: global.upstream_idle_timeout,
             h2c_upgrade: defaults.h2c_upgrade,
             hold_timeout: defaults.hold_timeout.map(|d| d.0).filter(|d| !d.is_zero()),
+            endpoint_max_connections: defaults.endpoint_max_connections.unwrap_or(0),
+            queue_timeout: defaults
+                .queue_timeout
+                .map(|d| d.0)
+                .unwrap_or(connect_timeout),
             paused: self
                 .sources
                 .values()

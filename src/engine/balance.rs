@@ -161,7 +161,8 @@ impl Balancer {
             });
         };
         if let Some(&i) = ctx.sticky.and_then(|v| by_cookie.get(v)) {
-            if Some(i) != ctx.avoid && endpoints[i].accepts_sticky() {
+            if Some(i) != ctx.avoid && endpoints[i].accepts_sticky() && endpoints[i].live.has_room()
+            {
                 return Some(Pick {
                     index: i,
                     set_cookie: false,
@@ -175,8 +176,8 @@ impl Balancer {
     }
 
     fn spread_pick(&self, endpoints: &[Endpoint], ctx: &PickContext<'_>) -> Option<usize> {
-        let ok =
-            |i: usize| Some(i) != ctx.avoid && !endpoints[i].backup && endpoints[i].accepts_new();
+        let open = |i: usize| endpoints[i].accepts_new() && endpoints[i].live.has_room();
+        let ok = |i: usize| Some(i) != ctx.avoid && !endpoints[i].backup && open(i);
         let index = match &self.spread {
             Spread::RoundRobin(s) => s.next(ok),
             Spread::LeastConn { cursor } => least_loaded(endpoints, cursor, ok),
@@ -191,14 +192,12 @@ impl Balancer {
         index
             .or_else(|| (0..endpoints.len()).find(|&i| ok(i)))
             .or_else(|| {
-                (0..endpoints.len()).find(|&i| {
-                    Some(i) != ctx.avoid && endpoints[i].backup && endpoints[i].accepts_new()
-                })
+                (0..endpoints.len())
+                    .find(|&i| Some(i) != ctx.avoid && endpoints[i].backup && open(i))
             })
             .or_else(|| {
                 // Only the avoided endpoint is left: use it rather than fail.
-                ctx.avoid
-                    .filter(|&i| i < endpoints.len() && endpoints[i].accepts_new())
+                ctx.avoid.filter(|&i| i < endpoints.len() && open(i))
             })
     }
 }

@@ -11,6 +11,10 @@ use crate::engine::conn::now_ms;
 use crate::engine::latency::RecentAverage;
 use crate::engine::pool::{Pool, Traffic};
 use crate::engine::rate::{raise_max, EventRate};
+use tokio::sync::Notify;
+
+/// `max_conn_local` when no local limit is set.
+const NO_LIMIT_SET: u32 = u32::MAX;
 
 use pointsman_discovery::admin_api::CheckView;
 use pointsman_discovery::AdminState;
@@ -83,6 +87,11 @@ pub struct EndpointState {
     /// Checks stopped by `disable health`: none run, and the endpoint
     /// counts as up, until `enable health`.
     checks_paused: AtomicBool,
+    /// Requests in flight at most (HAProxy's server `maxconn`; 0: no
+    /// limit): the service's `endpoint_max_connections`, unless `set
+    /// maxconn server` set one here (`NO_LIMIT_SET`: it did not).
+    max_conn_config: AtomicU32,
+    max_conn_local: AtomicU32,
     /// How long the last active check took, in milliseconds.
     check_millis: AtomicU64,
     /// The most requests in flight at once (`smax`).
@@ -128,6 +137,8 @@ impl Default for EndpointState {
             check_time: AtomicU64::new(0),
             check_failures: AtomicU64::new(0),
             checks_paused: AtomicBool::new(false),
+            max_conn_config: AtomicU32::new(0),
+            max_conn_local: AtomicU32::new(NO_LIMIT_SET),
             check_millis: AtomicU64::new(0),
             max_in_flight: AtomicU32::new(0),
             request_rate: EventRate::default(),
@@ -306,9 +317,58 @@ impl EndpointState {
         self.in_flight.load(Relaxed)
     }
 
+    /// The most requests it takes at once; 0: no limit.
+    pub fn max_conn(&self) -> u32 {
+        match self.max_conn_local.load(Relaxed) {
+            NO_LIMIT_SET => self.max_conn_config.load(Relaxed),
+            local => local,
+        }
+    }
+
+    /// The service's limit, set at every table build.
+    pub fn set_max_conn_config(&self, limit: u32) {
+        self.max_conn_config.store(limit, Relaxed);
+    }
+
+    /// `set maxconn server`: a limit on this proxy, over the service's.
+    pub fn set_max_conn_local(&self, limit: u32) {
+        self.max_conn_local
+            .store(limit.min(NO_LIMIT_SET - 1), Relaxed);
+    }
+
+    /// Whether another request fits under its limit now.
+    #[inline]
+    pub fn has_room(&self) -> bool {
+        let max = self.max_conn();
+        max == 0 || self.in_flight.load(Relaxed) < max
+    }
+
+    /// Counts a request as started if it fits under the endpoint's limit
+    /// (checked and counted at once, so two requests cannot both take the
+    /// last slot); `freed` is woken when it ends, for a request queued
+    /// for a slot.
+    pub fn try_start_request(self: &Arc<Self>, freed: &Arc<Notify>) -> Option<InFlight> {
+        let max = self.max_conn();
+        if max == 0 {
+            return Some(self.start_request());
+        }
+        let before = self
+            .in_flight
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()?;
+        let mut guard = self.started(before + 1);
+        guard.freed = Some(freed.clone());
+        Some(guard)
+    }
+
     /// Counts a request as started; the guard ends it when dropped.
     pub fn start_request(self: &Arc<Self>) -> InFlight {
         let now = self.in_flight.fetch_add(1, Relaxed) + 1;
+        self.started(now)
+    }
+
+    /// The counts every started request adds to; `now` is in flight.
+    fn started(self: &Arc<Self>, now: u32) -> InFlight {
         raise_max(&self.max_in_flight, now);
         self.requests.fetch_add(1, Relaxed);
         self.request_rate.add();
@@ -319,6 +379,7 @@ impl EndpointState {
         InFlight {
             live: self.clone(),
             started: Instant::now(),
+            freed: None,
         }
     }
 
@@ -440,6 +501,8 @@ impl EndpointState {
 pub struct InFlight {
     live: Arc<EndpointState>,
     started: Instant,
+    /// Woken (one waiter) when the request ends: a slot is free.
+    freed: Option<Arc<Notify>>,
 }
 
 impl InFlight {
@@ -457,6 +520,9 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.live.total_time.add(self.started.elapsed());
         self.live.in_flight.fetch_sub(1, Relaxed);
+        if let Some(freed) = &self.freed {
+            freed.notify_one();
+        }
     }
 }
 

@@ -480,11 +480,17 @@ impl ConnContext {
         }
         state.tries_left -= 1;
         let mut hold: Option<Hold> = None;
+        let mut queued: Option<Queued> = None;
         loop {
             let service = &routing.service;
+            let live = &service.settings.live;
             let paused = service.settings.paused;
+            // Requests already queue for a slot: a new one queues behind
+            // them rather than take the next free slot first.
+            let behind = queued.is_none() && live.queued.load(Relaxed) > 0;
             let pick = match paused {
                 Some(_) => None,
+                None if behind => None,
                 None => service.balancer.pick(
                     &service.endpoints,
                     &PickContext {
@@ -495,8 +501,32 @@ impl ConnContext {
                 ),
             };
             if let Some(pick) = pick {
-                let in_flight = service.endpoints[pick.index].live.start_request();
-                return Ok((pick, in_flight));
+                let endpoint = &service.endpoints[pick.index];
+                match endpoint.live.try_start_request(&live.freed) {
+                    Some(in_flight) => return Ok((pick, in_flight)),
+                    // Another request took its last slot meanwhile.
+                    None => continue,
+                }
+            }
+            // Every endpoint that takes requests is at its limit: queue
+            // for a slot, woken by the next request to end (or a tick,
+            // for limits changed under requests in flight).
+            let full = || {
+                service
+                    .endpoints
+                    .iter()
+                    .any(|e| e.accepts_new() && !e.live.has_room())
+            };
+            if paused.is_none() && (behind || full()) {
+                let timeout = service.settings.queue_timeout;
+                let q = queued.get_or_insert_with(|| Queued::start(live, timeout));
+                let left = q.until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ProxyError::QueueTimeout(service.name.clone()));
+                }
+                let _ = tokio::time::timeout(left.min(QUEUE_TICK), live.freed.notified()).await;
+                self.follow_route(head, routing, state)?;
+                continue;
             }
             // Paused, or no endpoint takes the request: wait, if the
             // service says so, looking again at every tick (a resume and
@@ -771,6 +801,40 @@ impl UpstreamHead {
 
 /// How often a held request looks for an endpoint again.
 const HOLD_TICK: Duration = Duration::from_millis(20);
+
+/// How long a queued request waits for a wake-up before it looks again.
+const QUEUE_TICK: Duration = Duration::from_millis(50);
+
+/// A request in its service's queue for a slot: counted in `queued`
+/// (and `max_queued`) while it waits, its wait in `queue_time` after.
+struct Queued {
+    until: Instant,
+    since: Instant,
+    live: Arc<ServiceState>,
+}
+
+impl Queued {
+    fn start(live: &Arc<ServiceState>, timeout: Duration) -> Self {
+        let now = live.queued.fetch_add(1, Relaxed) + 1;
+        crate::engine::rate::raise_max(&live.max_queued, now);
+        live.queued_total.fetch_add(1, Relaxed);
+        let since = Instant::now();
+        Queued {
+            until: since + timeout,
+            since,
+            live: live.clone(),
+        }
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.live.queued.fetch_sub(1, Relaxed);
+        self.live.queue_time.add(self.since.elapsed());
+        // The next in line may go now.
+        self.live.freed.notify_one();
+    }
+}
 
 /// A request waiting for an endpoint (`hold_timeout`): counted in its
 /// service's `held` gauge while it waits.

@@ -75,6 +75,10 @@ pub enum ProxyError {
     NoEndpoint(Arc<str>),
     #[error("service {0:?} is paused; try again shortly")]
     Paused(Arc<str>),
+    #[error(
+        "every endpoint of service {0:?} is at its connection limit and the queue_timeout passed"
+    )]
+    QueueTimeout(Arc<str>),
     #[error("service {0:?} is not registered")]
     UnknownService(Arc<str>),
     #[error("map {map:?} has no entry for key {key:?} and the route has no map_default")]
@@ -99,6 +103,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoEndpoint(_)
             | ProxyError::Paused(_)
+            | ProxyError::QueueTimeout(_)
             | ProxyError::UnknownService(_)
             | ProxyError::NoMapEntry { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,

@@ -70,6 +70,10 @@ pub struct ServiceSettings {
     /// How long a request waits for an endpoint while none takes new
     /// requests; `None`: 503 at once.
     pub hold_timeout: Option<Duration>,
+    /// Requests in flight per endpoint at most (0: no limit), and how
+    /// long a request queues for a slot.
+    pub endpoint_max_connections: u32,
+    pub queue_timeout: Duration,
     /// Paused (fleet-wide, `<pointsman>/pauses/<service>`): new requests
     /// wait up to this long for the resume, whatever the endpoints.
     pub paused: Option<Duration>,
@@ -107,6 +111,15 @@ pub struct ServiceState {
     /// that ever waited.
     pub held: AtomicU32,
     pub held_total: AtomicU64,
+    /// The queue for a slot while every endpoint is at its limit
+    /// (`endpoint_max_connections`): requests in it now (`qcur`), the
+    /// most at once (`qmax`), all that queued, their recent wait
+    /// (`qtime`); and the wake-up an ending request gives the first.
+    pub queued: AtomicU32,
+    pub max_queued: AtomicU32,
+    pub queued_total: AtomicU64,
+    pub queue_time: crate::engine::latency::RecentAverage,
+    pub freed: Arc<tokio::sync::Notify>,
     /// Ejections done.
     pub ejections: AtomicU64,
     /// Time from a request's arrival to its response head.
@@ -125,6 +138,7 @@ impl ServiceState {
     /// `clear counters`: the maxima start again from now.
     pub fn clear_max(&self) {
         self.max_active.store(self.active.load(Relaxed), Relaxed);
+        self.max_queued.store(self.queued.load(Relaxed), Relaxed);
         self.request_rate.clear_max();
     }
 
@@ -134,6 +148,8 @@ impl ServiceState {
         self.clear_max();
         self.request_rate.clear();
         self.retries.store(0, Relaxed);
+        self.queued_total.store(0, Relaxed);
+        self.queue_time.clear();
     }
 
     /// Starts a retry if the budget allows one.

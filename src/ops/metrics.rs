@@ -123,8 +123,24 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
         "Requests that waited for an endpoint (hold_timeout), since start.",
         &["service"],
     );
+    let queued = gauge(
+        "pointsman_service_queue_length",
+        "Requests waiting now for a slot, every endpoint being at its endpoint_max_connections.",
+        &["service"],
+    );
+    let queued_total = counter(
+        "pointsman_service_queued_total",
+        "Requests that waited for a slot (endpoint_max_connections), since start.",
+        &["service"],
+    );
     for svc in table.services.values() {
         let live = &svc.settings.live;
+        queued
+            .with_label_values(&[&*svc.name])
+            .set(i64::from(live.queued.load(Ordering::Relaxed)));
+        queued_total
+            .with_label_values(&[&*svc.name])
+            .inc_by(live.queued_total.load(Ordering::Relaxed));
         retries
             .with_label_values(&[&*svc.name])
             .inc_by(live.retries.load(Ordering::Relaxed));
@@ -270,6 +286,8 @@ pub fn render(table: &RoutingTable, followed: &[Followed], reloads: &ReloadStats
         Box::new(ejections),
         Box::new(held),
         Box::new(held_total),
+        Box::new(queued),
+        Box::new(queued_total),
         Box::new(connected),
         Box::new(staleness),
         Box::new(applied),

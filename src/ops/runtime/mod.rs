@@ -413,6 +413,15 @@ impl Runtime {
                 )
                 .await
             }
+            // Local to this proxy and to the endpoint's live state, like
+            // HAProxy's: it lasts while the registration does.
+            Request::SetMaxconnServer(s, n) => Outcome::Text(match self.snapshot().endpoint(&s) {
+                Ok(e) => {
+                    e.live.set_max_conn_local(n);
+                    String::new()
+                }
+                Err(e) => e,
+            }),
             Request::SetWeight(s, w) => {
                 let initial = match self.snapshot().endpoint(&s) {
                     Ok(e) => e.initial_weight,

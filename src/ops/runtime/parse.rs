@@ -145,6 +145,9 @@ pub enum Request {
     /// applies again (pinned ready only if the registry does not say so).
     EnableServer(ServerRef),
     SetWeight(ServerRef, WeightArg),
+    /// `set maxconn server <b>/<s> <n>`: requests in flight at most (0:
+    /// no limit), on this proxy.
+    SetMaxconnServer(ServerRef, u32),
     SetMap {
         map: MapRef,
         key: String,
@@ -170,6 +173,7 @@ impl Request {
             Request::SetState(..)
                 | Request::EnableServer(..)
                 | Request::SetWeight(..)
+                | Request::SetMaxconnServer(..)
                 | Request::ClearCounters { .. }
                 | Request::ShutdownSessions(_)
                 | Request::Health(..)
@@ -291,6 +295,21 @@ pub fn parse(words: &[String]) -> Result<Request, String> {
             }
         }
         ["set", "server", rest @ ..] => parse_set_server(rest),
+        ["set", "maxconn", "server", rest @ ..] => {
+            let s = server_ref(rest.first().copied())?;
+            // HAProxy's words for each way the number can be wrong.
+            match rest.get(1).copied() {
+                None | Some("") => Err("Require <maxconn>.\n".into()),
+                Some(n) if !n.starts_with(|c: char| c.is_ascii_digit()) => {
+                    // HAProxy ends these two without a newline of their own.
+                    Err("maxconn string empty or preceded by garbage".into())
+                }
+                Some(n) => match n.parse::<u32>() {
+                    Ok(n) => Ok(Request::SetMaxconnServer(s, n)),
+                    Err(_) => Err("Trailing garbage in maxconn string".into()),
+                },
+            }
+        }
         ["set", "weight", rest @ ..] => {
             let s = server_ref(rest.first().copied())?;
             match rest.get(1..) {
@@ -599,6 +618,11 @@ const HELP: &[HelpEntry] = &[
         text: "modify a map entry",
     },
     HelpEntry {
+        words: &["set", "maxconn", "server"],
+        usage: "set maxconn server <bk>/<srv> <n>",
+        text: "change a server's maxconn setting (0: no limit)",
+    },
+    HelpEntry {
         words: &["set", "server"],
         usage: "set server <bk>/<srv> [opts]",
         text: "change a server's state (ready|drain|maint) or weight (<n>|<n>%)",
@@ -876,6 +900,10 @@ mod tests {
                 SetWeight(server("b", "s"), WeightArg::Absolute(7)),
             ),
             (
+                "set maxconn server b/s 20",
+                SetMaxconnServer(server("b", "s"), 20),
+            ),
+            (
                 "set server b/s weight 50%",
                 SetWeight(server("b", "s"), WeightArg::Percent(50)),
             ),
@@ -961,6 +989,16 @@ mod tests {
             ("set timeout server 3", "'set timeout' only supports 'cli'."),
             ("shutdown sessions server b", "Require 'backend/server'."),
             ("disable health", "Require 'backend/server'."),
+            ("set maxconn server", "Require 'backend/server'."),
+            ("set maxconn server b/s", "Require <maxconn>."),
+            (
+                "set maxconn server b/s x1",
+                "maxconn string empty or preceded by garbage",
+            ),
+            (
+                "set maxconn server b/s 1x",
+                "Trailing garbage in maxconn string",
+            ),
             ("clear counters now", "usage: clear counters"),
             ("show stat blue", "usage: show stat"),
             ("show stat blue x -1", "Invalid type"),
@@ -973,7 +1011,9 @@ mod tests {
             match parsed(line) {
                 Err(e) => {
                     assert!(e.contains(want), "{line}: {e:?} should say {want:?}");
-                    assert!(e.ends_with('\n'), "{line}: {e:?} ends its line");
+                    // Two of HAProxy's own answers end without a newline.
+                    let bare = e.contains("maxconn string");
+                    assert!(e.ends_with('\n') != bare, "{line}: {e:?} ends its line");
                 }
                 Ok(r) => panic!("{line}: parsed as {r:?}"),
             }

@@ -583,9 +583,14 @@ impl Snapshot {
             let mut row = StatRow::new();
             row.set(col!("pxname"), &svc.name);
             row.set(col!("svname"), &e.id);
+            // The queue is the service's: a server's own is empty.
             row.set(col!("qcur"), 0);
             row.set(col!("qmax"), 0);
             row.set(col!("scur"), c.in_flight);
+            let limit = e.live.max_conn();
+            if limit > 0 {
+                row.set(col!("slim"), limit);
+            }
             row.set(col!("stot"), c.requests);
             traffic_columns(&mut row, &s, self.now);
             row.set(col!("econ"), s.connect_failures);
@@ -655,8 +660,12 @@ impl Snapshot {
         let mut row = StatRow::new();
         row.set(col!("pxname"), &svc.name);
         row.set(col!("svname"), "BACKEND");
-        row.set(col!("qcur"), 0);
-        row.set(col!("qmax"), 0);
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        row.set(col!("qcur"), svc.settings.live.queued.load(relaxed));
+        row.set(col!("qmax"), svc.settings.live.max_queued.load(relaxed));
+        if let Some((qtime, _)) = svc.settings.live.queue_time.millis() {
+            row.set(col!("qtime"), qtime);
+        }
         row.set(
             col!("scur"),
             svc.settings
