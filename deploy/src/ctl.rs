@@ -57,6 +57,8 @@ pub enum CtlError {
     FleetOnly(&'static str),
     #[error("the proxies did not all apply it: {0}")]
     Unconfirmed(String),
+    #[error("cannot read the page {path}: {reason}")]
+    Page { path: String, reason: String },
 }
 
 /// What `ctl` does.
@@ -103,6 +105,18 @@ pub enum CtlCommand {
     /// Resumes a paused service: the waiting requests go on. Returns once
     /// every proxy applied it.
     Resume { service: String },
+    /// Puts a service in maintenance on every proxy (--etcd only): each
+    /// request gets 503 with the page; --off ends it. Returns once every
+    /// proxy applied it.
+    Maintenance {
+        service: String,
+        /// An HTML file to answer with (default: the service's 503 page).
+        #[arg(long, conflicts_with = "off")]
+        page: Option<std::path::PathBuf>,
+        /// End the maintenance.
+        #[arg(long)]
+        off: bool,
+    },
 }
 
 /// Where `ctl` sends its changes.
@@ -166,6 +180,25 @@ async fn fleet(opts: EtcdOptions, cmd: CtlCommand) -> Result<(), CtlError> {
         CtlCommand::Resume { service } => {
             let rev = store.delete_pause(&service).await?;
             println!("{service}: resumed at revision {rev}");
+            return confirm(opts, rev).await;
+        }
+        CtlCommand::Maintenance {
+            service, off: true, ..
+        } => {
+            let rev = store.delete_maintenance(&service).await?;
+            println!("{service}: maintenance ended at revision {rev}");
+            return confirm(opts, rev).await;
+        }
+        CtlCommand::Maintenance { service, page, .. } => {
+            let page = match page {
+                Some(path) => std::fs::read_to_string(&path).map_err(|e| CtlError::Page {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?,
+                None => String::new(),
+            };
+            let rev = store.set_maintenance(&service, page).await?;
+            println!("{service}: in maintenance at revision {rev}");
             return confirm(opts, rev).await;
         }
     };
@@ -239,6 +272,9 @@ async fn proxy(admin: &str, token: Option<&str>, cmd: CtlCommand) -> Result<(), 
         CtlCommand::Status => return print_services(admin).await,
         CtlCommand::Pause { .. } => return Err(CtlError::FleetOnly("a pause is fleet-wide")),
         CtlCommand::Resume { .. } => return Err(CtlError::FleetOnly("a resume is fleet-wide")),
+        CtlCommand::Maintenance { .. } => {
+            return Err(CtlError::FleetOnly("a maintenance is fleet-wide"))
+        }
         CtlCommand::State { server, state } => {
             let (s, id) = split_server(&server)?;
             (

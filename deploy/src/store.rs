@@ -367,18 +367,44 @@ impl Store {
             key: key.clone(),
             reason: e.to_string(),
         })?;
+        self.put_text(&key, value).await
+    }
+
+    /// Resumes `service`: deletes its pause; returns the revision.
+    pub async fn delete_pause(&mut self, service: &str) -> Result<i64, DeployError> {
+        let key = keys::pause_key(&self.prefixes, service);
+        self.delete_key(&key).await
+    }
+
+    /// Puts `service` in maintenance on every proxy, its requests
+    /// answered 503 with `page` (empty: the 503 page); returns the revision.
+    pub async fn set_maintenance(
+        &mut self,
+        service: &str,
+        page: String,
+    ) -> Result<i64, DeployError> {
+        let key = keys::maintenance_key(&self.prefixes, service);
+        self.put_text(&key, page).await
+    }
+
+    /// Ends `service`'s maintenance; returns the revision.
+    pub async fn delete_maintenance(&mut self, service: &str) -> Result<i64, DeployError> {
+        let key = keys::maintenance_key(&self.prefixes, service);
+        self.delete_key(&key).await
+    }
+
+    async fn put_text(&mut self, key: &str, value: String) -> Result<i64, DeployError> {
         let resp = self
             .request("write", &format!("write {key}"), |mut c| {
-                let (k, v) = (key.clone(), value.clone());
+                let (k, v) = (key.to_string(), value.clone());
                 async move { c.put(k, v, None).await }
             })
             .await?;
         header_revision(resp.header())
     }
 
-    /// Resumes `service`: deletes its pause; returns the revision.
-    pub async fn delete_pause(&mut self, service: &str) -> Result<i64, DeployError> {
-        let k = keys::pause_key(&self.prefixes, service);
+    async fn delete_key(&mut self, key: &str) -> Result<i64, DeployError> {
+        let k = key.to_string();
         let resp = self
             .request("delete", &format!("delete {k}"), |mut c| {
                 let k = k.clone();

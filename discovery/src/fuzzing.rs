@@ -80,6 +80,7 @@ fn schema_value(entry: &Entry) -> String {
         Entry::MapEntry { value, .. } => value.clone(),
         Entry::Override { spec, .. } => json(serde_json::json!(spec)),
         Entry::Pause { spec, .. } => json(serde_json::json!(spec)),
+        Entry::Maintenance { page, .. } => page.clone(),
     }
 }
 
@@ -119,7 +120,10 @@ pub fn consul_answers(data: &[u8]) {
             Entry::Route { name, spec } => {
                 assert!(spec.target().is_ok(), "route {name} is accepted: {spec:?}");
             }
-            Entry::MapEntry { .. } | Entry::Override { .. } | Entry::Pause { .. } => {
+            Entry::MapEntry { .. }
+            | Entry::Override { .. }
+            | Entry::Pause { .. }
+            | Entry::Maintenance { .. } => {
                 panic!("Consul derives only instances and routes: {entry:?}")
             }
         }

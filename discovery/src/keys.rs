@@ -10,6 +10,7 @@
 //! <pointsman>/maps/<map>/<key>            a map entry
 //! <pointsman>/overrides/<service>/<id>    a state or weight override
 //! <pointsman>/pauses/<service>            a service paused on every proxy
+//! <pointsman>/maintenance/<service>       a service in maintenance (its page)
 //! <pointsman>/proxies/<proxy-id>          a proxy's own record (not an entry)
 //! <pointsman>/history/maps/<map>/<key>    rollouts' previous map values
 //! ```
@@ -24,6 +25,8 @@ pub const MAPS: &str = "maps";
 pub const OVERRIDES: &str = "overrides";
 /// The section of paused services.
 pub const PAUSES: &str = "pauses";
+/// The section of services in maintenance.
+pub const MAINTENANCE: &str = "maintenance";
 /// The section of proxy records; the watcher ignores it.
 pub const PROXIES: &str = "proxies";
 /// The section where rollouts keep what they replaced; the watcher ignores
@@ -65,6 +68,11 @@ pub fn pause_key(p: &Prefixes, service: &str) -> String {
     format!("{}{service}", section_dir(p, PAUSES))
 }
 
+/// `<pointsman>/maintenance/<service>`.
+pub fn maintenance_key(p: &Prefixes, service: &str) -> String {
+    format!("{}{service}", section_dir(p, MAINTENANCE))
+}
+
 /// `<pointsman>/proxies/`.
 pub fn proxies_dir(p: &Prefixes) -> String {
     section_dir(p, PROXIES)
@@ -88,6 +96,7 @@ pub fn entry_key(p: &Prefixes, key: &EntryKey) -> String {
         EntryKey::MapEntry { map, key } => map_key(p, map, key),
         EntryKey::Override { service, id } => override_key(p, service, id),
         EntryKey::Pause { service } => pause_key(p, service),
+        EntryKey::Maintenance { service } => maintenance_key(p, service),
     }
 }
 
@@ -141,6 +150,12 @@ mod tests {
                 (
                     pause_key(&p, "web"),
                     EntryKey::Pause {
+                        service: "web".into(),
+                    },
+                ),
+                (
+                    maintenance_key(&p, "web"),
+                    EntryKey::Maintenance {
                         service: "web".into(),
                     },
                 ),

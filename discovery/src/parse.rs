@@ -160,6 +160,7 @@ const ROUTE_VALUE: &str =
 const MAP_VALUE: &str = "the map value as text, e.g. a service name such as web-green";
 const OVERRIDE_VALUE: &str = "a JSON override such as {\"state\":\"drain\",\"weight\":10}";
 const PAUSE_VALUE: &str = "a JSON pause such as {\"timeout\":\"30s\"}";
+const MAINTENANCE_VALUE: &str = "the maintenance page's HTML, as UTF-8 text";
 
 /// Parses one registry key and its value.
 ///
@@ -197,6 +198,10 @@ pub fn parse_entry(
         EntryKey::Pause { service } => Entry::Pause {
             service,
             spec: parse_pause(key, value)?,
+        },
+        EntryKey::Maintenance { service } => Entry::Maintenance {
+            service,
+            page: maintenance_page(key, value)?,
         },
     };
     Ok(Some(entry))
@@ -293,20 +298,23 @@ fn classify(p: &Prefixes, key: &str) -> Result<Option<EntryKey>, ParseError> {
             Ok(pair(key, rest, "service", "instance id", shape)?
                 .map(|(service, id)| EntryKey::Override { service, id }))
         }
-        keys::PAUSES => {
+        keys::PAUSES | keys::MAINTENANCE => {
             if rest.is_empty() || rest.ends_with('/') {
                 return Ok(None);
             }
-            let shape = "expected <pointsman>/pauses/<service>";
+            let shape = format!("expected <pointsman>/{section}/<service>");
             if rest.contains('/') {
                 return Err(key_error(
                     key,
                     format!("service name must not contain '/': {shape}"),
                 ));
             }
-            check_name(key, "service name", rest, shape)?;
-            Ok(Some(EntryKey::Pause {
-                service: rest.to_string(),
+            check_name(key, "service name", rest, &shape)?;
+            let service = rest.to_string();
+            Ok(Some(if section == keys::PAUSES {
+                EntryKey::Pause { service }
+            } else {
+                EntryKey::Maintenance { service }
             }))
         }
         // `proxies` holds each proxy's own heartbeat; other sections belong
@@ -368,11 +376,7 @@ fn key_error(key: &str, reason: String) -> ParseError {
 
 /// The value as trimmed, non-empty UTF-8 text.
 fn text<'v>(key: &str, value: &'v [u8], expected: &'static str) -> Result<&'v str, ParseError> {
-    let s = std::str::from_utf8(value).map_err(|_| ParseError::NotUtf8 {
-        key: key.to_string(),
-        expected,
-    })?;
-    let s = s.trim();
+    let s = maybe_empty(key, value, expected)?;
     if s.is_empty() {
         return Err(ParseError::Empty {
             key: key.to_string(),
@@ -380,6 +384,34 @@ fn text<'v>(key: &str, value: &'v [u8], expected: &'static str) -> Result<&'v st
         });
     }
     Ok(s)
+}
+
+/// A maintenance page as written (a page is sent byte for byte); blank
+/// means the service's 503 page.
+fn maintenance_page(key: &str, value: &[u8]) -> Result<String, ParseError> {
+    let page = std::str::from_utf8(value).map_err(|_| ParseError::NotUtf8 {
+        key: key.to_string(),
+        expected: MAINTENANCE_VALUE,
+    })?;
+    Ok(if page.trim().is_empty() {
+        String::new()
+    } else {
+        page.to_string()
+    })
+}
+
+/// [`text`] for values that may be empty: trimmed UTF-8.
+fn maybe_empty<'v>(
+    key: &str,
+    value: &'v [u8],
+    expected: &'static str,
+) -> Result<&'v str, ParseError> {
+    std::str::from_utf8(value)
+        .map(str::trim)
+        .map_err(|_| ParseError::NotUtf8 {
+            key: key.to_string(),
+            expected,
+        })
 }
 
 /// The JSON form of a registration.
@@ -501,7 +533,7 @@ fn parse_override(key: &str, value: &[u8]) -> Result<Override, ParseError> {
 /// A pause: `{"timeout":"30s"}`, or empty (`{}` or nothing) for the
 /// default timeout.
 fn parse_pause(key: &str, value: &[u8]) -> Result<PauseSpec, ParseError> {
-    let raw = text(key, value, PAUSE_VALUE)?.trim();
+    let raw = maybe_empty(key, value, PAUSE_VALUE)?;
     if raw.is_empty() {
         return Ok(PauseSpec::default());
     }

@@ -52,6 +52,12 @@ pub enum Entry {
         service: String,
         spec: PauseSpec,
     },
+    /// A service in maintenance on every proxy: `page` is the HTML its
+    /// requests get with the 503 (empty: the service's 503 page).
+    Maintenance {
+        service: String,
+        page: String,
+    },
 }
 
 /// The identity of an [`Entry`], for removals.
@@ -63,6 +69,7 @@ pub enum EntryKey {
     MapEntry { map: String, key: String },
     Override { service: String, id: String },
     Pause { service: String },
+    Maintenance { service: String },
 }
 
 impl Entry {
@@ -78,6 +85,9 @@ impl Entry {
                 key: key.clone(),
             },
             Entry::Pause { service, .. } => EntryKey::Pause {
+                service: service.clone(),
+            },
+            Entry::Maintenance { service, .. } => EntryKey::Maintenance {
                 service: service.clone(),
             },
             Entry::Override { service, id, .. } => EntryKey::Override {
@@ -104,6 +114,7 @@ impl fmt::Display for EntryKey {
             EntryKey::MapEntry { map, key } => write!(f, "map {map}/{key}"),
             EntryKey::Override { service, id } => write!(f, "override {service}/{id}"),
             EntryKey::Pause { service } => write!(f, "pause of {service}"),
+            EntryKey::Maintenance { service } => write!(f, "maintenance of {service}"),
         }
     }
 }

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pointsman_discovery::registration::{DEFAULT_WEIGHT, MAX_WEIGHT};
@@ -276,6 +277,13 @@ pub struct ServiceConfig {
     /// connect timeout, as HAProxy's `timeout queue`).
     #[serde(default)]
     pub queue_timeout: Option<HumanDuration>,
+    /// The body of the proxy's own 502, 503 and 504 answers for this
+    /// service: an HTML file per status, read when the config is.
+    #[serde(default)]
+    pub error_pages: BTreeMap<String, PathBuf>,
+    /// Those files' contents, by status (filled by validation).
+    #[serde(skip)]
+    pub error_page_bodies: BTreeMap<u16, Arc<str>>,
     /// Let `Upgrade: h2c` through to the endpoints (off: such a request
     /// is sent as plain HTTP/1.1, as a server that ignores it would see).
     #[serde(default)]
@@ -583,6 +591,13 @@ impl Config {
             }
             svc.check_sticky()
                 .map_err(|m| invalid(span.clone(), format!("{key}.cookie"), m))?;
+            let mut svc = svc;
+            for (status, file) in &svc.error_pages {
+                let key = format!("{key}.error_pages.{status}");
+                let (status, body) = read_error_page(origin, status, file)
+                    .map_err(|m| invalid(span.clone(), key, m))?;
+                svc.error_page_bodies.insert(status, body);
+            }
             services.insert(name, svc);
         }
 
@@ -656,6 +671,30 @@ fn duplicate_bind(listeners: &[Listener]) -> Option<SocketAddr> {
         .iter()
         .find(|l| !seen.insert(l.bind))
         .map(|l| l.bind)
+}
+
+/// The statuses a service's error page may replace: the answers the
+/// proxy makes itself for it.
+pub const ERROR_PAGE_STATUSES: [u16; 3] = [502, 503, 504];
+
+/// Reads an error page; a relative path is relative to the config file.
+fn read_error_page(origin: &str, status: &str, file: &Path) -> Result<(u16, Arc<str>), String> {
+    let Some(status) = status
+        .parse::<u16>()
+        .ok()
+        .filter(|s| ERROR_PAGE_STATUSES.contains(s))
+    else {
+        return Err(format!(
+            "{status} is not a status the proxy answers for a service: expected 502, 503 or 504"
+        ));
+    };
+    let path = match Path::new(origin).parent() {
+        Some(dir) if file.is_relative() => dir.join(file),
+        _ => file.to_path_buf(),
+    };
+    std::fs::read_to_string(&path)
+        .map(|page| (status, Arc::from(page)))
+        .map_err(|e| format!("cannot read the page {}: {e}", path.display()))
 }
 
 fn validate_name(name: &str) -> Result<(), String> {

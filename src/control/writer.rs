@@ -142,6 +142,8 @@ struct SourceEntries {
     overrides: HashMap<String, BTreeMap<String, Override>>,
     /// Services paused fleet-wide.
     pauses: HashMap<String, PauseSpec>,
+    /// Services in maintenance fleet-wide, with their pages.
+    maintenance: HashMap<String, String>,
 }
 
 /// What a batch of commands touched.
@@ -507,6 +509,7 @@ impl Control {
                 dirty.services.extend(old.instances.keys().cloned());
                 dirty.services.extend(old.overrides.keys().cloned());
                 dirty.services.extend(old.pauses.keys().cloned());
+                dirty.services.extend(old.maintenance.keys().cloned());
                 dirty.maps.extend(old.maps.keys().cloned());
                 dirty.routes |= !old.routes.is_empty();
                 for entry in all {
@@ -635,6 +638,7 @@ impl Control {
         if registered_none
             && configured.is_none()
             && settings.paused.is_none()
+            && settings.maintenance.is_none()
             && departing.is_empty()
             && !self.live.contains_key(name)
         {
@@ -670,6 +674,7 @@ impl Control {
         if registered_none
             && configured.is_none()
             && settings.paused.is_none()
+            && settings.maintenance.is_none()
             && departing.is_empty()
         {
             self.service_live.remove(name);
@@ -726,6 +731,18 @@ impl Control {
             upstream_idle_timeout: global.upstream_idle_timeout,
             h2c_upgrade: defaults.h2c_upgrade,
             hold_timeout: defaults.hold_timeout.map(|d| d.0).filter(|d| !d.is_zero()),
+            error_pages: Arc::new(
+                defaults
+                    .error_page_bodies
+                    .iter()
+                    .map(|(s, page)| (*s, bytes::Bytes::from(page.to_string())))
+                    .collect(),
+            ),
+            maintenance: self
+                .sources
+                .values()
+                .find_map(|e| e.maintenance.get(name))
+                .map(|page| bytes::Bytes::from(page.clone())),
             endpoint_max_connections: defaults.endpoint_max_connections.unwrap_or(0),
             queue_timeout: defaults
                 .queue_timeout
@@ -989,6 +1006,10 @@ fn upsert(entries: &mut SourceEntries, entry: Entry, dirty: &mut Dirty) {
             dirty.services.insert(service.clone());
             entries.pauses.insert(service, spec);
         }
+        Entry::Maintenance { service, page } => {
+            dirty.services.insert(service.clone());
+            entries.maintenance.insert(service, page);
+        }
     }
 }
 
@@ -1024,6 +1045,10 @@ fn remove(entries: &mut SourceEntries, key: EntryKey, dirty: &mut Dirty) {
         }
         EntryKey::Pause { service } => {
             entries.pauses.remove(&service);
+            dirty.services.insert(service);
+        }
+        EntryKey::Maintenance { service } => {
+            entries.maintenance.remove(&service);
             dirty.services.insert(service);
         }
     }

@@ -568,7 +568,9 @@ pub struct EndpointCounters {
     /// The last active check, if the endpoint has checks (the admin API's
     /// own type: the engine fills it, the admin API sends it as it is).
     pub check: Option<CheckView>,
-    /// Its checks are stopped (`disable health`).
+    /// Its checks are stopped (`disable health`). Not in `/api/services`,
+    /// whose shape deploy tools read: there a paused check is no check.
+    #[serde(skip)]
     pub checks_paused: bool,
     /// Idle upstream keep-alive connections.
     pub idle_connections: usize,

@@ -241,7 +241,8 @@ impl ConnContext {
         // The head is complete: the connection is busy until the response
         // body ends, whatever the request body and the upstream take.
         let conn_active = self.activity.start();
-        let mut resp = match self.forward(req, conn_active).await {
+        let mut pages = None;
+        let mut resp = match self.forward(req, conn_active, &mut pages).await {
             Ok(resp) => resp,
             Err(e) => {
                 match &e {
@@ -252,7 +253,7 @@ impl ConnContext {
                     }
                     _ => tracing::debug!(peer = %self.peer, error = %e, "request refused"),
                 }
-                let mut resp = e.response();
+                let mut resp = e.response_with(pages.as_ref().and_then(|p: &Pages| p.page(&e)));
                 if let ProxyError::BadRequest(_) = e {
                     self.frontend.bad_request();
                 }
@@ -280,10 +281,13 @@ impl ConnContext {
 
     /// The phases in order (see the module doc): one route and head, then
     /// tries until one answers or the retry state gives up.
+    /// Forwards one request; `pages` gets the pages of the service it
+    /// was routed to, for the answer to an error.
     async fn forward(
         &self,
         mut req: Request<Incoming>,
         conn_active: ConnActive,
+        pages: &mut Option<Pages>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let started = Instant::now();
         one_authority(&mut req)?;
@@ -296,6 +300,10 @@ impl ConnContext {
             let (service, rewrite) = self.route(&table, req.uri(), req.headers())?;
             (service, rewrite, table.version)
         };
+        *pages = Some(Pages::of(&service));
+        if service.settings.maintenance.is_some() {
+            return Err(ProxyError::Maintenance(service.name.clone()));
+        }
         let sticky = sticky_of(&service, req.headers());
         if let Some(cookie) = &service.settings.sticky {
             cookie.clean_request(req.headers_mut());
@@ -796,6 +804,36 @@ impl UpstreamHead {
             }
         }
         req
+    }
+}
+
+/// A service's own pages for the proxy's answers (`error_pages`, a
+/// maintenance page), kept from its routing for the error response.
+struct Pages {
+    by_status: Arc<std::collections::BTreeMap<u16, bytes::Bytes>>,
+    maintenance: Option<bytes::Bytes>,
+}
+
+impl Pages {
+    fn of(service: &Service) -> Self {
+        Pages {
+            by_status: service.settings.error_pages.clone(),
+            maintenance: service.settings.maintenance.clone(),
+        }
+    }
+
+    /// The page for `e`'s answer: a maintenance's own (else the 503
+    /// page), or the page for its status.
+    fn page(&self, e: &ProxyError) -> Option<&bytes::Bytes> {
+        let status = e.status().as_u16();
+        match e {
+            ProxyError::Maintenance(_) => self
+                .maintenance
+                .as_ref()
+                .filter(|p| !p.is_empty())
+                .or_else(|| self.by_status.get(&status)),
+            _ => self.by_status.get(&status),
+        }
     }
 }
 

@@ -75,6 +75,8 @@ pub enum ProxyError {
     NoEndpoint(Arc<str>),
     #[error("service {0:?} is paused; try again shortly")]
     Paused(Arc<str>),
+    #[error("service {0:?} is down for maintenance")]
+    Maintenance(Arc<str>),
     #[error(
         "every endpoint of service {0:?} is at its connection limit and the queue_timeout passed"
     )]
@@ -103,6 +105,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoEndpoint(_)
             | ProxyError::Paused(_)
+            | ProxyError::Maintenance(_)
             | ProxyError::QueueTimeout(_)
             | ProxyError::UnknownService(_)
             | ProxyError::NoMapEntry { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -112,6 +115,21 @@ impl ProxyError {
             ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
+    }
+
+    /// The response a client sees, with the service's own page for its
+    /// status if it has one (`error_pages`, a maintenance page).
+    pub fn response_with(&self, page: Option<&Bytes>) -> Response<ProxyBody> {
+        let Some(page) = page.filter(|p| !p.is_empty()) else {
+            return self.response();
+        };
+        let mut resp = self.response();
+        *resp.body_mut() = ProxyBody::text(page.clone());
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        resp
     }
 
     /// The response a client sees. Upstream addresses stay in the log.

@@ -70,6 +70,12 @@ pub struct ServiceSettings {
     /// How long a request waits for an endpoint while none takes new
     /// requests; `None`: 503 at once.
     pub hold_timeout: Option<Duration>,
+    /// The bodies of the proxy's own 502, 503 and 504 answers, by status
+    /// (`error_pages`); the default plain text where none is set.
+    pub error_pages: Arc<std::collections::BTreeMap<u16, bytes::Bytes>>,
+    /// In maintenance on every proxy (`<pointsman>/maintenance/<service>`):
+    /// every request gets 503 with this page (empty: the 503 page).
+    pub maintenance: Option<bytes::Bytes>,
     /// Requests in flight per endpoint at most (0: no limit), and how
     /// long a request queues for a slot.
     pub endpoint_max_connections: u32,

@@ -518,3 +518,36 @@ fn flat_keys_are_instances_of_the_service_their_name_gives() {
         "{why}"
     );
 }
+
+#[test]
+fn pauses_and_maintenance_pages_are_read_with_their_defaults() {
+    let pause = |value: &str| match ok("/pointsman/pauses/web", value) {
+        Entry::Pause { service, spec } => (service, spec.timeout),
+        other => panic!("not a pause: {other:?}"),
+    };
+    assert_eq!(
+        pause(r#"{"timeout":"5s"}"#),
+        ("web".into(), Duration::from_secs(5))
+    );
+    assert_eq!(pause(""), ("web".into(), Duration::from_secs(30)));
+    assert_eq!(pause("{}"), ("web".into(), Duration::from_secs(30)));
+    let msg = err("/pointsman/pauses/web", r#"{"timeout":"0s"}"#);
+    assert!(msg.contains("pause timeout is 0"), "{msg}");
+    let msg = err("/pointsman/pauses/web", r#"{"wait":"5s"}"#);
+    assert!(msg.contains("unknown field `wait`"), "{msg}");
+    let msg = err("/pointsman/pauses/web/extra", "{}");
+    assert!(
+        msg.contains("expected <pointsman>/pauses/<service>"),
+        "{msg}"
+    );
+
+    let page = |value: &str| match ok("/pointsman/maintenance/web", value) {
+        Entry::Maintenance { service, page } => (service, page),
+        other => panic!("not a maintenance: {other:?}"),
+    };
+    assert_eq!(
+        page("<h1>back soon</h1>\n"),
+        ("web".into(), "<h1>back soon</h1>\n".into())
+    );
+    assert_eq!(page(" \n"), ("web".into(), String::new()));
+}
