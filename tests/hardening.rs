@@ -197,6 +197,56 @@ async fn a_client_that_stops_reading_is_closed_and_the_upstream_request_aborted(
     );
 }
 
+/// Client connections open in the proxy, from `/metrics`.
+async fn open_conns(proxy: &Proxy) -> i64 {
+    let open = proxy.metric("pointsman_client_connections").await;
+    open.expect("pointsman_client_connections in /metrics") as i64
+}
+
+/// A proxy in front of a real upstream (`pointsman upstream`, whose
+/// `/bytes?n=N` streams N bytes), with `global` settings.
+async fn proxy_for_real(up: &Upstream, global: &str) -> Proxy {
+    let addr = up.addr;
+    Proxy::start(|| config(free_addr(), addr, global, "")).await
+}
+
+/// A client that stops reading a response of several MB is reset at
+/// `body_timeout`: closed gracefully, its connection would leave the
+/// kernel holding (and retrying for minutes) the send buffer it never
+/// took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_large_response_is_reset() {
+    let up = Upstream::start("big").await;
+    let proxy = proxy_for_real(&up, "body_timeout = \"500ms\"\nidle_timeout = \"60s\"").await;
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    s.write_all(b"GET /bytes?n=16000000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("send");
+    let mut head = Vec::new();
+    read_until_blank_line(&mut s, &mut head).await;
+    assert_eq!(parse_head(&head).0, 200, "{}", text(&head));
+    let stopped = Instant::now();
+    wait_for(
+        Duration::from_secs(5),
+        "the proxy to cut the connection of a client that stopped reading",
+        || async { open_conns(&proxy).await == 0 },
+    )
+    .await;
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_millis(400),
+        "cut after {took:?}, before the 500 ms body_timeout"
+    );
+    let (got, reset) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        reset,
+        "the connection was closed gracefully: the client could still read {} bytes \
+         the kernel had held for it",
+        got.len()
+    );
+    assert!(got.len() < 16_000_000, "the whole body arrived");
+}
+
 // --- retries only when the request provably did not reach the upstream --
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -112,6 +112,16 @@ impl HttpProxy {
     }
 }
 
+/// Makes the coming close of `io` a reset (RST, as with SO_LINGER 0): for
+/// a response cut short, so that even a body that ends at close reads as
+/// broken; and for a client that stopped reading, because a plain close
+/// leaves the kernel holding what the client never took (up to the
+/// socket's send buffer, a few MB on a fast link) and retrying its
+/// delivery for minutes.
+fn reset(io: &ClientIo) {
+    let _ = socket2::SockRef::from(io.get_ref()).set_linger(Some(Duration::ZERO));
+}
+
 /// The protocol a client connection speaks.
 enum Protocol {
     Http1,
@@ -286,9 +296,7 @@ impl ClientConn {
                         // A response was cut short: reset (RST), so that
                         // even a body that ends at close reads as broken.
                         if let Some(parts) = conn.into_parts() {
-                            let io = parts.io.into_inner();
-                            let _ = socket2::SockRef::from(io.get_ref())
-                                .set_linger(Some(Duration::ZERO));
+                            reset(&parts.io.into_inner());
                         }
                     }
                     return None;
@@ -310,8 +318,12 @@ impl ClientConn {
                 }
                 Woke::Expired(Expired::Send) => {
                     // Dropping the connection drops the response body
-                    // and with it the upstream request.
-                    tracing::debug!(peer = %self.peer, "client did not read its response within body_timeout; closing");
+                    // and with it the upstream request. A reset, not a
+                    // close: see `reset`.
+                    tracing::debug!(peer = %self.peer, "client did not read its response within body_timeout; resetting");
+                    if let Some(parts) = conn.into_parts() {
+                        reset(&parts.io.into_inner());
+                    }
                     return None;
                 }
                 Woke::Expired(Expired::Idle) => {
