@@ -269,13 +269,21 @@ impl ClientConn {
         let mut closing = false;
         loop {
             let (idle, head, send) = self.timers();
-            let mut wait = self.activity.check(idle, head, send).unwrap_or_default();
-            if !closing {
+            let wait = if closing {
+                // hyper flushes before it closes: only the send timer
+                // still runs, for a client that does not take the last
+                // bytes. Looked at every `PARK_AFTER`, so that a write
+                // that blocks later is seen.
+                let (idle, head) = (Duration::MAX, Duration::MAX);
+                let wait = self.activity.check(idle, head, send).unwrap_or_default();
+                wait.min(PARK_AFTER)
+            } else {
                 // Not parkable now (a request is being answered): look
                 // again after `PARK_AFTER`, so a busy connection's timer
                 // fires at most that often.
-                wait = wait.min(self.activity.park_in(PARK_AFTER).unwrap_or(PARK_AFTER));
-            }
+                let wait = self.activity.check(idle, head, send).unwrap_or_default();
+                wait.min(self.activity.park_in(PARK_AFTER).unwrap_or(PARK_AFTER))
+            };
             let woke = tokio::select! {
                 biased;
                 result = &mut *conn => {
@@ -301,8 +309,7 @@ impl ClientConn {
                     }
                     return None;
                 }
-                // Once closing, only the connection itself is waited for.
-                woke = self.until(wait), if !closing => woke,
+                woke = self.until(wait) => woke,
             };
             match woke {
                 // HTTP/1 is not closed at once (hyper would close an idle
@@ -326,6 +333,8 @@ impl ClientConn {
                     }
                     return None;
                 }
+                // Closing already: hyper ends the connection.
+                _ if closing => {}
                 Woke::Expired(Expired::Idle) => {
                     Pin::new(&mut *conn).graceful_shutdown();
                     closing = true;
