@@ -247,6 +247,89 @@ async fn a_client_that_stops_reading_a_large_response_is_reset() {
     assert!(got.len() < 16_000_000, "the whole body arrived");
 }
 
+/// The frames (type, flags, payload) in `bytes`, as far as they are whole.
+fn h2_frames(bytes: &[u8]) -> Vec<(u8, u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        let len = usize::from(bytes[at]) << 16
+            | usize::from(bytes[at + 1]) << 8
+            | usize::from(bytes[at + 2]);
+        let Some(payload) = bytes.get(at + 9..at + 9 + len) else {
+            break;
+        };
+        frames.push((bytes[at + 3], bytes[at + 4], payload.to_vec()));
+        at += 9 + len;
+    }
+    frames
+}
+
+/// An HTTP/2 client that completes the handshake and then stays silent
+/// never acknowledges the PING sent with the drain's GOAWAY: it is closed
+/// after one idle timeout, and the drain ends then, not at its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_h2_client_does_not_hold_the_drain() {
+    const SETTINGS: u8 = 4;
+    const PING: u8 = 6;
+    const GOAWAY: u8 = 7;
+    let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
+    let global = "idle_timeout = \"1s\"\nheader_read_timeout = \"60s\"\ndrain_timeout = \"30s\"";
+    let mut proxy = proxy_for(&up, global, "").await;
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    // The preface and empty SETTINGS, then the server's SETTINGS acknowledged.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("send the preface");
+    let mut got = Vec::new();
+    while !h2_frames(&got)
+        .iter()
+        .any(|(t, f, _)| *t == SETTINGS && *f == 0)
+    {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("the server's SETTINGS within 5 s")
+            .expect("read");
+        assert!(n > 0, "closed before the server's SETTINGS");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    s.write_all(b"\0\0\0\x04\x01\0\0\0\0")
+        .await
+        .expect("acknowledge the server's SETTINGS");
+    wait_for(
+        Duration::from_secs(5),
+        "the h2 connection to be counted",
+        || async { open_conns(&proxy).await == 1 },
+    )
+    .await;
+
+    let start = Instant::now();
+    sigterm(proxy.pid());
+    let child = proxy.child();
+    wait_until(
+        Duration::from_secs(10),
+        "the proxy to finish its drain (drain_timeout is 30 s)",
+        || matches!(child.try_wait(), Ok(Some(_))),
+    )
+    .await;
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "the silent client was closed after {took:?}, before the 1 s idle timeout"
+    );
+    let stderr = proxy.stderr();
+    assert!(
+        stderr.contains("drained: every connection finished"),
+        "{stderr}"
+    );
+    let (rest, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    let types: Vec<u8> = h2_frames(&rest).iter().map(|(t, _, _)| *t).collect();
+    assert!(
+        types.contains(&GOAWAY) && types.contains(&PING),
+        "the drain sent GOAWAY and PING first: frame types {types:?}"
+    );
+}
+
 // --- retries only when the request provably did not reach the upstream --
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

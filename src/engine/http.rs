@@ -351,7 +351,8 @@ impl ClientConn {
         }
     }
 
-    /// Serves an HTTP/2 connection until it ends; the drain sends GOAWAY.
+    /// Serves an HTTP/2 connection until it ends; the drain, or the idle
+    /// timeout, sends GOAWAY.
     async fn serve_h2<S>(&mut self, io: ClientIo, svc: S)
     where
         S: hyper::service::Service<
@@ -378,9 +379,19 @@ impl ClientConn {
                     }
                     return;
                 }
-                woke = self.until(wait), if !closing => woke,
+                woke = self.until(wait) => woke,
             };
             match woke {
+                // hyper closes once the client acknowledges the PING sent
+                // with the GOAWAY and its streams are done; a client that
+                // never does would hold the connection, and a drain, until
+                // it leaves: it gets one more idle timeout (the GOAWAY was
+                // the last byte to move).
+                Woke::Expired(Expired::Idle) if closing => {
+                    tracing::debug!(peer = %self.peer, "GOAWAY not acknowledged within idle_timeout; closing");
+                    return;
+                }
+                Woke::Drain if closing => {}
                 Woke::Drain | Woke::Expired(Expired::Idle) => {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
