@@ -227,7 +227,7 @@ async fn a_client_that_stops_reading_a_large_response_is_reset() {
     assert_eq!(parse_head(&head).0, 200, "{}", text(&head));
     let stopped = Instant::now();
     wait_for(
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         "the proxy to cut the connection of a client that stopped reading",
         || async { open_conns(&proxy).await == 0 },
     )
@@ -245,6 +245,44 @@ async fn a_client_that_stops_reading_a_large_response_is_reset() {
         got.len()
     );
     assert!(got.len() < 16_000_000, "the whole body arrived");
+}
+
+/// A keep-alive client that sends requests and never reads: once its
+/// socket is full, a response ends at the proxy with its final bytes
+/// still waiting to be written, and the next request waits behind them
+/// without being answered. That write counts against `body_timeout` too;
+/// the header and idle timeouts, here a minute, would hold the connection
+/// that long (and a graceful close for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_left_unsent_after_a_response_are_cut_at_body_timeout() {
+    let up = Upstream::start("big").await;
+    let global = "body_timeout = \"500ms\"\nidle_timeout = \"60s\"\nheader_read_timeout = \"60s\"";
+    let proxy = proxy_for_real(&up, global).await;
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    // 512 responses of 32 KiB: 16 MiB, more than the sockets hold; each
+    // less than what the proxy buffers above the socket, so it ends there.
+    let piece = b"GET /bytes?n=32768 HTTP/1.1\r\nHost: a\r\n\r\n";
+    s.write_all(&piece.repeat(512)).await.expect("send");
+    let start = Instant::now();
+    // Well short of the minute the other timers would allow, with room
+    // for a loaded machine.
+    wait_for(
+        Duration::from_secs(10),
+        "the proxy to cut a client whose responses wait unsent",
+        || async { open_conns(&proxy).await == 0 },
+    )
+    .await;
+    let took = start.elapsed();
+    let (got, reset) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    assert!(reset, "closed gracefully after {} bytes", got.len());
+    assert!(
+        got.len() < 512 * 32768,
+        "every response arrived: nothing was left unsent"
+    );
+    assert!(
+        took >= Duration::from_millis(400),
+        "cut after {took:?}, before the 500 ms body_timeout"
+    );
 }
 
 /// The frames (type, flags, payload) in `bytes`, as far as they are whole.
