@@ -302,22 +302,19 @@ fn h2_frames(bytes: &[u8]) -> Vec<(u8, u8, Vec<u8>)> {
     frames
 }
 
-/// An HTTP/2 client that completes the handshake and then stays silent
-/// never acknowledges the PING sent with the drain's GOAWAY: it is closed
-/// after one idle timeout, and the drain ends then, not at its timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_h2_client_does_not_hold_the_drain() {
+/// Sends the HTTP/2 preface with `settings` (id, value pairs), waits for
+/// the server's SETTINGS and acknowledges them.
+async fn h2_handshake(s: &mut TcpStream, settings: &[(u16, u32)]) {
     const SETTINGS: u8 = 4;
-    const PING: u8 = 6;
-    const GOAWAY: u8 = 7;
-    let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
-    let global = "idle_timeout = \"1s\"\nheader_read_timeout = \"60s\"\ndrain_timeout = \"30s\"";
-    let mut proxy = proxy_for(&up, global, "").await;
-    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
-    // The preface and empty SETTINGS, then the server's SETTINGS acknowledged.
-    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-        .await
-        .expect("send the preface");
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let len = u32::try_from(settings.len() * 6).expect("a few settings");
+    hello.extend_from_slice(&len.to_be_bytes()[1..]);
+    hello.extend_from_slice(&[SETTINGS, 0, 0, 0, 0, 0]);
+    for (id, value) in settings {
+        hello.extend_from_slice(&id.to_be_bytes());
+        hello.extend_from_slice(&value.to_be_bytes());
+    }
+    s.write_all(&hello).await.expect("send the preface");
     let mut got = Vec::new();
     while !h2_frames(&got)
         .iter()
@@ -331,9 +328,64 @@ async fn a_silent_h2_client_does_not_hold_the_drain() {
         assert!(n > 0, "closed before the server's SETTINGS");
         got.extend_from_slice(&chunk[..n]);
     }
-    s.write_all(b"\0\0\0\x04\x01\0\0\0\0")
+    s.write_all(&[0, 0, 0, SETTINGS, 1, 0, 0, 0, 0])
         .await
         .expect("acknowledge the server's SETTINGS");
+}
+
+/// An HTTP/2 client that opens its flow-control windows wide, asks for a
+/// large response and stops reading is reset at `body_timeout`, as an
+/// HTTP/1 one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_stops_reading_is_reset() {
+    let up = Upstream::start("big").await;
+    let proxy = proxy_for_real(&up, "body_timeout = \"500ms\"\nidle_timeout = \"60s\"").await;
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    // SETTINGS_INITIAL_WINDOW_SIZE, and the connection's window, at most.
+    h2_handshake(&mut s, &[(4, 0x7fff_ffff)]).await;
+    let mut frames = vec![0, 0, 4, 8, 0, 0, 0, 0, 0];
+    frames.extend_from_slice(&(0x7fff_ffff_u32 - 65_535).to_be_bytes());
+    // GET /bytes?n=16000000 on stream 1 (HPACK: :method GET, :scheme
+    // http, then :path and :authority as literals).
+    let path = b"/bytes?n=16000000";
+    let mut block = vec![0x82, 0x86, 0x44, path.len() as u8];
+    block.extend_from_slice(path);
+    block.extend_from_slice(&[0x41, 1, b'a']);
+    frames.extend_from_slice(&[0, 0, block.len() as u8, 1, 0x05, 0, 0, 0, 1]);
+    frames.extend_from_slice(&block);
+    s.write_all(&frames).await.expect("send the request");
+    let stopped = Instant::now();
+    wait_for(
+        Duration::from_secs(5),
+        "the proxy to cut the h2 connection of a client that stopped reading",
+        || async { open_conns(&proxy).await == 0 },
+    )
+    .await;
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_millis(400),
+        "cut after {took:?}, before the 500 ms body_timeout"
+    );
+    let (got, reset) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        reset,
+        "the h2 connection was closed gracefully: the client could still read {} bytes",
+        got.len()
+    );
+}
+
+/// An HTTP/2 client that completes the handshake and then stays silent
+/// never acknowledges the PING sent with the drain's GOAWAY: it is closed
+/// after one idle timeout, and the drain ends then, not at its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_h2_client_does_not_hold_the_drain() {
+    const PING: u8 = 6;
+    const GOAWAY: u8 = 7;
+    let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
+    let global = "idle_timeout = \"1s\"\nheader_read_timeout = \"60s\"\ndrain_timeout = \"30s\"";
+    let mut proxy = proxy_for(&up, global, "").await;
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    h2_handshake(&mut s, &[]).await;
     wait_for(
         Duration::from_secs(5),
         "the h2 connection to be counted",

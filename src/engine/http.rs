@@ -7,7 +7,9 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -16,6 +18,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -120,6 +123,62 @@ impl HttpProxy {
 /// delivery for minutes.
 fn reset(io: &ClientIo) {
     let _ = socket2::SockRef::from(io.get_ref()).set_linger(Some(Duration::ZERO));
+}
+
+/// An HTTP/2 client stream, [`reset`] when dropped once `reset` is set:
+/// hyper's HTTP/2 connection does not give its stream back as HTTP/1's
+/// does.
+struct H2Io {
+    io: ClientIo,
+    reset: Arc<AtomicBool>,
+}
+
+impl Drop for H2Io {
+    fn drop(&mut self) {
+        if self.reset.load(Relaxed) {
+            reset(&self.io);
+        }
+    }
+}
+
+impl AsyncRead for H2Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for H2Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// The protocol a client connection speaks.
@@ -366,11 +425,23 @@ impl ClientConn {
         let mut http = http2::Builder::new(TokioExecutor::new());
         http.timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX));
+        let reset_on_drop = Arc::new(AtomicBool::new(false));
+        let io = H2Io {
+            io,
+            reset: reset_on_drop.clone(),
+        };
         let mut conn = Box::pin(http.serve_connection(TokioIo::new(io), svc));
         let mut closing = false;
         loop {
             let (idle, head, send) = self.timers();
-            let wait = self.activity.check(idle, head, send).unwrap_or_default();
+            // Looked at again within `send` at the latest: a stream that
+            // opens while the connection idles would otherwise leave its
+            // blocked writes to the idle or head timer.
+            let wait = self
+                .activity
+                .check(idle, head, send)
+                .unwrap_or_default()
+                .min(send);
             let woke = tokio::select! {
                 biased;
                 result = conn.as_mut() => {
@@ -398,7 +469,9 @@ impl ClientConn {
                 }
                 Woke::Expired(Expired::Head) => return,
                 Woke::Expired(Expired::Send) => {
-                    tracing::debug!(peer = %self.peer, "client did not read its responses within body_timeout; closing");
+                    // A reset, not a close: see `reset`.
+                    tracing::debug!(peer = %self.peer, "client did not read its responses within body_timeout; resetting");
+                    reset_on_drop.store(true, Relaxed);
                     return;
                 }
                 Woke::Serve => {}
