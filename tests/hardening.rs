@@ -2,7 +2,9 @@
 //! upstream that does, gets through the proxy, and exactly what reached
 //! the upstream. A stalled request body is cut after `body_timeout` (408
 //! while held; an aborted upstream request once streaming) and frees its
-//! connection slot; a client that stops reading is closed; a request that
+//! connection slot; a client that stops reading (HTTP/1 or HTTP/2, during
+//! a response or with its last bytes unsent after it) is reset at
+//! `body_timeout`; a silent HTTP/2 client cannot hold a drain; a request that
 //! reached the upstream is not sent again unless idempotent and allowed;
 //! conflicting or unknown response framing, a 101 nobody asked for and a
 //! body cut short never reach a client as if they were fine.
