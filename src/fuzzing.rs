@@ -219,10 +219,9 @@ const ANSWER_BOUND: Duration = Duration::from_secs(5);
 
 /// How long the client waits for the proxy to close before it closes
 /// itself: well past the rig's idle (10 ms) and head (100 ms) timeouts,
-/// which close a connection that is done. Two waits have no timer of
-/// their own (see the FUZZING section of src/control/CONFIG.md): a
-/// request body that stops coming, and an idle HTTP/2 client that never
-/// acknowledges the PING of its GOAWAY; the client's leaving ends them.
+/// which close a connection that is done. One wait has no timer of its
+/// own (see the Fuzzing section of src/control/CONFIG.md): a request body
+/// that stops coming; the client's leaving ends it.
 const PATIENCE: Duration = Duration::from_millis(250);
 
 /// The bytes a client sends on one connection, through the proxy to a

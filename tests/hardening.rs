@@ -2,7 +2,9 @@
 //! upstream that does, gets through the proxy, and exactly what reached
 //! the upstream. A stalled request body is cut after `body_timeout` (408
 //! while held; an aborted upstream request once streaming) and frees its
-//! connection slot; a client that stops reading is closed; a request that
+//! connection slot; a client that stops reading (HTTP/1 or HTTP/2, during
+//! a response or with its last bytes unsent after it) is reset at
+//! `body_timeout`; a silent HTTP/2 client cannot hold a drain; a request that
 //! reached the upstream is not sent again unless idempotent and allowed;
 //! conflicting or unknown response framing, a 101 nobody asked for and a
 //! body cut short never reach a client as if they were fine.
@@ -194,6 +196,229 @@ async fn a_client_that_stops_reading_is_closed_and_the_upstream_request_aborted(
         got.len() < 1 << 29,
         "the client got {} bytes: it was not cut",
         got.len()
+    );
+}
+
+/// Client connections open in the proxy, from `/metrics`.
+async fn open_conns(proxy: &Proxy) -> i64 {
+    let open = proxy.metric("pointsman_client_connections").await;
+    open.expect("pointsman_client_connections in /metrics") as i64
+}
+
+/// A proxy in front of a real upstream (`pointsman upstream`, whose
+/// `/bytes?n=N` streams N bytes), with `global` settings.
+async fn proxy_for_real(up: &Upstream, global: &str) -> Proxy {
+    let addr = up.addr;
+    Proxy::start(|| config(free_addr(), addr, global, "")).await
+}
+
+/// A client that stops reading a response of several MB is reset at
+/// `body_timeout`: closed gracefully, its connection would leave the
+/// kernel holding (and retrying for minutes) the send buffer it never
+/// took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_large_response_is_reset() {
+    let up = Upstream::start("big").await;
+    let proxy = proxy_for_real(&up, "body_timeout = \"500ms\"\nidle_timeout = \"60s\"").await;
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    s.write_all(b"GET /bytes?n=16000000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("send");
+    let mut head = Vec::new();
+    read_until_blank_line(&mut s, &mut head).await;
+    assert_eq!(parse_head(&head).0, 200, "{}", text(&head));
+    let stopped = Instant::now();
+    wait_for(
+        Duration::from_secs(10),
+        "the proxy to cut the connection of a client that stopped reading",
+        || async { open_conns(&proxy).await == 0 },
+    )
+    .await;
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_millis(400),
+        "cut after {took:?}, before the 500 ms body_timeout"
+    );
+    let (got, reset) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        reset,
+        "the connection was closed gracefully: the client could still read {} bytes \
+         the kernel had held for it",
+        got.len()
+    );
+    assert!(got.len() < 16_000_000, "the whole body arrived");
+}
+
+/// A keep-alive client that sends requests and never reads: once its
+/// socket is full, a response ends at the proxy with its final bytes
+/// still waiting to be written, and the next request waits behind them
+/// without being answered. That write counts against `body_timeout` too;
+/// the header and idle timeouts, here a minute, would hold the connection
+/// that long (and a graceful close for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_left_unsent_after_a_response_are_cut_at_body_timeout() {
+    let up = Upstream::start("big").await;
+    let global = "body_timeout = \"500ms\"\nidle_timeout = \"60s\"\nheader_read_timeout = \"60s\"";
+    let proxy = proxy_for_real(&up, global).await;
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    // 512 responses of 32 KiB: 16 MiB, more than the sockets hold; each
+    // less than what the proxy buffers above the socket, so it ends there.
+    let piece = b"GET /bytes?n=32768 HTTP/1.1\r\nHost: a\r\n\r\n";
+    s.write_all(&piece.repeat(512)).await.expect("send");
+    let start = Instant::now();
+    // Well short of the minute the other timers would allow, with room
+    // for a loaded machine.
+    wait_for(
+        Duration::from_secs(10),
+        "the proxy to cut a client whose responses wait unsent",
+        || async { open_conns(&proxy).await == 0 },
+    )
+    .await;
+    let took = start.elapsed();
+    let (got, reset) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    assert!(reset, "closed gracefully after {} bytes", got.len());
+    assert!(
+        got.len() < 512 * 32768,
+        "every response arrived: nothing was left unsent"
+    );
+    assert!(
+        took >= Duration::from_millis(400),
+        "cut after {took:?}, before the 500 ms body_timeout"
+    );
+}
+
+/// The frames (type, flags, payload) in `bytes`, as far as they are whole.
+fn h2_frames(bytes: &[u8]) -> Vec<(u8, u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        let len = usize::from(bytes[at]) << 16
+            | usize::from(bytes[at + 1]) << 8
+            | usize::from(bytes[at + 2]);
+        let Some(payload) = bytes.get(at + 9..at + 9 + len) else {
+            break;
+        };
+        frames.push((bytes[at + 3], bytes[at + 4], payload.to_vec()));
+        at += 9 + len;
+    }
+    frames
+}
+
+/// Sends the HTTP/2 preface with `settings` (id, value pairs), waits for
+/// the server's SETTINGS and acknowledges them.
+async fn h2_handshake(s: &mut TcpStream, settings: &[(u16, u32)]) {
+    const SETTINGS: u8 = 4;
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let len = u32::try_from(settings.len() * 6).expect("a few settings");
+    hello.extend_from_slice(&len.to_be_bytes()[1..]);
+    hello.extend_from_slice(&[SETTINGS, 0, 0, 0, 0, 0]);
+    for (id, value) in settings {
+        hello.extend_from_slice(&id.to_be_bytes());
+        hello.extend_from_slice(&value.to_be_bytes());
+    }
+    s.write_all(&hello).await.expect("send the preface");
+    let mut got = Vec::new();
+    while !h2_frames(&got)
+        .iter()
+        .any(|(t, f, _)| *t == SETTINGS && *f == 0)
+    {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("the server's SETTINGS within 5 s")
+            .expect("read");
+        assert!(n > 0, "closed before the server's SETTINGS");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    s.write_all(&[0, 0, 0, SETTINGS, 1, 0, 0, 0, 0])
+        .await
+        .expect("acknowledge the server's SETTINGS");
+}
+
+/// An HTTP/2 client that opens its flow-control windows wide, asks for a
+/// large response and stops reading is reset at `body_timeout`, as an
+/// HTTP/1 one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_stops_reading_is_reset() {
+    let up = Upstream::start("big").await;
+    let proxy = proxy_for_real(&up, "body_timeout = \"500ms\"\nidle_timeout = \"60s\"").await;
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    // SETTINGS_INITIAL_WINDOW_SIZE, and the connection's window, at most.
+    h2_handshake(&mut s, &[(4, 0x7fff_ffff)]).await;
+    let mut frames = vec![0, 0, 4, 8, 0, 0, 0, 0, 0];
+    frames.extend_from_slice(&(0x7fff_ffff_u32 - 65_535).to_be_bytes());
+    // GET /bytes?n=16000000 on stream 1 (HPACK: :method GET, :scheme
+    // http, then :path and :authority as literals).
+    let path = b"/bytes?n=16000000";
+    let mut block = vec![0x82, 0x86, 0x44, path.len() as u8];
+    block.extend_from_slice(path);
+    block.extend_from_slice(&[0x41, 1, b'a']);
+    frames.extend_from_slice(&[0, 0, block.len() as u8, 1, 0x05, 0, 0, 0, 1]);
+    frames.extend_from_slice(&block);
+    s.write_all(&frames).await.expect("send the request");
+    let stopped = Instant::now();
+    wait_for(
+        Duration::from_secs(5),
+        "the proxy to cut the h2 connection of a client that stopped reading",
+        || async { open_conns(&proxy).await == 0 },
+    )
+    .await;
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_millis(400),
+        "cut after {took:?}, before the 500 ms body_timeout"
+    );
+    let (got, reset) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        reset,
+        "the h2 connection was closed gracefully: the client could still read {} bytes",
+        got.len()
+    );
+}
+
+/// An HTTP/2 client that completes the handshake and then stays silent
+/// never acknowledges the PING sent with the drain's GOAWAY: it is closed
+/// after one idle timeout, and the drain ends then, not at its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_h2_client_does_not_hold_the_drain() {
+    const PING: u8 = 6;
+    const GOAWAY: u8 = 7;
+    let up = Recorder::start(|_| Script::Answer(OK.to_vec())).await;
+    let global = "idle_timeout = \"1s\"\nheader_read_timeout = \"60s\"\ndrain_timeout = \"30s\"";
+    let mut proxy = proxy_for(&up, global, "").await;
+    let mut s = TcpStream::connect(proxy.addr()).await.expect("connect");
+    h2_handshake(&mut s, &[]).await;
+    wait_for(
+        Duration::from_secs(5),
+        "the h2 connection to be counted",
+        || async { open_conns(&proxy).await == 1 },
+    )
+    .await;
+
+    let start = Instant::now();
+    sigterm(proxy.pid());
+    let child = proxy.child();
+    wait_until(
+        Duration::from_secs(10),
+        "the proxy to finish its drain (drain_timeout is 30 s)",
+        || matches!(child.try_wait(), Ok(Some(_))),
+    )
+    .await;
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "the silent client was closed after {took:?}, before the 1 s idle timeout"
+    );
+    let stderr = proxy.stderr();
+    assert!(
+        stderr.contains("drained: every connection finished"),
+        "{stderr}"
+    );
+    let (rest, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    let types: Vec<u8> = h2_frames(&rest).iter().map(|(t, _, _)| *t).collect();
+    assert!(
+        types.contains(&GOAWAY) && types.contains(&PING),
+        "the drain sent GOAWAY and PING first: frame types {types:?}"
     );
 }
 

@@ -7,8 +7,9 @@
 //! records its last byte, when it began waiting for a head, and its
 //! requests in flight. A third timer, `body_timeout`, covers a client that
 //! stops reading its response: a write that found the client's socket
-//! full for that long closes the connection (and so aborts the upstream
-//! request behind it).
+//! full for that long, while a response is being sent or after it ended
+//! with its last bytes still waiting, cuts the connection (and so aborts
+//! the upstream request behind it).
 //!
 //! An HTTP/1 connection that stays idle for [`PARK_AFTER`] gives its
 //! buffers back (see `HttpProxy::serve_connection`): [`ConnActivity::park_in`]
@@ -263,17 +264,26 @@ impl ConnActivity {
     ) -> Result<Duration, Expired> {
         let now = now_ms();
         let since = |t: u64| Duration::from_millis(now.saturating_sub(t));
+        // A write the client's socket refuses counts whether a request is
+        // still being answered or its last bytes wait unsent after it
+        // ended (the idle timer would hold them for `idle` or, once hyper
+        // closes gracefully and flushes first, for ever).
+        let blocked = self.write_blocked_since.load(Relaxed);
+        let send_left = match blocked {
+            0 => send,
+            _ => match send.checked_sub(since(blocked)).filter(|d| !d.is_zero()) {
+                Some(left) => left,
+                None => return Err(Expired::Send),
+            },
+        };
         if self.active.load(Relaxed) > 0 {
-            let blocked = self.write_blocked_since.load(Relaxed);
-            if blocked == 0 {
-                return Ok(idle.min(head).min(send));
-            }
-            return match send.checked_sub(since(blocked)).filter(|d| !d.is_zero()) {
-                Some(left) => Ok(idle.min(head).min(left)),
-                None => Err(Expired::Send),
-            };
+            return Ok(idle.min(head).min(send_left));
         }
-        let mut wait = idle;
+        let mut wait = if blocked == 0 {
+            idle
+        } else {
+            idle.min(send_left)
+        };
         let head_since = self.head_since.load(Relaxed);
         if head_since != 0 {
             match head.checked_sub(since(head_since)).filter(|d| !d.is_zero()) {
@@ -592,5 +602,26 @@ mod tests {
         a.wrote(&Poll::Ready(Ok(1)));
         assert_eq!(a.check(idle, head, send), Ok(send));
         drop(req);
+    }
+
+    #[test]
+    fn last_bytes_left_unsent_after_the_response_expire_the_send_timer() {
+        let a = ConnActivity::new();
+        let (idle, head) = (Duration::from_secs(60), Duration::from_secs(10));
+        drop(a.start());
+        // The response ended, its last bytes did not fit.
+        a.wrote(&Poll::Pending);
+        let send = Duration::from_secs(5);
+        let left = a.check(idle, head, send).expect("blocked just now");
+        assert!(left <= send && left > Duration::ZERO, "{left:?}");
+        std::thread::sleep(Duration::from_millis(3));
+        assert_eq!(
+            a.check(idle, head, Duration::from_millis(1)),
+            Err(Expired::Send),
+            "not held until the idle timeout"
+        );
+        a.wrote(&Poll::Ready(Ok(1)));
+        let left = a.check(idle, head, send).expect("the bytes went out");
+        assert!(left > send, "only the idle timer runs: {left:?}");
     }
 }

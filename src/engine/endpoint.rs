@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::engine::conn::now_ms;
 use crate::engine::latency::RecentAverage;
 use crate::engine::pool::{Pool, Traffic};
+use crate::engine::quiet::Quiet;
 use crate::engine::rate::{raise_max, EventRate};
 use tokio::sync::Notify;
 
@@ -112,6 +113,9 @@ pub struct EndpointState {
     /// and since when (unix seconds) it is down; 0 while up.
     down_secs: AtomicU64,
     down_since: AtomicU64,
+    /// A failing endpoint fails every request (or TCP connection) sent to
+    /// it: their warnings are said once per interval.
+    pub failure_warning: Quiet,
 }
 
 impl Default for EndpointState {
@@ -149,6 +153,7 @@ impl Default for EndpointState {
             went_down: AtomicU64::new(0),
             down_secs: AtomicU64::new(0),
             down_since: AtomicU64::new(0),
+            failure_warning: Quiet::new(),
         }
     }
 }

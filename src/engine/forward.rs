@@ -41,7 +41,7 @@
 
 use std::borrow::Cow;
 use std::fmt::Write;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,12 +56,12 @@ use hyper_util::rt::TokioIo;
 
 use super::balance::{Pick, PickContext};
 use super::body::{BodyError, UpstreamBody};
-use super::conn::ConnActive;
+use super::conn::{now_ms, ConnActive};
 use super::endpoint::InFlight;
 use super::http::ConnContext;
 use super::path::{self, PathNormalization};
 use super::pool::{self, ConnectError};
-use super::quiet::QUIET_EVERY;
+use super::quiet::{Quiet, QUIET_EVERY};
 use super::table::{
     Endpoint, Resolved, RetryGuard, RetryPolicy, RoutingTable, Service, ServiceState,
 };
@@ -245,13 +245,10 @@ impl ConnContext {
         let mut resp = match self.forward(req, conn_active, &mut pages).await {
             Ok(resp) => resp,
             Err(e) => {
-                match &e {
-                    ProxyError::Connect { .. }
-                    | ProxyError::Timeout { .. }
-                    | ProxyError::Upstream { .. } => {
-                        tracing::warn!(peer = %self.peer, error = %e, "request failed")
-                    }
-                    _ => tracing::debug!(peer = %self.peer, error = %e, "request refused"),
+                if !is_upstream_failure(&e) {
+                    // An upstream's failure was logged where it happened
+                    // (see `ConnContext::failed_at`).
+                    tracing::debug!(peer = %self.peer, error = %e, "request refused");
                 }
                 let mut resp = e.response_with(pages.as_ref().and_then(|p: &Pages| p.page(&e)));
                 if let ProxyError::BadRequest(_) = e {
@@ -340,9 +337,13 @@ impl ConnContext {
             let service = &*routing.service;
             let endpoint = &service.endpoints[pick.index];
             let timeout = policy.per_try_timeout;
-            let outcome = self
+            let outcome = match self
                 .send_once(&head, service, endpoint, in_flight, &mut state, timeout)
-                .await?;
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(e) => return Err(self.failed_at(endpoint, e)),
+            };
             let tried = match outcome.tried() {
                 Tried::Answered(StatusCode::SERVICE_UNAVAILABLE)
                     if self.known_leaving(service, endpoint) =>
@@ -368,7 +369,7 @@ impl ConnContext {
                 }
                 Outcome::Failed(failure) => {
                     if let Some(e) = failure.give_up(next == Next::Retry, endpoint, timeout) {
-                        return Err(e);
+                        return Err(self.failed_at(endpoint, e));
                     }
                 }
             }
@@ -718,6 +719,15 @@ impl ConnContext {
         service.count_failure(i);
     }
 
+    /// `e`, which ends a request sent to `endpoint`, once logged when the
+    /// upstream failed: see [`warn_failed`].
+    fn failed_at(&self, endpoint: &Endpoint, e: ProxyError) -> ProxyError {
+        if is_upstream_failure(&e) {
+            warn_failed(&endpoint.live.failure_warning, self.peer, &e, now_ms());
+        }
+        e
+    }
+
     /// Finish: the answer as the client gets it. Its body keeps the
     /// request counted (and the upstream connection out of the pool) until
     /// it ends; a 101 becomes a tunnel between the two upgraded streams.
@@ -779,6 +789,25 @@ impl ConnContext {
         }
         let (parts, body) = resp.into_parts();
         Response::from_parts(parts, ProxyBody::upstream(body, guard))
+    }
+}
+
+/// Did the upstream fail the request (no connection, no answer in time,
+/// no usable answer), rather than the client or the config?
+fn is_upstream_failure(e: &ProxyError) -> bool {
+    matches!(
+        e,
+        ProxyError::Connect { .. } | ProxyError::Timeout { .. } | ProxyError::Upstream { .. }
+    )
+}
+
+/// Warns that a request failed at an endpoint. A failing endpoint fails
+/// every request sent to it, and one line each would bury the rest of the
+/// log under load: it is said once per [`QUIET_EVERY`] per endpoint
+/// (`gate`), with how many were held back since.
+fn warn_failed(gate: &Quiet, peer: SocketAddr, e: &ProxyError, now: u64) {
+    if let Some(held) = gate.allow(now, QUIET_EVERY) {
+        tracing::warn!(%peer, error = %e, repeats = held, "request failed (said at most every {QUIET_EVERY:?} per endpoint; repeats: times held back since)");
     }
 }
 
@@ -1499,6 +1528,59 @@ mod tests {
             replay_limit: 1024,
             idempotent_after_send: false,
         }
+    }
+
+    /// The lines `f` logs.
+    fn logged(f: impl FnOnce()) -> Vec<String> {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("log lock").extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&lines.0.lock().expect("log lock")).into_owned();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn a_failing_endpoint_is_warned_about_once_per_interval() {
+        let (gate, other) = (Quiet::default(), Quiet::default());
+        let peer: SocketAddr = "127.0.0.1:4000".parse().expect("an address");
+        let e = ProxyError::Connect {
+            endpoint: "10.0.0.1:80".into(),
+            reason: "connection refused".into(),
+        };
+        let lines = logged(|| {
+            for t in 0..1000 {
+                warn_failed(&gate, peer, &e, t);
+            }
+            warn_failed(&other, peer, &e, 500);
+            warn_failed(&gate, peer, &e, 10_000);
+        });
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert!(
+            lines[0].contains("request failed") && lines[0].contains("repeats=0"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].contains("repeats=0"),
+            "another endpoint's own gate: {}",
+            lines[1]
+        );
+        assert!(lines[2].contains("repeats=999"), "{}", lines[2]);
     }
 
     /// [`policy`] that also repeats idempotent requests after a send.

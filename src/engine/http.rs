@@ -7,7 +7,9 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -16,6 +18,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -109,6 +112,72 @@ impl HttpProxy {
             None => {}
         }
         drop(permit);
+    }
+}
+
+/// Makes the coming close of `io` a reset (RST, as with SO_LINGER 0): for
+/// a response cut short, so that even a body that ends at close reads as
+/// broken; and for a client that stopped reading, because a plain close
+/// leaves the kernel holding what the client never took (up to the
+/// socket's send buffer, a few MB on a fast link) and retrying its
+/// delivery for minutes.
+fn reset(io: &ClientIo) {
+    let _ = socket2::SockRef::from(io.get_ref()).set_linger(Some(Duration::ZERO));
+}
+
+/// An HTTP/2 client stream, [`reset`] when dropped once `reset` is set:
+/// hyper's HTTP/2 connection does not give its stream back as HTTP/1's
+/// does.
+struct H2Io {
+    io: ClientIo,
+    reset: Arc<AtomicBool>,
+}
+
+impl Drop for H2Io {
+    fn drop(&mut self) {
+        if self.reset.load(Relaxed) {
+            reset(&self.io);
+        }
+    }
+}
+
+impl AsyncRead for H2Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for H2Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -259,13 +328,21 @@ impl ClientConn {
         let mut closing = false;
         loop {
             let (idle, head, send) = self.timers();
-            let mut wait = self.activity.check(idle, head, send).unwrap_or_default();
-            if !closing {
+            let wait = if closing {
+                // hyper flushes before it closes: only the send timer
+                // still runs, for a client that does not take the last
+                // bytes. Looked at every `PARK_AFTER`, so that a write
+                // that blocks later is seen.
+                let (idle, head) = (Duration::MAX, Duration::MAX);
+                let wait = self.activity.check(idle, head, send).unwrap_or_default();
+                wait.min(PARK_AFTER)
+            } else {
                 // Not parkable now (a request is being answered): look
                 // again after `PARK_AFTER`, so a busy connection's timer
                 // fires at most that often.
-                wait = wait.min(self.activity.park_in(PARK_AFTER).unwrap_or(PARK_AFTER));
-            }
+                let wait = self.activity.check(idle, head, send).unwrap_or_default();
+                wait.min(self.activity.park_in(PARK_AFTER).unwrap_or(PARK_AFTER))
+            };
             let woke = tokio::select! {
                 biased;
                 result = &mut *conn => {
@@ -286,15 +363,12 @@ impl ClientConn {
                         // A response was cut short: reset (RST), so that
                         // even a body that ends at close reads as broken.
                         if let Some(parts) = conn.into_parts() {
-                            let io = parts.io.into_inner();
-                            let _ = socket2::SockRef::from(io.get_ref())
-                                .set_linger(Some(Duration::ZERO));
+                            reset(&parts.io.into_inner());
                         }
                     }
                     return None;
                 }
-                // Once closing, only the connection itself is waited for.
-                woke = self.until(wait), if !closing => woke,
+                woke = self.until(wait) => woke,
             };
             match woke {
                 // HTTP/1 is not closed at once (hyper would close an idle
@@ -310,10 +384,16 @@ impl ClientConn {
                 }
                 Woke::Expired(Expired::Send) => {
                     // Dropping the connection drops the response body
-                    // and with it the upstream request.
-                    tracing::debug!(peer = %self.peer, "client did not read its response within body_timeout; closing");
+                    // and with it the upstream request. A reset, not a
+                    // close: see `reset`.
+                    tracing::debug!(peer = %self.peer, "client did not read its response within body_timeout; resetting");
+                    if let Some(parts) = conn.into_parts() {
+                        reset(&parts.io.into_inner());
+                    }
                     return None;
                 }
+                // Closing already: hyper ends the connection.
+                _ if closing => {}
                 Woke::Expired(Expired::Idle) => {
                     Pin::new(&mut *conn).graceful_shutdown();
                     closing = true;
@@ -330,7 +410,8 @@ impl ClientConn {
         }
     }
 
-    /// Serves an HTTP/2 connection until it ends; the drain sends GOAWAY.
+    /// Serves an HTTP/2 connection until it ends; the drain, or the idle
+    /// timeout, sends GOAWAY.
     async fn serve_h2<S>(&mut self, io: ClientIo, svc: S)
     where
         S: hyper::service::Service<
@@ -344,11 +425,23 @@ impl ClientConn {
         let mut http = http2::Builder::new(TokioExecutor::new());
         http.timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(self.limits.max_header_bytes).unwrap_or(u32::MAX));
+        let reset_on_drop = Arc::new(AtomicBool::new(false));
+        let io = H2Io {
+            io,
+            reset: reset_on_drop.clone(),
+        };
         let mut conn = Box::pin(http.serve_connection(TokioIo::new(io), svc));
         let mut closing = false;
         loop {
             let (idle, head, send) = self.timers();
-            let wait = self.activity.check(idle, head, send).unwrap_or_default();
+            // Looked at again within `send` at the latest: a stream that
+            // opens while the connection idles would otherwise leave its
+            // blocked writes to the idle or head timer.
+            let wait = self
+                .activity
+                .check(idle, head, send)
+                .unwrap_or_default()
+                .min(send);
             let woke = tokio::select! {
                 biased;
                 result = conn.as_mut() => {
@@ -357,16 +450,28 @@ impl ClientConn {
                     }
                     return;
                 }
-                woke = self.until(wait), if !closing => woke,
+                woke = self.until(wait) => woke,
             };
             match woke {
+                // hyper closes once the client acknowledges the PING sent
+                // with the GOAWAY and its streams are done; a client that
+                // never does would hold the connection, and a drain, until
+                // it leaves: it gets one more idle timeout (the GOAWAY was
+                // the last byte to move).
+                Woke::Expired(Expired::Idle) if closing => {
+                    tracing::debug!(peer = %self.peer, "GOAWAY not acknowledged within idle_timeout; closing");
+                    return;
+                }
+                Woke::Drain if closing => {}
                 Woke::Drain | Woke::Expired(Expired::Idle) => {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 }
                 Woke::Expired(Expired::Head) => return,
                 Woke::Expired(Expired::Send) => {
-                    tracing::debug!(peer = %self.peer, "client did not read its responses within body_timeout; closing");
+                    // A reset, not a close: see `reset`.
+                    tracing::debug!(peer = %self.peer, "client did not read its responses within body_timeout; resetting");
+                    reset_on_drop.store(true, Relaxed);
                     return;
                 }
                 Woke::Serve => {}

@@ -23,6 +23,14 @@ pub struct Quiet {
 }
 
 impl Quiet {
+    /// A gate that has said nothing yet (for a `static`).
+    pub const fn new() -> Self {
+        Quiet {
+            said_at: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+        }
+    }
+
     /// `Some(held)` when this occurrence, at `now_ms`, should be logged,
     /// `held` being how many were held back since the last one logged;
     /// `None` to stay quiet.

@@ -138,6 +138,8 @@ pub struct ServiceState {
     /// "the application sets the sticky cookie itself" repeats on every
     /// response of a misconfigured service.
     pub cookie_clash: crate::engine::quiet::Quiet,
+    /// "no endpoint accepts traffic" repeats on every TCP connection.
+    pub no_endpoint_warning: crate::engine::quiet::Quiet,
 }
 
 impl ServiceState {

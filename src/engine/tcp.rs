@@ -1,7 +1,9 @@
 //! The TCP engine (HAProxy's `mode tcp`): one endpoint per client
 //! connection, chosen by the service's balancer, then bytes copied both ways
 //! until each side has closed (a half-close is passed on, not treated as
-//! the end).
+//! the end). What goes wrong goes wrong for every connection alike (an
+//! endpoint down, a service gone): its warnings are said once per
+//! [`QUIET_EVERY`] per endpoint or service, with how many were held back.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,9 +16,15 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::engine::balance::PickContext;
+use crate::engine::conn::now_ms;
 use crate::engine::frontend::{FrontendCounters, Session};
 use crate::engine::pool::Traffic;
+use crate::engine::quiet::{Quiet, QUIET_EVERY};
 use crate::engine::table::SharedTable;
+
+/// "the listener's service is not registered" (a config mistake, repeated
+/// on every connection until it is fixed).
+static UNREGISTERED: Quiet = Quiet::new();
 
 /// Connect attempts on distinct endpoints before a client is turned away.
 const CONNECT_ATTEMPTS: usize = 3;
@@ -41,7 +49,9 @@ pub async fn serve_connection(
             .cloned()
     };
     let Some(service) = service else {
-        tracing::warn!(%listener, %peer, "tcp listener's service is not registered; closing the connection");
+        if let Some(held) = UNREGISTERED.allow(now_ms(), QUIET_EVERY) {
+            tracing::warn!(%listener, %peer, repeats = held, "tcp listener's service is not registered; closing the connection (said at most every {QUIET_EVERY:?}; repeats: times held back since)");
+        }
         return;
     };
     let mut avoid = None;
@@ -52,7 +62,10 @@ pub async fn serve_connection(
             avoid,
         };
         let Some(pick) = service.balancer.pick(&service.endpoints, &ctx) else {
-            tracing::warn!(service = %service.name, %peer, "no endpoint accepts traffic; closing the connection");
+            let gate = &service.settings.live.no_endpoint_warning;
+            if let Some(held) = gate.allow(now_ms(), QUIET_EVERY) {
+                tracing::warn!(service = %service.name, %peer, repeats = held, "no endpoint accepts traffic; closing the connection (said at most every {QUIET_EVERY:?} per service; repeats: times held back since)");
+            }
             return;
         };
         let endpoint = &service.endpoints[pick.index];
@@ -65,14 +78,18 @@ pub async fn serve_connection(
             Ok(Err(e)) => {
                 endpoint.live.record_failure();
                 endpoint.live.connect_failed();
-                tracing::warn!(endpoint = %endpoint.address, error = %e, "tcp connect failed; trying another endpoint");
+                if let Some(held) = endpoint.live.failure_warning.allow(now_ms(), QUIET_EVERY) {
+                    tracing::warn!(endpoint = %endpoint.address, error = %e, repeats = held, "tcp connect failed; trying another endpoint (said at most every {QUIET_EVERY:?} per endpoint; repeats: times held back since)");
+                }
                 avoid = Some(pick.index);
                 continue;
             }
             Err(_) => {
                 endpoint.live.record_failure();
                 endpoint.live.connect_failed();
-                tracing::warn!(endpoint = %endpoint.address, "tcp connect timed out; trying another endpoint");
+                if let Some(held) = endpoint.live.failure_warning.allow(now_ms(), QUIET_EVERY) {
+                    tracing::warn!(endpoint = %endpoint.address, repeats = held, "tcp connect timed out; trying another endpoint (said at most every {QUIET_EVERY:?} per endpoint; repeats: times held back since)");
+                }
                 avoid = Some(pick.index);
                 continue;
             }
