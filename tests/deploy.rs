@@ -845,6 +845,149 @@ async fn blue_green_switch_and_rollback_under_load() {
     );
 }
 
+/// The route `site` sends everything to `api`, run by one instance `v1`;
+/// two proxies follow etcd.
+async fn one_instance_api(etcd: &EtcdServer, v1: &Upstream) -> (Proxy, Proxy) {
+    put(etcd, "/services/api/v1", &v1.addr.to_string()).await;
+    put(
+        etcd,
+        "/pointsman/routes/site",
+        r#"{"path_prefix":"/","service":"api"}"#,
+    )
+    .await;
+    let (p1, p2) = two_proxies(etcd).await;
+    wait_ready(&[&p1, &p2], "api", &["v1"]).await;
+    (p1, p2)
+}
+
+/// `deploy replace` moves a one-instance service to a new target on
+/// another port under load: no request fails, and afterwards only the new
+/// instance answers and is registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_moves_a_one_instance_service_without_a_failed_request() {
+    let etcd = EtcdServer::start();
+    let ups = Upstream::start_many(&["v1", "v2"]).await;
+    let (p1, p2) = one_instance_api(&etcd, &ups[0]).await;
+    let proxies = [&p1, &p2];
+    let load = Load::start(&proxies, |_| "/");
+    load.wait(CHANGE_DEADLINE, "v1 answers on both proxies", |t| {
+        (0..2).all(|p| t.served(0, Some(p), "v1") >= 10)
+    })
+    .await;
+
+    let target = ups[1].addr.to_string();
+    let d = deploy(
+        &etcd,
+        &[
+            "replace",
+            "--service",
+            "api",
+            "--target",
+            &target,
+            "--id",
+            "v2",
+        ],
+    )
+    .await;
+    load.set_phase(1);
+    assert_eq!(d.code, 0, "the replacement succeeded:\n{}{}", d.out, d.err);
+    d.assert_says(&[
+        "replacing api (v1) by v2",
+        "api/v2: registered at",
+        "every proxy sends to api/v2",
+        "2 of 2 proxies confirmed",
+        "api/v1: drain",
+        "no proxy sends to api/v1",
+        "api/v1: deregistered",
+        "api: now served by v2 alone",
+    ]);
+    load.wait(CHANGE_DEADLINE, "v2 answers on both proxies", |t| {
+        (0..2).all(|p| t.served_by_proxy(1, p) >= 200)
+    })
+    .await;
+    let (tally, samples) = load.finish().await;
+    assert_no_failures(&tally, &samples);
+    let after: Vec<String> = tally.servers(1).into_keys().collect();
+    assert_eq!(after, ["v2"], "afterwards only v2 answers");
+    assert_eq!(keys(&etcd, "/services/api/").await, ["/services/api/v2"]);
+}
+
+/// `deploy replace --pause` for an app that cannot run twice: the new
+/// version takes the old one's address, started only after the old one
+/// stopped; requests meanwhile wait on the proxies, none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_with_pause_runs_one_copy_at_a_time_and_fails_no_request() {
+    let etcd = EtcdServer::start();
+    let v1 = Upstream::start("v1").await;
+    let (p1, p2) = one_instance_api(&etcd, &v1).await;
+    let proxies = [&p1, &p2];
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let pid_file = dir.path().join("v2.pid");
+    let load = Load::start(&proxies, |_| "/");
+    load.wait(CHANGE_DEADLINE, "v1 answers on both proxies", |t| {
+        (0..2).all(|p| t.served(0, Some(p), "v1") >= 10)
+    })
+    .await;
+
+    let address = v1.addr.to_string();
+    // Started in the background; returns once it answers.
+    let start = format!(
+        "{BIN} upstream --listen {{address}} --name {{id}} >/dev/null 2>&1 & echo $! > {}; \
+         for i in $(seq 100); do curl -s -o /dev/null http://{{address}}/ && exit 0; sleep 0.05; done; exit 1",
+        pid_file.display(),
+    );
+    let stop = format!("kill {}", v1.pid());
+    let d = deploy(
+        &etcd,
+        &[
+            "replace",
+            "--service",
+            "api",
+            "--target",
+            &address,
+            "--id",
+            "v2",
+            "--pause",
+            "--start-cmd",
+            &start,
+            "--stop-cmd",
+            &stop,
+        ],
+    )
+    .await;
+    load.set_phase(1);
+    assert_eq!(d.code, 0, "the replacement succeeded:\n{}{}", d.out, d.err);
+    d.assert_says(&[
+        "paused meanwhile",
+        "api: paused",
+        "every proxy applied revision",
+        "api/v1: drain",
+        "api/v1: stop",
+        "api/v1: deregistered",
+        "api/v2: start",
+        "every proxy sends to api/v2",
+        "api: resumed",
+        "api: now served by v2 alone",
+    ]);
+    load.wait(CHANGE_DEADLINE, "v2 answers on both proxies", |t| {
+        (0..2).all(|p| t.served_by_proxy(1, p) >= 200)
+    })
+    .await;
+    let (tally, samples) = load.finish().await;
+    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+        let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+    }
+    assert_no_failures(&tally, &samples);
+    let after: Vec<String> = tally.servers(1).into_keys().collect();
+    assert_eq!(after, ["v2"], "afterwards only v2 answers");
+    assert_eq!(keys(&etcd, "/services/api/").await, ["/services/api/v2"]);
+    assert_eq!(
+        keys(&etcd, "/pointsman/pauses/").await,
+        Vec::<String>::new(),
+        "resumed"
+    );
+}
+
 /// Starts `v1` (a `pointsman upstream`) and `v2` as services of their own,
 /// the registry route `api` on `v1`, and two proxies with both services.
 async fn canary_setup(etcd: &EtcdServer, v2: SocketAddr) -> (Proxy, Proxy, Upstream) {

@@ -32,6 +32,7 @@ pub mod ctl;
 pub mod fleet;
 pub mod register;
 pub mod registrar;
+pub mod replace;
 pub mod rolling;
 pub mod rollout;
 pub mod store;

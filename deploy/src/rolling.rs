@@ -34,7 +34,7 @@ pub fn substitute(cmd: &str, service: &str, id: &str, address: &str) -> String {
         .replace("{service}", service)
 }
 
-async fn run_cmd(what: &str, cmd: &str, progress: &Progress) -> Result<(), DeployError> {
+pub(crate) async fn run_cmd(what: &str, cmd: &str, progress: &Progress) -> Result<(), DeployError> {
     progress.say(format!("{what}: sh -c {cmd:?}"));
     let status = tokio::process::Command::new("sh")
         .arg("-c")

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::canary::{self, Canary, Outcome};
 use crate::fleet::Fleet;
+use crate::replace::{self, Replace};
 use crate::rolling::{self, Rolling};
 use crate::switch::{self, Switch};
 use crate::watch::{Interrupt, Progress};
@@ -54,6 +55,34 @@ pub enum DeployCommand {
         drain_timeout: Duration,
         /// Longest wait for a new instance to register and be healthy
         /// everywhere; then the rollout stops and restores its state.
+        #[arg(long, value_parser = duration, default_value = "60s")]
+        health_timeout: Duration,
+    },
+    /// Replace a service's instances by one at --target: register it,
+    /// wait until every proxy sends it requests, then drain and
+    /// deregister the old ones. With --pause (for an app that cannot run
+    /// twice), pause the service, drain and stop the old instance, start
+    /// and confirm the new one, resume: requests wait instead of failing.
+    Replace {
+        #[arg(long)]
+        service: String,
+        /// The new instance's address (host:port).
+        #[arg(long)]
+        target: String,
+        /// The new instance's id [default: the target].
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        pause: bool,
+        /// Starts the new instance before it is registered; `{id}`,
+        /// `{address}`, `{service}` are replaced.
+        #[arg(long)]
+        start_cmd: Option<String>,
+        /// Stops each old instance once no proxy sends to it.
+        #[arg(long)]
+        stop_cmd: Option<String>,
+        #[arg(long, value_parser = duration, default_value = "30s")]
+        drain_timeout: Duration,
         #[arg(long, value_parser = duration, default_value = "60s")]
         health_timeout: Duration,
     },
@@ -136,6 +165,8 @@ pub enum RolloutError {
     SwitchInterrupted,
     #[error("interrupted: if the rollback was written (see above), it stays")]
     RollbackInterrupted,
+    #[error("interrupted: check the service's instances with `pointsman ctl status`")]
+    ReplaceInterrupted,
     #[error("canary aborted and rolled back: {0}")]
     CanaryRolledBack(String),
     #[error("cannot handle {signal}")]
@@ -178,6 +209,42 @@ pub async fn run(args: DeployArgs) -> Result<(), RolloutError> {
                 health_timeout,
             };
             rolling::rolling(&mut store, &mut fleet, &plan, &progress, &interrupt).await?;
+        }
+        DeployCommand::Replace {
+            service,
+            target,
+            id,
+            pause,
+            start_cmd,
+            stop_cmd,
+            drain_timeout,
+            health_timeout,
+        } => {
+            target
+                .parse::<pointsman_discovery::Address>()
+                .map_err(|e| DeployError::Failed(format!("--target: {e}")))?;
+            let plan = Replace {
+                service,
+                id: id.unwrap_or_else(|| target.clone()),
+                target,
+                pause,
+                start_cmd,
+                stop_cmd,
+                drain_timeout,
+                health_timeout,
+            };
+            let interrupted = tokio::select! {
+                r = replace::replace(&mut store, &mut fleet, &plan, &progress) => { r?; false }
+                _ = interrupt.fired() => true,
+            };
+            if interrupted {
+                // A paused service answers nobody: resume it on the way out.
+                if plan.pause {
+                    let rev = store.delete_pause(&plan.service).await?;
+                    progress.say(format!("{}: resumed (revision {rev})", plan.service));
+                }
+                return Err(RolloutError::ReplaceInterrupted);
+            }
         }
         DeployCommand::Switch {
             map,

@@ -359,6 +359,25 @@ impl Store {
         header_revision(resp.header())
     }
 
+    /// Registers instance `id` of `service` at `address` (a plain
+    /// `host:port` value, with no lease: it stays until deleted); returns
+    /// the revision.
+    pub async fn put_instance(
+        &mut self,
+        service: &str,
+        id: &str,
+        address: &str,
+    ) -> Result<i64, DeployError> {
+        let key = self.instance_key(service, id);
+        self.put_text(&key, address.to_string()).await
+    }
+
+    /// Deletes instance `id`'s registration; returns the revision.
+    pub async fn delete_instance(&mut self, service: &str, id: &str) -> Result<i64, DeployError> {
+        let key = self.instance_key(service, id);
+        self.delete_key(&key).await
+    }
+
     /// Pauses `service` on every proxy (see [`PauseSpec`]); returns the
     /// revision of the write.
     pub async fn set_pause(&mut self, service: &str, spec: &PauseSpec) -> Result<i64, DeployError> {
