@@ -9,7 +9,7 @@ CARGO ?= cargo
 # PyPI, below).
 BUILD_DEBS := protobuf-compiler libprotobuf-dev
 TEST_DEBS  := etcd-server etcd-client curl socat bsdextrautils chromium python3-prometheus-client \
-              hatop tmux prometheus-haproxy-exporter haproxy python3-pip
+              hatop tmux prometheus-haproxy-exporter haproxy python3-pip openssl
 TEST_PIP   := haproxyadmin==0.2.4 haproxytool==0.5.7
 # The yardsticks for `make bench` and `make soak`.
 BENCH_DEBS := haproxy nginx wrk python3 iproute2 etcd-server etcd-client

@@ -439,6 +439,7 @@ impl Rig {
             Arc::from("web"),
             Arc::default(),
             server,
+            None,
             peer,
             permit,
             CancellationToken::new(),

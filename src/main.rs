@@ -137,6 +137,20 @@ struct RunArgs {
     /// address (e.g. 127.0.0.1:9999).
     #[arg(long, value_name = "ADDR", env = "POINTSMAN_RUNTIME_API")]
     runtime_api: Option<SocketAddr>,
+    /// Address of the HTTPS listener: replaces the first TLS listener's
+    /// address, or adds one named "websecure" (with --default-service as
+    /// its default too). Needs --tls-dir.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "POINTSMAN_LISTEN_TLS",
+        requires = "tls_dir"
+    )]
+    listen_tls: Option<SocketAddr>,
+    /// The TLS listeners' certificates: a directory of NAME.crt + NAME.key
+    /// or NAME.pem files, chosen by SNI and looked at again every 2 s.
+    #[arg(long, value_name = "DIR", env = "POINTSMAN_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
     /// What the runtime API's `show info` names the process: haproxy (the
     /// default, which HAProxy's clients need) or pointsman.
     #[arg(long, value_name = "NAME", env = "POINTSMAN_RUNTIME_IDENTITY")]
@@ -186,6 +200,7 @@ impl RunArgs {
         let (token, access_log) = (self.admin_token.clone(), self.access_log);
         let (runtime_socket, runtime_api) = (self.runtime_socket.clone(), self.runtime_api);
         let runtime_identity = self.runtime_identity;
+        let (tls_dir, listen_tls) = (self.tls_dir.clone(), self.listen_tls);
         Arc::new(move |c: &mut Config| {
             if let Some(t) = &token {
                 c.global.admin_token = Some(t.clone());
@@ -204,7 +219,7 @@ impl RunArgs {
                 match c
                     .listeners
                     .iter_mut()
-                    .find(|l| l.mode == ListenerMode::Http)
+                    .find(|l| l.mode == ListenerMode::Http && !l.tls)
                 {
                     Some(l) => {
                         l.bind = addr;
@@ -217,6 +232,27 @@ impl RunArgs {
                         bind: addr,
                         mode: ListenerMode::Http,
                         default_service: default_service.clone(),
+                        tls: false,
+                    }),
+                }
+            }
+            if let Some(dir) = &tls_dir {
+                c.global.tls_dir = Some(dir.clone());
+            }
+            if let Some(addr) = listen_tls {
+                match c.listeners.iter_mut().find(|l| l.tls) {
+                    Some(l) => {
+                        l.bind = addr;
+                        if default_service.is_some() {
+                            l.default_service.clone_from(&default_service);
+                        }
+                    }
+                    None => c.listeners.push(Listener {
+                        name: "websecure".into(),
+                        bind: addr,
+                        mode: ListenerMode::Http,
+                        default_service: default_service.clone(),
+                        tls: true,
                     }),
                 }
             }

@@ -117,6 +117,9 @@ pub struct Global {
     pub runtime_api: Option<SocketAddr>,
     /// The `Name` the runtime API's `show info` gives.
     pub runtime_identity: RuntimeIdentity,
+    /// The certificates of TLS listeners: `NAME.crt` + `NAME.key`, or
+    /// `NAME.pem`, looked at again every 2 s.
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// What `show info` calls the process. HAProxy's clients (haproxyadmin,
@@ -171,6 +174,7 @@ impl Default for Global {
             runtime_socket: None,
             runtime_api: None,
             runtime_identity: RuntimeIdentity::Haproxy,
+            tls_dir: None,
         }
     }
 }
@@ -201,6 +205,9 @@ pub struct Listener {
     /// TCP: the service every connection goes to.
     #[serde(default)]
     pub default_service: Option<String>,
+    /// HTTP over TLS, with the certificates of `[global] tls_dir`.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// A listener address: `IP:PORT`, or `*:PORT` / `:PORT` for every IPv4
@@ -514,6 +521,23 @@ impl Config {
                     span,
                     key,
                     format!("listener name {:?} is empty or used twice: give each listener its own name", l.name),
+                ));
+            }
+            if l.tls && l.mode == ListenerMode::Tcp {
+                return Err(invalid(
+                    span,
+                    key,
+                    "tls = true is for http listeners: TLS is not terminated on tcp ones".into(),
+                ));
+            }
+            if l.tls && raw.global.tls_dir.is_none() {
+                return Err(invalid(
+                    span,
+                    key,
+                    format!(
+                        "listener {:?} has tls = true but there are no certificates: set [global] tls_dir (or --tls-dir) to a directory of NAME.crt + NAME.key or NAME.pem files",
+                        l.name
+                    ),
                 ));
             }
             if l.mode == ListenerMode::Tcp && l.default_service.is_none() {

@@ -358,7 +358,9 @@ impl<T> ActivityIo<T> {
     }
 }
 
-impl ActivityIo<TcpStream> {
+/// The two reads below go to the socket itself: for a plain TCP client
+/// only (a TLS one's bytes are records, not the request).
+impl ActivityIo<crate::engine::tls::ClientStream> {
     /// Reads what the socket holds into `buf` with a plain `recv`, even
     /// before the event loop has reported the socket readable. Only for a
     /// first attempt: its `WouldBlock` does not reset tokio's readiness, so
@@ -367,7 +369,7 @@ impl ActivityIo<TcpStream> {
         use std::io::Read;
         let start = buf.len();
         buf.resize(buf.capacity().max(start + 1), 0);
-        let socket = socket2::SockRef::from(&self.inner);
+        let socket = socket2::SockRef::from(self.inner.tcp());
         let r = (&*socket).read(&mut buf[start..]);
         buf.truncate(start + r.as_ref().map_or(0, |n| *n));
         if let Ok(n @ 1..) = r {
@@ -379,7 +381,7 @@ impl ActivityIo<TcpStream> {
 
     /// Reads what the socket holds into `buf` without waiting.
     pub fn try_read_buf(&mut self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
-        let n = self.inner.try_read_buf(buf)?;
+        let n = self.inner.tcp().try_read_buf(buf)?;
         if n > 0 {
             self.activity.read_some();
             self.frontend.received(n);

@@ -456,6 +456,7 @@ impl ConnContext {
             self.peer.ip(),
             host.as_ref(),
             self.trust_forwarded,
+            self.tls,
         );
         let path = forwarded_path(&parts.uri, rewrite)?;
         let headers = std::mem::take(&mut parts.headers);
@@ -1467,6 +1468,7 @@ pub fn add_forwarded(
     client: IpAddr,
     host: Option<&HeaderValue>,
     trust: bool,
+    https: bool,
 ) {
     let mut xff = String::with_capacity(40);
     if trust {
@@ -1491,7 +1493,8 @@ pub fn add_forwarded(
         headers.insert(&X_FORWARDED_FOR, v);
     }
     if !trust || !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        let proto = if https { "https" } else { "http" };
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     if !trust || !headers.contains_key(&X_FORWARDED_HOST) {
         match host {
@@ -1812,7 +1815,13 @@ mod tests {
         let host = HeaderValue::from_static("a.com");
         h.insert(header::FORWARDED, HeaderValue::from_static("for=10.0.0.1"));
         let mut trusted = h.clone();
-        add_forwarded(&mut h, "127.0.0.2".parse().unwrap(), Some(&host), false);
+        add_forwarded(
+            &mut h,
+            "127.0.0.2".parse().unwrap(),
+            Some(&host),
+            false,
+            false,
+        );
         assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.2");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "a.com");
@@ -1822,6 +1831,7 @@ mod tests {
             "::ffff:127.0.0.3".parse().unwrap(),
             None,
             true,
+            false,
         );
         assert_eq!(trusted[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.3");
         assert_eq!(trusted[&X_FORWARDED_PROTO], "https");

@@ -26,8 +26,10 @@ use tokio_util::sync::CancellationToken;
 use super::conn::{ActivityIo, ConnActivity, Expired, CLIENT_CONNS, PARK_AFTER};
 use super::frontend::FrontendCounters;
 use super::path::PathNormalization;
+use super::tls::ClientStream;
 use super::{ClientLimits, ProxyBody, SharedLimits};
 use crate::engine::table::SharedTable;
+use tokio_rustls::TlsAcceptor;
 
 /// What every HTTP listener shares.
 pub struct HttpProxy {
@@ -50,6 +52,8 @@ pub(super) struct ConnContext {
     pub(super) body_timeout: Duration,
     /// The listener's counters: every answer counts there.
     pub(super) frontend: Arc<FrontendCounters>,
+    /// The client came over TLS (`X-Forwarded-Proto: https`).
+    pub(super) tls: bool,
 }
 
 impl HttpProxy {
@@ -64,6 +68,7 @@ impl HttpProxy {
         listener: Arc<str>,
         frontend: Arc<FrontendCounters>,
         stream: TcpStream,
+        tls: Option<TlsAcceptor>,
         peer: SocketAddr,
         permit: OwnedSemaphorePermit,
         shutdown: CancellationToken,
@@ -71,6 +76,27 @@ impl HttpProxy {
         let _open = CLIENT_CONNS.opened();
         let _session = frontend.open_session();
         let limits = self.limits.load_full();
+        let stream = match tls {
+            None => ClientStream::Plain(stream),
+            // The handshake is part of the head: header_read_timeout
+            // bounds it.
+            Some(acceptor) => {
+                match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
+                    .await
+                {
+                    Ok(Ok(s)) => ClientStream::Tls(Box::new(s)),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake not done within header_read_timeout");
+                        return;
+                    }
+                }
+            }
+        };
+        let alpn_h2 = stream.alpn_h2();
         let activity = ConnActivity::new();
         let ctx = Arc::new(ConnContext {
             proxy: self,
@@ -82,6 +108,7 @@ impl HttpProxy {
             access_log: limits.access_log,
             body_timeout: limits.body_timeout,
             frontend: frontend.clone(),
+            tls: stream.is_tls(),
         });
         let svc = service_fn(move |req| {
             let ctx = ctx.clone();
@@ -95,7 +122,13 @@ impl HttpProxy {
             peer,
             frontend,
         };
-        match client.detect(&mut io).await {
+        // Over TLS, ALPN says which; in the clear, the first bytes do.
+        let protocol = match (io.get_ref().is_tls(), alpn_h2) {
+            (true, true) => Some(Protocol::Http2),
+            (true, false) => Some(Protocol::Http1),
+            (false, _) => client.detect(&mut io).await,
+        };
+        match protocol {
             Some(Protocol::Http2) => client.serve_h2(io, svc).await,
             Some(Protocol::Http1) => {
                 let mut parked = Some((io, svc));
@@ -122,7 +155,7 @@ impl HttpProxy {
 /// socket's send buffer, a few MB on a fast link) and retrying its
 /// delivery for minutes.
 fn reset(io: &ClientIo) {
-    let _ = socket2::SockRef::from(io.get_ref()).set_linger(Some(Duration::ZERO));
+    let _ = socket2::SockRef::from(io.get_ref().tcp()).set_linger(Some(Duration::ZERO));
 }
 
 /// An HTTP/2 client stream, [`reset`] when dropped once `reset` is set:
@@ -194,7 +227,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The first read of a new connection: most request heads fit.
 const FIRST_READ: usize = 1024;
 
-type ClientIo = ActivityIo<TcpStream>;
+type ClientIo = ActivityIo<ClientStream>;
 
 /// One client connection's timers and drain state, across the phases of
 /// its life: detection, hyper serving it, parked.
@@ -277,7 +310,7 @@ impl ClientConn {
             };
             let woke = tokio::select! {
                 biased;
-                ready = io.get_ref().readable() => return ready.is_ok(),
+                ready = io.get_ref().tcp().readable() => return ready.is_ok(),
                 woke = self.until(wait) => woke,
             };
             if let Woke::Expired(_) = woke {

@@ -28,6 +28,7 @@ pub mod spread;
 pub mod sticky;
 pub mod table;
 pub mod tcp;
+pub mod tls;
 pub mod trust;
 
 use std::pin::Pin;

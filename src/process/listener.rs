@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -26,8 +27,10 @@ use crate::engine::frontend::{frontends_for, FrontendCounters};
 use crate::engine::http::HttpProxy;
 use crate::engine::spread::{OnWorker, Workers};
 use crate::engine::table::SharedTable;
+use crate::engine::tls::{self, CertStore};
 use crate::engine::{tcp, ClientLimits};
 use crate::process::takeover::{HeldSockets, Inherited, InheritedListener};
+use tokio_rustls::TlsAcceptor;
 
 const BACKLOG: u32 = 1024;
 
@@ -63,6 +66,9 @@ pub struct Listeners {
     /// wait in the backlog meanwhile, or are accepted by the previous
     /// process.
     open: CancellationToken,
+    /// TLS listeners' certificates: the directory, its acceptor, and the
+    /// token that stops the directory's watcher.
+    tls: Option<(PathBuf, TlsAcceptor, CancellationToken)>,
 }
 
 impl Listeners {
@@ -86,6 +92,7 @@ impl Listeners {
             inherited: Vec::new(),
             held: Arc::new(HeldSockets::default()),
             open: CancellationToken::new(),
+            tls: None,
         }
     }
 
@@ -172,8 +179,14 @@ impl Listeners {
         let tracker = self.tracker.clone();
         let workers = self.workers.clone();
         let open = self.open.clone();
+        let tls = self
+            .tls
+            .as_ref()
+            .filter(|_| spec.tls)
+            .map(|(_, acceptor, _)| acceptor.clone());
         let serve = Serve {
             mode: spec.mode,
+            tls,
             proxy: self.proxy.clone(),
             table: self.table.clone(),
             frontend: frontends_for(&self.table).get(&name),
@@ -241,6 +254,8 @@ impl Listeners {
 #[derive(Clone)]
 struct Serve {
     mode: ListenerMode,
+    /// The TLS handshake, on a TLS listener.
+    tls: Option<TlsAcceptor>,
     proxy: Arc<HttpProxy>,
     table: SharedTable,
     listener: Arc<str>,
@@ -280,6 +295,7 @@ impl Serve {
                         self.listener,
                         self.frontend,
                         stream,
+                        self.tls,
                         peer,
                         permit,
                         self.stop,
@@ -331,6 +347,37 @@ fn bind_sockets(
     Ok(out)
 }
 
+impl Listeners {
+    /// Opens `tls_dir` when a TLS listener needs it and it is not the one
+    /// open already (then its certificates are watched); true when the
+    /// acceptor changed, so TLS listeners start again with it.
+    fn use_tls_dir(&mut self, config: &Config) -> Result<bool, String> {
+        let wanted = config
+            .listeners
+            .iter()
+            .any(|l| l.tls)
+            .then_some(config.global.tls_dir.as_ref())
+            .flatten();
+        let Some(dir) = wanted else {
+            return Ok(false);
+        };
+        if self.tls.as_ref().is_some_and(|(open, _, _)| open == dir) {
+            return Ok(false);
+        }
+        let store = CertStore::open(dir)?;
+        for (file, names) in store.names() {
+            tracing::info!(dir = %dir.display(), certificate = %file, names = %names.join(","), "certificate loaded");
+        }
+        let stop = self.shutdown.child_token();
+        store.clone().watch(stop.clone());
+        let acceptor = TlsAcceptor::from(tls::server_config(store));
+        if let Some((_, _, old)) = self.tls.replace((dir.clone(), acceptor, stop)) {
+            old.cancel();
+        }
+        Ok(true)
+    }
+}
+
 impl ListenerControl for Listeners {
     fn reconcile(&mut self, config: &Config) -> Result<(), String> {
         let wanted: HashMap<&str, &Listener> = config
@@ -338,10 +385,17 @@ impl ListenerControl for Listeners {
             .iter()
             .map(|l| (l.name.as_str(), l))
             .collect();
-        // A listener needs a new socket only when its address or mode
-        // changes; its default service lives in the routing table.
-        let same_socket =
-            |r: &Running, l: &Listener| r.spec.bind == l.bind && r.spec.mode == l.mode;
+        // Certificates first: a directory that gives none refuses the
+        // config before anything changes.
+        let tls_changed = self.use_tls_dir(config)?;
+        // A listener needs a new socket only when its address, mode or
+        // TLS changes; its default service lives in the routing table.
+        let same_socket = |r: &Running, l: &Listener| {
+            r.spec.bind == l.bind
+                && r.spec.mode == l.mode
+                && r.spec.tls == l.tls
+                && !(l.tls && tls_changed)
+        };
         // Bind everything new before touching what runs: a bind that fails
         // changes nothing. SO_REUSEPORT lets a changed listener bind the
         // address its old socket still holds.

@@ -1025,6 +1025,7 @@ mod tests {
             bind,
             mode: ListenerMode::Http,
             default_service: None,
+            tls: false,
         }
     }
 
