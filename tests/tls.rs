@@ -288,3 +288,99 @@ async fn a_tls_listener_without_certificates_is_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("no certificate could be loaded"), "{err}");
 }
+
+/// A route with `https_redirect` sends plain requests to the same URL
+/// over https with a 308, and its TLS answers carry HSTS; other routes
+/// stay as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_redirect_and_hsts_are_per_route() {
+    let ca = Ca::new();
+    let certs = tempfile::tempdir().expect("a temp dir");
+    install(certs.path(), "a", &ca.cert(&["a.test"], 31));
+    let up = Upstream::start("app").await;
+    let tls_port = free_addr();
+    let config = |plain: std::net::SocketAddr| {
+        format!(
+            r#"[global]
+tls_dir = "{}"
+
+[[listeners]]
+name = "web"
+bind = "{plain}"
+default_service = "web"
+
+[[listeners]]
+name = "websecure"
+bind = "{tls_port}"
+tls = true
+default_service = "web"
+
+[services.web]
+endpoints = [{}]
+
+[routes.secure]
+host = "a.test"
+path_prefix = "/"
+service = "web"
+https_redirect = true
+https_port = {}
+hsts_max_age = 600
+"#,
+            certs.path().display(),
+            endpoint_line(&up, ""),
+            tls_port.port()
+        )
+    };
+    let proxy = Proxy::start(|| config(free_addr())).await;
+    let plain = proxy.listener("web");
+    let tls = proxy.listener("websecure");
+
+    let head = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-D",
+                "-",
+                "--max-time",
+                "10",
+                "--cacert",
+            ])
+            .arg(ca.ca_file())
+            .args(args)
+            .output()
+            .expect("run curl");
+        String::from_utf8_lossy(&out.stdout).to_lowercase()
+    };
+    let redirected = head(&[
+        "--resolve",
+        &format!("a.test:{}:127.0.0.1", plain.port()),
+        &format!("http://a.test:{}/cart?id=7", plain.port()),
+    ]);
+    assert!(redirected.starts_with("http/1.1 308"), "{redirected}");
+    assert!(
+        redirected.contains(&format!(
+            "location: https://a.test:{}/cart?id=7",
+            tls.port()
+        )),
+        "{redirected}"
+    );
+    let secure = head(&[
+        "--resolve",
+        &format!("a.test:{}:127.0.0.1", tls.port()),
+        &format!("https://a.test:{}/cart", tls.port()),
+    ]);
+    assert!(
+        secure.starts_with("http/1.1 200") || secure.starts_with("http/2 200"),
+        "{secure}"
+    );
+    assert!(
+        secure.contains("strict-transport-security: max-age=600"),
+        "{secure}"
+    );
+    // Another host: no route of its own, no redirect, no HSTS.
+    let other = head(&[&format!("http://127.0.0.1:{}/", plain.port())]);
+    assert!(other.starts_with("http/1.1 200"), "{other}");
+    assert!(!other.contains("strict-transport-security"), "{other}");
+}

@@ -33,6 +33,15 @@ pub struct RouteSpec {
     /// Target: a weighted split across services (canary).
     #[serde(default)]
     pub split: Vec<SplitSpec>,
+    /// Requests that come in the clear get a 308 to the same URL over
+    /// https (on `https_port`, else the default port).
+    #[serde(default)]
+    pub https_redirect: bool,
+    #[serde(default)]
+    pub https_port: Option<u16>,
+    /// Responses over TLS carry `Strict-Transport-Security: max-age=N`.
+    #[serde(default)]
+    pub hsts_max_age: Option<u64>,
 }
 
 fn root() -> String {

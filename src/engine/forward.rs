@@ -76,7 +76,8 @@ struct Served {
 
 /// Where a route sends a request: the service, and the path when the
 /// route strips its prefix.
-type Routed = (Arc<Service>, Option<String>);
+/// The service, the path rewrite, and the HSTS header of the route.
+type Routed = (Arc<Service>, Option<String>, Option<HeaderValue>);
 
 /// The upstream request's head, built once for every try (its headers
 /// travel with the retry state, which may have to give them away).
@@ -271,6 +272,10 @@ impl ConnContext {
                 resp
             }
         };
+        if let Some(hsts) = pages.and_then(|p| p.hsts) {
+            resp.headers_mut()
+                .insert(header::STRICT_TRANSPORT_SECURITY, hsts);
+        }
         self.activity.mark_response(version, &mut resp);
         self.frontend.answered(resp.status().as_u16());
         resp
@@ -292,12 +297,12 @@ impl ConnContext {
         if self.path_normalization == PathNormalization::Strict {
             normalize_target(&mut req)?;
         }
-        let (service, rewrite, routed_in) = {
+        let (service, rewrite, routed_in, hsts) = {
             let table = self.proxy.table.load();
-            let (service, rewrite) = self.route(&table, req.uri(), req.headers())?;
-            (service, rewrite, table.version)
+            let (service, rewrite, hsts) = self.route(&table, req.uri(), req.headers())?;
+            (service, rewrite, table.version, hsts)
         };
-        *pages = Some(Pages::of(&service));
+        *pages = Some(Pages::of(&service, hsts.filter(|_| self.tls)));
         if service.settings.maintenance.is_some() {
             return Err(ProxyError::Maintenance(service.name.clone()));
         }
@@ -386,8 +391,13 @@ impl ConnContext {
     ) -> Result<Routed, ProxyError> {
         let host = target_host(uri, headers);
         let path = uri.path();
+        let mut hsts = None;
         let (resolved, rewrite) = match table.routes.find(host, path) {
             Some(route) => {
+                if let (Some(port), false) = (route.https_redirect, self.tls) {
+                    return Err(ProxyError::HttpsRedirect(https_location(uri, host, port)));
+                }
+                hsts.clone_from(&route.hsts);
                 let resolved = table.resolve(&route.target, host, path, headers);
                 let rewrite = route.strip_prefix.then(|| {
                     let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -404,7 +414,7 @@ impl ConnContext {
             },
         };
         match resolved {
-            Resolved::Service(s) => Ok((s, rewrite)),
+            Resolved::Service(s) => Ok((s, rewrite, hsts)),
             Resolved::UnknownService(name) => Err(ProxyError::UnknownService(name)),
             Resolved::NoMapEntry { map, key } => Err(ProxyError::NoMapEntry { map, key }),
         }
@@ -570,7 +580,7 @@ impl ConnContext {
         let uri = &head.parts.uri;
         let rerouted =
             self.reroute(&mut routing.routed_in, current, uri, state.headers.as_ref())?;
-        if let Some((now, rewrite)) = rerouted {
+        if let Some((now, rewrite, _)) = rerouted {
             state.avoid = state
                 .avoid
                 .and_then(|i| current.endpoints.get(i))
@@ -611,8 +621,8 @@ impl ConnContext {
         let Some(headers) = headers else {
             return Ok(None);
         };
-        let (now, rewrite) = self.route(&table, uri, headers)?;
-        Ok((!Arc::ptr_eq(&now, current)).then_some((now, rewrite)))
+        let (now, rewrite, hsts) = self.route(&table, uri, headers)?;
+        Ok((!Arc::ptr_eq(&now, current)).then_some((now, rewrite, hsts)))
     }
 
     /// Send once: one attempt to one endpoint, bounded by `timeout`. An
@@ -842,13 +852,16 @@ impl UpstreamHead {
 struct Pages {
     by_status: Arc<std::collections::BTreeMap<u16, bytes::Bytes>>,
     maintenance: Option<bytes::Bytes>,
+    /// The route's `Strict-Transport-Security`, for a TLS client.
+    hsts: Option<HeaderValue>,
 }
 
 impl Pages {
-    fn of(service: &Service) -> Self {
+    fn of(service: &Service, hsts: Option<HeaderValue>) -> Self {
         Pages {
             by_status: service.settings.error_pages.clone(),
             maintenance: service.settings.maintenance.clone(),
+            hsts,
         }
     }
 
@@ -864,6 +877,21 @@ impl Pages {
                 .or_else(|| self.by_status.get(&status)),
             _ => self.by_status.get(&status),
         }
+    }
+}
+
+/// Where a plain-HTTP request to an `https_redirect` route is sent: the
+/// same host (without its port) and target, over https on `port`.
+fn https_location(uri: &Uri, host: &str, port: Option<u16>) -> String {
+    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let name = match host.rsplit_once(':') {
+        // `[::1]:80` or `name:80`; a bare IPv6 literal has no port.
+        Some((name, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') => name,
+        _ => host,
+    };
+    match port {
+        Some(port) if port != 443 => format!("https://{name}:{port}{pq}"),
+        _ => format!("https://{name}{pq}"),
     }
 }
 
@@ -1836,6 +1864,29 @@ mod tests {
         assert_eq!(trusted[&X_FORWARDED_FOR], "10.0.0.1, 127.0.0.3");
         assert_eq!(trusted[&X_FORWARDED_PROTO], "https");
         assert_eq!(trusted[header::FORWARDED], "for=10.0.0.1");
+    }
+
+    #[test]
+    fn an_https_redirect_keeps_the_host_and_target_and_names_the_port() {
+        let uri = |s: &str| s.parse::<Uri>().expect("a URI");
+        let cases = [
+            (
+                "a.test:8080",
+                "/x?y=1",
+                Some(8443),
+                "https://a.test:8443/x?y=1",
+            ),
+            ("a.test", "/", None, "https://a.test/"),
+            ("a.test:80", "/p", Some(443), "https://a.test/p"),
+            ("[::1]:80", "/p", None, "https://[::1]/p"),
+        ];
+        for (host, target, port, want) in cases {
+            assert_eq!(
+                https_location(&uri(target), host, port),
+                want,
+                "{host}{target}"
+            );
+        }
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub enum ProxyError {
     Paused(Arc<str>),
     #[error("service {0:?} is down for maintenance")]
     Maintenance(Arc<str>),
+    #[error("this address is served over https: {0}")]
+    HttpsRedirect(String),
     #[error(
         "every endpoint of service {0:?} is at its connection limit and the queue_timeout passed"
     )]
@@ -104,6 +106,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::HttpsRedirect(_) => StatusCode::PERMANENT_REDIRECT,
             ProxyError::NoEndpoint(_)
             | ProxyError::Paused(_)
             | ProxyError::Maintenance(_)
@@ -153,6 +156,11 @@ impl ProxyError {
         );
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let ProxyError::HttpsRedirect(location) = self {
+            if let Ok(v) = HeaderValue::try_from(location.as_str()) {
+                headers.insert(header::LOCATION, v);
+            }
         }
         resp
     }

@@ -315,6 +315,11 @@ pub struct Route {
     pub path_prefix: String,
     pub strip_prefix: bool,
     pub target: Target,
+    /// Plain-HTTP requests are sent to https (`Some(port)`, or `Some(None)`
+    /// for the default port).
+    pub https_redirect: Option<Option<u16>>,
+    /// `Strict-Transport-Security` for responses over TLS.
+    pub hsts: Option<http::HeaderValue>,
 }
 
 /// Where a route sends a request.
@@ -379,11 +384,28 @@ impl Route {
                 Target::Split { arms, total }
             }
         };
+        if spec.https_port.is_some() && !spec.https_redirect {
+            return Err(
+                "https_port is the port of https_redirect: set https_redirect = true".into(),
+            );
+        }
+        let hsts = spec
+            .hsts_max_age
+            .map(|age| http::HeaderValue::from(age))
+            .map(|age| {
+                let mut v = b"max-age=".to_vec();
+                v.extend_from_slice(age.as_bytes());
+                http::HeaderValue::from_bytes(&v)
+            })
+            .transpose()
+            .map_err(|e| format!("hsts_max_age: {e}"))?;
         Ok(Route {
             name: name.into(),
             path_prefix: spec.path_prefix.clone(),
             strip_prefix: spec.strip_prefix,
             target,
+            https_redirect: spec.https_redirect.then_some(spec.https_port),
+            hsts,
         })
     }
 }
