@@ -391,7 +391,7 @@ impl Route {
         }
         let hsts = spec
             .hsts_max_age
-            .map(|age| http::HeaderValue::from(age))
+            .map(http::HeaderValue::from)
             .map(|age| {
                 let mut v = b"max-age=".to_vec();
                 v.extend_from_slice(age.as_bytes());
