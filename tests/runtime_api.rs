@@ -1038,7 +1038,9 @@ service = "api"
         let last: i64 = row("lastsess").parse().expect("lastsess");
         assert!((0..60).contains(&last), "{csv}");
         assert!(
-            row("rtime").parse::<u64>().is_ok() && row("ttime").parse::<u64>().is_ok(),
+            row("rtime").parse::<u64>().is_ok()
+                && row("ttime").parse::<u64>().is_ok()
+                && row("ctime").parse::<u64>().is_ok(),
             "{csv}"
         );
     }

@@ -106,6 +106,9 @@ pub struct EndpointState {
     /// From a request's pick to its response head, and to the end of its
     /// response body (`rtime`, `ttime`).
     response_time: RecentAverage,
+    /// Time to connect, per request: 0 on a reused connection, as
+    /// HAProxy's `ctime` counts it.
+    connect_time: RecentAverage,
     total_time: RecentAverage,
     /// Times an active check took it from up to down (`chkdown`).
     went_down: AtomicU64,
@@ -149,6 +152,7 @@ impl Default for EndpointState {
             last_request: AtomicU64::new(0),
             traffic: Arc::default(),
             response_time: RecentAverage::default(),
+            connect_time: RecentAverage::default(),
             total_time: RecentAverage::default(),
             went_down: AtomicU64::new(0),
             down_secs: AtomicU64::new(0),
@@ -279,6 +283,15 @@ impl EndpointState {
         length
     }
 
+    /// Ends an ejection early: its active check saw it come back up (a
+    /// restart that failed requests while it stopped is over). The next
+    /// ejection still lasts longer, as if this one had run out.
+    pub fn uneject(&self) {
+        if self.ejected_until.swap(0, Relaxed) != 0 {
+            self.consecutive_failures.store(0, Relaxed);
+        }
+    }
+
     /// Has an active check run on it yet?
     pub fn has_check_result(&self) -> bool {
         self.check_result.load(Relaxed) != 0
@@ -311,6 +324,11 @@ impl EndpointState {
 
     pub fn checks_paused(&self) -> bool {
         self.checks_paused.load(Relaxed)
+    }
+
+    /// A try's connection: opened in `took`, or reused (`Duration::ZERO`).
+    pub fn record_connect(&self, took: Duration) {
+        self.connect_time.add(took);
     }
 
     /// Active checks that failed, since start (HAProxy's `chkfail`).
@@ -430,6 +448,7 @@ impl EndpointState {
             bytes_out: self.traffic.received(),
             response_time: self.response_time.millis(),
             total_time: self.total_time.millis(),
+            connect_time: self.connect_time.millis(),
             went_down: self.went_down.load(Relaxed),
             down_secs: self.down_secs.load(Relaxed) + down_now,
             check_millis: self.check_millis.load(Relaxed),
@@ -465,6 +484,7 @@ impl EndpointState {
         self.traffic.clear();
         self.response_time.clear();
         self.total_time.clear();
+        self.connect_time.clear();
         self.went_down.store(0, Relaxed);
         self.down_secs.store(0, Relaxed);
         if self.down_since.load(Relaxed) != 0 {
@@ -545,6 +565,7 @@ pub struct EndpointStats {
     /// Average milliseconds and the requests averaged (at most 1024).
     pub response_time: Option<(u64, u64)>,
     pub total_time: Option<(u64, u64)>,
+    pub connect_time: Option<(u64, u64)>,
     pub went_down: u64,
     pub down_secs: u64,
     pub check_millis: u64,

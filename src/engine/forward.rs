@@ -645,17 +645,26 @@ impl ConnContext {
             .take(&endpoint.authority, settings.upstream_idle_timeout)
             .await
         {
-            Some(s) => s,
-            None => match pool::connect(
-                &endpoint.address,
-                settings.connect_timeout,
-                Some(&endpoint.live.traffic),
-            )
-            .await
-            {
-                Ok(s) => s,
-                Err(e) => return Ok(Outcome::Failed(Failure::Refused(e))),
-            },
+            Some(s) => {
+                endpoint.live.record_connect(Duration::ZERO);
+                s
+            }
+            None => {
+                let connecting = Instant::now();
+                match pool::connect(
+                    &endpoint.address,
+                    settings.connect_timeout,
+                    Some(&endpoint.live.traffic),
+                )
+                .await
+                {
+                    Ok(s) => {
+                        endpoint.live.record_connect(connecting.elapsed());
+                        s
+                    }
+                    Err(e) => return Ok(Outcome::Failed(Failure::Refused(e))),
+                }
+            }
         };
         let Some((body, headers)) = state.this_try() else {
             return Err(ProxyError::Upstream {

@@ -950,9 +950,18 @@ fn stats_page(table: &RoutingTable, followed: &[Followed], started: u64) -> Stri
         html.push_str("</table>");
     }
     for s in services_view(table) {
+        // Requests waiting: in the queue for a slot, or held for an
+        // endpoint (or a resume).
+        let waiting = table.service(&s.name).map_or(String::new(), |svc| {
+            let live = &svc.settings.live;
+            let (queued, held) = (live.queued.load(Ordering::Relaxed), live.held.load(Ordering::Relaxed));
+            let paused = if svc.settings.paused.is_some() { ", paused" } else { "" };
+            let maint = if svc.settings.maintenance.is_some() { ", in maintenance" } else { "" };
+            format!(", <span class=queued>{queued}</span> queued, <span class=held>{held}</span> held{paused}{maint}")
+        });
         let _ = write!(
             html,
-            "<h2>{} <small>({}, {} retries, {} ejections)</small></h2><table class=service data-service=\"{}\">\
+            "<h2>{} <small>({}, {} retries, {} ejections{waiting})</small></h2><table class=service data-service=\"{}\">\
              <tr><th>endpoint</th><th>address</th><th>state</th><th>weight</th><th>health</th>\
              <th>in flight</th><th>requests</th><th>2xx</th><th>3xx</th><th>4xx</th><th>5xx</th>\
              <th>errors</th><th>last change</th></tr>",

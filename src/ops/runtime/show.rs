@@ -392,6 +392,7 @@ fn traffic_columns(row: &mut StatRow, s: &EndpointStats, now: u64) {
         Some(t) => row.set(col!("lastsess"), now.saturating_sub(t)),
         None => row.set(col!("lastsess"), -1),
     }
+    row.set(col!("ctime"), s.connect_time.map_or(0, |(ms, _)| ms));
     row.set(col!("rtime"), s.response_time.map_or(0, |(ms, _)| ms));
     row.set(col!("ttime"), s.total_time.map_or(0, |(ms, _)| ms));
 }
@@ -545,7 +546,7 @@ impl Snapshot {
         let mut newest_change = 0;
         let mut backups = 0;
         let mut traffic = EndpointStats::default();
-        let (mut rtime, mut ttime) = ((0, 0), (0, 0));
+        let (mut rtime, mut ttime, mut ctime) = ((0, 0), (0, 0), (0, 0));
         for e in svc.endpoints.iter() {
             let c = e.live.snapshot();
             let s = e.live.stat_counters();
@@ -556,6 +557,7 @@ impl Snapshot {
             traffic.server_aborts += s.server_aborts;
             traffic.last_request = traffic.last_request.max(s.last_request);
             add_weighted(&mut rtime, s.response_time);
+            add_weighted(&mut ctime, s.connect_time);
             add_weighted(&mut ttime, s.total_time);
             requests += c.requests;
             failures += c.failures;
@@ -680,6 +682,7 @@ impl Snapshot {
         traffic.max_request_rate = live.request_rate.max();
         let average = |(sum, n): (u64, u64)| (n > 0).then(|| (sum / n, n));
         traffic.response_time = average(rtime);
+        traffic.connect_time = average(ctime);
         traffic.total_time = average(ttime);
         traffic_columns(&mut row, &traffic, self.now);
         row.set(col!("econ"), traffic.connect_failures);
