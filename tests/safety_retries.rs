@@ -334,6 +334,80 @@ async fn sigkill_of_an_upstream_under_get_load_fails_no_request() {
     );
 }
 
+/// An app that answers 503 while it shuts down (seed 003's recipe): each
+/// of three instances in turn answers 503 to everything, its health check
+/// included, for 1.5 s, then serves again, under 64 clients and the
+/// default retry settings: no client sees a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_apps_that_answer_503_while_stopping_fails_no_request() {
+    let names = ["s1", "s2", "s3"];
+    let mut servers = Vec::new();
+    let mut flags = Vec::new();
+    for name in names {
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stopping.clone();
+        let server = http_server(move |_req| {
+            let stopping = s.load(SeqCst);
+            async move {
+                let (status, body) = if stopping {
+                    (503, "shutting down".to_string())
+                } else {
+                    (200, format!("{{\"server\":\"{name}\"}}"))
+                };
+                let mut r = Response::new(Full::new(Bytes::from(body)));
+                *r.status_mut() = StatusCode::from_u16(status).expect("a status");
+                r
+            }
+        })
+        .await;
+        servers.push(server);
+        flags.push(stopping);
+    }
+    let eps: Vec<String> = names
+        .iter()
+        .zip(&servers)
+        .map(|(n, s)| ep(n, s.addr))
+        .collect();
+    let settings = "check = { http = \"/healthz\", interval = \"100ms\", timeout = \"200ms\", rise = 1, fall = 1 }";
+    let proxy = Proxy::start(|| web(free_addr(), settings, &eps)).await;
+    let deadline = Duration::from_secs(5);
+    for n in names {
+        wait_for(deadline, "every instance is up", || async {
+            proxy.endpoint("web", n).await["healthy"] == true
+        })
+        .await;
+    }
+
+    let start = Instant::now();
+    let load = tokio::spawn(get_load(
+        proxy.url("/"),
+        64,
+        start,
+        Duration::from_millis(6500),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for stopping in &flags {
+        stopping.store(true, SeqCst);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stopping.store(false, SeqCst);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let seen = load.await.expect("the load task");
+    let bad = failed(&seen);
+    assert!(
+        bad.is_empty(),
+        "{} of {} GETs failed (first: {:?}); the proxy logged:\n{}",
+        bad.len(),
+        seen.len(),
+        bad.iter().take(5).collect::<Vec<_>>(),
+        warnings(&proxy)
+    );
+    assert!(seen.len() >= 1000, "too little load: {}", seen.len());
+    for n in names {
+        assert!(seen.iter().any(|s| s.server == n), "{n} served");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_is_retried_for_get_but_a_post_is_not() {
     let (down, down_hits) = counting_server("down", 503, Duration::ZERO).await;

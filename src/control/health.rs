@@ -127,6 +127,9 @@ async fn check_loop(
         if let Some(now_up) = rise_fall.record(passed, live.healthy()) {
             live.set_healthy(now_up);
             if now_up {
+                // Back up by its checks: a passive ejection from while it
+                // was going down is over too.
+                live.uneject();
                 tracing::info!(%service, %id, %address, "endpoint up: check passed");
             } else {
                 live.pool.clear();
