@@ -359,26 +359,11 @@ async fn a_reload_applies_a_changed_token() {
     assert_eq!(change("new-token").await.0, 200, "the new one does");
 }
 
-#[tokio::test]
-async fn metrics_parse_as_prometheus_text_and_count_requests() {
-    let ups = Upstream::start_many(&["a", "b", "green"]).await;
-    let proxy = Proxy::start(|| config(free_addr(), &ups[0], &ups[1], &ups[2])).await;
-    let c = client();
-    for _ in 0..30 {
-        server_of(&c, &proxy.url("/"), &[]).await;
-    }
-    let (status, _) = get_echo(&c, &proxy.url("/status/404"), &[]).await;
-    assert_eq!(status, 404);
-    let text = plain_client()
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    // The Prometheus project's Python parser reads it (Debian's
-    // python3-prometheus-client), and sums what we check.
+/// `text` read by the Prometheus project's Python parser (Debian's
+/// python3-prometheus-client): every sample as `name|label=value,...`
+/// (labels sorted), and `type|family` for each family's type. Panics if
+/// the parser refuses it.
+fn parse_prometheus(text: &str) -> BTreeMap<String, Value> {
     let script = r#"
 import sys, json
 from prometheus_client.parser import text_string_to_metric_families
@@ -409,11 +394,95 @@ print(json.dumps(out))
     let out = child.wait_with_output().expect("parser output");
     assert!(
         out.status.success(),
-        "the Prometheus parser refused /metrics: {}\n{text}",
+        "the Prometheus parser refused it: {}\n{text}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let samples: BTreeMap<String, Value> =
-        serde_json::from_slice(&out.stdout).expect("parser json");
+    serde_json::from_slice(&out.stdout).expect("parser json")
+}
+
+/// `/metrics/haproxy` gives the `show stat` figures under HAProxy's own
+/// exporter's names, so its dashboards work: requests, answers by class,
+/// sessions and status per frontend, backend and server.
+#[tokio::test]
+async fn metrics_under_haproxys_names_count_the_same_traffic() {
+    let ups = Upstream::start_many(&["a", "b", "green"]).await;
+    let proxy = Proxy::start(|| config(free_addr(), &ups[0], &ups[1], &ups[2])).await;
+    let c = client();
+    for _ in 0..30 {
+        server_of(&c, &proxy.url("/"), &[]).await;
+    }
+    let (status, _) = get_echo(&c, &proxy.url("/status/404"), &[]).await;
+    assert_eq!(status, 404);
+    let text = plain_client()
+        .get(proxy.admin_url("/metrics/haproxy"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let samples = parse_prometheus(&text);
+    let num = |k: &str| samples.get(k).and_then(Value::as_f64).unwrap_or(-1.0);
+    assert_eq!(
+        num("haproxy_frontend_http_requests_total|proxy=web"),
+        31.0,
+        "{text}"
+    );
+    assert_eq!(
+        num("haproxy_frontend_http_responses_total|code=2xx,proxy=web"),
+        30.0,
+        "{text}"
+    );
+    assert_eq!(num("haproxy_frontend_status|proxy=web"), 1.0);
+    assert_eq!(
+        num("haproxy_server_sessions_total|proxy=web,server=a")
+            + num("haproxy_server_sessions_total|proxy=web,server=b"),
+        31.0,
+        "{text}"
+    );
+    assert_eq!(
+        num("haproxy_backend_http_responses_total|code=4xx,proxy=web"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        num("haproxy_server_status|proxy=web,server=a,state=UP"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        num("haproxy_server_status|proxy=web,server=a,state=DOWN"),
+        0.0
+    );
+    assert_eq!(
+        samples
+            .get("type|haproxy_server_bytes_out")
+            .and_then(Value::as_str),
+        Some("counter"),
+        "{text}"
+    );
+    assert!(num("haproxy_backend_response_time_average_seconds|proxy=web") >= 0.0);
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_text_and_count_requests() {
+    let ups = Upstream::start_many(&["a", "b", "green"]).await;
+    let proxy = Proxy::start(|| config(free_addr(), &ups[0], &ups[1], &ups[2])).await;
+    let c = client();
+    for _ in 0..30 {
+        server_of(&c, &proxy.url("/"), &[]).await;
+    }
+    let (status, _) = get_echo(&c, &proxy.url("/status/404"), &[]).await;
+    assert_eq!(status, 404);
+    let text = plain_client()
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let samples = parse_prometheus(&text);
     let num = |k: &str| samples.get(k).and_then(Value::as_f64).unwrap_or(-1.0);
     let requests = num("pointsman_endpoint_requests_total|endpoint=a,service=web")
         + num("pointsman_endpoint_requests_total|endpoint=b,service=web");

@@ -210,6 +210,19 @@ impl Admin {
                 "text/plain; version=0.0.4",
                 crate::ops::metrics::render(&table, &self.followed, &self.reloads),
             ),
+            // HAProxy's own exporter's names, from the `show stat` rows.
+            ["metrics", "haproxy"] => {
+                let snapshot =
+                    crate::ops::runtime::stat_snapshot(&self.table, &self.applied.load());
+                match snapshot.stat_lines(&crate::ops::runtime::StatFilter::default()) {
+                    Ok(lines) => reply(
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4",
+                        crate::ops::haproxy_metrics::render(&lines),
+                    ),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e),
+                }
+            }
             ["api", "services"] => json(&services_view(&table)),
             ["api", "services", name] => match services_view(&table)
                 .into_iter()
@@ -235,7 +248,7 @@ impl Admin {
             ),
             _ => text(
                 StatusCode::NOT_FOUND,
-                &format!("not found: {path}: try /stats, /api/services, /api/routes, /api/maps, /api/discovery, /metrics, /healthz or /readyz\n"),
+                &format!("not found: {path}: try /stats, /api/services, /api/routes, /api/maps, /api/discovery, /metrics, /metrics/haproxy, /healthz or /readyz\n"),
             ),
         }
     }

@@ -5,5 +5,6 @@
 //! nothing imports them but `process`.
 
 pub mod admin;
+pub mod haproxy_metrics;
 pub mod metrics;
 pub mod runtime;
