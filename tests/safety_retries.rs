@@ -334,25 +334,35 @@ async fn sigkill_of_an_upstream_under_get_load_fails_no_request() {
     );
 }
 
-/// An app that answers 503 while it shuts down (seed 003's recipe): each
-/// of three instances in turn answers 503 to everything, its health check
-/// included, for 1.5 s, then serves again, under 64 clients and the
-/// default retry settings: no client sees a 503.
+/// An app that answers 503 while it shuts down (seed 003's recipe), its
+/// health check first: each of three instances in turn fails its check
+/// until the proxy sees it down, then answers 503 to everything (requests
+/// still in flight to it, and checks) for 1.2 s, then serves
+/// again, under 64 clients and the default retry settings. The 503s come
+/// from an endpoint the proxy knows is failing, so they are retried
+/// without the budget, and no client sees one. (A 503 before the check
+/// has said anything is retried within the budget only.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_apps_that_answer_503_while_stopping_fails_no_request() {
+    use std::sync::atomic::AtomicU8;
+    // 0 serving, 1 failing its check, 2 answering 503 to everything.
+    const SERVING: u8 = 0;
+    const UNREADY: u8 = 1;
+    const STOPPING: u8 = 2;
     let names = ["s1", "s2", "s3"];
     let mut servers = Vec::new();
-    let mut flags = Vec::new();
+    let mut phases = Vec::new();
     for name in names {
-        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let s = stopping.clone();
-        let server = http_server(move |_req| {
-            let stopping = s.load(SeqCst);
+        let phase = Arc::new(AtomicU8::new(SERVING));
+        let p = phase.clone();
+        let server = http_server(move |req| {
+            let now = p.load(SeqCst);
+            let health = req.uri().path() == "/healthz";
             async move {
-                let (status, body) = if stopping {
-                    (503, "shutting down".to_string())
-                } else {
-                    (200, format!("{{\"server\":\"{name}\"}}"))
+                let (status, body) = match now {
+                    STOPPING => (503, "shutting down".to_string()),
+                    UNREADY if health => (503, "shutting down".to_string()),
+                    _ => (200, format!("{{\"server\":\"{name}\"}}")),
                 };
                 let mut r = Response::new(Full::new(Bytes::from(body)));
                 *r.status_mut() = StatusCode::from_u16(status).expect("a status");
@@ -361,7 +371,7 @@ async fn a_rolling_restart_of_apps_that_answer_503_while_stopping_fails_no_reque
         })
         .await;
         servers.push(server);
-        flags.push(stopping);
+        phases.push(phase);
     }
     let eps: Vec<String> = names
         .iter()
@@ -383,13 +393,20 @@ async fn a_rolling_restart_of_apps_that_answer_503_while_stopping_fails_no_reque
         proxy.url("/"),
         64,
         start,
-        Duration::from_millis(6500),
+        Duration::from_millis(7500),
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for stopping in &flags {
-        stopping.store(true, SeqCst);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        stopping.store(false, SeqCst);
+    for (phase, n) in phases.iter().zip(names) {
+        phase.store(UNREADY, SeqCst);
+        // The app stops once its check has taken it out (as a stop
+        // script that waits for it would).
+        wait_for(deadline, "the proxy sees the instance down", || async {
+            proxy.endpoint("web", n).await["healthy"] == false
+        })
+        .await;
+        phase.store(STOPPING, SeqCst);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        phase.store(SERVING, SeqCst);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let seen = load.await.expect("the load task");

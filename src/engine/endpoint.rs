@@ -607,6 +607,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_ejection_ends_early_when_unejected_and_the_next_one_is_longer() {
+        let e = EndpointState::default();
+        let first = e.eject(Duration::from_secs(10), Duration::from_secs(60));
+        assert!(e.ejected());
+        e.uneject();
+        assert!(!e.ejected() && e.usable());
+        e.uneject(); // not ejected: nothing to do
+        let second = e.eject(Duration::from_secs(10), Duration::from_secs(60));
+        assert_eq!(
+            (first, second),
+            (Duration::from_secs(10), Duration::from_secs(20))
+        );
+    }
+
+    #[test]
     fn show_stat_figures_count_and_clear() {
         let e = Arc::new(EndpointState::default());
         let a = e.start_request();
