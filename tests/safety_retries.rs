@@ -393,7 +393,7 @@ async fn a_rolling_restart_of_apps_that_answer_503_while_stopping_fails_no_reque
         proxy.url("/"),
         64,
         start,
-        Duration::from_millis(7500),
+        Duration::from_millis(8500),
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (phase, n) in phases.iter().zip(names) {
