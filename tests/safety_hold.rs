@@ -225,3 +225,39 @@ async fn ctl_pause_holds_requests_until_ctl_resume() {
     let (status, _, body) = timed_get(&proxy.url("/")).await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// `ctl --admin ADDR pause` pauses the service on that proxy alone: its
+/// requests wait until `ctl --admin ADDR resume`; a service it does not
+/// have is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_on_one_proxy_holds_its_requests_until_resume() {
+    let up = Upstream::start("only").await;
+    let proxy = Proxy::start(|| web(free_addr(), "", &[endpoint_line(&up, "")])).await;
+    let admin = proxy.admin_url("");
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--admin", admin.as_str()];
+        all.extend_from_slice(args);
+        run_cli(&all)
+    };
+    let (code, out, err) = ctl(&["pause", "web", "--timeout", "10s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let waiting = tokio::spawn(timed_get_owned(proxy.url("/")));
+    wait_for(Duration::from_secs(5), "the request waits", || async {
+        proxy
+            .metric("pointsman_service_requests_held{service=\"web\"}")
+            .await
+            == Some(1.0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "held while paused");
+    let (code, out, err) = ctl(&["resume", "web"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (status, took, body) = waiting.await.expect("the held request");
+    assert_eq!(status, 200, "{body}");
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+
+    let (code, _, err) = ctl(&["pause", "nope"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no such service (backend): nope"), "{err}");
+}

@@ -93,17 +93,18 @@ pub enum CtlCommand {
     },
     /// Deletes a map entry.
     MapDel { map: String, key: String },
-    /// Pauses a service on every proxy (--etcd only): its new requests
-    /// wait, up to --timeout each, until `ctl resume`; requests in flight
-    /// finish. Returns once every proxy applied it.
+    /// Pauses a service: its new requests wait, up to --timeout each,
+    /// until `ctl resume`; requests in flight finish. With --etcd, on every
+    /// proxy (returns once every one applied it); with --admin, on that
+    /// proxy only.
     Pause {
         service: String,
         /// How long one request may wait before it gets 503.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-    /// Resumes a paused service: the waiting requests go on. Returns once
-    /// every proxy applied it.
+    /// Resumes a paused service (where `pause` paused it): the waiting
+    /// requests go on.
     Resume { service: String },
     /// Puts a service in maintenance on every proxy (--etcd only): each
     /// request gets 503 with the page; --off ends it. Returns once every
@@ -270,8 +271,18 @@ async fn fleet_status(opts: EtcdOptions) -> Result<(), CtlError> {
 async fn proxy(admin: &str, token: Option<&str>, cmd: CtlCommand) -> Result<(), CtlError> {
     let (method, path, body) = match cmd {
         CtlCommand::Status => return print_services(admin).await,
-        CtlCommand::Pause { .. } => return Err(CtlError::FleetOnly("a pause is fleet-wide")),
-        CtlCommand::Resume { .. } => return Err(CtlError::FleetOnly("a resume is fleet-wide")),
+        // On this proxy only, until `resume` or its restart.
+        CtlCommand::Pause { service, timeout } => (
+            Method::POST,
+            format!("/api/services/{}/pause", enc(&service)),
+            serde_json::json!({ "timeout": humantime::format_duration(timeout).to_string() })
+                .to_string(),
+        ),
+        CtlCommand::Resume { service } => (
+            Method::DELETE,
+            format!("/api/services/{}/pause", enc(&service)),
+            String::new(),
+        ),
         CtlCommand::Maintenance { .. } => {
             return Err(CtlError::FleetOnly("a maintenance is fleet-wide"))
         }

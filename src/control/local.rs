@@ -63,6 +63,12 @@ pub enum LocalChange {
         id: String,
         revision: i64,
     },
+    /// Pauses `service` on this proxy (each request waits up to
+    /// `timeout`), or with `None` resumes it.
+    Pause {
+        service: String,
+        timeout: Option<std::time::Duration>,
+    },
     /// Forgets every local change: the registries' values apply again.
     Reset,
 }
@@ -128,6 +134,8 @@ pub struct LocalLayer {
     pub maps: BTreeMap<String, MapOverride>,
     /// service -> id -> the etcd revision a drain notice holds it until.
     pub notices: HashMap<String, BTreeMap<String, i64>>,
+    /// Services paused on this proxy, with each request's longest wait.
+    pub pauses: HashMap<String, std::time::Duration>,
 }
 
 impl LocalLayer {
@@ -184,6 +192,7 @@ impl LocalLayer {
     pub fn reset(&mut self) {
         self.servers.clear();
         self.maps.clear();
+        self.pauses.clear();
     }
 
     /// Forgets a server's local state, keeping its local weight.
@@ -234,7 +243,11 @@ impl LocalLayer {
     /// Service names and map names that any local change touches.
     pub fn touched(&self) -> (Vec<String>, Vec<String>) {
         (
-            self.servers.keys().cloned().collect(),
+            self.servers
+                .keys()
+                .chain(self.pauses.keys())
+                .cloned()
+                .collect(),
             self.maps.keys().cloned().collect(),
         )
     }

@@ -360,6 +360,12 @@ impl Control {
                 self.effective_map(map)?;
                 dirty.maps.insert(map.clone());
             }
+            LocalChange::Pause { service, .. } => {
+                if self.table.load().service(service).is_none() {
+                    return Err(LocalError::NoSuchService(service.clone()));
+                }
+                dirty.services.insert(service.clone());
+            }
             LocalChange::Reset => {
                 let (services, maps) = self.local.touched();
                 dirty.services.extend(services);
@@ -393,6 +399,18 @@ impl Control {
                 id,
                 revision,
             } => self.local.add_notice(&service, &id, revision),
+            LocalChange::Pause {
+                service,
+                timeout: Some(t),
+            } => {
+                self.local.pauses.insert(service, t);
+            }
+            LocalChange::Pause {
+                service,
+                timeout: None,
+            } => {
+                self.local.pauses.remove(&service);
+            }
             LocalChange::Reset => self.local.reset(),
         }
         Ok(())
@@ -748,11 +766,13 @@ impl Control {
                 .queue_timeout
                 .map(|d| d.0)
                 .unwrap_or(connect_timeout),
-            paused: self
-                .sources
-                .values()
-                .find_map(|e| e.pauses.get(name))
-                .map(|p| p.timeout),
+            // Paused here, or by the fleet.
+            paused: self.local.pauses.get(name).copied().or_else(|| {
+                self.sources
+                    .values()
+                    .find_map(|e| e.pauses.get(name))
+                    .map(|p| p.timeout)
+            }),
             live: self
                 .service_live
                 .entry(name.to_string())

@@ -338,6 +338,36 @@ impl Admin {
                     revision: ask.until_revision,
                 })
             }
+            ("POST", ["api", "services", service, "pause"]) => {
+                let ask: PauseBody = if body.iter().all(u8::is_ascii_whitespace) {
+                    PauseBody::default()
+                } else {
+                    serde_json::from_slice(body).map_err(|e| {
+                        bad(format!(
+                            "body must be empty or JSON such as {{\"timeout\":\"30s\"}}: {e}"
+                        ))
+                    })?
+                };
+                let timeout = match ask.timeout.as_deref() {
+                    None => std::time::Duration::from_secs(30),
+                    Some(t) => humantime::parse_duration(t)
+                        .ok()
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "timeout {t:?} is not a duration above 0, e.g. \"30s\""
+                            ))
+                        })?,
+                };
+                Ok(LocalChange::Pause {
+                    service: service.to_string(),
+                    timeout: Some(timeout),
+                })
+            }
+            ("DELETE", ["api", "services", service, "pause"]) => Ok(LocalChange::Pause {
+                service: service.to_string(),
+                timeout: None,
+            }),
             ("DELETE", ["api", "local"]) => Ok(LocalChange::Reset),
             ("DELETE", ["api", "services", service, "endpoints", id]) => {
                 Ok(LocalChange::ServerReset {
@@ -349,6 +379,7 @@ impl Admin {
                 StatusCode::NOT_FOUND,
                 "changes: POST /api/services/<service>/endpoints/<id> {\"state\"|\"weight\"}, \
                  POST /api/drains {\"service\",\"id\",\"until_revision\"}, \
+                 POST or DELETE /api/services/<service>/pause [{\"timeout\"}], \
                  DELETE /api/services/<service>/endpoints/<id> (drop its local changes), \
                  PUT or DELETE /api/maps/<map>/<key>, DELETE /api/maps/<map>, DELETE /api/local"
                     .into(),
@@ -381,6 +412,13 @@ impl Admin {
             }
         }
     }
+}
+
+/// The body of a pause on this proxy: each request's longest wait.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PauseBody {
+    timeout: Option<String>,
 }
 
 /// The body of a drain notice.
