@@ -189,3 +189,32 @@ async fn ctl_maintenance_answers_every_request_with_the_page_until_off() {
     let (status, _, _) = fetch(&proxy.url("/")).await;
     assert_eq!(status, 200);
 }
+
+/// A page in etcd (`/pointsman/pages/<service>/<status>`) is every
+/// proxy's body for that answer, over the config's file; deleting it
+/// brings the plain one back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_in_etcd_is_the_body_of_the_proxys_answer() {
+    let etcd = EtcdServer::start();
+    let endpoint = etcd.endpoint();
+    let proxy = Proxy::start_with_args(
+        || listener_config(free_addr(), Some("web")),
+        &["--etcd", &endpoint, "--proxy-id", "p1", "--threads", "1"],
+    )
+    .await;
+    let up = Upstream::start("a").await;
+    put(&etcd, "/services/web/a", &up.addr.to_string()).await;
+    wait_ready(&[&proxy], "web", &["a"]).await;
+    put(&etcd, "/pointsman/pages/web/503", DOWN_PAGE).await;
+    let rev = put(&etcd, "/pointsman/overrides/web/a", r#"{"state":"maint"}"#).await;
+    support::etcd::wait_applied(&[&proxy], rev).await;
+    let (status, ctype, body) = fetch(&proxy.url("/")).await;
+    assert_eq!((status, body.as_str()), (503, DOWN_PAGE));
+    assert_eq!(ctype, "text/html; charset=utf-8");
+
+    let rev = support::etcd::del(&etcd, "/pointsman/pages/web/503").await;
+    support::etcd::wait_applied(&[&proxy], rev).await;
+    let (status, ctype, body) = fetch(&proxy.url("/")).await;
+    assert_eq!(status, 503);
+    assert!(ctype.starts_with("text/plain"), "{ctype}: {body}");
+}

@@ -80,7 +80,7 @@ fn schema_value(entry: &Entry) -> String {
         Entry::MapEntry { value, .. } => value.clone(),
         Entry::Override { spec, .. } => json(serde_json::json!(spec)),
         Entry::Pause { spec, .. } => json(serde_json::json!(spec)),
-        Entry::Maintenance { page, .. } => page.clone(),
+        Entry::Maintenance { page, .. } | Entry::Page { page, .. } => page.clone(),
     }
 }
 
@@ -123,7 +123,8 @@ pub fn consul_answers(data: &[u8]) {
             Entry::MapEntry { .. }
             | Entry::Override { .. }
             | Entry::Pause { .. }
-            | Entry::Maintenance { .. } => {
+            | Entry::Maintenance { .. }
+            | Entry::Page { .. } => {
                 panic!("Consul derives only instances and routes: {entry:?}")
             }
         }

@@ -11,6 +11,7 @@
 //! <pointsman>/overrides/<service>/<id>    a state or weight override
 //! <pointsman>/pauses/<service>            a service paused on every proxy
 //! <pointsman>/maintenance/<service>       a service in maintenance (its page)
+//! <pointsman>/pages/<service>/<status>    a service's 502, 503 or 504 page
 //! <pointsman>/proxies/<proxy-id>          a proxy's own record (not an entry)
 //! <pointsman>/history/maps/<map>/<key>    rollouts' previous map values
 //! ```
@@ -27,6 +28,8 @@ pub const OVERRIDES: &str = "overrides";
 pub const PAUSES: &str = "pauses";
 /// The section of services in maintenance.
 pub const MAINTENANCE: &str = "maintenance";
+/// The section of error pages.
+pub const PAGES: &str = "pages";
 /// The section of proxy records; the watcher ignores it.
 pub const PROXIES: &str = "proxies";
 /// The section where rollouts keep what they replaced; the watcher ignores
@@ -73,6 +76,11 @@ pub fn maintenance_key(p: &Prefixes, service: &str) -> String {
     format!("{}{service}", section_dir(p, MAINTENANCE))
 }
 
+/// `<pointsman>/pages/<service>/<status>`.
+pub fn page_key(p: &Prefixes, service: &str, status: u16) -> String {
+    format!("{}{service}/{status}", section_dir(p, PAGES))
+}
+
 /// `<pointsman>/proxies/`.
 pub fn proxies_dir(p: &Prefixes) -> String {
     section_dir(p, PROXIES)
@@ -97,6 +105,7 @@ pub fn entry_key(p: &Prefixes, key: &EntryKey) -> String {
         EntryKey::Override { service, id } => override_key(p, service, id),
         EntryKey::Pause { service } => pause_key(p, service),
         EntryKey::Maintenance { service } => maintenance_key(p, service),
+        EntryKey::Page { service, status } => page_key(p, service, *status),
     }
 }
 
@@ -157,6 +166,13 @@ mod tests {
                     maintenance_key(&p, "web"),
                     EntryKey::Maintenance {
                         service: "web".into(),
+                    },
+                ),
+                (
+                    page_key(&p, "web", 503),
+                    EntryKey::Page {
+                        service: "web".into(),
+                        status: 503,
                     },
                 ),
             ];

@@ -161,6 +161,7 @@ const MAP_VALUE: &str = "the map value as text, e.g. a service name such as web-
 const OVERRIDE_VALUE: &str = "a JSON override such as {\"state\":\"drain\",\"weight\":10}";
 const PAUSE_VALUE: &str = "a JSON pause such as {\"timeout\":\"30s\"}";
 const MAINTENANCE_VALUE: &str = "the maintenance page's HTML, as UTF-8 text";
+const PAGE_VALUE: &str = "the page's HTML, as UTF-8 text";
 
 /// Parses one registry key and its value.
 ///
@@ -202,6 +203,15 @@ pub fn parse_entry(
         EntryKey::Maintenance { service } => Entry::Maintenance {
             service,
             page: maintenance_page(key, value)?,
+        },
+        EntryKey::Page { service, status } => Entry::Page {
+            service,
+            status,
+            page: {
+                // Sent as written; a blank page is no page.
+                text(key, value, PAGE_VALUE)?;
+                String::from_utf8_lossy(value).into_owned()
+            },
         },
     };
     Ok(Some(entry))
@@ -316,6 +326,19 @@ fn classify(p: &Prefixes, key: &str) -> Result<Option<EntryKey>, ParseError> {
             } else {
                 EntryKey::Maintenance { service }
             }))
+        }
+        keys::PAGES => {
+            let shape = "expected <pointsman>/pages/<service>/<502|503|504>";
+            let Some((service, status)) = pair(key, rest, "service", "status", shape)? else {
+                return Ok(None);
+            };
+            match status.parse::<u16>() {
+                Ok(status @ (502 | 503 | 504)) => Ok(Some(EntryKey::Page { service, status })),
+                _ => Err(key_error(
+                    key,
+                    format!("{status:?} is not a status the proxy answers for a service: {shape}"),
+                )),
+            }
         }
         // `proxies` holds each proxy's own heartbeat; other sections belong
         // to tools or versions that know them.

@@ -58,6 +58,13 @@ pub enum Entry {
         service: String,
         page: String,
     },
+    /// The HTML body of the proxy's own `status` answers (502, 503 or 504)
+    /// for `service`, over any `error_pages` file.
+    Page {
+        service: String,
+        status: u16,
+        page: String,
+    },
 }
 
 /// The identity of an [`Entry`], for removals.
@@ -70,6 +77,7 @@ pub enum EntryKey {
     Override { service: String, id: String },
     Pause { service: String },
     Maintenance { service: String },
+    Page { service: String, status: u16 },
 }
 
 impl Entry {
@@ -89,6 +97,12 @@ impl Entry {
             },
             Entry::Maintenance { service, .. } => EntryKey::Maintenance {
                 service: service.clone(),
+            },
+            Entry::Page {
+                service, status, ..
+            } => EntryKey::Page {
+                service: service.clone(),
+                status: *status,
             },
             Entry::Override { service, id, .. } => EntryKey::Override {
                 service: service.clone(),
@@ -115,6 +129,7 @@ impl fmt::Display for EntryKey {
             EntryKey::Override { service, id } => write!(f, "override {service}/{id}"),
             EntryKey::Pause { service } => write!(f, "pause of {service}"),
             EntryKey::Maintenance { service } => write!(f, "maintenance of {service}"),
+            EntryKey::Page { service, status } => write!(f, "{status} page of {service}"),
         }
     }
 }

@@ -144,6 +144,8 @@ struct SourceEntries {
     pauses: HashMap<String, PauseSpec>,
     /// Services in maintenance fleet-wide, with their pages.
     maintenance: HashMap<String, String>,
+    /// service -> status -> the page of the proxy's own answer.
+    pages: HashMap<String, BTreeMap<u16, String>>,
 }
 
 /// What a batch of commands touched.
@@ -528,6 +530,7 @@ impl Control {
                 dirty.services.extend(old.overrides.keys().cloned());
                 dirty.services.extend(old.pauses.keys().cloned());
                 dirty.services.extend(old.maintenance.keys().cloned());
+                dirty.services.extend(old.pages.keys().cloned());
                 dirty.maps.extend(old.maps.keys().cloned());
                 dirty.routes |= !old.routes.is_empty();
                 for entry in all {
@@ -749,11 +752,21 @@ impl Control {
             upstream_idle_timeout: global.upstream_idle_timeout,
             h2c_upgrade: defaults.h2c_upgrade,
             hold_timeout: defaults.hold_timeout.map(|d| d.0).filter(|d| !d.is_zero()),
+            // The config's files, then the registries' pages over them.
             error_pages: Arc::new(
                 defaults
                     .error_page_bodies
                     .iter()
                     .map(|(s, page)| (*s, bytes::Bytes::from(page.to_string())))
+                    .chain(
+                        self.sources
+                            .values()
+                            .filter_map(|e| e.pages.get(name))
+                            .flat_map(|m| {
+                                m.iter()
+                                    .map(|(s, page)| (*s, bytes::Bytes::from(page.clone())))
+                            }),
+                    )
                     .collect(),
             ),
             maintenance: self
@@ -1030,6 +1043,18 @@ fn upsert(entries: &mut SourceEntries, entry: Entry, dirty: &mut Dirty) {
             dirty.services.insert(service.clone());
             entries.maintenance.insert(service, page);
         }
+        Entry::Page {
+            service,
+            status,
+            page,
+        } => {
+            dirty.services.insert(service.clone());
+            entries
+                .pages
+                .entry(service)
+                .or_default()
+                .insert(status, page);
+        }
     }
 }
 
@@ -1069,6 +1094,15 @@ fn remove(entries: &mut SourceEntries, key: EntryKey, dirty: &mut Dirty) {
         }
         EntryKey::Maintenance { service } => {
             entries.maintenance.remove(&service);
+            dirty.services.insert(service);
+        }
+        EntryKey::Page { service, status } => {
+            if let Some(m) = entries.pages.get_mut(&service) {
+                m.remove(&status);
+                if m.is_empty() {
+                    entries.pages.remove(&service);
+                }
+            }
             dirty.services.insert(service);
         }
     }

@@ -551,3 +551,25 @@ fn pauses_and_maintenance_pages_are_read_with_their_defaults() {
     );
     assert_eq!(page(" \n"), ("web".into(), String::new()));
 }
+
+#[test]
+fn error_pages_are_read_as_written_for_the_three_statuses() {
+    match ok("/pointsman/pages/web/503", "<h1>busy</h1>\n") {
+        Entry::Page {
+            service,
+            status,
+            page,
+        } => assert_eq!(
+            (service.as_str(), status, page.as_str()),
+            ("web", 503, "<h1>busy</h1>\n")
+        ),
+        other => panic!("not a page: {other:?}"),
+    }
+    let msg = err("/pointsman/pages/web/404", "<h1>no</h1>");
+    assert!(
+        msg.contains("\"404\" is not a status the proxy answers"),
+        "{msg}"
+    );
+    let msg = err("/pointsman/pages/web/503", "  ");
+    assert!(msg.contains("empty"), "{msg}");
+}
