@@ -333,7 +333,7 @@ fn classify(p: &Prefixes, key: &str) -> Result<Option<EntryKey>, ParseError> {
                 return Ok(None);
             };
             match status.parse::<u16>() {
-                Ok(status @ (502 | 503 | 504)) => Ok(Some(EntryKey::Page { service, status })),
+                Ok(status @ 502..=504) => Ok(Some(EntryKey::Page { service, status })),
                 _ => Err(key_error(
                     key,
                     format!("{status:?} is not a status the proxy answers for a service: {shape}"),
