@@ -9,8 +9,8 @@ mod support;
 
 use std::path::Path;
 
-use support::etcd::{put, EtcdServer};
-use support::registry::{listener_config, wait_ready};
+use support::etcd::{del, put, start_proxy, wait_applied, EtcdServer};
+use support::registry::wait_ready;
 use support::*;
 
 const DOWN_PAGE: &str = "<!doctype html><h1>We will be right back</h1>\n";
@@ -132,11 +132,7 @@ strip_prefix = true
 async fn ctl_maintenance_answers_every_request_with_the_page_until_off() {
     let etcd = EtcdServer::start();
     let endpoint = etcd.endpoint();
-    let proxy = Proxy::start_with_args(
-        || listener_config(free_addr(), Some("web")),
-        &["--etcd", &endpoint, "--proxy-id", "p1", "--threads", "1"],
-    )
-    .await;
+    let proxy = start_proxy(&etcd, "p1", Some("web")).await;
     let up = Upstream::start("a").await;
     put(&etcd, "/services/web/a", &up.addr.to_string()).await;
     wait_ready(&[&proxy], "web", &["a"]).await;
@@ -196,24 +192,19 @@ async fn ctl_maintenance_answers_every_request_with_the_page_until_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_in_etcd_is_the_body_of_the_proxys_answer() {
     let etcd = EtcdServer::start();
-    let endpoint = etcd.endpoint();
-    let proxy = Proxy::start_with_args(
-        || listener_config(free_addr(), Some("web")),
-        &["--etcd", &endpoint, "--proxy-id", "p1", "--threads", "1"],
-    )
-    .await;
+    let proxy = start_proxy(&etcd, "p1", Some("web")).await;
     let up = Upstream::start("a").await;
     put(&etcd, "/services/web/a", &up.addr.to_string()).await;
     wait_ready(&[&proxy], "web", &["a"]).await;
     put(&etcd, "/pointsman/pages/web/503", DOWN_PAGE).await;
     let rev = put(&etcd, "/pointsman/overrides/web/a", r#"{"state":"maint"}"#).await;
-    support::etcd::wait_applied(&[&proxy], rev).await;
+    wait_applied(&[&proxy], rev).await;
     let (status, ctype, body) = fetch(&proxy.url("/")).await;
     assert_eq!((status, body.as_str()), (503, DOWN_PAGE));
     assert_eq!(ctype, "text/html; charset=utf-8");
 
-    let rev = support::etcd::del(&etcd, "/pointsman/pages/web/503").await;
-    support::etcd::wait_applied(&[&proxy], rev).await;
+    let rev = del(&etcd, "/pointsman/pages/web/503").await;
+    wait_applied(&[&proxy], rev).await;
     let (status, ctype, body) = fetch(&proxy.url("/")).await;
     assert_eq!(status, 503);
     assert!(ctype.starts_with("text/plain"), "{ctype}: {body}");

@@ -8,7 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::etcd::{del, put, EtcdServer};
+use support::etcd::{del, put, start_proxy, EtcdServer};
 use support::registry::{listener_config, wait_ready};
 use support::sidekick::{DrainLoad, Sidekick};
 use support::*;
@@ -179,11 +179,7 @@ async fn ctl(etcd: &str, args: &[&str]) -> String {
 async fn ctl_pause_holds_requests_until_ctl_resume() {
     let etcd = EtcdServer::start();
     let endpoint = etcd.endpoint();
-    let proxy = Proxy::start_with_args(
-        || listener_config(free_addr(), Some("web")),
-        &["--etcd", &endpoint, "--proxy-id", "p1", "--threads", "1"],
-    )
-    .await;
+    let proxy = start_proxy(&etcd, "p1", Some("web")).await;
     let v1 = Upstream::start("v1").await;
     put(&etcd, "/services/web/v1", &v1.addr.to_string()).await;
     wait_ready(&[&proxy], "web", &["v1"]).await;

@@ -261,6 +261,20 @@ async fn a_replaced_certificate_serves_new_handshakes_and_a_broken_one_is_refuse
     );
     let (_, body) = curl(&ca, addr, "a.test", &[]);
     assert!(body.contains("\"server\":\"app\""), "{body}");
+
+    // The directory gone for a while (a renewal swapping it): nothing
+    // changes.
+    let away = certs.path().with_extension("away");
+    std::fs::rename(certs.path(), &away).expect("move the directory away");
+    wait_for(
+        Duration::from_secs(10),
+        "the proxy notices the directory gone",
+        || async { proxy.stderr().contains("the directory cannot be read") },
+    )
+    .await;
+    let still = served(addr, "a.test");
+    std::fs::rename(&away, certs.path()).expect("move it back");
+    assert!(still.contains("serial=16"), "still served: {still}");
 }
 
 /// A TLS listener needs certificates: without `tls_dir` the config is

@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-use crate::fleet::{Expectation, Fleet};
+use crate::fleet::Fleet;
+use crate::watch::{self, Progress};
 use crate::{DeployError, Store};
 use bytes::Bytes;
 use pointsman_discovery::admin_api::ServiceView;
@@ -211,19 +212,10 @@ async fn fleet(opts: EtcdOptions, cmd: CtlCommand) -> Result<(), CtlError> {
 /// resume takes effect on each proxy as it applies it).
 async fn confirm(opts: EtcdOptions, revision: i64) -> Result<(), CtlError> {
     let mut fleet = Fleet::new(opts)?;
-    let started = tokio::time::Instant::now();
-    let deadline = started + CONFIRM_LIMIT;
-    let expect = Expectation::Applied { revision };
-    let round = fleet
-        .wait_until(&expect, deadline, |_| {})
+    watch::until_applied(&mut fleet, &Progress::new(), revision, CONFIRM_LIMIT)
         .await
-        .map_err(|e| CtlError::Unconfirmed(e.to_string()))?;
-    println!(
-        "{} in {:.1}s",
-        round.summary(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
+        .map(|_| ())
+        .map_err(CtlError::Unconfirmed)
 }
 
 /// Refuses overrides for instances nobody registered (a typo would

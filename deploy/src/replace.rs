@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use pointsman_discovery::{AdminState, PauseSpec};
 
-use crate::fleet::{Expectation, Fleet, OnUnconfirmed};
-use crate::rolling::{run_cmd, substitute};
+use crate::fleet::Fleet;
+use crate::rolling::{drain_everywhere, run_cmd, substitute};
 use crate::watch::{self, Progress};
 use crate::{DeployError, Store, Versioned};
 use pointsman_discovery::Registration;
@@ -159,36 +159,10 @@ async fn retire(
 ) -> Result<(), DeployError> {
     let (svc, id) = (plan.service.as_str(), old.value.id.as_str());
     let before = store.override_of(svc, id).await?;
-    let rev = store
-        .set_override(svc, id, Some(AdminState::Drain), None)
-        .await?;
-    progress.say(format!("{svc}/{id}: drain (revision {rev})"));
-    let expect = Expectation::Drained {
-        service: svc.to_string(),
-        id: id.to_string(),
-        revision: rev,
-    };
-    let drained = watch::until_noticed(
-        fleet,
-        progress,
-        &format!("no proxy sends to {svc}/{id}"),
-        plan.drain_timeout,
-        |v| expect.judge(v),
-        expect.notice(),
-    )
-    .await;
-    if let Err(why) = drained {
-        if fleet.on_unconfirmed == OnUnconfirmed::Fail {
-            let rev = store.restore_override(svc, id, before).await?;
-            progress.say(format!("{svc}/{id}: put back (revision {rev})"));
-            return Err(DeployError::Failed(format!(
-                "{svc}/{id} was not drained on every proxy within {:?}, so it is not stopped: {why} (--on-unconfirmed proceed stops it anyway)",
-                plan.drain_timeout
-            )));
-        }
-        progress.say(format!(
-            "{svc}/{id}: drain not confirmed; going on (--on-unconfirmed proceed): {why}"
-        ));
+    if let Err(e) = drain_everywhere(store, fleet, progress, svc, id, plan.drain_timeout).await {
+        let rev = store.restore_override(svc, id, before).await?;
+        progress.say(format!("{svc}/{id}: put back (revision {rev})"));
+        return Err(DeployError::Failed(format!("{svc}/{id}: {e}")));
     }
     if let Some(cmd) = &plan.stop_cmd {
         let address = old.value.address.to_string();

@@ -121,6 +121,50 @@ pub async fn rolling(
     Ok(())
 }
 
+/// Drains `service`/`id` fleet-wide (an override) and waits until no
+/// proxy sends to it. Not confirmed within `limit`: an error, unless the
+/// fleet's `--on-unconfirmed proceed` says to go on. Putting the previous
+/// state back after an error is the caller's.
+pub(crate) async fn drain_everywhere(
+    store: &mut Store,
+    fleet: &mut Fleet,
+    progress: &Progress,
+    service: &str,
+    id: &str,
+    limit: Duration,
+) -> Result<(), DeployError> {
+    let rev = store
+        .set_override(service, id, Some(AdminState::Drain), None)
+        .await?;
+    progress.say(format!("{service}/{id}: drain (revision {rev})"));
+    let expect = Expectation::Drained {
+        service: service.to_string(),
+        id: id.to_string(),
+        revision: rev,
+    };
+    let drained = watch::until_noticed(
+        fleet,
+        progress,
+        &format!("no proxy sends to {service}/{id}"),
+        limit,
+        |v| expect.judge(v),
+        expect.notice(),
+    )
+    .await;
+    match (drained, fleet.on_unconfirmed) {
+        (Ok(_), _) => Ok(()),
+        (Err(why), OnUnconfirmed::Fail) => Err(DeployError::Failed(format!(
+            "not drained on every proxy within {limit:?}, so it is not stopped: {why} (--on-unconfirmed proceed stops it anyway)"
+        ))),
+        (Err(why), OnUnconfirmed::Proceed) => {
+            progress.say(format!(
+                "{service}/{id}: drain not confirmed within {limit:?}; stopping it anyway (--on-unconfirmed proceed): {why}"
+            ));
+            Ok(())
+        }
+    }
+}
+
 async fn replace_one(
     store: &mut Store,
     fleet: &mut Fleet,
@@ -131,38 +175,7 @@ async fn replace_one(
     before: Option<Override>,
 ) -> Result<(), DeployError> {
     let svc = plan.service.as_str();
-    let rev = store
-        .set_override(svc, id, Some(AdminState::Drain), None)
-        .await?;
-    progress.say(format!("{svc}/{id}: drain (revision {rev})"));
-    let expect = Expectation::Drained {
-        service: svc.to_string(),
-        id: id.to_string(),
-        revision: rev,
-    };
-    let drained = watch::until_noticed(
-        fleet,
-        progress,
-        &format!("no proxy sends to {svc}/{id}"),
-        plan.drain_timeout,
-        |v| expect.judge(v),
-        expect.notice(),
-    )
-    .await;
-    if let Err(why) = drained {
-        match fleet.on_unconfirmed {
-            OnUnconfirmed::Fail => {
-                return Err(DeployError::Failed(format!(
-                    "not drained on every proxy within {:?}, so it is not stopped: {why} (--on-unconfirmed proceed stops it anyway)",
-                    plan.drain_timeout
-                )))
-            }
-            OnUnconfirmed::Proceed => progress.say(format!(
-                "{svc}/{id}: drain not confirmed within {:?}; stopping it anyway (--on-unconfirmed proceed): {why}",
-                plan.drain_timeout
-            )),
-        }
-    }
+    drain_everywhere(store, fleet, progress, svc, id, plan.drain_timeout).await?;
 
     run_cmd(
         &format!("{svc}/{id}: stop"),

@@ -717,6 +717,26 @@ impl Control {
         })
     }
 
+    /// The pages of the proxy's own answers for `name`: the config's
+    /// files, then the registries' pages over them; `None` without any.
+    fn error_pages(
+        &self,
+        name: &str,
+        defaults: &ServiceConfig,
+    ) -> Option<Arc<BTreeMap<u16, bytes::Bytes>>> {
+        let registered = self.sources.values().filter_map(|e| e.pages.get(name));
+        let pages: BTreeMap<u16, bytes::Bytes> = defaults
+            .error_page_bodies
+            .iter()
+            .map(|(s, page)| (*s, bytes::Bytes::from(page.to_string())))
+            .chain(registered.flat_map(|m| {
+                m.iter()
+                    .map(|(s, page)| (*s, bytes::Bytes::from(page.clone())))
+            }))
+            .collect();
+        (!pages.is_empty()).then(|| Arc::new(pages))
+    }
+
     /// A service's settings: its own, else the global ones, else the
     /// defaults; with its live counters, which outlive every rebuild.
     fn service_settings(&mut self, name: &str, defaults: &ServiceConfig) -> ServiceSettings {
@@ -752,23 +772,7 @@ impl Control {
             upstream_idle_timeout: global.upstream_idle_timeout,
             h2c_upgrade: defaults.h2c_upgrade,
             hold_timeout: defaults.hold_timeout.map(|d| d.0).filter(|d| !d.is_zero()),
-            // The config's files, then the registries' pages over them.
-            error_pages: Arc::new(
-                defaults
-                    .error_page_bodies
-                    .iter()
-                    .map(|(s, page)| (*s, bytes::Bytes::from(page.to_string())))
-                    .chain(
-                        self.sources
-                            .values()
-                            .filter_map(|e| e.pages.get(name))
-                            .flat_map(|m| {
-                                m.iter()
-                                    .map(|(s, page)| (*s, bytes::Bytes::from(page.clone())))
-                            }),
-                    )
-                    .collect(),
-            ),
+            error_pages: self.error_pages(name, defaults),
             maintenance: self
                 .sources
                 .values()

@@ -859,7 +859,7 @@ impl UpstreamHead {
 /// A service's own pages for the proxy's answers (`error_pages`, a
 /// maintenance page), kept from its routing for the error response.
 struct Pages {
-    by_status: Arc<std::collections::BTreeMap<u16, bytes::Bytes>>,
+    by_status: Option<Arc<std::collections::BTreeMap<u16, bytes::Bytes>>>,
     maintenance: Option<bytes::Bytes>,
     /// The route's `Strict-Transport-Security`, for a TLS client.
     hsts: Option<HeaderValue>,
@@ -878,13 +878,14 @@ impl Pages {
     /// page), or the page for its status.
     fn page(&self, e: &ProxyError) -> Option<&bytes::Bytes> {
         let status = e.status().as_u16();
+        let by_status = || self.by_status.as_ref()?.get(&status);
         match e {
             ProxyError::Maintenance(_) => self
                 .maintenance
                 .as_ref()
                 .filter(|p| !p.is_empty())
-                .or_else(|| self.by_status.get(&status)),
-            _ => self.by_status.get(&status),
+                .or_else(by_status),
+            _ => by_status(),
         }
     }
 }

@@ -71,8 +71,9 @@ pub struct ServiceSettings {
     /// requests; `None`: 503 at once.
     pub hold_timeout: Option<Duration>,
     /// The bodies of the proxy's own 502, 503 and 504 answers, by status
-    /// (`error_pages`); the default plain text where none is set.
-    pub error_pages: Arc<std::collections::BTreeMap<u16, bytes::Bytes>>,
+    /// (`error_pages`); the default plain text where none is set. `None`
+    /// when the service has none, so a request carries nothing for them.
+    pub error_pages: Option<Arc<std::collections::BTreeMap<u16, bytes::Bytes>>>,
     /// In maintenance on every proxy (`<pointsman>/maintenance/<service>`):
     /// every request gets 503 with this page (empty: the 503 page).
     pub maintenance: Option<bytes::Bytes>,

@@ -134,7 +134,17 @@ impl CertStore {
         let current = self.certs.load();
         let mut done = Reloaded::default();
         let mut by_file = BTreeMap::new();
-        for (name, files) in cert_files(&self.dir) {
+        // A directory that cannot be read (moved away for a moment while
+        // a renewal swaps it) changes nothing.
+        let files = match cert_files(&self.dir) {
+            Ok(files) => files,
+            Err(e) => {
+                let why = format!("the directory cannot be read: {e}");
+                done.refused.push((self.dir.display().to_string(), why));
+                return done;
+            }
+        };
+        for (name, files) in files {
             let modified = files.modified();
             match current.by_file.get(&name) {
                 Some(old) if old.modified == modified && modified.is_some() => {
@@ -274,12 +284,10 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 }
 
 /// The certificates of `dir` by name: a `.pem`, or a `.crt` with its
-/// `.key`. Unreadable directories give none (the caller says so).
-fn cert_files(dir: &Path) -> BTreeMap<String, CertFiles> {
+/// `.key`.
+fn cert_files(dir: &Path) -> io::Result<BTreeMap<String, CertFiles>> {
     let mut out = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
+    let entries = std::fs::read_dir(dir)?;
     for entry in entries.flatten() {
         let path = entry.path();
         let (Some(stem), Some(ext)) = (
@@ -302,7 +310,7 @@ fn cert_files(dir: &Path) -> BTreeMap<String, CertFiles> {
             _ => {}
         }
     }
-    out
+    Ok(out)
 }
 
 /// The rustls server config of a TLS listener: TLS 1.2 and 1.3, HTTP/2
