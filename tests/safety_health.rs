@@ -507,6 +507,44 @@ async fn a_check_on_another_port_decides_the_endpoint_health() {
     .await;
 }
 
+/// `check = { address, port }` checks another host than the endpoint's
+/// (HAProxy's `addr`): here 127.0.0.2, where only the check's port
+/// listens. The endpoint is up while that port accepts and down once it
+/// closes, whatever its own address does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_on_another_address_decides_the_endpoint_health() {
+    let main = Upstream::start("main").await;
+    let health = tokio::net::TcpListener::bind("127.0.0.2:0")
+        .await
+        .expect("bind 127.0.0.2 (any 127/8 address is loopback on Linux)");
+    let port = health.local_addr().expect("its address").port();
+    let accepting = tokio::spawn(async move {
+        loop {
+            let _ = health.accept().await;
+        }
+    });
+    let check = format!(
+        "check = {{ interval = \"100ms\", timeout = \"300ms\", rise = 1, fall = 1, address = \"127.0.0.2\", port = {port} }}"
+    );
+    let proxy = Proxy::start(|| web(free_addr(), &check, &[endpoint_line(&main, "")])).await;
+    let deadline = Duration::from_secs(5);
+    wait_for(deadline, "main is up by the check on 127.0.0.2", || async {
+        proxy.endpoint("web", "main").await["healthy"] == true
+    })
+    .await;
+    let names = servers(&client(), &proxy.url("/"), 5).await;
+    assert_eq!(count(&names, "main"), 5, "{names:?}");
+
+    accepting.abort();
+    let _ = accepting.await;
+    wait_for(
+        deadline,
+        "main is down once 127.0.0.2 stops accepting",
+        || async { proxy.endpoint("web", "main").await["healthy"] == false },
+    )
+    .await;
+}
+
 /// `backup = true`: no traffic while a main endpoint takes it, all of it
 /// once none does (seed 000's backup server), and back to the main one
 /// when it returns.
