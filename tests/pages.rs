@@ -164,6 +164,16 @@ async fn ctl_maintenance_answers_every_request_with_the_page_until_off() {
 
     let out = ctl(&["maintenance", "web", "--off"]);
     assert!(out.contains("web: maintenance ended"), "{out}");
+
+    // A name nobody registered is not refused (a service may be only in
+    // the proxies' config), but said, as it may be a typo.
+    let (code, _, err) = run_cli(&["ctl", "--etcd", &endpoint, "maintenance", "wbe"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("note: no instance of wbe is registered"),
+        "{err}"
+    );
+    ctl(&["maintenance", "wbe", "--off"]);
     let (status, _, body) = fetch(&proxy.url("/")).await;
     assert_eq!(status, 200, "{body}");
 

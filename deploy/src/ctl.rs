@@ -175,6 +175,7 @@ async fn fleet(opts: EtcdOptions, cmd: CtlCommand) -> Result<(), CtlError> {
             store.delete_map(&map, &key).await?
         }
         CtlCommand::Pause { service, timeout } => {
+            unregistered_warning(&mut store, &service).await?;
             let rev = store.set_pause(&service, &PauseSpec { timeout }).await?;
             println!("{service}: paused at revision {rev}");
             return confirm(opts, rev).await;
@@ -192,6 +193,7 @@ async fn fleet(opts: EtcdOptions, cmd: CtlCommand) -> Result<(), CtlError> {
             return confirm(opts, rev).await;
         }
         CtlCommand::Maintenance { service, page, .. } => {
+            unregistered_warning(&mut store, &service).await?;
             let page = match page {
                 Some(path) => std::fs::read_to_string(&path).map_err(|e| CtlError::Page {
                     path: path.display().to_string(),
@@ -216,6 +218,19 @@ async fn confirm(opts: EtcdOptions, revision: i64) -> Result<(), CtlError> {
         .await
         .map(|_| ())
         .map_err(CtlError::Unconfirmed)
+}
+
+/// A pause or maintenance may be set before a service's first instance
+/// (or for one only in the proxies' config), so a name with no instance
+/// is not refused; it is said, since it may be a typo.
+async fn unregistered_warning(store: &mut Store, service: &str) -> Result<(), CtlError> {
+    if store.instances(service).await?.is_empty() {
+        eprintln!(
+            "note: no instance of {service} is registered under {}: check the name if you meant a registered service",
+            store.instance_key(service, "")
+        );
+    }
+    Ok(())
 }
 
 /// Refuses overrides for instances nobody registered (a typo would
